@@ -1,0 +1,32 @@
+"""qmpc: model predictive control with a learned Q-function as the cost-to-go.
+
+Conventions: ``Q(x, u)`` is a cost-to-go (stage cost ``c = −reward``) and every controller
+minimises it. Shapes are batch first: ``x: (B, obs_dim)``, ``u: (B, act_dim)``.
+"""
+
+from qmpc.bridge import ArgminLayer, LayerResult
+from qmpc.errors import ConfigError, InputError, QmpcError, SolverError, UnsupportedLayerError
+from qmpc.networks import MLPQ, PICNN, QNetwork, QuadraticQ
+from qmpc.problem import ControlProblem
+from qmpc.solver import BatchedSolver, SolverOptions, SolveResult, Status
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgminLayer",
+    "LayerResult",
+    "QNetwork",
+    "QuadraticQ",
+    "PICNN",
+    "MLPQ",
+    "ControlProblem",
+    "BatchedSolver",
+    "SolverOptions",
+    "SolveResult",
+    "Status",
+    "QmpcError",
+    "InputError",
+    "SolverError",
+    "ConfigError",
+    "UnsupportedLayerError",
+]

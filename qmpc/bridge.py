@@ -1,0 +1,292 @@
+"""The torch bridge: :class:`ArgminLayer`, a differentiable ``min_u Q_θ(x, u)`` (or MPC plan).
+
+``u_star, value = layer(x)`` solves the control problem of :mod:`qmpc.problem` for each row of
+``x`` with CasADi and returns the first action and the optimal value. Its backward needs two
+things only (see DESIGN.md):
+
+* the **value gradient** (envelope theorem): ``dV/dθ = γ^N ∂Q/∂θ`` at the solution, and
+  ``dV/dx = ∂L/∂x``;
+* the **argmin sensitivity** by the tilt trick: the adjoint ``a`` of the reduced KKT system
+  (solved in the small ``w`` space, :meth:`BatchedSolver.adjoint`), then
+  ``θ̄ = −∂/∂θ [aᵀ ∇_w J]``, a single batched double-backward through the torch network.
+
+So CasADi never differentiates with respect to the weights, and the backward costs one KKT
+solve per sample plus one torch VJP for the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import casadi as ca
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from qmpc.errors import InputError, SolverError
+from qmpc.networks import QNetwork
+from qmpc.problem import ControlProblem
+from qmpc.solver import BatchedSolver, SolveResult, SolverOptions, Status
+
+__all__ = ["ArgminLayer", "LayerResult", "GradMode"]
+
+GradMode = Literal["implicit", "envelope", "none"]
+_GRAD_MODES = ("implicit", "envelope", "none")
+
+
+class LayerResult(NamedTuple):
+    """What the last call of an :class:`ArgminLayer` did (numpy, batch first)."""
+
+    plan: np.ndarray
+    """``(B, n_w)``: the whole solution ``w*`` (actions ``u_0..u_N``, then states ``x_1..x_N``)."""
+    status: np.ndarray
+    """``(B,)`` int8 :class:`~qmpc.solver.Status` per sample."""
+    kkt_residual: np.ndarray
+    """``(B,)`` projected-gradient / constraint residual of each solution."""
+    solve_ms: float
+    """Wall time of the batched solve, retries included."""
+    lam_x: np.ndarray
+    """``(B, n_w)`` bound multipliers."""
+    lam_g: np.ndarray
+    """``(B, n_g)`` dynamics multipliers."""
+
+    @property
+    def num_failed(self) -> int:
+        """Samples whose solve failed (``MAX_ITER`` or ``FAILED``): they get zero gradient."""
+        return int((~Status.ok(self.status)).sum())
+
+    @property
+    def num_retried(self) -> int:
+        """Samples that converged only on the cold-start retry."""
+        return int((self.status == Status.RETRIED).sum())
+
+
+def _as_bounds(v, act_dim: int, name: str) -> np.ndarray:
+    if isinstance(v, int | float):
+        v = np.full(act_dim, float(v))
+    a = v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=float)
+    if a.shape != (act_dim,):
+        raise InputError(f"expected {name} of shape ({act_dim},), got {a.shape}")
+    if np.isnan(a).any():
+        raise InputError(f"expected {name} without NaN, got {a}")
+    return a
+
+
+class ArgminLayer(nn.Module):
+    """Differentiable ``u*(x), V(x) = argmin / min_u Q_θ(x, u)`` subject to ``low ≤ u ≤ high``.
+
+    With ``horizon=H > 1`` it solves the MPC problem with ``H`` actions, ``H − 1`` steps of
+    ``dynamics`` with ``stage_cost`` (a cost: ``−reward``) and ``Q`` as the cost-to-go of the
+    last state–action pair, discounted by ``discount``; it returns the first action and the
+    optimal value. ``horizon=1`` is the same code with no model steps.
+
+    Args:
+        q: a :class:`~qmpc.networks.QNetwork` (its CasADi twin is built once, here).
+        low, high: action bounds, shape ``(act_dim,)`` (±inf allowed, ``low ≤ high``).
+        horizon: number of actions in the plan.
+        dynamics: CasADi ``Function(x, u) -> x⁺`` (``horizon > 1``).
+        stage_cost: CasADi ``Function(x, u) -> c`` (``horizon > 1``).
+        discount: ``γ ∈ (0, 1]``.
+        grad_mode: ``"implicit"`` (∂u*/∂θ, ∂u*/∂x and ∂V), ``"envelope"`` (value gradient only;
+            ``u_star`` is detached) or ``"none"``. Can be overridden per call.
+        solver: NLP plugin, ``"sqpmethod"`` (default) or ``"ipopt"``.
+        on_failure: ``"mask"`` (failed samples get zero gradient and are counted in
+            :attr:`last_result`) or ``"raise"`` (:class:`~qmpc.errors.SolverError`).
+        warm_start: start each solve from the previous call's solution when the batch size
+            matches (useful for repeated solves on the same batch, e.g. in MPC).
+        **solver_options: fields of :class:`~qmpc.solver.SolverOptions` (``max_iter``, ``tol``…).
+
+    Call: ``u_star, value = layer(x)`` with ``x: (B, obs_dim)`` → ``u_star: (B, act_dim)``,
+    ``value: (B,)``, in ``x``'s dtype. Solves and sensitivities run in float64.
+    """
+
+    def __init__(
+        self,
+        q: QNetwork,
+        low: torch.Tensor | np.ndarray | float,
+        high: torch.Tensor | np.ndarray | float,
+        *,
+        horizon: int = 1,
+        dynamics: ca.Function | None = None,
+        stage_cost: ca.Function | None = None,
+        discount: float = 1.0,
+        grad_mode: GradMode = "implicit",
+        solver: str = "sqpmethod",
+        on_failure: Literal["mask", "raise"] = "mask",
+        warm_start: bool = False,
+        **solver_options,
+    ):
+        super().__init__()
+        if not isinstance(q, QNetwork):
+            raise InputError(f"expected q to be a qmpc QNetwork (QuadraticQ, PICNN, MLPQ…), got {type(q).__name__}")
+        self.q = q
+        self.low = _as_bounds(low, q.act_dim, "low")
+        self.high = _as_bounds(high, q.act_dim, "high")
+        if (self.low > self.high).any():
+            i = int(np.flatnonzero(self.low > self.high)[0])
+            raise InputError(f"expected low <= high, got low[{i}]={self.low[i]} > high[{i}]={self.high[i]}")
+        self.grad_mode = self._check_mode(grad_mode)
+        if on_failure not in ("mask", "raise"):
+            raise InputError(f"expected on_failure in ('mask', 'raise'), got {on_failure!r}")
+        self.on_failure = on_failure
+        self.warm_start = bool(warm_start)
+        try:
+            options = SolverOptions(plugin=solver, **solver_options)
+        except TypeError as e:
+            raise InputError(f"unknown solver option: {e}") from None
+        self.problem = ControlProblem(
+            q.casadi_function(), horizon=horizon, dynamics=dynamics, stage_cost=stage_cost, discount=discount
+        )
+        self.solver = BatchedSolver(self.problem, options)
+        self.lbw, self.ubw = self.problem.bounds(self.low, self.high)
+        self.last_result: LayerResult | None = None
+        self.counters = {"solves": 0, "failed": 0, "retried": 0, "singular": 0, "weakly_active": 0}
+
+    @staticmethod
+    def _check_mode(mode: str) -> str:
+        if mode not in _GRAD_MODES:
+            raise InputError(f"expected grad_mode in {_GRAD_MODES}, got {mode!r}")
+        return mode
+
+    @property
+    def horizon(self) -> int:
+        return self.problem.horizon
+
+    # -- validation ---------------------------------------------------------------------
+    def _validate(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"expected x to be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise InputError(f"expected a floating-point x, got dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.q.obs_dim or x.shape[0] == 0:
+            raise InputError(f"expected x of shape (B, {self.q.obs_dim}) with B >= 1, got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            rows = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().tolist()
+            raise InputError(f"expected finite x, got NaN/Inf in rows {rows[:10]}")
+        for name, p in self.q.named_parameters():
+            if not torch.isfinite(p).all():
+                raise InputError(f"expected finite network weights, got NaN/Inf in {name!r}")
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, *, grad_mode: GradMode | None = None, w0: torch.Tensor | np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Solve for every row of ``x (B, obs_dim)``; returns ``(u_star (B, act_dim), value (B,))``.
+
+        ``w0 (B, n_w)`` is an optional initial guess for the whole plan (for ``horizon=1``:
+        the action).
+        """
+        mode = self._check_mode(grad_mode or self.grad_mode)
+        self._validate(x)
+        if w0 is not None:
+            w0 = w0.detach().cpu().double().numpy() if isinstance(w0, torch.Tensor) else np.asarray(w0, float)
+            if w0.shape != (x.shape[0], self.problem.n_w) or not np.isfinite(w0).all():
+                raise InputError(f"expected finite w0 of shape ({x.shape[0]}, {self.problem.n_w}), got {w0.shape}")
+        params = tuple(self.q.parameters())
+        if mode == "none" or not torch.is_grad_enabled():
+            with torch.no_grad():
+                u, v = _ArgminFunction.apply(self, mode, w0, x, *params)
+            return u, v
+        u, v = _ArgminFunction.apply(self, mode, w0, x, *params)
+        return (u.detach() if mode == "envelope" else u), v
+
+    def _solve(self, x64: np.ndarray, w0: np.ndarray | None) -> tuple[SolveResult, np.ndarray]:
+        theta = self.q.flat_parameters()
+        lam_x0 = lam_g0 = None
+        last = self.last_result
+        if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
+            w0, lam_x0, lam_g0 = last.plan, last.lam_x, last.lam_g
+        res = self.solver.solve(x64, theta, self.lbw, self.ubw, w0=w0, lam_x0=lam_x0, lam_g0=lam_g0)
+        self.last_result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g)
+        self.counters["solves"] += x64.shape[0]
+        self.counters["failed"] += self.last_result.num_failed
+        self.counters["retried"] += self.last_result.num_retried
+        if self.on_failure == "raise" and self.last_result.num_failed:
+            bad = np.flatnonzero(~Status.ok(res.status))
+            names = [Status(int(s)).name for s in res.status[bad[:5]]]
+            raise SolverError(
+                f"{bad.size} of {x64.shape[0]} solves failed (samples {bad[:5].tolist()}: {names}; "
+                f"KKT residuals {res.kkt_residual[bad[:5]].tolist()})"
+            )
+        return res, theta
+
+    def plan(self) -> dict[str, np.ndarray]:
+        """The last solution split into ``actions (B, H, nu)`` and ``states (B, H − 1, nx)``."""
+        if self.last_result is None:
+            raise InputError("expected a solve before plan(), got none")
+        P, w = self.problem, self.last_result.plan
+        B = w.shape[0]
+        acts = w[:, : (P.N + 1) * P.nu].reshape(B, P.N + 1, P.nu)
+        states = w[:, (P.N + 1) * P.nu :].reshape(B, P.N, P.nx)
+        return {"actions": acts, "states": states}
+
+
+class _ArgminFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layer: ArgminLayer, mode: str, w0, x: torch.Tensor, *params: torch.Tensor):
+        x64 = x.detach().cpu().double().numpy()
+        res, theta = layer._solve(x64, w0)
+        ctx.layer, ctx.mode, ctx.res, ctx.theta, ctx.x64 = layer, mode, res, theta, x64
+        ctx.x_dtype = x.dtype
+        ctx.params = params
+        P = layer.problem
+        u = torch.as_tensor(res.w[:, P.u_slice(0)], dtype=x.dtype, device=x.device)
+        v = torch.as_tensor(res.value, dtype=x.dtype, device=x.device)
+        return u, v
+
+    @staticmethod
+    def backward(ctx, gu: torch.Tensor, gv: torch.Tensor):
+        layer, res, P = ctx.layer, ctx.res, ctx.layer.problem
+        B = res.w.shape[0]
+        usable = Status.ok(res.status)
+        vbar = gv.detach().cpu().double().numpy() * usable if gv is not None else np.zeros(B)
+        a = np.zeros((B, P.n_w))
+        b = np.zeros((B, P.n_g))
+        if ctx.mode == "implicit" and gu is not None and bool(gu.abs().sum() > 0):
+            seed = np.zeros((B, P.n_w))
+            seed[:, P.u_slice(0)] = gu.detach().cpu().double().numpy()
+            adj = layer.solver.adjoint(res, ctx.x64, ctx.theta, layer.lbw, layer.ubw, seed)
+            a, b = adj.a, adj.b
+            res.status[adj.singular] = Status.SINGULAR
+            layer.counters["singular"] += int(adj.singular.sum())
+            layer.counters["weakly_active"] += int((adj.weak > 0).sum())
+        need_x = ctx.needs_input_grad[3]
+        # Q term: s = γ^N Σ_b [ v̄_b Q(z_b) − a_zbᵀ ∇_z Q(z_b) ],  z = (x_N, u_N) at the solution.
+        gamma_n = P.discount**P.N
+        dev = gv.device if gv is not None else gu.device
+        params = ctx.params
+        with torch.enable_grad():
+            uq = torch.as_tensor(res.w[:, P.u_slice(P.N)], dtype=torch.float64, device=dev).requires_grad_(True)
+            if P.N == 0:
+                xq = torch.as_tensor(ctx.x64, device=dev).requires_grad_(need_x)
+            else:
+                xq = torch.as_tensor(res.w[:, P.x_slice(P.N)], device=dev).requires_grad_(True)
+            names = [n for n, _ in layer.q.named_parameters()]
+            p64 = {n: p.to(torch.float64) for n, p in zip(names, params, strict=True)}
+            qv = functional_call(layer.q, p64, (xq, uq))
+            s = (torch.as_tensor(vbar, device=dev) * qv).sum()
+            if a.any():
+                zs = [uq] if P.N == 0 else [xq, uq]
+                az = [a[:, P.u_slice(P.N)]] if P.N == 0 else [a[:, P.x_slice(P.N)], a[:, P.u_slice(P.N)]]
+                grads = torch.autograd.grad(qv.sum(), zs, create_graph=True)
+                for gz, ai in zip(grads, az, strict=True):
+                    s = s - (gz * torch.as_tensor(ai, device=dev)).sum()
+            s = gamma_n * s
+            wrt = [p for p in params if p.requires_grad]
+            if need_x and P.N == 0:
+                wrt = wrt + [xq]
+            g = torch.autograd.grad(s, wrt, allow_unused=True) if wrt and s.requires_grad else [None] * len(wrt)
+        it = iter(g)
+        pgrads = [(next(it) if p.requires_grad else None) for p in params]
+        pgrads = [gr if gr is None else gr.to(p.dtype) for gr, p in zip(pgrads, params, strict=True)]
+        xgrad = None
+        if need_x:
+            if P.N == 0:
+                xgrad = next(it)
+                xgrad = torch.zeros_like(xq) if xgrad is None else xgrad
+            else:
+                (xb,) = layer.solver.evaluate("x_adjoint", res.w, ctx.x64, res.lam_g, a, b, vbar[:, None])
+                xgrad = torch.as_tensor(xb, device=dev)
+            xgrad = xgrad.to(ctx.x_dtype)
+        return (None, None, None, xgrad, *pgrads)

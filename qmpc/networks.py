@@ -1,0 +1,475 @@
+"""Q networks ``Q_θ(x, u)`` (torch) with exact CasADi twins.
+
+Every network is a ``torch.nn.Module`` called as ``q(x, u) -> (B,)`` with ``x: (B, obs_dim)``
+and ``u: (B, act_dim)``. ``Q`` is a *cost-to-go* (``c = -reward``): controllers minimise it.
+
+The CasADi twin is a function of ``(x, u, theta)`` where ``theta`` is the flat vector of
+``q.parameters()`` in their iteration order, each tensor flattened row-major (torch's
+``flatten``). :meth:`QNetwork.flat_parameters` produces exactly that vector and
+:meth:`QNetwork.parameter_layout` names its slices. Twins agree with the torch forward to
+round-off in float64 (the test suite checks value, gradient and Hessian to 1e-10).
+
+Three architectures:
+
+* :class:`QuadraticQ` — NAF-style ``V(x) + ½ (u-μ(x))ᵀ P(x) (u-μ(x))``, ``P ≻ 0``: convex in u.
+* :class:`PICNN` — partially input-convex network (Amos, Xu & Kolter 2017): convex in u for
+  every x, by construction (non-negative weights on the convex path, convex non-decreasing
+  activations), plus ``½ m ‖u‖²`` so that the minimiser is unique.
+* :class:`MLPQ` — a plain MLP on ``[x, u]``: not convex, so the solver may return a local
+  minimum; the bridge differentiates the local minimum it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import casadi as ca
+import numpy as np
+import torch
+from torch import nn
+
+from qmpc.errors import InputError, UnsupportedLayerError
+
+__all__ = [
+    "QNetwork",
+    "QuadraticQ",
+    "PICNN",
+    "MLPQ",
+    "ACTIVATIONS",
+    "ThetaView",
+    "sequential_twin",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Smooth activations, written once for torch and once for CasADi with the same formula.
+# --------------------------------------------------------------------------------------
+
+
+def _softplus_t(z: torch.Tensor) -> torch.Tensor:
+    return torch.clamp_min(z, 0.0) + torch.log1p(torch.exp(-z.abs()))
+
+
+def _softplus_c(z):
+    return ca.fmax(z, 0) + ca.log1p(ca.exp(-ca.fabs(z)))
+
+
+def _sigmoid_c(z):
+    return 1.0 / (1.0 + ca.exp(-z))
+
+
+ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
+    "tanh": (torch.tanh, ca.tanh),
+    "softplus": (_softplus_t, _softplus_c),
+    "sigmoid": (torch.sigmoid, _sigmoid_c),
+    "silu": (lambda z: z * torch.sigmoid(z), lambda z: z * _sigmoid_c(z)),
+}
+"""Smooth activations with exact twins: name -> (torch function, CasADi function)."""
+
+_NON_SMOOTH = {"relu", "leaky_relu", "hardtanh", "relu6", "elu", "selu", "hardswish"}
+
+
+def _activation(name: str) -> tuple[Callable, Callable]:
+    if name in ACTIVATIONS:
+        return ACTIVATIONS[name]
+    if name.lower() in _NON_SMOOTH:
+        raise UnsupportedLayerError(
+            f"activation {name!r} is not twice continuously differentiable; the solver and its "
+            f"sensitivities need a smooth Q: expected one of {sorted(ACTIVATIONS)}"
+        )
+    raise UnsupportedLayerError(f"unknown activation {name!r}: expected one of {sorted(ACTIVATIONS)}")
+
+
+# --------------------------------------------------------------------------------------
+# Mapping torch parameters to slices of the flat symbolic theta.
+# --------------------------------------------------------------------------------------
+
+
+class ThetaView:
+    """Reads torch parameters as CasADi matrices out of a flat symbolic ``theta``.
+
+    ``theta`` holds the parameters of ``module`` in ``module.parameters()`` order, each
+    flattened row-major. A weight ``W`` of shape ``(out, in)`` comes back as an ``out × in``
+    CasADi matrix, a bias of shape ``(n,)`` as an ``n × 1`` column.
+    """
+
+    def __init__(self, module: nn.Module, theta):
+        self.theta = theta
+        self.offsets: dict[int, tuple[int, tuple[int, ...]]] = {}
+        off = 0
+        for p in module.parameters():
+            self.offsets[id(p)] = (off, tuple(p.shape))
+            off += p.numel()
+        self.size = off
+        if theta.shape[0] != off:
+            raise InputError(f"expected theta of length {off}, got {theta.shape[0]}")
+
+    def __call__(self, p: torch.Tensor):
+        off, shape = self.offsets[id(p)]
+        n = int(np.prod(shape)) if shape else 1
+        v = self.theta[off : off + n]
+        if len(shape) == 2:
+            return ca.reshape(v, shape[1], shape[0]).T
+        if len(shape) <= 1:
+            return v
+        raise UnsupportedLayerError(f"parameter of shape {shape} has no CasADi twin (expected 1-D or 2-D)")
+
+
+def _linear_c(view: ThetaView, lin: nn.Linear, z):
+    out = ca.mtimes(view(lin.weight), z)
+    return out + view(lin.bias) if lin.bias is not None else out
+
+
+def sequential_twin(seq: nn.Module, z, view: ThetaView):
+    """CasADi twin of an ``nn.Sequential`` of linear layers and smooth activations.
+
+    ``z`` is a CasADi column vector; returns the output column. Raises
+    :class:`UnsupportedLayerError` naming the first layer without an exact twin.
+    """
+    layers = list(seq) if isinstance(seq, nn.Sequential) else [seq]
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Linear):
+            z = _linear_c(view, layer, z)
+        elif isinstance(layer, nn.Identity):
+            pass
+        elif isinstance(layer, nn.Tanh):
+            z = ca.tanh(z)
+        elif isinstance(layer, nn.Sigmoid):
+            z = _sigmoid_c(z)
+        elif isinstance(layer, nn.SiLU):
+            z = z * _sigmoid_c(z)
+        elif isinstance(layer, nn.Softplus):
+            b, t = float(layer.beta), float(layer.threshold)
+            z = ca.if_else(b * z > t, z, ca.log1p(ca.exp(b * z)) / b)
+        elif isinstance(layer, nn.Sequential):
+            z = sequential_twin(layer, z, view)
+        else:
+            name = type(layer).__name__
+            smooth = "" if name.lower() not in _NON_SMOOTH else " (not twice differentiable)"
+            raise UnsupportedLayerError(
+                f"layer {i} ({name}){smooth} has no exact CasADi twin: expected nn.Linear, nn.Tanh, "
+                "nn.Sigmoid, nn.SiLU, nn.Softplus or nn.Identity"
+            )
+    return z
+
+
+class _Act(nn.Module):
+    """An activation by name, whose CasADi twin is known to :func:`sequential_twin`."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.fn_t, self.fn_c = _activation(name)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fn_t(z)
+
+
+def _mlp(sizes: Sequence[int], activation: str, last_activation: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2 or last_activation:
+            layers.append(_Act(activation))
+    return nn.Sequential(*layers)
+
+
+def _seq_twin(seq: nn.Sequential, z, view: ThetaView):
+    """Like :func:`sequential_twin`, also understanding :class:`_Act`."""
+    for layer in seq:
+        if isinstance(layer, _Act):
+            z = layer.fn_c(z)
+        else:
+            z = sequential_twin(layer, z, view)
+    return z
+
+
+# --------------------------------------------------------------------------------------
+# The base class.
+# --------------------------------------------------------------------------------------
+
+
+class QNetwork(nn.Module):
+    """Base class: a cost-to-go ``Q_θ(x, u) -> (B,)`` with an exact CasADi twin.
+
+    Subclasses implement :meth:`forward` and :meth:`casadi_expr`.
+    """
+
+    convex_in_u: bool = False
+
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        for name, v in (("obs_dim", obs_dim), ("act_dim", act_dim)):
+            if not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1:
+                raise InputError(f"expected {name} to be a positive int, got {v!r}")
+        self.obs_dim = int(obs_dim)
+        self.act_dim = int(act_dim)
+
+    # -- the twin -------------------------------------------------------------------
+    def casadi_expr(self, x, u, theta):
+        """CasADi expression of ``Q`` for column vectors ``x (obs_dim)``, ``u (act_dim)`` and
+        the flat parameter vector ``theta`` (see :meth:`flat_parameters`)."""
+        raise NotImplementedError
+
+    def casadi_function(self, kind: str = "MX") -> ca.Function:
+        """``Function('q', [x, u, theta], [q])``, built once and cached."""
+        cache = self.__dict__.setdefault("_casadi_cache", {})
+        if kind not in cache:
+            sym = {"MX": ca.MX.sym, "SX": ca.SX.sym}[kind]
+            x, u, th = sym("x", self.obs_dim), sym("u", self.act_dim), sym("theta", self.num_parameters)
+            cache[kind] = ca.Function("q", [x, u, th], [self.casadi_expr(x, u, th)], ["x", "u", "theta"], ["q"])
+        return cache[kind]
+
+    @property
+    def num_parameters(self) -> int:
+        """Length of the flat parameter vector ``theta``."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flat_parameters(self) -> np.ndarray:
+        """``theta``: every parameter flattened row-major and concatenated, float64, ``(n_theta,)``."""
+        with torch.no_grad():
+            return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in self.parameters()]).numpy()
+
+    def parameter_layout(self) -> list[tuple[str, tuple[int, ...], int]]:
+        """``[(name, shape, offset), …]``: where each named parameter lives in ``theta``."""
+        out, off = [], 0
+        for name, p in self.named_parameters():
+            out.append((name, tuple(p.shape), off))
+            off += p.numel()
+        return out
+
+    def _check_inputs(self, x: torch.Tensor, u: torch.Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.obs_dim:
+            raise InputError(f"expected x of shape (B, {self.obs_dim}), got {tuple(x.shape)}")
+        if u.ndim != 2 or u.shape != (x.shape[0], self.act_dim):
+            raise InputError(f"expected u of shape ({x.shape[0]}, {self.act_dim}), got {tuple(u.shape)}")
+
+
+# --------------------------------------------------------------------------------------
+# QuadraticQ (NAF)
+# --------------------------------------------------------------------------------------
+
+
+class QuadraticQ(QNetwork):
+    """NAF-style quadratic cost-to-go, convex in u.
+
+    ``Q(x, u) = v(h) + ½‖C h‖² + ½ (u − μ(h))ᵀ P(h) (u − μ(h))`` with features
+    ``h = MLP(x)`` (``h = x`` when ``hidden=()``), ``P = L Lᵀ + m I`` where ``L`` is lower
+    triangular with a softplus diagonal (diagonal only when ``diagonal=True``) and
+    ``m = min_curvature``. With ``hidden=()`` the whole Q is a quadratic in ``(x, u)`` with
+    constant curvature, which is enough to represent an LQR Q-function exactly when
+    ``state_dependent_curvature=False``.
+
+    Args:
+        obs_dim: state dimension ``nx``.
+        act_dim: action dimension ``nu``.
+        hidden: widths of the state feature MLP.
+        activation: smooth activation of that MLP (``tanh``, ``softplus``, ``sigmoid``, ``silu``).
+        diagonal: restrict ``P`` to be diagonal.
+        min_curvature: ``m > 0`` added to ``P``'s diagonal (keeps the minimiser unique).
+        state_dependent_curvature: ``P`` depends on ``x``; if False it is a free constant.
+    """
+
+    convex_in_u = True
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        diagonal: bool = False,
+        min_curvature: float = 1e-3,
+        state_dependent_curvature: bool = True,
+    ):
+        super().__init__(obs_dim, act_dim)
+        if min_curvature <= 0:
+            raise InputError(f"expected min_curvature > 0, got {min_curvature}")
+        self.hidden = tuple(int(h) for h in hidden)
+        self.trunk = _mlp((obs_dim, *self.hidden), activation, last_activation=True)
+        d = self.hidden[-1] if self.hidden else obs_dim
+        self.diagonal = bool(diagonal)
+        self.min_curvature = float(min_curvature)
+        self.state_dependent_curvature = bool(state_dependent_curvature)
+        n_l = act_dim if diagonal else act_dim * (act_dim + 1) // 2
+        self.mu = nn.Linear(d, act_dim)
+        self.value = nn.Linear(d, 1)
+        self.value_quad = nn.Linear(d, d, bias=False)
+        if self.state_dependent_curvature:
+            self.l_head = nn.Linear(d, n_l)
+        else:
+            self.l_const = nn.Parameter(torch.zeros(n_l))
+        if diagonal:
+            self._rows, self._cols = np.arange(act_dim), np.arange(act_dim)
+        else:
+            r, c = np.tril_indices(act_dim)
+            self._rows, self._cols = r, c
+
+    def _l_entries_t(self, h: torch.Tensor) -> torch.Tensor:
+        if self.state_dependent_curvature:
+            return self.l_head(h)
+        return self.l_const.expand(h.shape[0], -1)
+
+    def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(x, u)
+        h = self.trunk(x)
+        mu = self.mu(h)
+        raw = self._l_entries_t(h)
+        diag = torch.as_tensor(self._rows == self._cols)
+        ent = torch.where(diag, _softplus_t(raw), raw)
+        nu = self.act_dim
+        L = raw.new_zeros(raw.shape[0], nu, nu)
+        L[:, torch.as_tensor(self._rows), torch.as_tensor(self._cols)] = ent
+        d = u - mu
+        Ltd = torch.einsum("bij,bi->bj", L, d)  # Lᵀ d
+        quad = 0.5 * (Ltd**2).sum(-1) + 0.5 * self.min_curvature * (d**2).sum(-1)
+        vq = self.value_quad(h)
+        return self.value(h).squeeze(-1) + 0.5 * (vq**2).sum(-1) + quad
+
+    def casadi_expr(self, x, u, theta):
+        view = ThetaView(self, theta)
+        h = _seq_twin(self.trunk, x, view)
+        mu = _linear_c(view, self.mu, h)
+        raw = _linear_c(view, self.l_head, h) if self.state_dependent_curvature else view(self.l_const)
+        nu = self.act_dim
+        L = ca.MX(nu, nu) if isinstance(x, ca.MX) else ca.SX(nu, nu)
+        for k, (i, j) in enumerate(zip(self._rows, self._cols, strict=True)):
+            L[int(i), int(j)] = _softplus_c(raw[k]) if i == j else raw[k]
+        d = u - mu
+        Ltd = ca.mtimes(L.T, d)
+        quad = 0.5 * ca.sumsqr(Ltd) + 0.5 * self.min_curvature * ca.sumsqr(d)
+        return _linear_c(view, self.value, h) + 0.5 * ca.sumsqr(ca.mtimes(view(self.value_quad.weight), h)) + quad
+
+
+# --------------------------------------------------------------------------------------
+# PICNN
+# --------------------------------------------------------------------------------------
+
+
+class _PICNNLayer(nn.Module):
+    """One layer of the convex path: ``z⁺ = g(Wz (z ∘ s(Wzx x̃ + bz)) + Wy (u ∘ (Wyx x̃ + by)) + Wx x̃ + b)``.
+
+    ``Wz = softplus(Wz_raw) ≥ 0``; ``s`` is softplus (a smooth, positive gate).
+    """
+
+    def __init__(self, nx_in: int, nz_in: int, nu: int, n_out: int):
+        super().__init__()
+        self.nz_in = nz_in
+        if nz_in > 0:
+            self.Wzx = nn.Linear(nx_in, nz_in)
+            self.Wz_raw = nn.Parameter(torch.empty(n_out, nz_in))
+        self.Wyx = nn.Linear(nx_in, nu)
+        self.Wy = nn.Linear(nu, n_out, bias=False)
+        self.Wx = nn.Linear(nx_in, n_out)
+        if nz_in > 0:
+            # softplus(raw) ~ U(0, 2/nz_in): keeps the scale of z roughly constant with depth.
+            with torch.no_grad():
+                s = torch.rand(n_out, nz_in) * (2.0 / nz_in) + 1e-4
+                self.Wz_raw.copy_(torch.log(torch.expm1(s)))
+
+    def forward(self, xt: torch.Tensor, z: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+        out = self.Wy(u * self.Wyx(xt)) + self.Wx(xt)
+        if self.nz_in > 0:
+            out = out + (z * _softplus_t(self.Wzx(xt))) @ _softplus_t(self.Wz_raw).T
+        return out
+
+    def twin(self, view: ThetaView, xt, z, u):
+        out = ca.mtimes(view(self.Wy.weight), u * _linear_c(view, self.Wyx, xt)) + _linear_c(view, self.Wx, xt)
+        if self.nz_in > 0:
+            gate = _softplus_c(_linear_c(view, self.Wzx, xt))
+            out = out + ca.mtimes(_softplus_c(view(self.Wz_raw)), z * gate)
+        return out
+
+
+class PICNN(QNetwork):
+    """Partially input-convex Q network (Amos, Xu & Kolter 2017), convex in u for every x.
+
+    The state path ``x̃_{k+1} = act(W̃_k x̃_k + b̃_k)`` is unconstrained; the convex path uses
+    non-negative weights (softplus of free parameters) on ``z`` and softplus activations, so
+    ``Q`` is convex in ``u``. ``½ strong_convexity ‖u‖²`` is added so that ``argmin_u Q`` is
+    unique and the KKT matrix the sensitivities need is non-singular.
+
+    Args:
+        obs_dim: state dimension ``nx``.
+        act_dim: action dimension ``nu``.
+        hidden: widths of the convex path (the state path has the same widths).
+        activation: smooth activation of the state path.
+        strong_convexity: ``m ≥ 0`` of the ``½ m ‖u‖²`` term.
+    """
+
+    convex_in_u = True
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "softplus",
+        strong_convexity: float = 1e-2,
+    ):
+        super().__init__(obs_dim, act_dim)
+        if strong_convexity < 0:
+            raise InputError(f"expected strong_convexity >= 0, got {strong_convexity}")
+        self.hidden = tuple(int(h) for h in hidden)
+        if not self.hidden:
+            raise InputError("expected at least one hidden layer for PICNN, got hidden=()")
+        self.strong_convexity = float(strong_convexity)
+        self.act_t, self.act_c = _activation(activation)
+        xs = (obs_dim, *self.hidden)
+        self.x_path = nn.ModuleList(nn.Linear(xs[i], xs[i + 1]) for i in range(len(self.hidden)))
+        zs = (0, *self.hidden, 1)
+        self.layers = nn.ModuleList(_PICNNLayer(xs[k], zs[k], act_dim, zs[k + 1]) for k in range(len(zs) - 1))
+
+    def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(x, u)
+        xt, z = x, None
+        for k, layer in enumerate(self.layers):
+            z = layer(xt, z, u)
+            if k < len(self.layers) - 1:
+                z = _softplus_t(z)
+                xt = self.act_t(self.x_path[k](xt))
+        return z.squeeze(-1) + 0.5 * self.strong_convexity * (u**2).sum(-1)
+
+    def casadi_expr(self, x, u, theta):
+        view = ThetaView(self, theta)
+        xt, z = x, None
+        for k, layer in enumerate(self.layers):
+            z = layer.twin(view, xt, z, u)
+            if k < len(self.layers) - 1:
+                z = _softplus_c(z)
+                xt = self.act_c(_linear_c(view, self.x_path[k], xt))
+        return z + 0.5 * self.strong_convexity * ca.sumsqr(u)
+
+
+# --------------------------------------------------------------------------------------
+# MLPQ
+# --------------------------------------------------------------------------------------
+
+
+class MLPQ(QNetwork):
+    """A general (non-convex) MLP on ``[x, u]``.
+
+    ``argmin_u Q`` may have several local minima; the solver returns one (from its initial
+    guess) and the bridge differentiates that local minimum. Prefer :class:`PICNN` or
+    :class:`QuadraticQ` where a global minimum matters.
+
+    Args:
+        obs_dim: state dimension ``nx``.
+        act_dim: action dimension ``nu``.
+        hidden: hidden widths.
+        activation: smooth activation (``tanh``, ``softplus``, ``sigmoid``, ``silu``).
+    """
+
+    convex_in_u = False
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh"):
+        super().__init__(obs_dim, act_dim)
+        self.hidden = tuple(int(h) for h in hidden)
+        self.net = _mlp((obs_dim + act_dim, *self.hidden, 1), activation, last_activation=False)
+
+    def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(x, u)
+        return self.net(torch.cat([x, u], dim=-1)).squeeze(-1)
+
+    def casadi_expr(self, x, u, theta):
+        return _seq_twin(self.net, ca.vertcat(x, u), ThetaView(self, theta))

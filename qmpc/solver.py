@@ -1,0 +1,357 @@
+"""Batched CasADi solves of a :class:`~qmpc.problem.ControlProblem`, with per-sample status,
+and the adjoint solve of the reduced KKT system that the torch bridge needs.
+
+This module never imports torch and never raises on a failed solve: every sample gets a
+:class:`Status`. A sample is accepted by a solver-independent certificate (its projected
+gradient and constraint residual), not by the plugin's own flag; samples that fail it are
+retried once from a cold start, one by one, and then reported as ``MAX_ITER`` or ``FAILED``.
+
+Sensitivities (the tilt trick of DESIGN.md). For a seed ``ū`` on ``w*``, the adjoint
+``(a, b)`` solves the reduced KKT system
+
+    [H_FF  G_Fᵀ] [a_F]   [ū_F]
+    [G_F    0  ] [ b ] = [ 0 ]          a_A = 0
+
+at the primal–dual solution, where ``H = ∇²_ww L``, ``G = ∂g/∂w``, ``F`` the free components
+and ``A`` the components at a bound. ``a`` is ``−(∂w*/∂δ)ᵀ ū`` for a tilt ``J + δᵀw``, so for
+any parameter ``p`` of the problem, ``p̄ = −∂/∂p [aᵀ ∇_w L + bᵀ g]``: the caller evaluates that
+VJP where ``p`` lives (torch for the network weights).
+
+Weakly active bounds (at the bound with a zero multiplier) have no derivative; qmpc treats
+them as active (the one-sided derivative in which the bound stays active: zero) and counts
+them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import NamedTuple
+
+import casadi as ca
+import numpy as np
+
+from qmpc.errors import InputError
+from qmpc.problem import ControlProblem
+
+__all__ = ["Status", "SolverOptions", "SolveResult", "Adjoint", "BatchedSolver", "PLUGINS"]
+
+PLUGINS = ("sqpmethod", "ipopt")
+"""NLP solver plugins whose solutions the sensitivity suite checks."""
+
+
+class Status(IntEnum):
+    """Per-sample outcome of a solve."""
+
+    SOLVED = 0
+    """Converged on the first attempt."""
+    RETRIED = 1
+    """Failed the first attempt, converged on the cold-start retry."""
+    MAX_ITER = 2
+    """Hit the iteration limit on the retry: masked (zero gradient)."""
+    FAILED = 3
+    """Any other failure (non-finite values, infeasible QP, line search…): masked."""
+    SINGULAR = 4
+    """Converged, but the reduced KKT matrix is singular or not positive definite (not a strict
+    local minimum): ``∂w*`` does not exist and is zero; the value gradient (envelope) is kept."""
+
+    @staticmethod
+    def ok(status: np.ndarray) -> np.ndarray:
+        """Mask of samples whose solution is usable (converged)."""
+        return (status == Status.SOLVED) | (status == Status.RETRIED) | (status == Status.SINGULAR)
+
+
+@dataclass
+class SolverOptions:
+    """Options of :class:`BatchedSolver`."""
+
+    plugin: str = "sqpmethod"
+    """NLP solver plugin: ``sqpmethod`` (with ``qrqp``) or ``ipopt``."""
+    max_iter: int = 100
+    """Iteration limit of one solve."""
+    tol: float = 1e-10
+    """The plugin's own convergence tolerance."""
+    kkt_tol: float = 1e-6
+    """A solution is accepted when its projected gradient and constraint residual are below this."""
+    bound_tol: float = 1e-8
+    """A component within this distance of a bound (times ``1 + |bound|``) is at that bound."""
+    multiplier_tol: float = 1e-8
+    """A bound at which the multiplier is at most this is weakly active."""
+    retry: bool = True
+    """Retry failed samples once from a cold start."""
+    plugin_options: dict | None = None
+    """Extra options handed to ``casadi.nlpsol`` (merged over qmpc's defaults)."""
+
+    def __post_init__(self) -> None:
+        if self.plugin not in PLUGINS:
+            raise InputError(f"expected solver plugin in {PLUGINS}, got {self.plugin!r}")
+        if not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise InputError(f"expected max_iter to be an int >= 1, got {self.max_iter!r}")
+        for name in ("tol", "kkt_tol", "bound_tol", "multiplier_tol"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and np.isfinite(v) and v > 0):
+                raise InputError(f"expected {name} > 0, got {v!r}")
+
+
+class SolveResult(NamedTuple):
+    """A batch of solutions; arrays are float64 numpy, batch first."""
+
+    w: np.ndarray
+    """``(B, n_w)`` primal solutions (the plan), clipped to the bounds."""
+    value: np.ndarray
+    """``(B,)`` optimal values ``V = J(w*)``."""
+    lam_x: np.ndarray
+    """``(B, n_w)`` bound multipliers (CasADi's sign: negative at a lower bound)."""
+    lam_g: np.ndarray
+    """``(B, n_g)`` multipliers of the dynamics."""
+    status: np.ndarray
+    """``(B,)`` int8 :class:`Status` codes."""
+    kkt_residual: np.ndarray
+    """``(B,)`` max of the projected gradient and constraint residual."""
+    solve_ms: float
+    """Wall time of the whole batch, retries included, in milliseconds."""
+
+
+class Adjoint(NamedTuple):
+    """Solution of the adjoint reduced KKT system for a batch of seeds."""
+
+    a: np.ndarray
+    """``(B, n_w)``, zero on components at a bound and on unusable samples."""
+    b: np.ndarray
+    """``(B, n_g)``."""
+    singular: np.ndarray
+    """``(B,)`` bool: the reduced KKT matrix was singular (or the Hessian not positive definite)."""
+    weak: np.ndarray
+    """``(B,)`` int: number of weakly active bounds in each sample."""
+
+
+def _plugin_options(o: SolverOptions) -> dict:
+    if o.plugin == "sqpmethod":
+        opts = {
+            "qpsol": "qrqp",
+            "qpsol_options": {"print_iter": False, "print_header": False, "print_info": False, "error_on_fail": False},
+            "print_header": False,
+            "print_iteration": False,
+            "print_status": False,
+            "print_time": False,
+            "max_iter": o.max_iter,
+            "tol_pr": o.tol,
+            "tol_du": o.tol,
+            "min_step_size": 1e-14,
+            "convexify_strategy": "eigen-clip",
+            "convexify_margin": 1e-8,
+            "error_on_fail": False,
+        }
+    else:
+        opts = {
+            "print_time": False,
+            "error_on_fail": False,
+            "ipopt": {"print_level": 0, "sb": "yes", "tol": o.tol, "max_iter": o.max_iter, "bound_relax_factor": 0.0},
+        }
+    for k, v in (o.plugin_options or {}).items():
+        if isinstance(v, dict) and isinstance(opts.get(k), dict):
+            opts[k] = {**opts[k], **v}
+        else:
+            opts[k] = v
+    return opts
+
+
+class BatchedSolver:
+    """Solves a :class:`ControlProblem` for a batch of states sharing one ``theta``.
+
+    The solver, its batch wrapper (``Function.map`` with ``theta`` and the bounds shared, one
+    per batch size, built on first use and kept) and the derivative functions are built once.
+    """
+
+    def __init__(self, problem: ControlProblem, options: SolverOptions | None = None):
+        self.problem = problem
+        self.options = options or SolverOptions()
+        P = problem
+        self.nlpsol = ca.nlpsol("qmpc_nlp", self.options.plugin, P.nlp, _plugin_options(self.options))
+        w0 = ca.MX.sym("w0", P.n_w)
+        lx0 = ca.MX.sym("lam_x0", P.n_w)
+        lg0 = ca.MX.sym("lam_g0", P.n_g)
+        x0 = ca.MX.sym("x0", P.nx)
+        th = ca.MX.sym("theta", P.n_theta)
+        lb = ca.MX.sym("lbw", P.n_w)
+        ub = ca.MX.sym("ubw", P.n_w)
+        zg = ca.DM.zeros(P.n_g)
+        r = self.nlpsol(x0=w0, lam_x0=lx0, lam_g0=lg0, p=ca.vertcat(x0, th), lbx=lb, ubx=ub, lbg=zg, ubg=zg)
+        self.solve_one = ca.Function(
+            "solve_one",
+            [w0, lx0, lg0, x0, th, lb, ub],
+            [r["x"], r["f"], r["lam_x"], r["lam_g"]],
+            ["w0", "lam_x0", "lam_g0", "x0", "theta", "lbw", "ubw"],
+            ["w", "f", "lam_x", "lam_g"],
+        )
+        self._maps: dict[tuple[str, int], ca.Function] = {}
+
+    # -- batching -----------------------------------------------------------------------
+    def _mapped(self, name: str, B: int) -> ca.Function:
+        key = (name, B)
+        if key not in self._maps:
+            P = self.problem
+            f, shared = {
+                "solve": (self.solve_one, [4, 5, 6]),
+                "first_order": (P.first_order, [2]),
+                "second_order": (P.second_order, [2]),
+                "x_adjoint": (P.x_adjoint, []),
+                "cold_start": (P.cold_start, []),
+            }[name]
+            self._maps[key] = f.map(f"{name}_{B}", "serial", B, shared, [])
+        return self._maps[key]
+
+    def cold_start(self, x0: np.ndarray, lbw: np.ndarray, ubw: np.ndarray) -> np.ndarray:
+        """``(B, n_w)`` initial guess: zero actions clipped to the bounds, model rolled out."""
+        w = np.asarray(self._mapped("cold_start", x0.shape[0])(x0.T)).T
+        return np.clip(w, lbw, ubw)
+
+    def evaluate(self, name: str, *args) -> list[np.ndarray]:
+        """Evaluate one of the problem's functions over a batch; batch-first in and out.
+
+        ``args`` are ``(B, n)`` arrays, except ``theta`` (shared) for ``first_order`` and
+        ``second_order``. Matrix outputs come back as ``(B, rows, cols)``.
+        """
+        B = next(a.shape[0] for a in args if np.ndim(a) == 2)
+        f = self._mapped(name, B)
+        shared = {"first_order": [2], "second_order": [2]}.get(name, [])
+        ins = [a if i in shared else np.asarray(a).T for i, a in enumerate(args)]
+        outs = f(*ins)
+        outs = outs if isinstance(outs, tuple | list) else [outs]
+        res = []
+        for k, o in enumerate(outs):
+            o = np.asarray(o)
+            r, c = self._base(name).size_out(k)
+            if c == 1:
+                res.append(o.T.reshape(B, r))
+            else:  # horzcat of B (r × c) blocks
+                res.append(o.reshape(r, B, c).transpose(1, 0, 2))
+        return res
+
+    def _base(self, name: str) -> ca.Function:
+        P = self.problem
+        return {"first_order": P.first_order, "second_order": P.second_order, "x_adjoint": P.x_adjoint}[name]
+
+    # -- solving ------------------------------------------------------------------------
+    def solve(
+        self,
+        x0: np.ndarray,
+        theta: np.ndarray,
+        lbw: np.ndarray,
+        ubw: np.ndarray,
+        w0: np.ndarray | None = None,
+        lam_x0: np.ndarray | None = None,
+        lam_g0: np.ndarray | None = None,
+    ) -> SolveResult:
+        """Solve for every row of ``x0 (B, nx)``; never raises on a failed sample.
+
+        ``w0, lam_x0, lam_g0`` warm-start the solve (``(B, n_w)``, ``(B, n_w)``, ``(B, n_g)``);
+        without them the solve starts cold. Inputs are assumed validated (see the bridge).
+        """
+        P, o = self.problem, self.options
+        t0 = time.perf_counter()
+        B = x0.shape[0]
+        if w0 is None:
+            w0 = self.cold_start(x0, lbw, ubw)
+        lam_x0 = np.zeros((B, P.n_w)) if lam_x0 is None else lam_x0
+        lam_g0 = np.zeros((B, P.n_g)) if lam_g0 is None else lam_g0
+        theta_dm = ca.DM(theta)
+        out = self._mapped("solve", B)(w0.T, lam_x0.T, lam_g0.T, x0.T, theta_dm, lbw, ubw)
+        w, f, lam_x, lam_g = (np.asarray(v).T.reshape(B, -1) for v in out)
+        w = np.clip(w, lbw, ubw)
+        value = f.reshape(B)
+        res = self._residual(w, x0, theta_dm, lam_g, lbw, ubw)
+        status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
+        bad = np.flatnonzero(status != Status.SOLVED)
+        if o.retry and bad.size:
+            wc = self.cold_start(x0[bad], lbw, ubw)
+            for j, i in enumerate(bad):
+                r = self.nlpsol(
+                    x0=wc[j], p=ca.vertcat(ca.DM(x0[i]), theta_dm), lbx=lbw, ubx=ubw, lbg=0, ubg=0
+                )
+                stats = self.nlpsol.stats()
+                wi = np.clip(np.asarray(r["x"]).reshape(-1), lbw, ubw)
+                lgi = np.asarray(r["lam_g"]).reshape(-1)
+                ri = self._residual(wi[None], x0[i : i + 1], theta_dm, lgi[None], lbw, ubw)[0]
+                w[i], value[i], lam_x[i], lam_g[i], res[i] = wi, float(r["f"]), np.asarray(r["lam_x"]).reshape(-1), lgi, ri
+                if ri <= o.kkt_tol:
+                    status[i] = Status.RETRIED
+                elif "Maximum_Iter" in str(stats.get("return_status")) or stats.get("iter_count", 0) >= o.max_iter:
+                    status[i] = Status.MAX_ITER
+        elif bad.size:
+            status[bad] = Status.FAILED
+        return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3)
+
+    def _residual(self, w, x0, theta_dm, lam_g, lbw, ubw) -> np.ndarray:
+        grad_L, g = self.evaluate("first_order", w, x0, theta_dm, lam_g)
+        pg = w - np.clip(w - grad_L, lbw, ubw)
+        r = np.abs(pg).max(axis=1)
+        if g.shape[1]:
+            r = np.maximum(r, np.abs(g).max(axis=1))
+        r[~np.isfinite(r) | ~np.isfinite(w).all(axis=1)] = np.inf
+        return r
+
+    # -- sensitivities ------------------------------------------------------------------
+    def at_bounds(self, result: SolveResult, lbw: np.ndarray, ubw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(fixed, weak)`` masks ``(B, n_w)``: components at a bound, and those of them whose
+        multiplier is below ``multiplier_tol`` (weakly active)."""
+        o = self.options
+        w = result.w
+        with np.errstate(invalid="ignore"):
+            at_lb = (w - lbw) <= o.bound_tol * (1 + np.abs(np.where(np.isfinite(lbw), lbw, 0)))
+            at_ub = (ubw - w) <= o.bound_tol * (1 + np.abs(np.where(np.isfinite(ubw), ubw, 0)))
+        fixed = at_lb | at_ub
+        weak = fixed & (np.abs(result.lam_x) <= o.multiplier_tol)
+        return fixed, weak
+
+    def adjoint(
+        self,
+        result: SolveResult,
+        x0: np.ndarray,
+        theta: np.ndarray,
+        lbw: np.ndarray,
+        ubw: np.ndarray,
+        seed: np.ndarray,
+    ) -> Adjoint:
+        """Solve the reduced KKT system for seeds ``(B, n_w)`` on ``w*`` (see module docstring)."""
+        P = self.problem
+        B, nw, ng = seed.shape[0], P.n_w, P.n_g
+        H, G = self.evaluate("second_order", result.w, x0, ca.DM(theta), result.lam_g)
+        fixed, weak = self.at_bounds(result, lbw, ubw)
+        free = (~fixed).astype(float)
+        n = nw + ng
+        K = np.zeros((B, n, n))
+        K[:, :nw, :nw] = H * free[:, :, None] * free[:, None, :]
+        if ng:
+            Gf = G * free[:, None, :]
+            K[:, :nw, nw:] = Gf.transpose(0, 2, 1)
+            K[:, nw:, :nw] = Gf
+        idx = np.arange(nw)
+        K[:, idx, idx] += fixed.astype(float)
+        rhs = np.zeros((B, n))
+        rhs[:, :nw] = seed * free
+        usable = Status.ok(result.status)
+        singular = np.zeros(B, bool)
+        if ng == 0:
+            # strict local minimum <=> reduced Hessian positive definite
+            with np.errstate(invalid="ignore"):
+                ev = np.linalg.eigvalsh(np.where(np.isfinite(K), K, 0.0))
+            scale = np.maximum(1.0, np.abs(ev).max(axis=1))
+            singular = ev.min(axis=1) <= 1e-12 * scale
+        sol = np.zeros((B, n))
+        good = usable & ~singular
+        if good.any():
+            try:
+                sol[good] = np.linalg.solve(K[good], rhs[good][..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                for i in np.flatnonzero(good):
+                    try:
+                        sol[i] = np.linalg.solve(K[i], rhs[i])
+                    except np.linalg.LinAlgError:
+                        singular[i] = True
+            resid = np.abs(np.einsum("bij,bj->bi", K, sol) - rhs).max(axis=1)
+            bad = good & (~np.isfinite(sol).all(axis=1) | (resid > 1e-6 * (1 + np.abs(rhs).max(axis=1))))
+            singular |= bad
+        sol[~usable | singular] = 0.0
+        return Adjoint(sol[:, :nw], sol[:, nw:], singular & usable, weak.sum(axis=1))
