@@ -230,6 +230,20 @@ class QNetwork(nn.Module):
         with torch.no_grad():
             return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in self.parameters()]).numpy()
 
+    def load_flat_parameters(self, theta: np.ndarray | torch.Tensor) -> None:
+        """Set every parameter from a flat vector laid out as :meth:`flat_parameters`."""
+        theta = torch.as_tensor(np.asarray(theta, dtype=np.float64))
+        if theta.shape != (self.num_parameters,):
+            raise InputError(f"expected theta of shape ({self.num_parameters},), got {tuple(theta.shape)}")
+        if not torch.isfinite(theta).all():
+            raise InputError("expected finite theta, got NaN/Inf")
+        off = 0
+        with torch.no_grad():
+            for p in self.parameters():
+                n = p.numel()
+                p.copy_(theta[off : off + n].reshape(p.shape).to(p.dtype))
+                off += n
+
     def parameter_layout(self) -> list[tuple[str, tuple[int, ...], int]]:
         """``[(name, shape, offset), …]``: where each named parameter lives in ``theta``."""
         out, off = [], 0
@@ -304,6 +318,31 @@ class QuadraticQ(QNetwork):
         else:
             r, c = np.tril_indices(act_dim)
             self._rows, self._cols = r, c
+
+    @classmethod
+    def from_quadratic(cls, M: np.ndarray, nx: int, min_curvature: float = 1e-6) -> QuadraticQ:
+        """The QuadraticQ equal to ``[x; u]ᵀ M [x; u]`` (``M`` symmetric, ``M_uu ≻ 0``, and the
+        Schur complement ``M_xx − M_xu M_uu⁻¹ M_ux ⪰ 0``), e.g. an LQR Q-function."""
+        M = 0.5 * (np.asarray(M, float) + np.asarray(M, float).T)
+        nu = M.shape[0] - nx
+        Mxx, Mxu, Muu = M[:nx, :nx], M[:nx, nx:], M[nx:, nx:]
+        q = cls(nx, nu, hidden=(), min_curvature=min_curvature, state_dependent_curvature=False).double()
+        K = np.linalg.solve(Muu, Mxu.T)  # u* = -K x
+        S = Mxx - Mxu @ K
+        ev, V = np.linalg.eigh(0.5 * (S + S.T))
+        if ev.min() < -1e-9 * max(1.0, abs(ev).max()):
+            raise InputError(f"expected a PSD Schur complement M_xx - M_xu M_uu^-1 M_ux, got eigenvalue {ev.min()}")
+        C = (V * np.sqrt(2 * np.clip(ev, 0, None))).T  # CᵀC = 2S
+        Lc = np.linalg.cholesky(2 * Muu - min_curvature * np.eye(nu))
+        raw = np.array([Lc[i, j] if i != j else np.log(np.expm1(Lc[i, i])) for i, j in zip(q._rows, q._cols)])
+        with torch.no_grad():
+            q.mu.weight.copy_(torch.as_tensor(-K))
+            q.mu.bias.zero_()
+            q.value.weight.zero_()
+            q.value.bias.zero_()
+            q.value_quad.weight.copy_(torch.as_tensor(C))
+            q.l_const.copy_(torch.as_tensor(raw))
+        return q
 
     def _l_entries_t(self, h: torch.Tensor) -> torch.Tensor:
         if self.state_dependent_curvature:
@@ -386,7 +425,7 @@ class PICNN(QNetwork):
 
     The state path ``x̃_{k+1} = act(W̃_k x̃_k + b̃_k)`` is unconstrained; the convex path uses
     non-negative weights (softplus of free parameters) on ``z`` and softplus activations, so
-    ``Q`` is convex in ``u``. ``½ strong_convexity ‖u‖²`` is added so that ``argmin_u Q`` is
+    ``Q`` is convex in ``u``. ``½ action_curvature ‖u‖²`` is added so that ``argmin_u Q`` is
     unique and the KKT matrix the sensitivities need is non-singular.
 
     Args:
@@ -394,7 +433,7 @@ class PICNN(QNetwork):
         act_dim: action dimension ``nu``.
         hidden: widths of the convex path (the state path has the same widths).
         activation: smooth activation of the state path.
-        strong_convexity: ``m ≥ 0`` of the ``½ m ‖u‖²`` term.
+        action_curvature: ``m ≥ 0`` of the ``½ m ‖u‖²`` term (``m > 0``: strongly convex).
     """
 
     convex_in_u = True
@@ -405,15 +444,15 @@ class PICNN(QNetwork):
         act_dim: int,
         hidden: Sequence[int] = (64, 64),
         activation: str = "softplus",
-        strong_convexity: float = 1e-2,
+        action_curvature: float = 1e-2,
     ):
         super().__init__(obs_dim, act_dim)
-        if strong_convexity < 0:
-            raise InputError(f"expected strong_convexity >= 0, got {strong_convexity}")
+        if action_curvature < 0:
+            raise InputError(f"expected action_curvature >= 0, got {action_curvature}")
         self.hidden = tuple(int(h) for h in hidden)
         if not self.hidden:
             raise InputError("expected at least one hidden layer for PICNN, got hidden=()")
-        self.strong_convexity = float(strong_convexity)
+        self.action_curvature = float(action_curvature)
         self.act_t, self.act_c = _activation(activation)
         xs = (obs_dim, *self.hidden)
         self.x_path = nn.ModuleList(nn.Linear(xs[i], xs[i + 1]) for i in range(len(self.hidden)))
@@ -428,7 +467,7 @@ class PICNN(QNetwork):
             if k < len(self.layers) - 1:
                 z = _softplus_t(z)
                 xt = self.act_t(self.x_path[k](xt))
-        return z.squeeze(-1) + 0.5 * self.strong_convexity * (u**2).sum(-1)
+        return z.squeeze(-1) + 0.5 * self.action_curvature * (u**2).sum(-1)
 
     def casadi_expr(self, x, u, theta):
         view = ThetaView(self, theta)
@@ -438,7 +477,7 @@ class PICNN(QNetwork):
             if k < len(self.layers) - 1:
                 z = _softplus_c(z)
                 xt = self.act_c(_linear_c(view, self.x_path[k], xt))
-        return z + 0.5 * self.strong_convexity * ca.sumsqr(u)
+        return z + 0.5 * self.action_curvature * ca.sumsqr(u)
 
 
 # --------------------------------------------------------------------------------------
@@ -458,18 +497,32 @@ class MLPQ(QNetwork):
         act_dim: action dimension ``nu``.
         hidden: hidden widths.
         activation: smooth activation (``tanh``, ``softplus``, ``sigmoid``, ``silu``).
+        action_curvature: ``m ≥ 0`` of an added ``½ m ‖u‖²`` (a bounded network has no interior
+            minimum without it far from the data).
     """
 
     convex_in_u = False
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh"):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        action_curvature: float = 0.0,
+    ):
         super().__init__(obs_dim, act_dim)
+        if action_curvature < 0:
+            raise InputError(f"expected action_curvature >= 0, got {action_curvature}")
+        self.action_curvature = float(action_curvature)
         self.hidden = tuple(int(h) for h in hidden)
         self.net = _mlp((obs_dim + act_dim, *self.hidden, 1), activation, last_activation=False)
 
     def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         self._check_inputs(x, u)
-        return self.net(torch.cat([x, u], dim=-1)).squeeze(-1)
+        q = self.net(torch.cat([x, u], dim=-1)).squeeze(-1)
+        return q + 0.5 * self.action_curvature * (u**2).sum(-1)
 
     def casadi_expr(self, x, u, theta):
-        return _seq_twin(self.net, ca.vertcat(x, u), ThetaView(self, theta))
+        q = _seq_twin(self.net, ca.vertcat(x, u), ThetaView(self, theta))
+        return q + 0.5 * self.action_curvature * ca.sumsqr(u)
