@@ -8,25 +8,25 @@ from qmpc.bridge import ArgminLayer, LayerResult
 from qmpc.errors import ConfigError, InputError, QmpcError, SolverError, UnsupportedLayerError
 from qmpc.networks import MLPQ, PICNN, QNetwork, QuadraticQ
 from qmpc.problem import ControlProblem
-from qmpc.solver import BatchedSolver, SolverOptions, SolveResult, Status
+from qmpc.solver import BatchedSolver, SolveResult, SolverOptions, Status
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLPQ",
+    "PICNN",
     "ArgminLayer",
+    "BatchedSolver",
+    "ConfigError",
+    "ControlProblem",
+    "InputError",
     "LayerResult",
     "QNetwork",
-    "QuadraticQ",
-    "PICNN",
-    "MLPQ",
-    "ControlProblem",
-    "BatchedSolver",
-    "SolverOptions",
-    "SolveResult",
-    "Status",
     "QmpcError",
-    "InputError",
+    "QuadraticQ",
+    "SolveResult",
     "SolverError",
-    "ConfigError",
+    "SolverOptions",
+    "Status",
     "UnsupportedLayerError",
 ]

@@ -29,7 +29,7 @@ from qmpc.networks import QNetwork
 from qmpc.problem import ControlProblem
 from qmpc.solver import BatchedSolver, SolveResult, SolverOptions, Status
 
-__all__ = ["ArgminLayer", "LayerResult", "GradMode"]
+__all__ = ["ArgminLayer", "GradMode", "LayerResult"]
 
 GradMode = Literal["implicit", "envelope", "none"]
 _GRAD_MODES = ("implicit", "envelope", "none")
@@ -275,7 +275,7 @@ class _ArgminFunction(torch.autograd.Function):
             s = gamma_n * s
             wrt = [p for p in params if p.requires_grad]
             if need_x and P.N == 0:
-                wrt = wrt + [xq]
+                wrt = [*wrt, xq]
             g = torch.autograd.grad(s, wrt, allow_unused=True) if wrt and s.requires_grad else [None] * len(wrt)
         it = iter(g)
         pgrads = [(next(it) if p.requires_grad else None) for p in params]

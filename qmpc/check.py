@@ -26,18 +26,18 @@ from qmpc.networks import MLPQ, PICNN, QNetwork, QuadraticQ
 
 __all__ = [
     "CheckRow",
-    "make_network",
-    "linear_model",
-    "make_scenario",
-    "fd_errors",
-    "twin_errors",
-    "envelope_identity",
     "clip_closed_form",
-    "lqr_closed_form",
+    "envelope_identity",
+    "fd_errors",
+    "format_table",
     "golden_cases",
     "golden_errors",
+    "linear_model",
+    "lqr_closed_form",
+    "make_network",
+    "make_scenario",
     "run_checks",
-    "format_table",
+    "twin_errors",
 ]
 
 ARCHS = {"QuadraticQ": QuadraticQ, "PICNN": PICNN, "MLPQ": MLPQ}
@@ -76,7 +76,13 @@ def linear_model(nx: int, nu: int, seed: int = 0) -> tuple[ca.Function, ca.Funct
 
 
 def make_scenario(
-    arch: str, bounds: Bounds, horizon: int, plugin: str = "sqpmethod", seed: int = 0, batch: int = 3, tol: float = 1e-13
+    arch: str,
+    bounds: Bounds,
+    horizon: int,
+    plugin: str = "sqpmethod",
+    seed: int = 0,
+    batch: int = 3,
+    tol: float = 1e-13,
 ) -> tuple[ArgminLayer, torch.Tensor]:
     """A layer and a batch of states whose solutions have the requested bound activity.
 
@@ -123,7 +129,9 @@ def _result(layer: ArgminLayer):
     return SolveResult(r.plan, np.zeros(r.plan.shape[0]), r.lam_x, r.lam_g, r.status, r.kkt_residual, r.solve_ms)
 
 
-def fd_errors(layer: ArgminLayer, x: torch.Tensor, n_dirs: int = 3, eps: float = 1e-5, seed: int = 0) -> dict[str, float]:
+def fd_errors(
+    layer: ArgminLayer, x: torch.Tensor, n_dirs: int = 3, eps: float = 1e-5, seed: int = 0
+) -> dict[str, float]:
     """Bridge gradients against central finite differences of the whole solve.
 
     For random output weights ``c_u (B, nu)`` and ``c_v (B,)`` and random directions in ``θ``

@@ -1,6 +1,6 @@
 """The ``qmpc`` command line.
 
-    qmpc check [--full]      sensitivity checks of this installation, as a pass/fail table
+qmpc check [--full]      sensitivity checks of this installation, as a pass/fail table
 """
 
 from __future__ import annotations

@@ -41,6 +41,4 @@ def lqr_q_matrix(A, B, Qc, R, discount: float = 1.0) -> np.ndarray:
     """``M`` such that the optimal Q-function is ``Q*(x, u) = [x; u]ᵀ M [x; u]``."""
     P, _ = dare(A, B, Qc, R, discount)
     g = float(discount)
-    return np.block(
-        [[Qc + g * A.T @ P @ A, g * A.T @ P @ B], [g * B.T @ P @ A, R + g * B.T @ P @ B]]
-    )
+    return np.block([[Qc + g * A.T @ P @ A, g * A.T @ P @ B], [g * B.T @ P @ A, R + g * B.T @ P @ B]])

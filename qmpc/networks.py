@@ -31,11 +31,11 @@ from torch import nn
 from qmpc.errors import InputError, UnsupportedLayerError
 
 __all__ = [
+    "ACTIVATIONS",
+    "MLPQ",
+    "PICNN",
     "QNetwork",
     "QuadraticQ",
-    "PICNN",
-    "MLPQ",
-    "ACTIVATIONS",
     "ThetaView",
     "sequential_twin",
 ]
@@ -47,7 +47,9 @@ __all__ = [
 
 
 def _softplus_t(z: torch.Tensor) -> torch.Tensor:
-    return torch.clamp_min(z, 0.0) + torch.log1p(torch.exp(-z.abs()))
+    # logaddexp: stable for large |z| and with the exact derivative σ(0) = ½ at z = 0
+    # (clamp_min(z, 0) + log1p(exp(-|z|)) would give 1 there).
+    return torch.logaddexp(z, torch.zeros_like(z))
 
 
 def _softplus_c(z):
@@ -334,7 +336,8 @@ class QuadraticQ(QNetwork):
             raise InputError(f"expected a PSD Schur complement M_xx - M_xu M_uu^-1 M_ux, got eigenvalue {ev.min()}")
         C = (V * np.sqrt(2 * np.clip(ev, 0, None))).T  # CᵀC = 2S
         Lc = np.linalg.cholesky(2 * Muu - min_curvature * np.eye(nu))
-        raw = np.array([Lc[i, j] if i != j else np.log(np.expm1(Lc[i, i])) for i, j in zip(q._rows, q._cols)])
+        pairs = zip(q._rows, q._cols, strict=True)
+        raw = np.array([Lc[i, j] if i != j else np.log(np.expm1(Lc[i, i])) for i, j in pairs])
         with torch.no_grad():
             q.mu.weight.copy_(torch.as_tensor(-K))
             q.mu.bias.zero_()

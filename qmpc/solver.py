@@ -35,7 +35,7 @@ import numpy as np
 from qmpc.errors import InputError
 from qmpc.problem import ControlProblem
 
-__all__ = ["Status", "SolverOptions", "SolveResult", "Adjoint", "BatchedSolver", "PLUGINS"]
+__all__ = ["PLUGINS", "Adjoint", "BatchedSolver", "SolveResult", "SolverOptions", "Status"]
 
 PLUGINS = ("sqpmethod", "ipopt")
 """NLP solver plugins whose solutions the sensitivity suite checks."""
@@ -267,14 +267,18 @@ class BatchedSolver:
         if o.retry and bad.size:
             wc = self.cold_start(x0[bad], lbw, ubw)
             for j, i in enumerate(bad):
-                r = self.nlpsol(
-                    x0=wc[j], p=ca.vertcat(ca.DM(x0[i]), theta_dm), lbx=lbw, ubx=ubw, lbg=0, ubg=0
-                )
+                r = self.nlpsol(x0=wc[j], p=ca.vertcat(ca.DM(x0[i]), theta_dm), lbx=lbw, ubx=ubw, lbg=0, ubg=0)
                 stats = self.nlpsol.stats()
                 wi = np.clip(np.asarray(r["x"]).reshape(-1), lbw, ubw)
                 lgi = np.asarray(r["lam_g"]).reshape(-1)
                 ri = self._residual(wi[None], x0[i : i + 1], theta_dm, lgi[None], lbw, ubw)[0]
-                w[i], value[i], lam_x[i], lam_g[i], res[i] = wi, float(r["f"]), np.asarray(r["lam_x"]).reshape(-1), lgi, ri
+                w[i], value[i], lam_x[i], lam_g[i], res[i] = (
+                    wi,
+                    float(r["f"]),
+                    np.asarray(r["lam_x"]).reshape(-1),
+                    lgi,
+                    ri,
+                )
                 if ri <= o.kkt_tol:
                     status[i] = Status.RETRIED
                 elif "Maximum_Iter" in str(stats.get("return_status")) or stats.get("iter_count", 0) >= o.max_iter:

@@ -46,7 +46,9 @@ def main() -> None:
         print(name, "status", layer.last_result.status, "u*", np.round(case["expected"]["u_star"], 4).tolist())
         cases.append(case)
     path = Path(__file__).resolve().parents[1] / "qmpc" / "data" / "golden.json"
-    path.write_text(json.dumps({"about": "seeded solver/sensitivity outputs; see tests/make_golden.py", "cases": cases}))
+    path.write_text(
+        json.dumps({"about": "seeded solver/sensitivity outputs; see tests/make_golden.py", "cases": cases})
+    )
     print("wrote", path)
 
 

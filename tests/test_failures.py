@@ -1,0 +1,145 @@
+"""Layer 4: bad input gets a clear error; failed solves are retried, masked and counted."""
+
+import casadi as ca
+import numpy as np
+import pytest
+import torch
+
+import qmpc
+from qmpc.check import linear_model, make_network
+
+
+@pytest.fixture
+def layer():
+    return qmpc.ArgminLayer(make_network("PICNN", 4, 2, 0), -torch.ones(2), torch.ones(2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_state(layer, bad):
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    x[1, 2] = bad
+    with pytest.raises(qmpc.InputError, match=r"expected finite x, got NaN/Inf in rows \[1\]"):
+        layer(x)
+
+
+def test_non_finite_weights(layer):
+    with torch.no_grad():
+        layer.q.layers[0].Wx.weight[0, 0] = float("nan")
+    with pytest.raises(qmpc.InputError, match=r"layers\.0\.Wx\.weight"):
+        layer(torch.zeros(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "x,msg",
+    [
+        (torch.zeros(3, 5), r"expected x of shape \(B, 4\) with B >= 1, got \(3, 5\)"),
+        (torch.zeros(4), r"got \(4,\)"),
+        (torch.zeros(0, 4), r"got \(0, 4\)"),
+        (torch.zeros(3, 4, dtype=torch.int64), "floating-point"),
+        (np.zeros((3, 4)), "torch.Tensor"),
+    ],
+)
+def test_bad_state_shapes_and_dtypes(layer, x, msg):
+    with pytest.raises(qmpc.InputError, match=msg):
+        layer(x)
+
+
+def test_bad_bounds():
+    q = make_network("PICNN", 4, 2, 0)
+    with pytest.raises(qmpc.InputError, match=r"low\[1\]=0.5 > high\[1\]=0.2"):
+        qmpc.ArgminLayer(q, torch.tensor([0.0, 0.5]), torch.tensor([1.0, 0.2]))
+    with pytest.raises(qmpc.InputError, match=r"expected low of shape \(2,\), got \(3,\)"):
+        qmpc.ArgminLayer(q, torch.zeros(3), torch.ones(2))
+    with pytest.raises(qmpc.InputError, match="NaN"):
+        qmpc.ArgminLayer(q, torch.tensor([0.0, float("nan")]), torch.ones(2))
+
+
+def test_bad_options():
+    q = make_network("PICNN", 4, 2, 0)
+    with pytest.raises(qmpc.InputError, match="grad_mode"):
+        qmpc.ArgminLayer(q, -1, 1, grad_mode="full")
+    with pytest.raises(qmpc.InputError, match="solver plugin"):
+        qmpc.ArgminLayer(q, -1, 1, solver="snopt")
+    with pytest.raises(qmpc.InputError, match="unknown solver option"):
+        qmpc.ArgminLayer(q, -1, 1, max_iters=3)
+    with pytest.raises(qmpc.InputError, match="QNetwork"):
+        qmpc.ArgminLayer(torch.nn.Linear(3, 1), -1, 1)
+    with pytest.raises(qmpc.InputError, match="dynamics and stage_cost"):
+        qmpc.ArgminLayer(q, -1, 1, horizon=3)
+    x, u = ca.SX.sym("x", 3), ca.SX.sym("u", 2)
+    f = ca.Function("f", [x, u], [x])
+    _, c, _, _ = linear_model(4, 2)
+    with pytest.raises(qmpc.InputError, match=r"input 0 of dynamics to have shape \(4, 1\), got \(3, 1\)"):
+        qmpc.ArgminLayer(q, -1, 1, horizon=3, dynamics=f, stage_cost=c)
+    with pytest.raises(qmpc.InputError, match="discount"):
+        qmpc.ArgminLayer(q, -1, 1, discount=1.5)
+
+
+def _hard_layer(max_iter=1, **kw):
+    """A non-convex problem that needs several SQP iterations from the cold start."""
+    q = make_network("MLPQ", 4, 2, 3, hidden=(16, 16))
+    with torch.no_grad():
+        for p in q.parameters():
+            p.mul_(3.0)
+    return qmpc.ArgminLayer(q, -3 * torch.ones(2), 3 * torch.ones(2), max_iter=max_iter, **kw)
+
+
+def test_iteration_limit_is_retried_masked_and_counted():
+    layer = _hard_layer()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    u, v = layer(x)
+    res = layer.last_result
+    failed = ~qmpc.Status.ok(res.status)
+    assert failed.any(), res.status
+    assert (res.status[failed] == qmpc.Status.MAX_ITER).all()
+    assert res.num_failed == failed.sum() == layer.counters["failed"]
+    assert np.isfinite(u.detach().numpy()).all() and (u.abs() <= 3).all()
+    # a loss on the failed samples only: exactly zero gradient, never garbage
+    i = np.flatnonzero(failed)
+    (u[i].sum() + v[i].sum()).backward()
+    assert x.grad.abs().max() == 0
+    assert all(p.grad.abs().max() == 0 for p in layer.q.parameters())
+
+
+def test_iteration_limit_can_raise():
+    layer = _hard_layer(on_failure="raise")
+    with pytest.raises(qmpc.SolverError, match="MAX_ITER"):
+        layer(torch.randn(6, 4, dtype=torch.float64))
+
+
+def test_cold_retry_rescues_a_bad_warm_start():
+    layer = _hard_layer(max_iter=8)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    layer(x, grad_mode="none", w0=np.tile([3.0, 3.0], (6, 1)))  # a corner far from the minima
+    st = layer.last_result.status
+    assert (st == qmpc.Status.RETRIED).any(), st
+    assert layer.counters["retried"] == (st == qmpc.Status.RETRIED).sum()
+
+
+def test_weakly_active_bound_convention_and_count():
+    """μ exactly on the bound: the derivative does not exist; qmpc uses the active side (zero)."""
+    q = qmpc.QuadraticQ(2, 2, hidden=(), diagonal=True, state_dependent_curvature=False).double()
+    with torch.no_grad():
+        q.mu.weight.zero_()
+        q.mu.bias.copy_(torch.tensor([0.5, 0.1]))
+    layer = qmpc.ArgminLayer(q, -0.5 * torch.ones(2), 0.5 * torch.ones(2), tol=1e-13)
+    u, _ = layer(torch.zeros(1, 2, dtype=torch.float64))
+    (g,) = torch.autograd.grad(u.sum(), [q.mu.bias])
+    assert layer.counters["weakly_active"] == 1
+    np.testing.assert_allclose(g.numpy(), [0.0, 1.0], atol=1e-10)
+
+
+def test_singular_kkt_is_flagged_and_keeps_value_gradient():
+    q = qmpc.MLPQ(3, 2, hidden=(4,)).double()
+    with torch.no_grad():
+        q.net[0].weight[:, 3:] = 0.0  # Q does not depend on u: every u is a minimiser
+    layer = qmpc.ArgminLayer(q, -torch.ones(2), torch.ones(2))
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    u, v = layer(x)
+    params = list(q.parameters())
+    g = torch.autograd.grad(u.sum() + v.sum(), params)
+    assert (layer.last_result.status == qmpc.Status.SINGULAR).all()
+    assert layer.counters["singular"] == 2
+    env = torch.autograd.grad(q(x, u.detach()).sum(), params)
+    for a, b in zip(g, env, strict=True):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,172 @@
+"""Layers 2 and 3: sensitivities against finite differences, closed forms, CasADi's own nlpsol
+sensitivities, golden values, and the envelope identity."""
+
+import casadi as ca
+import numpy as np
+import pytest
+import torch
+
+import qmpc
+from qmpc.check import (
+    activity,
+    clip_closed_form,
+    envelope_identity,
+    fd_errors,
+    golden_cases,
+    golden_errors,
+    lqr_closed_form,
+    make_network,
+    make_scenario,
+)
+from qmpc.solver import PLUGINS
+
+ARCHS = ["QuadraticQ", "PICNN", "MLPQ"]
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+@pytest.mark.parametrize("horizon", [1, 3])
+@pytest.mark.parametrize("bounds", ["inactive", "active", "mixed"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_finite_differences_of_the_whole_solve(arch, bounds, horizon, plugin):
+    layer, x = make_scenario(arch, bounds, horizon, plugin)
+    active, weak, free = activity(layer, x)
+    assert weak == 0
+    if bounds == "inactive":
+        assert active == 0
+    elif bounds == "active":
+        assert active >= free and active > 0
+    else:
+        assert active > 0 and free > 0
+    errs = fd_errors(layer, x, n_dirs=2)
+    assert max(errs.values()) <= 1e-6, errs
+    assert (layer.last_result.status == qmpc.Status.SOLVED).all()
+
+
+def test_closed_form_clip():
+    errs = clip_closed_form()
+    assert max(errs.values()) <= 1e-9, errs
+
+
+@pytest.mark.parametrize("horizon", [1, 3, 6])
+def test_closed_form_lqr_with_riccati_terminal_cost(horizon):
+    errs = lqr_closed_form(horizon)
+    assert max(errs.values()) <= 1e-8, errs
+
+
+@pytest.mark.parametrize("bounds", ["inactive", "mixed"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_envelope_identity(arch, bounds):
+    layer, x = make_scenario(arch, bounds, 1)
+    e = envelope_identity(layer, x)
+    assert e["chain_vs_envelope"] <= 1e-8, e
+    assert e["cross_term"] <= 1e-8, e
+    assert e["du_dtheta"] >= 1e-3, e  # the argmin does move: the term vanishes because ∂Q/∂u·∂u*/∂θ = 0
+
+
+def test_double_q_term_does_not_vanish():
+    """Evaluated by *another* network (double Q), the ∂Q'/∂u·∂u*/∂θ term is not zero."""
+    layer, x = make_scenario("PICNN", "inactive", 1)
+    other = make_network("PICNN", 4, 2, seed=5)
+    u, _ = layer(x)
+    (g,) = torch.autograd.grad(other(x, u).sum(), [next(layer.q.parameters())])
+    assert g.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bounds", ["inactive", "mixed"])
+def test_matches_casadi_own_nlpsol_sensitivities(bounds):
+    """CasADi's sqpmethod differentiated by CasADi itself is an independent reference."""
+    layer, x = make_scenario("PICNN", bounds, 1)
+    q, P = layer.q, layer.problem
+    solver = ca.nlpsol(
+        "ref",
+        "sqpmethod",
+        P.nlp,
+        {
+            "qpsol": "qrqp",
+            "print_time": False,
+            "print_status": False,
+            "print_header": False,
+            "print_iteration": False,
+            "tol_du": 1e-13,
+            "tol_pr": 1e-13,
+            "qpsol_options": {"print_iter": False, "print_header": False},
+        },
+    )
+    p = ca.MX.sym("p", P.nx + P.n_theta)
+    r = solver(x0=0, p=p, lbx=layer.lbw, ubx=layer.ubw)
+    jac = ca.Function("ref_jacobian", [p], [r["x"], ca.jacobian(r["x"], p)])
+    theta = q.flat_parameters()
+    xg = x.clone().requires_grad_(True)
+    u, _ = layer(xg)
+    for b in range(x.shape[0]):
+        ustar, J = (np.asarray(v) for v in jac(np.r_[x[b].numpy(), theta]))
+        np.testing.assert_allclose(u[b].detach().numpy(), ustar.ravel(), atol=1e-9)
+        for i in range(P.nu):
+            params = list(q.parameters())
+            gx, *gth = torch.autograd.grad(u[b, i], [xg, *params], retain_graph=True)
+            gth = torch.cat([t.reshape(-1) for t in gth]).numpy()
+            np.testing.assert_allclose(gx[b].numpy(), J[i, : P.nx], atol=1e-7)
+            np.testing.assert_allclose(gth, J[i, P.nx :], atol=1e-7)
+
+
+@pytest.mark.parametrize("case", golden_cases(), ids=lambda c: c["name"])
+def test_golden_values(case):
+    assert golden_errors(case) <= 1e-7
+
+
+def test_plugins_agree():
+    outs = []
+    for plugin in PLUGINS:
+        layer, x = make_scenario("MLPQ", "mixed", 3, plugin)
+        params = list(layer.q.parameters())
+        u, v = layer(x)
+        g = torch.autograd.grad(u.sum() + v.sum(), params)
+        outs.append((u.detach(), v.detach(), torch.cat([t.reshape(-1) for t in g])))
+    for a, b in zip(outs[0], outs[1], strict=True):
+        assert (a - b).abs().max() <= 1e-6
+
+
+def test_grad_modes():
+    layer, x = make_scenario("PICNN", "mixed", 1)
+    params = list(layer.q.parameters())
+    u, v = layer(x, grad_mode="implicit")
+    gi = torch.autograd.grad(v.sum(), params)
+    u_e, v_e = layer(x, grad_mode="envelope")
+    assert not u_e.requires_grad and v_e.requires_grad
+    ge = torch.autograd.grad(v_e.sum(), params)
+    for a, b in zip(gi, ge, strict=True):
+        assert (a - b).abs().max() <= 1e-12
+    u_n, v_n = layer(x, grad_mode="none")
+    assert not u_n.requires_grad and not v_n.requires_grad
+    torch.testing.assert_close(u_n, u.detach())
+
+
+def test_float32_network_and_states():
+    torch.manual_seed(0)
+    q = qmpc.PICNN(4, 2, hidden=(8,))
+    layer = qmpc.ArgminLayer(q, -torch.ones(2), torch.ones(2))
+    x = torch.randn(5, 4, requires_grad=True)
+    u, v = layer(x)
+    assert u.dtype == torch.float32 and v.dtype == torch.float32 and u.shape == (5, 2) and v.shape == (5,)
+    (u.sum() + v.sum()).backward()
+    assert x.grad.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in q.parameters())
+    assert torch.isfinite(x.grad).all()
+
+
+def test_warm_start_reproduces_solution():
+    layer, x = make_scenario("MLPQ", "mixed", 3)
+    layer.warm_start = True
+    u1, v1 = layer(x, grad_mode="none")
+    u2, v2 = layer(x, grad_mode="none")
+    assert (u1 - u2).abs().max() <= 1e-9 and (v1 - v2).abs().max() <= 1e-9
+    w0 = torch.as_tensor(layer.last_result.plan)
+    u3, _ = layer(x, grad_mode="none", w0=w0)
+    assert (u1 - u3).abs().max() <= 1e-9
+
+
+def test_plan_layout_for_mpc():
+    layer, x = make_scenario("QuadraticQ", "inactive", 4)
+    u, _ = layer(x, grad_mode="none")
+    plan = layer.plan()
+    assert plan["actions"].shape == (3, 4, 2) and plan["states"].shape == (3, 3, 4)
+    np.testing.assert_allclose(plan["actions"][:, 0], u.numpy())
