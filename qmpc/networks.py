@@ -106,6 +106,13 @@ class ThetaView:
         if theta.shape[0] != off:
             raise InputError(f"expected theta of length {off}, got {theta.shape[0]}")
 
+    def matvec(self, p: torch.Tensor, z):
+        """``W z`` for a weight ``W`` of shape ``(out, in)``, without materialising a transpose
+        (the row-major slice is ``Wᵀ`` in CasADi's column-major reshape)."""
+        off, (n_out, n_in) = self.offsets[id(p)]
+        Wt = ca.reshape(self.theta[off : off + n_out * n_in], n_in, n_out)
+        return ca.mtimes(z.T, Wt).T
+
     def __call__(self, p: torch.Tensor):
         off, shape = self.offsets[id(p)]
         n = int(np.prod(shape)) if shape else 1
@@ -118,7 +125,7 @@ class ThetaView:
 
 
 def _linear_c(view: ThetaView, lin: nn.Linear, z):
-    out = ca.mtimes(view(lin.weight), z)
+    out = view.matvec(lin.weight, z)
     return out + view(lin.bias) if lin.bias is not None else out
 
 
@@ -380,7 +387,7 @@ class QuadraticQ(QNetwork):
         d = u - mu
         Ltd = ca.mtimes(L.T, d)
         quad = 0.5 * ca.sumsqr(Ltd) + 0.5 * self.min_curvature * ca.sumsqr(d)
-        return _linear_c(view, self.value, h) + 0.5 * ca.sumsqr(ca.mtimes(view(self.value_quad.weight), h)) + quad
+        return _linear_c(view, self.value, h) + 0.5 * ca.sumsqr(view.matvec(self.value_quad.weight, h)) + quad
 
 
 # --------------------------------------------------------------------------------------
@@ -416,7 +423,7 @@ class _PICNNLayer(nn.Module):
         return out
 
     def twin(self, view: ThetaView, xt, z, u):
-        out = ca.mtimes(view(self.Wy.weight), u * _linear_c(view, self.Wyx, xt)) + _linear_c(view, self.Wx, xt)
+        out = view.matvec(self.Wy.weight, u * _linear_c(view, self.Wyx, xt)) + _linear_c(view, self.Wx, xt)
         if self.nz_in > 0:
             gate = _softplus_c(_linear_c(view, self.Wzx, xt))
             out = out + ca.mtimes(_softplus_c(view(self.Wz_raw)), z * gate)

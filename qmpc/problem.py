@@ -105,7 +105,8 @@ class ControlProblem:
             J_stage += gamma**k * stage_cost(xs[k], us[k])
             g.append(dynamics(xs[k], us[k]) - xs[k + 1])
         g = ca.vertcat(*g) if g else ca.MX(0, 1)
-        J_q = gamma**N * q_function(xs[N], us[N], theta)
+        # inlined, not a call node: MX derivatives through a call node cost ~10x more here
+        J_q = gamma**N * q_function.call([xs[N], us[N], theta], True, False)[0]
         J = J_stage + J_q
         L = J + ca.dot(lam_g, g) if self.n_g else J
 

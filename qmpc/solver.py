@@ -24,7 +24,9 @@ them.
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -80,12 +82,17 @@ class SolverOptions:
     """A bound at which the multiplier is at most this is weakly active."""
     retry: bool = True
     """Retry failed samples once from a cold start."""
+    workers: int = 0
+    """Threads that solve parts of a batch in parallel (each with its own solver instance);
+    0 picks ``min(4, cpu_count)``."""
     plugin_options: dict | None = None
     """Extra options handed to ``casadi.nlpsol`` (merged over qmpc's defaults)."""
 
     def __post_init__(self) -> None:
         if self.plugin not in PLUGINS:
             raise InputError(f"expected solver plugin in {PLUGINS}, got {self.plugin!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise InputError(f"expected workers to be an int >= 0, got {self.workers!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise InputError(f"expected max_iter to be an int >= 1, got {self.max_iter!r}")
         for name in ("tol", "kkt_tol", "bound_tol", "multiplier_tol"):
@@ -177,61 +184,81 @@ class BatchedSolver:
         lb = ca.MX.sym("lbw", P.n_w)
         ub = ca.MX.sym("ubw", P.n_w)
         zg = ca.DM.zeros(P.n_g)
-        r = self.nlpsol(x0=w0, lam_x0=lx0, lam_g0=lg0, p=ca.vertcat(x0, th), lbx=lb, ubx=ub, lbg=zg, ubg=zg)
-        self.solve_one = ca.Function(
-            "solve_one",
-            [w0, lx0, lg0, x0, th, lb, ub],
-            [r["x"], r["f"], r["lam_x"], r["lam_g"]],
-            ["w0", "lam_x0", "lam_g0", "x0", "theta", "lbw", "ubw"],
-            ["w", "f", "lam_x", "lam_g"],
-        )
-        self._maps: dict[tuple[str, int], ca.Function] = {}
+        self.workers = self.options.workers or min(4, os.cpu_count() or 1)
+        # one solver instance per worker thread: CasADi releases the GIL while it solves
+        self._solvers = [self.nlpsol] + [
+            ca.nlpsol(f"qmpc_nlp_{i}", self.options.plugin, P.nlp, _plugin_options(self.options))
+            for i in range(1, self.workers)
+        ]
+        self._solve_one = []
+        for solver in self._solvers:
+            r = solver(x0=w0, lam_x0=lx0, lam_g0=lg0, p=ca.vertcat(x0, th), lbx=lb, ubx=ub, lbg=zg, ubg=zg)
+            self._solve_one.append(
+                ca.Function(
+                    "solve_one",
+                    [w0, lx0, lg0, x0, th, lb, ub],
+                    [r["x"], r["f"], r["lam_x"], r["lam_g"]],
+                    ["w0", "lam_x0", "lam_g0", "x0", "theta", "lbw", "ubw"],
+                    ["w", "f", "lam_x", "lam_g"],
+                )
+            )
+        self._maps: dict[tuple[str, int, int], ca.Function] = {}
+        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
     # -- batching -----------------------------------------------------------------------
-    def _mapped(self, name: str, B: int) -> ca.Function:
-        key = (name, B)
+    _SHARED = {"solve": [4, 5, 6], "first_order": [2], "second_order": [2], "x_adjoint": [], "cold_start": []}
+
+    def _base(self, name: str, worker: int = 0) -> ca.Function:
+        if name == "solve":
+            return self._solve_one[worker]
+        return getattr(self.problem, name)
+
+    def _mapped(self, name: str, B: int, worker: int) -> ca.Function:
+        key = (name, B, worker)
         if key not in self._maps:
-            P = self.problem
-            f, shared = {
-                "solve": (self.solve_one, [4, 5, 6]),
-                "first_order": (P.first_order, [2]),
-                "second_order": (P.second_order, [2]),
-                "x_adjoint": (P.x_adjoint, []),
-                "cold_start": (P.cold_start, []),
-            }[name]
-            self._maps[key] = f.map(f"{name}_{B}", "serial", B, shared, [])
+            self._maps[key] = self._base(name, worker).map(f"{name}_{B}_{worker}", "serial", B, self._SHARED[name], [])
         return self._maps[key]
+
+    def _chunks(self, B: int) -> list[slice]:
+        n = max(1, min(self.workers, B // 8))
+        edges = np.linspace(0, B, n + 1).astype(int)
+        return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+    def evaluate(self, name: str, *args) -> list[np.ndarray]:
+        """Evaluate ``solve`` or one of the problem's functions over a batch, batch first in
+        and out, split across the worker threads.
+
+        Every argument is a ``(B, n)`` array except the shared ones (``theta`` and, for
+        ``solve``, the bounds). Matrix outputs come back as ``(B, rows, cols)``.
+        """
+        B = args[0].shape[0]
+        shared = self._SHARED[name]
+
+        def run(k: int, sl: slice) -> list[np.ndarray]:
+            ins = [a if i in shared else np.asarray(a[sl]).T for i, a in enumerate(args)]
+            outs = self._mapped(name, sl.stop - sl.start, k)(*ins)
+            return [np.asarray(o) for o in (outs if isinstance(outs, tuple | list) else [outs])]
+
+        chunks = self._chunks(B)
+        if len(chunks) == 1 or self._pool is None:
+            parts = [run(0, chunks[0])] if len(chunks) == 1 else [run(k, c) for k, c in enumerate(chunks)]
+        else:
+            parts = list(self._pool.map(run, range(len(chunks)), chunks))
+        base = self._base(name)
+        res = []
+        for k in range(base.n_out()):
+            r, c = base.size_out(k)
+            blocks = []
+            for sl, part in zip(chunks, parts, strict=True):
+                o, b = part[k], sl.stop - sl.start
+                blocks.append(o.T.reshape(b, r) if c == 1 else o.reshape(r, b, c).transpose(1, 0, 2))
+            res.append(np.concatenate(blocks, axis=0))
+        return res
 
     def cold_start(self, x0: np.ndarray, lbw: np.ndarray, ubw: np.ndarray) -> np.ndarray:
         """``(B, n_w)`` initial guess: zero actions clipped to the bounds, model rolled out."""
-        w = np.asarray(self._mapped("cold_start", x0.shape[0])(x0.T)).T
+        (w,) = self.evaluate("cold_start", x0)
         return np.clip(w, lbw, ubw)
-
-    def evaluate(self, name: str, *args) -> list[np.ndarray]:
-        """Evaluate one of the problem's functions over a batch; batch-first in and out.
-
-        ``args`` are ``(B, n)`` arrays, except ``theta`` (shared) for ``first_order`` and
-        ``second_order``. Matrix outputs come back as ``(B, rows, cols)``.
-        """
-        B = next(a.shape[0] for a in args if np.ndim(a) == 2)
-        f = self._mapped(name, B)
-        shared = {"first_order": [2], "second_order": [2]}.get(name, [])
-        ins = [a if i in shared else np.asarray(a).T for i, a in enumerate(args)]
-        outs = f(*ins)
-        outs = outs if isinstance(outs, tuple | list) else [outs]
-        res = []
-        for k, o in enumerate(outs):
-            o = np.asarray(o)
-            r, c = self._base(name).size_out(k)
-            if c == 1:
-                res.append(o.T.reshape(B, r))
-            else:  # horzcat of B (r × c) blocks
-                res.append(o.reshape(r, B, c).transpose(1, 0, 2))
-        return res
-
-    def _base(self, name: str) -> ca.Function:
-        P = self.problem
-        return {"first_order": P.first_order, "second_order": P.second_order, "x_adjoint": P.x_adjoint}[name]
 
     # -- solving ------------------------------------------------------------------------
     def solve(
@@ -257,8 +284,7 @@ class BatchedSolver:
         lam_x0 = np.zeros((B, P.n_w)) if lam_x0 is None else lam_x0
         lam_g0 = np.zeros((B, P.n_g)) if lam_g0 is None else lam_g0
         theta_dm = ca.DM(theta)
-        out = self._mapped("solve", B)(w0.T, lam_x0.T, lam_g0.T, x0.T, theta_dm, lbw, ubw)
-        w, f, lam_x, lam_g = (np.asarray(v).T.reshape(B, -1) for v in out)
+        w, f, lam_x, lam_g = self.evaluate("solve", w0, lam_x0, lam_g0, x0, theta_dm, lbw, ubw)
         w = np.clip(w, lbw, ubw)
         value = f.reshape(B)
         res = self._residual(w, x0, theta_dm, lam_g, lbw, ubw)
