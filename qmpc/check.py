@@ -91,7 +91,6 @@ def make_scenario(
     ``mixed`` does that for the first action dimension only. Components are never weakly
     active (the caller can verify with :func:`activity`).
     """
-    nx, nu = 4, 2
     q = make_network(arch, nx, nu, seed)
     f, c, _, _ = linear_model(nx, nu, seed)
     kw = dict(horizon=horizon, dynamics=f, stage_cost=c, discount=0.9, solver=plugin, tol=tol)

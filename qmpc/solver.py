@@ -24,12 +24,13 @@ them.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import casadi as ca
 import numpy as np
@@ -206,7 +207,14 @@ class BatchedSolver:
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
     # -- batching -----------------------------------------------------------------------
-    _SHARED = {"solve": [4, 5, 6], "first_order": [2], "second_order": [2], "x_adjoint": [], "cold_start": []}
+    _SHARED: ClassVar[dict[str, list[int]]] = {
+        "solve": [4, 5, 6],
+        "first_order": [2],
+        "second_order": [2],
+        "x_adjoint": [],
+        "cold_start": [],
+    }
+    _MATRIX_OUT: ClassVar[set[str]] = {"second_order"}
 
     def _base(self, name: str, worker: int = 0) -> ca.Function:
         if name == "solve":
@@ -222,7 +230,7 @@ class BatchedSolver:
     def _chunks(self, B: int) -> list[slice]:
         n = max(1, min(self.workers, B // 8))
         edges = np.linspace(0, B, n + 1).astype(int)
-        return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        return [slice(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
     def evaluate(self, name: str, *args) -> list[np.ndarray]:
         """Evaluate ``solve`` or one of the problem's functions over a batch, batch first in
@@ -251,7 +259,10 @@ class BatchedSolver:
             blocks = []
             for sl, part in zip(chunks, parts, strict=True):
                 o, b = part[k], sl.stop - sl.start
-                blocks.append(o.T.reshape(b, r) if c == 1 else o.reshape(r, b, c).transpose(1, 0, 2))
+                if name in self._MATRIX_OUT:  # horzcat of b (r × c) blocks
+                    blocks.append(o.reshape(r, b, c).transpose(1, 0, 2))
+                else:
+                    blocks.append(o.T.reshape(b, r))
             res.append(np.concatenate(blocks, axis=0))
         return res
 

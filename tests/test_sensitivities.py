@@ -42,6 +42,12 @@ def test_finite_differences_of_the_whole_solve(arch, bounds, horizon, plugin):
     assert (layer.last_result.status == qmpc.Status.SOLVED).all()
 
 
+@pytest.mark.parametrize("horizon", [1, 2])
+def test_one_dimensional_action(horizon):
+    layer, x = make_scenario("PICNN", "mixed", horizon, nx=3, nu=1, batch=4)
+    assert max(fd_errors(layer, x, n_dirs=2).values()) <= 1e-6
+
+
 def test_closed_form_clip():
     errs = clip_closed_form()
     assert max(errs.values()) <= 1e-9, errs
