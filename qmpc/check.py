@@ -83,6 +83,8 @@ def make_scenario(
     seed: int = 0,
     batch: int = 3,
     tol: float = 1e-13,
+    nx: int = 4,
+    nu: int = 2,
 ) -> tuple[ArgminLayer, torch.Tensor]:
     """A layer and a batch of states whose solutions have the requested bound activity.
 
