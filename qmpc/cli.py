@@ -1,6 +1,13 @@
 """The ``qmpc`` command line.
 
-qmpc check [--full]      sensitivity checks of this installation, as a pass/fail table
+    qmpc demo [--out DIR]                   collect, train and run on the built-in point mass
+    qmpc check [--full]                     sensitivity checks of this installation (pass/fail table)
+    qmpc collect --env ID --steps N --out DIR [--policy random|CHECKPOINT]
+    qmpc train LAUNCH.toml [--set key=value ...] [--resume]
+    qmpc run CHECKPOINT [--episodes N] [--horizon H] [--video out.mp4] [--plot out.png]
+
+Costs, not rewards: Q is a cost-to-go (``c = −reward``) and the controller minimises it; the
+returns printed are sums of rewards (``−total cost``), higher is better.
 """
 
 from __future__ import annotations
@@ -9,6 +16,9 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+from qmpc.errors import QmpcError
 
 __all__ = ["main"]
 
@@ -32,19 +42,154 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _make_policy(policy: str, env, noise: float, seed: int):
+    import numpy as np
+
+    from qmpc.controller import Controller
+    from qmpc.env import env_spec
+
+    spec = env_spec(env)
+    rng = np.random.default_rng(seed)
+    if policy == "random":
+        return lambda obs: rng.uniform(spec.low, spec.high), "random"
+    ctrl = Controller.from_checkpoint(policy)
+    ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
+    span = spec.high - spec.low
+
+    def act(obs):
+        a, _ = ctrl.act(obs)
+        return np.clip(a + noise * span * rng.normal(size=spec.act_dim), spec.low, spec.high)
+
+    return act, f"qmpc controller {policy} + noise {noise}"
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from qmpc.data import collect
+    from qmpc.env import make_env
+
+    env = make_env(args.env, seed=args.seed)
+    policy, name = _make_policy(args.policy, env, args.noise, args.seed)
+    with tqdm(total=args.steps, unit="step", desc=f"collect {args.env}") as bar:
+        out = collect(env, policy, args.steps, args.out, seed=args.seed, algorithm=name, progress=bar.update)
+    print(f"wrote {args.steps} transitions of {args.env} ({name}) as a Minari dataset to {out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from qmpc.config import load_config
+    from qmpc.trainer import train
+
+    cfg = load_config(args.launch, args.set)
+    s = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"run directory: {s.run_dir}")
+    for st, r in zip(s.eval_steps, s.eval_returns, strict=True):
+        print(f"  step {st:>7}: eval return {r:10.2f}  (= −cost, higher is better)")
+    print(f"{s.steps} steps in {s.seconds:.0f} s; failed solves masked: {100 * s.fail_frac:.2f} %")
+    print(f"checkpoint: {s.run_dir / 'checkpoint.pt'}  learning curve: {s.run_dir / 'learning_curve.png'}")
+    return 0
+
+
+def _model_for(env, horizon: int, model: str):
+    """``(dynamics, stage_cost)`` CasADi functions for an MPC horizon > 1."""
+    from qmpc.errors import ConfigError
+
+    if horizon == 1:
+        return {}
+    u = env.unwrapped
+    if model in ("auto", "exact") and hasattr(u, "casadi_model"):
+        f, c = u.casadi_model()
+        return {"dynamics": f, "stage_cost": c}
+    raise ConfigError(
+        f"expected a model for horizon {horizon} > 1: --model exact works for qmpc's own tasks "
+        f"(qmpc/PointMass-v0); {env.spec.id} has no exact model in qmpc"
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from qmpc.checkpoint import load_checkpoint
+    from qmpc.controller import Controller
+    from qmpc.env import env_spec, make_env
+    from qmpc.runner import format_episodes, plot_rollout, run_episodes, write_video
+
+    ckpt = load_checkpoint(args.checkpoint)
+    env_id = args.env or ckpt["spec"]["env_id"]
+    env = make_env(env_id, seed=args.seed, render_mode="rgb_array" if args.video else None)
+    spec = env_spec(env)
+    ctrl = Controller.from_checkpoint(
+        args.checkpoint, horizon=args.horizon, **_model_for(env, args.horizon, args.model)
+    )
+    ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
+    print(f"{env_id}: {args.episodes} episodes, horizon {args.horizon}, checkpoint {args.checkpoint}")
+    eps, frames = run_episodes(ctrl, env, args.episodes, seed=args.seed, render=bool(args.video))
+    print(format_episodes(eps))
+    plot = Path(args.plot or Path(args.checkpoint).with_name(f"rollout_h{args.horizon}.png"))
+    plot_rollout(eps[0], spec.low, spec.high, plot, title=f"{env_id}, horizon {args.horizon}")
+    print(f"plot: {plot}")
+    if args.video:
+        print(f"video: {write_video(frames, args.video, fps=int(env.metadata.get('render_fps', 30)))}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from qmpc.demo import run_demo
+
+    return run_demo(Path(args.out), steps=args.steps, data_steps=args.data_steps, progress=not args.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qmpc", description="MPC with a learned Q-function as the cost-to-go.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the built-in default: collect, train and run on the point mass")
+    d.add_argument("--out", default="runs/demo", help="output directory")
+    d.add_argument("--steps", type=int, default=3000, help="gradient steps")
+    d.add_argument("--data-steps", type=int, default=10000, help="random transitions to collect")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+
     c = sub.add_parser("check", help="check solver sensitivities on this installation (pass/fail table)")
     c.add_argument("--full", action="store_true", help="every network x bounds x horizon x solver plugin")
     c.add_argument("-v", "--verbose", action="store_true", help="print each check as it finishes")
     c.set_defaults(func=_cmd_check)
+
+    k = sub.add_parser("collect", help="collect transitions as a Minari dataset")
+    k.add_argument("--env", required=True, help="gymnasium id, e.g. InvertedPendulum-v5")
+    k.add_argument("--steps", type=int, required=True)
+    k.add_argument("--policy", default="random", help="'random' or a checkpoint path")
+    k.add_argument("--noise", type=float, default=0.1, help="exploration noise (fraction of the action range)")
+    k.add_argument("--out", required=True, help="dataset directory to create")
+    k.add_argument("--seed", type=int, default=0)
+    k.set_defaults(func=_cmd_collect)
+
+    t = sub.add_parser("train", help="train a cost-to-go from a launch file")
+    t.add_argument("launch", help="TOML launch file")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    t.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("run", help="run the controller of a checkpoint in closed loop")
+    r.add_argument("checkpoint")
+    r.add_argument("--episodes", type=int, default=5)
+    r.add_argument("--horizon", type=int, default=1)
+    r.add_argument("--model", default="auto", choices=("auto", "exact"), help="dynamics model for horizon > 1")
+    r.add_argument("--env", default=None, help="override the checkpoint's task id")
+    r.add_argument("--video", default=None, help="MP4 path (MuJoCo offscreen rendering)")
+    r.add_argument("--plot", default=None, help="PNG path (default: next to the checkpoint)")
+    r.add_argument("--seed", type=int, default=100)
+    r.set_defaults(func=_cmd_run)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except QmpcError as e:
+        print(f"qmpc {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

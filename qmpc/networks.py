@@ -536,3 +536,25 @@ class MLPQ(QNetwork):
     def casadi_expr(self, x, u, theta):
         q = _seq_twin(self.net, ca.vertcat(x, u), ThetaView(self, theta))
         return q + 0.5 * self.action_curvature * ca.sumsqr(u)
+
+
+ARCHITECTURES: dict[str, type[QNetwork]] = {"QuadraticQ": QuadraticQ, "PICNN": PICNN, "MLPQ": MLPQ}
+
+
+def build_network(
+    arch: str,
+    obs_dim: int,
+    act_dim: int,
+    hidden: Sequence[int] = (64, 64),
+    activation: str = "tanh",
+    action_curvature: float = 0.01,
+    state_dependent_curvature: bool = True,
+) -> QNetwork:
+    """A Q network by architecture name, taking the options that apply to it."""
+    if arch not in ARCHITECTURES:
+        raise InputError(f"expected arch in {sorted(ARCHITECTURES)}, got {arch!r}")
+    if arch == "QuadraticQ":
+        return QuadraticQ(
+            obs_dim, act_dim, hidden, activation=activation, state_dependent_curvature=state_dependent_curvature
+        )
+    return ARCHITECTURES[arch](obs_dim, act_dim, hidden, activation=activation, action_curvature=action_curvature)

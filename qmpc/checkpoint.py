@@ -1,0 +1,79 @@
+"""Checkpoints: written atomically, read with clear errors.
+
+A checkpoint is a ``torch.save`` dict with at least ``format``, ``spec`` (task id, sizes and
+action bounds), ``network`` (architecture options) and ``q`` (the network's state dict). Training
+checkpoints add the optimiser, target network, replay buffer, RNG and environment states.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qmpc.data import atomic_write
+from qmpc.errors import QmpcError
+from qmpc.networks import QNetwork, build_network
+
+__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "network_from_checkpoint", "save_checkpoint"]
+
+FORMAT = "qmpc-checkpoint-1"
+
+
+class CheckpointError(QmpcError):
+    """A checkpoint is missing, truncated, corrupted, or does not fit what it is used for."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically (a kill mid-write leaves the previous checkpoint intact)."""
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"expected a checkpoint file, got nothing at {path}")
+    data = path.read_bytes()
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise CheckpointError(
+            f"expected a torch checkpoint at {path}, got {len(data)} bytes that are not one (truncated or corrupted?)"
+        )
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for damaged archives
+        raise CheckpointError(f"expected a readable checkpoint at {path}, got: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"expected a {FORMAT} checkpoint at {path}, got format {got!r}")
+    for key in ("spec", "network", "q"):
+        if key not in ckpt:
+            raise CheckpointError(f"expected key {key!r} in checkpoint {path}, got {sorted(ckpt)}")
+    return ckpt
+
+
+def network_from_checkpoint(ckpt: dict[str, Any], dtype: torch.dtype = torch.float64) -> QNetwork:
+    """Rebuild the Q network of a checkpoint and load its weights."""
+    spec = ckpt["spec"]
+    q = build_network(
+        ckpt["network"]["arch"],
+        spec["obs_dim"],
+        spec["act_dim"],
+        **{k: v for k, v in ckpt["network"].items() if k != "arch"},
+    )
+    try:
+        q.load_state_dict(ckpt["q"])
+    except RuntimeError as e:
+        raise CheckpointError(f"expected weights matching {ckpt['network']}, got: {str(e).splitlines()[0]}") from None
+    q = q.to(dtype)
+    bad = [n for n, p in q.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"expected finite weights, got NaN/Inf in {bad[:3]}")
+    return q
+
+
+def spec_arrays(spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(spec["low"], float), np.asarray(spec["high"], float)

@@ -1,0 +1,241 @@
+"""Run configuration: dataclasses, loaded strictly from TOML launch files.
+
+Every field has a docstring; unknown keys, wrong types and impossible values are
+:class:`~qmpc.errors.ConfigError` naming the key. ``--set section.key=value`` overrides a field
+(the value is read as a TOML literal, else as a string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qmpc.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "EnvConfig",
+    "NetworkConfig",
+    "SolverConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_toml",
+    "load_config",
+]
+
+
+@dataclass
+class EnvConfig:
+    id: str = "qmpc/PointMass-v0"
+    """gymnasium environment id (any MuJoCo task with a Box action space, or a ``qmpc/…`` task)."""
+
+
+@dataclass
+class NetworkConfig:
+    arch: str = field(default="QuadraticQ", metadata={"choices": ("QuadraticQ", "PICNN", "MLPQ")})
+    """Q network architecture: ``QuadraticQ`` (convex, NAF), ``PICNN`` (convex in u), ``MLPQ`` (general)."""
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer widths."""
+    activation: str = field(default="tanh", metadata={"choices": ("tanh", "softplus", "sigmoid", "silu")})
+    """Smooth activation of the state path."""
+    action_curvature: float = field(default=0.01, metadata={"min": 0.0})
+    """``m`` of the ``½ m ‖u‖²`` added to PICNN and MLPQ (ignored by QuadraticQ)."""
+    state_dependent_curvature: bool = True
+    """QuadraticQ only: the curvature in u depends on x (False: a constant matrix)."""
+
+
+@dataclass
+class SolverConfig:
+    plugin: str = field(default="sqpmethod", metadata={"choices": ("sqpmethod", "ipopt")})
+    """CasADi NLP plugin."""
+    max_iter: int = field(default=50, metadata={"min": 1})
+    """Iteration limit of each solve; a sample that hits it is retried cold, then masked."""
+    tol: float = field(default=1e-8, metadata={"min_exclusive": 0.0})
+    """The plugin's convergence tolerance."""
+    workers: int = field(default=0, metadata={"min": 0})
+    """Threads that split each batch (0: up to 4, one per core)."""
+
+
+@dataclass
+class TrainConfig:
+    mode: str = field(default="online", metadata={"choices": ("online", "offline")})
+    """``online``: the controller collects its own data; ``offline``: train from ``dataset`` only."""
+    dataset: str = ""
+    """Offline mode: path of a Minari dataset written by ``qmpc collect`` (or any Minari dataset)."""
+    steps: int = field(default=20000, metadata={"min": 1})
+    """Online: environment steps. Offline: gradient steps."""
+    batch_size: int = field(default=256, metadata={"min": 1})
+    """Transitions per gradient step."""
+    lr: float = field(default=1e-3, metadata={"min_exclusive": 0.0})
+    """Adam learning rate."""
+    lr_schedule: str = field(default="constant", metadata={"choices": ("constant", "linear")})
+    """``linear``: decay the learning rate linearly to zero over ``steps``."""
+    gamma: float = field(default=0.99, metadata={"min_exclusive": 0.0, "max": 1.0})
+    """Discount ``γ``."""
+    tau: float = field(default=0.005, metadata={"min_exclusive": 0.0, "max": 1.0})
+    """Polyak rate of the target network: ``θ' ← (1 − τ) θ' + τ θ``."""
+    target: str = field(default="semi", metadata={"choices": ("semi", "residual", "double")})
+    """TD target mode: ``semi`` (detached target network), ``residual`` (through the min),
+    ``double`` (online argmin scored by the target network, through ``u*``)."""
+    learning_starts: int = field(default=1000, metadata={"min": 0})
+    """Online: random actions for this many steps before learning starts."""
+    updates_per_step: int = field(default=1, metadata={"min": 1})
+    """Online: gradient steps per environment step."""
+    exploration_noise: float = field(default=0.1, metadata={"min": 0.0})
+    """Online: std of the Gaussian added to the controller's action, as a fraction of the action range."""
+    buffer_size: int = field(default=200000, metadata={"min": 1})
+    """Replay buffer capacity (transitions)."""
+    grad_clip: float = field(default=10.0, metadata={"min_exclusive": 0.0})
+    """Max gradient norm."""
+    cost_scale: float = field(default=1.0, metadata={"min_exclusive": 0.0})
+    """Costs are multiplied by this before the TD target (``c = −reward × cost_scale``)."""
+    eval_every: int = field(default=2000, metadata={"min": 1})
+    """Evaluate the greedy controller every this many steps."""
+    eval_episodes: int = field(default=5, metadata={"min": 1})
+    """Episodes per evaluation."""
+    checkpoint_every: int = field(default=2000, metadata={"min": 1})
+    """Write a checkpoint every this many steps (and at the end)."""
+    log_every: int = field(default=100, metadata={"min": 1})
+    """Write training metrics every this many steps."""
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "float64")})
+    """Network dtype (solves and sensitivities always run in float64)."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """Seed of torch, numpy and the environments."""
+    run_dir: str = ""
+    """Run directory (empty: ``runs/<env>-<target>-seed<seed>``)."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The task."""
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    """The Q network."""
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    """The CasADi solver of the min."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir)
+        name = self.env.id.replace("/", "-")
+        return Path("runs") / f"{name}-{self.train.target}-seed{self.seed}"
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (inner,) = set(typing.get_args(tp)) - {Ellipsis}
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"expected {key} to be a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, inner, {}) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"unsupported config type for {key}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected {key} to be true or false, got {value!r}")
+    elif tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"expected {key} to be an integer, got {value!r}")
+    elif tp is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"expected {key} to be a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected {key} to be a string, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"expected {key} in {meta['choices']}, got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"expected {key} >= {meta['min']}, got {value!r}")
+    if "min_exclusive" in meta and value <= meta["min_exclusive"]:
+        raise ConfigError(f"expected {key} > {meta['min_exclusive']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"expected {key} <= {meta['max']}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a table for {prefix.rstrip('.') or 'the config'}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}: expected one of {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(f"{prefix}{name}", value, tp, dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A :class:`Config` from nested dicts; missing fields take their defaults."""
+    return _build(Config, data, "")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides to a nested dict (values read as TOML literals)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"expected --set key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        parts = key.strip().split(".")
+        d = data
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise ConfigError(f"expected {key} to name a field inside a table, got a value at {p!r}")
+        d[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML launch file strictly (see module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"expected a launch file, got no file at {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"expected valid TOML in {path}, got: {e}") from None
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (every field explicit), as saved next to the checkpoint."""
+    lines = []
+    top = dataclasses.asdict(cfg)
+    for k, v in top.items():
+        if not isinstance(v, dict):
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in top.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,126 @@
+"""The controller: ``argmin_u Q(x, u)`` (horizon 1) or an MPC plan with Q as cost-to-go, in
+closed loop. It never stalls and never emits an action outside the bounds: a failed solve falls
+back to the shifted previous plan, then to a safe default (the bounds' midpoint), and is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import casadi as ca
+import numpy as np
+import torch
+
+from qmpc.bridge import ArgminLayer
+from qmpc.checkpoint import CheckpointError, load_checkpoint, network_from_checkpoint, spec_arrays
+from qmpc.errors import InputError
+from qmpc.networks import QNetwork
+from qmpc.solver import Status
+
+__all__ = ["Controller"]
+
+
+class Controller:
+    """Acts on single observations with warm starts from the previous plan.
+
+    Args:
+        q: the cost-to-go network.
+        low, high: action bounds ``(act_dim,)``.
+        horizon: ``1`` for the greedy controller, ``H > 1`` to plan through ``dynamics``.
+        dynamics, stage_cost, discount: the model for ``H > 1`` (CasADi functions).
+        max_iter: iteration budget of each solve.
+        env_id: the task the network was trained on (checked against observations' size only).
+    """
+
+    def __init__(
+        self,
+        q: QNetwork,
+        low,
+        high,
+        horizon: int = 1,
+        dynamics: ca.Function | None = None,
+        stage_cost: ca.Function | None = None,
+        discount: float = 0.99,
+        max_iter: int = 50,
+        tol: float = 1e-8,
+        env_id: str = "",
+    ):
+        self.q = q.double()
+        self.env_id = env_id
+        self.layer = ArgminLayer(
+            self.q,
+            low,
+            high,
+            horizon=horizon,
+            dynamics=dynamics,
+            stage_cost=stage_cost,
+            discount=discount,
+            grad_mode="none",
+            max_iter=max_iter,
+            tol=tol,
+            workers=1,
+        )
+        self.low, self.high = self.layer.low, self.layer.high
+        both = np.isfinite(self.low) & np.isfinite(self.high)
+        mid = 0.5 * (np.where(both, self.low, 0.0) + np.where(both, self.high, 0.0))
+        self.safe_action = np.clip(mid, self.low, self.high)  # the bounds' midpoint, else 0 clipped
+        self.reset()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, horizon: int = 1, **kw: Any) -> Controller:
+        """Load a checkpoint written by ``qmpc train``. For ``horizon > 1`` pass ``dynamics``,
+        ``stage_cost`` (and ``discount``) in ``kw``."""
+        ckpt = load_checkpoint(path)
+        q = network_from_checkpoint(ckpt)
+        low, high = spec_arrays(ckpt["spec"])
+        kw.setdefault("discount", ckpt.get("gamma", 0.99))
+        return cls(q, low, high, horizon=horizon, env_id=ckpt["spec"]["env_id"], **kw)
+
+    def check_task(self, env_id: str, obs_dim: int, act_dim: int) -> None:
+        """Raise if this controller was trained for another task."""
+        if (obs_dim, act_dim) != (self.q.obs_dim, self.q.act_dim) or (self.env_id and env_id != self.env_id):
+            raise CheckpointError(
+                f"expected a checkpoint for {env_id} (obs_dim {obs_dim}, act_dim {act_dim}), got one for "
+                f"{self.env_id or 'an unknown task'} (obs_dim {self.q.obs_dim}, act_dim {self.q.act_dim})"
+            )
+
+    def reset(self) -> None:
+        """Forget the previous plan (call at the start of an episode)."""
+        self._plan: np.ndarray | None = None
+        self.stats = {"steps": 0, "failed": 0, "fallback": 0}
+
+    def act(self, obs) -> tuple[np.ndarray, dict[str, Any]]:
+        """Action for one observation ``(obs_dim,)``; ``info`` has ``solve_ms``, ``status``,
+        ``fallback`` and ``value`` (the predicted cost-to-go)."""
+        x = np.asarray(obs, dtype=np.float64)
+        if x.shape != (self.q.obs_dim,):
+            raise InputError(f"expected an observation of shape ({self.q.obs_dim},), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise InputError(f"expected a finite observation, got {x}")
+        P = self.layer.problem
+        w0 = None
+        if self._plan is not None:  # shift the previous plan by one step
+            w0 = self._plan.copy()
+            acts = w0[: (P.N + 1) * P.nu].reshape(P.N + 1, P.nu)
+            acts[:-1] = acts[1:].copy()
+            if P.N:
+                st = w0[(P.N + 1) * P.nu :].reshape(P.N, P.nx)
+                st[:-1] = st[1:].copy()
+            w0 = np.clip(w0, self.layer.lbw, self.layer.ubw)[None]
+        t0 = time.perf_counter()
+        u, v = self.layer(torch.as_tensor(x[None]), w0=w0)
+        solve_ms = (time.perf_counter() - t0) * 1e3
+        status = int(self.layer.last_result.status[0])
+        self.stats["steps"] += 1
+        fallback = not Status.ok(np.array([status]))[0]
+        if fallback:
+            self.stats["failed"] += 1
+            self.stats["fallback"] += 1
+            action = w0[0, P.u_slice(0)] if w0 is not None else self.safe_action
+        else:
+            action = u[0].numpy()
+            self._plan = self.layer.last_result.plan[0].copy()
+        action = np.clip(action, self.low, self.high)
+        return action, {"solve_ms": solve_ms, "status": status, "fallback": fallback, "value": float(v[0])}

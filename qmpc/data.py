@@ -1,0 +1,236 @@
+"""Transitions: a replay buffer with NamedTuple batches, saved and loaded atomically.
+
+Costs, not rewards: a transition stores ``cost = −reward``. ``terminated`` stops bootstrapping;
+a ``truncated`` transition (time limit) still bootstraps, so only ``terminated`` is stored.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from qmpc.errors import InputError
+
+__all__ = ["Batch", "ReplayBuffer", "atomic_write"]
+
+
+class Batch(NamedTuple):
+    """A batch of transitions (torch, float32 unless stated)."""
+
+    obs: torch.Tensor
+    """``(B, obs_dim)`` states ``x``."""
+    act: torch.Tensor
+    """``(B, act_dim)`` actions ``u``."""
+    cost: torch.Tensor
+    """``(B,)`` stage costs ``c = −reward``."""
+    next_obs: torch.Tensor
+    """``(B, obs_dim)`` next states ``x⁺``."""
+    terminated: torch.Tensor
+    """``(B,)`` 1.0 where the episode terminated at ``x⁺`` (no bootstrap), else 0.0."""
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` and move the file into place atomically (never a torn file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class ReplayBuffer:
+    """A ring buffer of transitions in numpy (float32 storage)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int):
+        if capacity < 1:
+            raise InputError(f"expected capacity >= 1, got {capacity}")
+        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, int(capacity)
+        self.obs = np.zeros((capacity, obs_dim), np.float32)
+        self.act = np.zeros((capacity, act_dim), np.float32)
+        self.cost = np.zeros(capacity, np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), np.float32)
+        self.terminated = np.zeros(capacity, np.float32)
+        self.size = 0
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, obs, act, cost: float, next_obs, terminated: bool) -> None:
+        """Add one transition; non-finite values are refused (they would poison every batch)."""
+        obs, act, next_obs = (np.asarray(v, np.float64) for v in (obs, act, next_obs))
+        if not (np.isfinite(obs).all() and np.isfinite(act).all() and np.isfinite(next_obs).all()) or not np.isfinite(
+            cost
+        ):
+            raise InputError(f"expected a finite transition, got obs={obs}, act={act}, cost={cost}, next={next_obs}")
+        i = self.pos
+        self.obs[i], self.act[i], self.cost[i], self.next_obs[i], self.terminated[i] = (
+            obs,
+            act,
+            cost,
+            next_obs,
+            float(terminated),
+        )
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def add_many(self, obs, act, cost, next_obs, terminated) -> None:
+        for row in zip(obs, act, cost, next_obs, terminated, strict=True):
+            self.add(*row)
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
+        if self.size == 0:
+            raise InputError("expected a non-empty replay buffer, got 0 transitions")
+        idx = rng.integers(0, self.size, size=batch_size)
+        t = torch.from_numpy
+        return Batch(
+            t(self.obs[idx]), t(self.act[idx]), t(self.cost[idx]), t(self.next_obs[idx]), t(self.terminated[idx])
+        )
+
+    _FIELDS = ("obs", "act", "cost", "next_obs", "terminated")
+
+    def state_dict(self) -> dict:
+        out = {k: getattr(self, k)[: self.size].copy() for k in self._FIELDS}
+        return {**out, "pos": self.pos, "size": self.size}
+
+    def load_state_dict(self, s: dict) -> None:
+        n = int(s["size"])
+        if n > self.capacity or s["obs"].shape[1:] != (self.obs_dim,) or s["act"].shape[1:] != (self.act_dim,):
+            raise InputError(
+                f"expected a buffer of at most {self.capacity} transitions with obs_dim {self.obs_dim} and "
+                f"act_dim {self.act_dim}, got {n} with shapes {s['obs'].shape}, {s['act'].shape}"
+            )
+        for k in self._FIELDS:
+            getattr(self, k)[: len(s[k])] = s[k]
+        self.size, self.pos = n, int(s["pos"])
+
+
+# --------------------------------------------------------------------------------------
+# Minari datasets (the Farama standard for offline RL on gymnasium)
+# --------------------------------------------------------------------------------------
+
+
+def collect(env, policy, steps: int, out: str | Path, seed: int = 0, algorithm: str = "random", progress=None) -> Path:
+    """Run ``policy(obs) -> action`` in ``env`` for ``steps`` steps and write a Minari dataset
+    at ``out`` (a directory). Episodes cut by ``steps`` are kept, marked truncated."""
+    import shutil
+    import warnings
+
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    out = Path(out)
+    if out.exists():
+        raise InputError(f"expected a new dataset directory, got an existing {out}")
+    episodes, done_steps, ep = [], 0, 0
+    while done_steps < steps:
+        obs, _ = env.reset(seed=seed + ep)
+        o, a, r, te, tr = [obs], [], [], [], []
+        while True:
+            act = np.asarray(policy(obs), dtype=np.float32)
+            obs, rew, term, trunc, _ = env.step(act)
+            done_steps += 1
+            trunc = trunc or done_steps >= steps
+            (
+                o.append(obs),
+                a.append(act),
+                r.append(float(rew)),
+                te.append(bool(term)),
+                tr.append(bool(trunc and not term)),
+            )
+            if progress is not None:
+                progress(1)
+            if term or trunc:
+                break
+        episodes.append(
+            EpisodeBuffer(
+                id=ep,
+                seed=seed + ep,
+                observations=np.array(o),
+                actions=np.array(a),
+                rewards=r,
+                terminations=te,
+                truncations=tr,
+                infos={},
+            )
+        )
+        ep += 1
+    root = Path(tempfile.mkdtemp(prefix=".minari-", dir=out.parent if out.parent.exists() else None))
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            minari.create_dataset_from_buffers(f"{out.name}-v0", episodes, env=env, algorithm_name=algorithm)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(root / f"{out.name}-v0", out)
+    finally:
+        if old is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def load_minari(path: str | Path, obs_dim: int, act_dim: int, env_id: str | None = None) -> dict[str, np.ndarray]:
+    """Read a Minari dataset directory into flat transition arrays (``cost = −reward``).
+
+    Raises :class:`InputError` for a missing, empty, truncated or corrupted dataset, or one whose
+    spaces (or recorded environment) do not match the task.
+    """
+    import warnings
+
+    import minari
+
+    path = Path(path)
+    data_dir = path / "data" if (path / "data").is_dir() else path
+    if not (data_dir / "metadata.json").is_file():
+        raise InputError(f"expected a Minari dataset at {path} (with data/metadata.json), got none")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = minari.MinariDataset(data_dir)
+            episodes = list(ds.iterate_episodes())
+    except Exception as e:  # h5py / json errors of a damaged file
+        raise InputError(f"expected a readable Minari dataset at {path}, got: {type(e).__name__}: {e}") from None
+    if not episodes or ds.total_steps == 0:
+        raise InputError(f"expected transitions in the Minari dataset at {path}, got an empty dataset")
+    obs_space, act_space = ds.observation_space, ds.action_space
+    if getattr(obs_space, "shape", None) != (obs_dim,) or getattr(act_space, "shape", None) != (act_dim,):
+        raise InputError(
+            f"expected a dataset with observations ({obs_dim},) and actions ({act_dim},) for this task, got "
+            f"{getattr(obs_space, 'shape', obs_space)} and {getattr(act_space, 'shape', act_space)}"
+        )
+    rec = ds.spec.env_spec.id if ds.spec.env_spec is not None else None
+    if env_id and rec and rec != env_id:
+        raise InputError(f"expected a dataset collected on {env_id}, got one from {rec}")
+    cols: dict[str, list] = {k: [] for k in ("obs", "act", "cost", "next_obs", "terminated")}
+    for ep in episodes:
+        o = np.asarray(ep.observations, np.float64)
+        n = len(ep.rewards)
+        if o.shape[0] != n + 1:
+            raise InputError(f"expected {n + 1} observations in episode {ep.id} of {path}, got {o.shape[0]}")
+        cols["obs"].append(o[:-1])
+        cols["next_obs"].append(o[1:])
+        cols["act"].append(np.asarray(ep.actions, np.float64).reshape(n, act_dim))
+        cols["cost"].append(-np.asarray(ep.rewards, np.float64))
+        cols["terminated"].append(np.asarray(ep.terminations, np.float64))
+    out = {k: np.concatenate(v) for k, v in cols.items()}
+    bad = ~np.isfinite(np.c_[out["obs"], out["act"], out["cost"], out["next_obs"]]).all(axis=1)
+    if bad.any():
+        raise InputError(f"expected finite transitions in {path}, got NaN/Inf in {int(bad.sum())} of {len(bad)}")
+    return out

@@ -1,0 +1,60 @@
+"""Environments: any gymnasium MuJoCo task with a Box action space, by id, and qmpc's own tasks.
+
+qmpc's tasks are registered with gymnasium under ``qmpc/…`` ids when this module is imported.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import gymnasium as gym
+import numpy as np
+
+from qmpc.errors import ConfigError
+
+__all__ = ["QMPC_TASKS", "EnvSpec", "env_spec", "make_env"]
+
+QMPC_TASKS = {"qmpc/PointMass-v0": ("qmpc.tasks.point_mass:PointMassEnv", 100)}
+for _id, (_entry, _steps) in QMPC_TASKS.items():
+    if _id not in gym.registry:
+        gym.register(id=_id, entry_point=_entry, max_episode_steps=_steps)
+
+
+class EnvSpec(NamedTuple):
+    """What a controller and a dataset need to know about a task."""
+
+    env_id: str
+    obs_dim: int
+    act_dim: int
+    low: np.ndarray
+    high: np.ndarray
+
+
+def make_env(env_id: str, seed: int | None = None, render_mode: str | None = None) -> gym.Env:
+    """``gymnasium.make(env_id)`` with a clear error for unknown ids and non-Box action spaces."""
+    try:
+        env = gym.make(env_id, render_mode=render_mode)
+    except gym.error.Error as e:
+        raise ConfigError(f"expected a registered gymnasium environment id, got {env_id!r} ({e})") from None
+    if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
+        raise ConfigError(
+            f"expected Box observation and action spaces for {env_id!r}, got "
+            f"{type(env.observation_space).__name__} and {type(env.action_space).__name__}"
+        )
+    if len(env.observation_space.shape) != 1 or len(env.action_space.shape) != 1:
+        raise ConfigError(f"expected flat observations and actions for {env_id!r}")
+    if seed is not None:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+    return env
+
+
+def env_spec(env: gym.Env) -> EnvSpec:
+    """Sizes and action bounds of an environment."""
+    return EnvSpec(
+        env.spec.id if env.spec else type(env).__name__,
+        int(env.observation_space.shape[0]),
+        int(env.action_space.shape[0]),
+        np.asarray(env.action_space.low, dtype=np.float64),
+        np.asarray(env.action_space.high, dtype=np.float64),
+    )

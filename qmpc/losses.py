@@ -1,0 +1,86 @@
+"""TD losses for the cost-to-go, with the ``min`` differentiated as each mode asks.
+
+``y = c + γ (1 − terminated) · min_v Q(x⁺, v)`` and ``loss = mean over usable samples of
+(Q(x, u) − y)²``. Three target modes:
+
+* ``semi``: ``min_v Q_target(x⁺, v)`` with the Polyak-averaged target network, detached (the
+  usual semi-gradient).
+* ``residual``: ``min_v Q(x⁺, v)`` of the *online* network, with the gradient flowing through
+  the min. By the envelope theorem that gradient is ``∂Q/∂θ(x⁺, u*)``, which the layer computes
+  in ``envelope`` mode without a KKT solve.
+* ``double``: ``u* = argmin_v Q(x⁺, v)`` of the online network, evaluated by the target network,
+  ``Q_target(x⁺, u*)``; the gradient flows into the online network through ``u*``
+  (``implicit`` mode), because here ``∂Q_target/∂u · ∂u*/∂θ`` does not vanish.
+
+Samples whose solve failed are masked out of the mean and counted; they never reach the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+from qmpc.bridge import ArgminLayer
+from qmpc.data import Batch
+from qmpc.errors import ConfigError
+from qmpc.networks import QNetwork
+from qmpc.solver import Status
+
+__all__ = ["TD_MODES", "TDMode", "TDResult", "td_loss"]
+
+TDMode = Literal["semi", "residual", "double"]
+TD_MODES = ("semi", "residual", "double")
+
+
+class TDResult(NamedTuple):
+    loss: torch.Tensor
+    """Scalar mean squared TD error over the usable samples."""
+    q_mean: float
+    """Mean ``Q(x, u)`` of the batch."""
+    target_mean: float
+    """Mean target ``y`` over the usable samples."""
+    fail_frac: float
+    """Fraction of samples masked because their solve failed."""
+    solve_ms: float
+    """Wall time of the batched solve."""
+
+
+def td_loss(
+    q: QNetwork,
+    q_target: QNetwork,
+    online_layer: ArgminLayer,
+    target_layer: ArgminLayer,
+    batch: Batch,
+    gamma: float,
+    mode: TDMode = "semi",
+) -> TDResult:
+    """TD loss of a batch. ``online_layer`` minimises ``q``; ``target_layer`` minimises ``q_target``."""
+    if mode not in TD_MODES:
+        raise ConfigError(f"expected train.target in {TD_MODES}, got {mode!r}")
+    dtype = next(q.parameters()).dtype
+    x, u, c, xn, term = (t.to(dtype) for t in batch)
+    if mode == "semi":
+        with torch.no_grad():
+            _, v = target_layer(xn, grad_mode="none")
+        res = target_layer.last_result
+    elif mode == "residual":
+        _, v = online_layer(xn, grad_mode="envelope")
+        res = online_layer.last_result
+    else:
+        u_star, _ = online_layer(xn, grad_mode="implicit")
+        v = q_target(xn, u_star)
+        res = online_layer.last_result
+    ok = torch.as_tensor(Status.ok(res.status), device=x.device)
+    y = c + gamma * (1.0 - term) * v
+    qx = q(x, u)
+    n_ok = ok.sum().clamp_min(1)
+    err = torch.where(ok, qx - y, torch.zeros_like(qx))
+    loss = (err**2).sum() / n_ok
+    return TDResult(
+        loss,
+        float(qx.detach().mean()),
+        float((y.detach() * ok).sum() / n_ok),
+        float(1.0 - ok.float().mean()),
+        float(res.solve_ms),
+    )

@@ -1,0 +1,400 @@
+"""Training the cost-to-go with TD learning, online or offline, in one loop that reads top to bottom.
+
+A run directory holds ``config.toml`` (the resolved config), ``checkpoint.pt`` (written
+atomically every ``checkpoint_every`` steps; ``resume=True`` continues exactly where it stopped:
+network, target, optimiser, replay buffer, RNGs and the environment's MuJoCo state),
+``metrics.csv`` (``step,tag,value``), TensorBoard events in ``tb/`` and ``learning_curve.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import mujoco
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qmpc.bridge import ArgminLayer
+from qmpc.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from qmpc.config import Config, config_from_dict, config_to_toml
+from qmpc.controller import Controller
+from qmpc.data import ReplayBuffer, atomic_write, load_minari
+from qmpc.env import EnvSpec, env_spec, make_env
+from qmpc.errors import ConfigError
+from qmpc.losses import td_loss
+from qmpc.networks import QNetwork, build_network
+
+__all__ = ["MetricsLogger", "RunSummary", "evaluate", "plot_learning_curve", "train"]
+
+
+class RunSummary(NamedTuple):
+    run_dir: Path
+    steps: int
+    eval_steps: list[int]
+    eval_returns: list[float]
+    fail_frac: float
+    """Fraction of all TD-target solves that failed and were masked."""
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """Scalars to ``metrics.csv`` (``step,tag,value``) and TensorBoard (``tb/``)."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = run_dir / "metrics.csv"
+        if resume_step is not None and self.path.exists():  # drop what was logged after the checkpoint
+            with open(self.path) as f:
+                rows = [r for r in csv.reader(f)][1:]
+            keep = [r for r in rows if int(r[0]) <= resume_step]
+            atomic_write(self.path, lambda tmp: _write_rows(tmp, keep))
+        elif not self.path.exists() or resume_step is None:
+            atomic_write(self.path, lambda tmp: _write_rows(tmp, []))
+        self._f = open(self.path, "a", newline="")
+        self._csv = csv.writer(self._f)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
+        except ImportError:  # tensorboard is a dependency; keep the CSV if it is missing
+            self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for tag, v in values.items():
+            self._csv.writerow([step, tag, f"{float(v):.8g}"])
+            if self.tb is not None:
+                self.tb.add_scalar(tag, float(v), step)
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _write_rows(path: str, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "tag", "value"])
+        w.writerows(rows)
+
+
+def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{tag: (steps, values)}`` from a ``metrics.csv``."""
+    out: dict[str, tuple[list, list]] = {}
+    with open(path) as f:
+        for row in list(csv.reader(f))[1:]:
+            s, v = out.setdefault(row[1], ([], []))
+            s.append(int(row[0]))
+            v.append(float(row[2]))
+    return {k: (np.array(s), np.array(v)) for k, (s, v) in out.items()}
+
+
+def plot_learning_curve(run_dir: Path) -> Path:
+    """``learning_curve.png``: evaluation return, TD loss and solver statistics against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = read_metrics(run_dir / "metrics.csv")
+    panels = [
+        ("eval/return", "evaluation return (= −cost)"),
+        ("train/td_loss", "TD loss"),
+        ("solver/fail_frac", "failed solves (fraction)"),
+        ("solver/solve_ms", "batch solve time (ms)"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (tag, title) in zip(axes, panels, strict=True):
+        if tag in m:
+            ax.plot(*m[tag], marker="o" if tag == "eval/return" else None, ms=3)
+        if tag == "train/td_loss" and tag in m and (m[tag][1] > 0).all():
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "learning_curve.png"
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces of the loop
+# ---------------------------------------------------------------------------------------
+
+
+def build_q(cfg: Config, spec: EnvSpec) -> QNetwork:
+    n = cfg.network
+    q = build_network(
+        n.arch, spec.obs_dim, spec.act_dim, n.hidden, n.activation, n.action_curvature, n.state_dependent_curvature
+    )
+    return q.to(getattr(torch, cfg.train.dtype))
+
+
+def evaluate(controller: Controller, env, episodes: int, seed: int) -> tuple[float, float]:
+    """Mean return (sum of rewards, i.e. −cost) and length of the greedy controller."""
+    returns, lengths = [], []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        controller.reset()
+        ret, n, done = 0.0, 0, False
+        while not done:
+            a, _ = controller.act(obs)
+            obs, r, term, trunc, _ = env.step(a)
+            ret, n, done = ret + float(r), n + 1, term or trunc
+        returns.append(ret)
+        lengths.append(n)
+    return float(np.mean(returns)), float(np.mean(lengths))
+
+
+def _env_state(env) -> dict[str, Any]:
+    u = env.unwrapped
+    st: dict[str, Any] = {"np_random": u.np_random.bit_generator.state}
+    try:
+        st["elapsed"] = env.get_wrapper_attr("_elapsed_steps")
+    except AttributeError:
+        pass
+    if hasattr(u, "data") and isinstance(u.data, mujoco.MjData):
+        d = u.data
+        st["mujoco"] = {k: getattr(d, k).copy() for k in ("qpos", "qvel", "act", "ctrl", "qacc_warmstart")}
+        st["mujoco"]["time"] = d.time
+    return st
+
+
+def _set_env_state(env, st: dict[str, Any]) -> None:
+    u = env.unwrapped
+    u.np_random.bit_generator.state = st["np_random"]
+    if "elapsed" in st:
+        env.set_wrapper_attr("_elapsed_steps", st["elapsed"])
+    if "mujoco" in st:
+        d = u.data
+        for k, v in st["mujoco"].items():
+            if k == "time":
+                d.time = v
+            else:
+                getattr(d, k)[:] = v
+        mujoco.mj_forward(u.model, d)
+
+
+def _check_resumable(ckpt: dict, cfg: Config, spec: EnvSpec) -> None:
+    if ckpt["spec"]["env_id"] != spec.env_id or ckpt["network"]["arch"] != cfg.network.arch:
+        raise CheckpointError(
+            f"expected a checkpoint of {spec.env_id} / {cfg.network.arch}, got {ckpt['spec']['env_id']} / "
+            f"{ckpt['network']['arch']}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> RunSummary:
+    """Train a cost-to-go per ``cfg``; ``stop_at`` ends the loop early without a final
+    checkpoint (what a kill does; used by the tests of ``resume``)."""
+    t_start = time.perf_counter()
+    tc = cfg.train
+    run_dir = cfg.resolved_run_dir()
+    ckpt_path = run_dir / "checkpoint.pt"
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = config_from_dict(ckpt["config"])
+        tc = cfg.train
+    elif ckpt_path.exists():
+        raise ConfigError(f"expected a new run directory, got an existing checkpoint in {run_dir} (use --resume)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.toml", lambda tmp: Path(tmp).write_text(config_to_toml(cfg)))
+
+    # -- seeding, environments, networks ------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    env = make_env(cfg.env.id, seed=cfg.seed)
+    eval_env = make_env(cfg.env.id, seed=cfg.seed + 10_000)
+    spec = env_spec(env)
+    q = build_q(cfg, spec)
+    q_target = copy.deepcopy(q)
+    opt = torch.optim.Adam(q.parameters(), lr=tc.lr)
+    decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
+    solver_kw = dict(solver=cfg.solver.plugin, max_iter=cfg.solver.max_iter, tol=cfg.solver.tol)
+    online = ArgminLayer(q, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
+    target = ArgminLayer(q_target, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
+    actor = ArgminLayer(q, spec.low, spec.high, grad_mode="none", workers=1, **solver_kw)
+    q_eval = copy.deepcopy(q).double()
+    evaluator = Controller(q_eval, spec.low, spec.high, max_iter=cfg.solver.max_iter, env_id=spec.env_id)
+    buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, tc.buffer_size)
+    if tc.mode == "offline":
+        if not tc.dataset:
+            raise ConfigError("expected train.dataset (a Minari dataset path) in offline mode, got ''")
+        data = load_minari(tc.dataset, spec.obs_dim, spec.act_dim, spec.env_id)
+        n = min(len(data["cost"]), tc.buffer_size)
+        buffer.add_many(
+            *(data[k][:n] for k in ("obs", "act")),
+            data["cost"][:n] * tc.cost_scale,
+            data["next_obs"][:n],
+            data["terminated"][:n],
+        )
+    act_range = spec.high - spec.low
+
+    step, episode, fails, solves = 0, 0, 0.0, 0
+    eval_steps: list[int] = []
+    eval_returns: list[float] = []
+    obs, _ = env.reset(seed=cfg.seed)
+    ep_return, ep_len = 0.0, 0
+    if resume:
+        _check_resumable(ckpt, cfg, spec)
+        q.load_state_dict(ckpt["q"])
+        q_target.load_state_dict(ckpt["q_target"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        buffer.load_state_dict(ckpt["buffer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        rng.bit_generator.state = ckpt["rng"]["numpy"]
+        _set_env_state(env, ckpt["env_state"])
+        s = ckpt["loop"]
+        step, episode, fails, solves = s["step"], s["episode"], s["fails"], s["solves"]
+        obs, ep_return, ep_len = s["obs"], s["ep_return"], s["ep_len"]
+        eval_steps, eval_returns = s["eval_steps"], s["eval_returns"]
+    logger = MetricsLogger(run_dir, resume_step=step if resume else None)
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "config": _asdict(cfg),
+                "spec": {
+                    "env_id": spec.env_id,
+                    "obs_dim": spec.obs_dim,
+                    "act_dim": spec.act_dim,
+                    "low": spec.low.tolist(),
+                    "high": spec.high.tolist(),
+                },
+                "network": _network_kwargs(cfg),
+                "gamma": tc.gamma,
+                "q": q.state_dict(),
+                "q_target": q_target.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "buffer": buffer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state},
+                "env_state": _env_state(env),
+                "loop": {
+                    "step": step,
+                    "episode": episode,
+                    "fails": fails,
+                    "solves": solves,
+                    "obs": obs,
+                    "ep_return": ep_return,
+                    "ep_len": ep_len,
+                    "eval_steps": eval_steps,
+                    "eval_returns": eval_returns,
+                },
+            },
+        )
+
+    acc: dict[str, list[float]] = {}
+    bar = tqdm(
+        total=tc.steps,
+        initial=step,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc=f"{spec.env_id} {tc.mode} {tc.target}",
+    )
+    while step < tc.steps:
+        # 1. act and store (online)
+        if tc.mode == "online":
+            if step < tc.learning_starts:
+                a = rng.uniform(spec.low, spec.high)
+            else:
+                u, _ = actor(torch.as_tensor(obs, dtype=torch.float64)[None])
+                a = u[0].numpy() + tc.exploration_noise * act_range * rng.normal(size=spec.act_dim)
+                a = np.clip(a, spec.low, spec.high)
+            next_obs, r, term, trunc, _ = env.step(a)
+            buffer.add(obs, a, -float(r) * tc.cost_scale, next_obs, term)
+            obs, ep_return, ep_len = next_obs, ep_return + float(r), ep_len + 1
+            if term or trunc:
+                logger.log(step, {"train/episode_return": ep_return, "train/episode_length": ep_len})
+                obs, _ = env.reset()
+                ep_return, ep_len, episode = 0.0, 0, episode + 1
+
+        # 2. learn
+        if tc.mode == "offline" or step >= tc.learning_starts:
+            for _ in range(tc.updates_per_step):
+                batch = buffer.sample(tc.batch_size, rng)
+                res = td_loss(q, q_target, online, target, batch, tc.gamma, tc.target)
+                opt.zero_grad()
+                res.loss.backward()
+                torch.nn.utils.clip_grad_norm_(q.parameters(), tc.grad_clip)
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for p, pt in zip(q.parameters(), q_target.parameters(), strict=True):
+                        pt.lerp_(p, tc.tau)
+                fails += res.fail_frac * tc.batch_size
+                solves += tc.batch_size
+                for k, v in (
+                    ("train/td_loss", float(res.loss.detach())),
+                    ("train/q_mean", res.q_mean),
+                    ("train/target_mean", res.target_mean),
+                    ("solver/fail_frac", res.fail_frac),
+                    ("solver/solve_ms", res.solve_ms),
+                ):
+                    acc.setdefault(k, []).append(v)
+        step += 1
+        bar.update(1)
+
+        # 3. log, evaluate, checkpoint
+        if step % tc.log_every == 0 and acc:
+            logger.log(step, {k: float(np.mean(v)) for k, v in acc.items()})
+            acc.clear()
+        if step % tc.eval_every == 0 or step == tc.steps:
+            q_eval.load_state_dict(q.state_dict())
+            ret, length = evaluate(evaluator, eval_env, tc.eval_episodes, cfg.seed + 10_000)
+            eval_steps.append(step)
+            eval_returns.append(ret)
+            logger.log(
+                step,
+                {
+                    "eval/return": ret,
+                    "eval/length": length,
+                    "eval/fallback_frac": evaluator.stats["fallback"] / max(1, evaluator.stats["steps"]),
+                },
+            )
+            bar.set_postfix(eval_return=f"{ret:.1f}", fail=f"{fails / max(1, solves):.3f}")
+            plot_learning_curve(run_dir)
+        if step % tc.checkpoint_every == 0 or step == tc.steps:
+            checkpoint()
+        if stop_at is not None and step >= stop_at:
+            break
+    bar.close()
+    logger.close()
+    return RunSummary(run_dir, step, eval_steps, eval_returns, fails / max(1, solves), time.perf_counter() - t_start)
+
+
+def _asdict(cfg: Config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def _network_kwargs(cfg: Config) -> dict:
+    n = cfg.network
+    return {
+        "arch": n.arch,
+        "hidden": list(n.hidden),
+        "activation": n.activation,
+        "action_curvature": n.action_curvature,
+        "state_dependent_curvature": n.state_dependent_curvature,
+    }

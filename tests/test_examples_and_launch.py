@@ -1,0 +1,113 @@
+"""Every example and launch file runs with a tiny budget; the CLI commands work end to end."""
+
+import importlib.util
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from qmpc.cli import main
+from qmpc.config import config_from_dict, load_config
+from qmpc.demo import DEMO_CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = sorted((ROOT / "launch").glob("*.toml"))
+
+
+def _example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_example_gradient_through_min():
+    res = _example("gradient_through_min").main(batch=16)
+    assert res["|chain rule - envelope|"] <= 1e-8 and res["|double-Q grad|"] > 0
+
+
+def test_example_closed_loop_lqr():
+    assert _example("closed_loop_lqr").main(episodes=1, horizon=3) <= 1e-6
+
+
+def test_launch_files_set_every_field():
+    full = tomllib.loads((ROOT / "launch" / "point_mass.toml").read_text())
+    default = {k: (set(v) if isinstance(v, dict) else None) for k, v in full.items()}
+    for f in LAUNCH:
+        data = tomllib.loads(f.read_text())
+        assert {k: (set(v) if isinstance(v, dict) else None) for k, v in data.items()} == default, f.name
+        load_config(f)  # strict: no unknown keys, valid values
+
+
+def test_demo_config_is_the_launch_file():
+    a = load_config(ROOT / "launch" / "point_mass_offline.toml")
+    b = config_from_dict(
+        {**DEMO_CONFIG, "run_dir": a.run_dir, "train": {**DEMO_CONFIG["train"], "dataset": a.train.dataset}}
+    )
+    assert a == b
+
+
+TINY = [
+    "train.steps=24",
+    "train.batch_size=8",
+    "train.learning_starts=8",
+    "train.eval_every=24",
+    "train.eval_episodes=1",
+    "train.checkpoint_every=12",
+    "train.log_every=4",
+]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    out = {}
+    for env_id in {load_config(f).env.id for f in LAUNCH if load_config(f).train.mode == "offline"}:
+        path = root / env_id.replace("/", "-")
+        assert main(["collect", "--env", env_id, "--steps", "60", "--out", str(path)]) == 0
+        out[env_id] = path
+    return out
+
+
+@pytest.mark.parametrize("launch", LAUNCH, ids=lambda p: p.stem)
+def test_launch_file_trains_with_a_tiny_budget(launch, tmp_path, datasets, capsys):
+    cfg = load_config(launch)
+    sets = [*TINY, f'run_dir="{tmp_path / "run"}"']
+    if cfg.train.mode == "offline":
+        sets.append(f'train.dataset="{datasets[cfg.env.id]}"')
+    assert main(["train", str(launch), "--no-progress", *[x for s in sets for x in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert "eval return" in out
+    for name in ("checkpoint.pt", "config.toml", "metrics.csv", "learning_curve.png"):
+        assert (tmp_path / "run" / name).exists()
+
+
+def test_train_resume_and_run_cli(tmp_path, capsys):
+    launch = ROOT / "launch" / "point_mass.toml"
+    sets = [x for t in [*TINY, f'run_dir="{tmp_path / "pm"}"'] for x in ("--set", t)]
+    assert main(["train", str(launch), "--no-progress", *sets]) == 0
+    assert main(["train", str(launch), "--no-progress", "--resume", *sets]) == 0  # already done: a no-op
+    ckpt = tmp_path / "pm" / "checkpoint.pt"
+    video = tmp_path / "roll.mp4"
+    assert main(["run", str(ckpt), "--episodes", "2", "--horizon", "3", "--video", str(video)]) == 0
+    out = capsys.readouterr().out
+    assert "solve p50" in out and "mean" in out
+    assert (tmp_path / "pm" / "rollout_h3.png").exists() and video.stat().st_size > 1000
+    assert main(["run", str(tmp_path / "missing.pt")]) == 2
+    assert "nothing at" in capsys.readouterr().err
+
+
+def test_cli_reports_bad_launch_key(tmp_path, capsys):
+    f = tmp_path / "bad.toml"
+    f.write_text("[train]\nstepz = 3\n")
+    assert main(["train", str(f)]) == 2
+    assert "unknown config key train.stepz" in capsys.readouterr().err
+
+
+def test_demo_runs_with_a_tiny_budget(tmp_path, capsys):
+    from qmpc.demo import run_demo
+
+    assert run_demo(tmp_path, steps=20, data_steps=300, progress=False, episodes=1) == 0
+    out = capsys.readouterr().out
+    assert "Riccati" in out and "LQR" in out
+    assert (tmp_path / "rollout.png").exists() and (tmp_path / "run" / "learning_curve.png").exists()

@@ -1,0 +1,67 @@
+"""qmpc's own tasks against theory, and the controller in closed loop."""
+
+import numpy as np
+import pytest
+import torch
+
+import qmpc
+from qmpc.env import make_env
+from qmpc.lqr import dare, lqr_q_matrix
+
+
+def test_point_mass_is_the_linear_double_integrator():
+    env = make_env("qmpc/PointMass-v0", seed=0)
+    A, B = env.unwrapped.linear_dynamics()
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        u = rng.uniform(-2, 2, 2)
+        nxt, r, _term, _trunc, _info = env.step(u)
+        np.testing.assert_allclose(nxt, A @ obs + B @ u, atol=1e-12)
+        np.testing.assert_allclose(-r, obs @ env.unwrapped.Qc @ obs + u @ env.unwrapped.R @ u)
+        obs = nxt
+    assert env.spec.max_episode_steps == 100
+
+
+def _lqr_setup(gamma=0.9):
+    env = make_env("qmpc/PointMass-v0", seed=0)
+    u = env.unwrapped
+    A, B = u.linear_dynamics()
+    _P, K = dare(A, B, u.Qc, u.R, gamma)
+    q = qmpc.QuadraticQ.from_quadratic(lqr_q_matrix(A, B, u.Qc, u.R, gamma), 4)
+    return env, q, K
+
+
+@pytest.mark.parametrize("horizon", [1, 4])
+def test_controller_with_riccati_q_gives_the_lqr_action(horizon):
+    env, q, K = _lqr_setup()
+    f, c = env.unwrapped.casadi_model()
+    ctrl = qmpc.Controller(q, -np.inf, np.inf, horizon=horizon, dynamics=f, stage_cost=c, discount=0.9, tol=1e-12)
+    obs, _ = env.reset(seed=3)
+    for _ in range(5):
+        a, _info = ctrl.act(obs)
+        np.testing.assert_allclose(a, -K @ obs, atol=1e-8)
+        obs, *_ = env.step(a)
+    assert ctrl.stats["fallback"] == 0
+
+
+def test_controller_bad_observations():
+    _, q, _ = _lqr_setup()
+    ctrl = qmpc.Controller(q, -2 * np.ones(2), 2 * np.ones(2))
+    with pytest.raises(qmpc.InputError, match=r"shape \(4,\), got \(5,\)"):
+        ctrl.act(np.zeros(5))
+    with pytest.raises(qmpc.InputError, match="finite"):
+        ctrl.act(np.array([0.0, np.nan, 0.0, 0.0]))
+
+
+def test_controller_falls_back_and_stays_in_bounds():
+    q = qmpc.MLPQ(4, 2, hidden=(16, 16)).double()
+    with torch.no_grad():
+        for p in q.parameters():
+            p.mul_(3.0)
+    ctrl = qmpc.Controller(q, -np.ones(2), np.ones(2), max_iter=1)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, _info = ctrl.act(rng.normal(size=4))
+        assert (np.abs(a) <= 1).all()
+    assert ctrl.stats["fallback"] > 0 and ctrl.stats["steps"] == 20

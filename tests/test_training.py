@@ -1,0 +1,191 @@
+"""Issue 3: configs, TD target modes, masking, datasets, checkpoints and exact resume."""
+
+import numpy as np
+import pytest
+import torch
+
+import qmpc
+from qmpc.check import make_network
+from qmpc.checkpoint import CheckpointError, load_checkpoint
+from qmpc.config import config_from_dict, config_to_toml, load_config
+from qmpc.data import Batch, collect, load_minari
+from qmpc.env import make_env
+from qmpc.losses import td_loss
+from qmpc.trainer import read_metrics, train
+
+
+def _tiny_batch(nx=3, nu=2, B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(
+        torch.randn(B, nx, generator=g, dtype=torch.float64),
+        torch.rand(B, nu, generator=g) - 0.5,
+        torch.rand(B, generator=g),
+        torch.randn(B, nx, generator=g, dtype=torch.float64),
+        torch.tensor([0.0, 1.0, 0.0, 0.0])[:B],
+    )
+
+
+def _flat_grad(q):
+    return torch.cat([p.grad.reshape(-1) for p in q.parameters()]).numpy()
+
+
+@pytest.mark.parametrize("mode", ["residual", "double"])
+def test_td_gradient_matches_finite_differences(mode):
+    """The gradient through the min (residual) and through u* (double) is the FD gradient of the loss."""
+    q = make_network("PICNN", 3, 2, seed=1)
+    q_t = make_network("PICNN", 3, 2, seed=2)
+    kw = dict(tol=1e-13)
+    online = qmpc.ArgminLayer(q, -0.5 * torch.ones(2), 0.5 * torch.ones(2), **kw)
+    target = qmpc.ArgminLayer(q_t, -0.5 * torch.ones(2), 0.5 * torch.ones(2), **kw)
+    batch = _tiny_batch()
+    q.zero_grad()
+    td_loss(q, q_t, online, target, batch, 0.9, mode).loss.backward()
+    g = _flat_grad(q)
+    theta = q.flat_parameters()
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        d = rng.normal(size=theta.shape)
+        d /= np.linalg.norm(d)
+        vals = []
+        for s in (1, -1):
+            q.load_flat_parameters(theta + s * 1e-5 * d)
+            with torch.no_grad():
+                vals.append(float(td_loss(q, q_t, online, target, batch, 0.9, mode).loss))
+        q.load_flat_parameters(theta)
+        fd = (vals[0] - vals[1]) / 2e-5
+        assert abs(g @ d - fd) <= 1e-6 * (1 + abs(fd))
+
+
+def test_semi_target_is_detached_and_terminated_does_not_bootstrap():
+    q, q_t = make_network("PICNN", 3, 2, seed=1), make_network("PICNN", 3, 2, seed=2)
+    online = qmpc.ArgminLayer(q, -1, 1)
+    target = qmpc.ArgminLayer(q_t, -1, 1)
+    b = _tiny_batch()
+    res = td_loss(q, q_t, online, target, b, 0.9, "semi")
+    res.loss.backward()
+    assert all(p.grad is None for p in q_t.parameters())
+    with torch.no_grad():
+        _, v = target(b.next_obs)
+        y = b.cost + 0.9 * (1 - b.terminated) * v
+        assert abs(res.target_mean - float(y.mean())) < 1e-7  # float32 costs in the batch
+    assert y[1] == b.cost[1]  # the terminated sample
+
+
+def test_failed_solves_are_masked_and_counted():
+    q = make_network("MLPQ", 3, 2, seed=3, hidden=(16, 16))
+    with torch.no_grad():
+        for p in q.parameters():
+            p.mul_(3.0)
+    online = qmpc.ArgminLayer(q, -3, 3, max_iter=1)
+    res = td_loss(q, q, online, online, _tiny_batch(), 0.9, "residual")
+    assert 0 < res.fail_frac <= 1
+    res.loss.backward()
+    assert np.isfinite(res.loss.item()) and np.isfinite(_flat_grad(q)).all()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(qmpc.ConfigError, match=r"unknown config key train\.tagret"):
+        config_from_dict({"train": {"tagret": "semi"}})
+    with pytest.raises(qmpc.ConfigError, match=r"expected train.steps to be an integer"):
+        config_from_dict({"train": {"steps": "many"}})
+    with pytest.raises(qmpc.ConfigError, match=r"expected train.gamma <= 1.0"):
+        config_from_dict({"train": {"gamma": 1.5}})
+    with pytest.raises(qmpc.ConfigError, match=r"expected train.target in"):
+        config_from_dict({"train": {"target": "triple"}})
+    with pytest.raises(qmpc.ConfigError, match="no file"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3")
+    with pytest.raises(qmpc.ConfigError, match="valid TOML"):
+        load_config(bad)
+
+
+def test_overrides_and_roundtrip(tmp_path):
+    f = tmp_path / "l.toml"
+    f.write_text(config_to_toml(config_from_dict({})))
+    cfg = load_config(f, ["train.target=double", "seed=3", "env.id=InvertedPendulum-v5"])
+    assert cfg.train.target == "double" and cfg.seed == 3 and cfg.env.id == "InvertedPendulum-v5"
+    f.write_text(config_to_toml(cfg))
+    assert load_config(f) == cfg
+
+
+def _online_cfg(run_dir, **train):
+    return config_from_dict(
+        {
+            "seed": 1,
+            "run_dir": str(run_dir),
+            "network": {"arch": "QuadraticQ", "hidden": [8]},
+            "train": {
+                "mode": "online",
+                "steps": 60,
+                "batch_size": 16,
+                "learning_starts": 20,
+                "eval_every": 30,
+                "eval_episodes": 1,
+                "checkpoint_every": 20,
+                "log_every": 10,
+                "lr_schedule": "linear",
+                **train,
+            },
+        }
+    )
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(_online_cfg(tmp_path / "a"), progress=False)
+    killed = train(_online_cfg(tmp_path / "b"), progress=False, stop_at=50)  # last checkpoint at step 40
+    assert killed.steps == 50
+    resumed = train(_online_cfg(tmp_path / "b"), resume=True, progress=False)
+    assert resumed.steps == straight.steps == 60
+    a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    for k in a["q"]:
+        torch.testing.assert_close(a["q"][k], b["q"][k], rtol=0, atol=0)
+    ma, mb = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        np.testing.assert_array_equal(ma[k][0], mb[k][0])
+        if not k.endswith("_ms"):  # wall-clock timings differ, everything else is identical
+            np.testing.assert_allclose(ma[k][1], mb[k][1], rtol=1e-6)
+    for name in ("config.toml", "learning_curve.png", "metrics.csv"):
+        assert (tmp_path / "b" / name).exists()
+    assert any((tmp_path / "b" / "tb").iterdir())
+
+
+def test_existing_run_needs_resume(tmp_path):
+    train(_online_cfg(tmp_path / "r", steps=20), progress=False)
+    with pytest.raises(qmpc.ConfigError, match="--resume"):
+        train(_online_cfg(tmp_path / "r", steps=20), progress=False)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="nothing at"):
+        load_checkpoint(tmp_path / "none.pt")
+    train(_online_cfg(tmp_path / "r", steps=20), progress=False)
+    data = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(cut)
+    ctrl = qmpc.Controller.from_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="expected a checkpoint for InvertedPendulum-v5"):
+        ctrl.check_task("InvertedPendulum-v5", 4, 1)
+
+
+def test_dataset_roundtrip_and_errors(tmp_path):
+    env = make_env("qmpc/PointMass-v0", seed=0)
+    rng = np.random.default_rng(0)
+    collect(env, lambda o: rng.uniform(-2, 2, 2), 150, tmp_path / "ds", seed=0)
+    d = load_minari(tmp_path / "ds", 4, 2, "qmpc/PointMass-v0")
+    assert d["obs"].shape == (150, 4) and d["act"].shape == (150, 2)
+    np.testing.assert_allclose(d["obs"][1:100], d["next_obs"][:99])  # consecutive within an episode
+    assert (d["cost"] > 0).all()  # costs, not rewards
+    with pytest.raises(qmpc.InputError, match="expected a Minari dataset"):
+        load_minari(tmp_path / "nothing", 4, 2)
+    with pytest.raises(qmpc.InputError, match=r"observations \(5,\)"):
+        load_minari(tmp_path / "ds", 5, 2)
+    with pytest.raises(qmpc.InputError, match="collected on InvertedPendulum-v5"):
+        load_minari(tmp_path / "ds", 4, 2, "InvertedPendulum-v5")
+    h5 = next((tmp_path / "ds" / "data").glob("*.hdf5"))
+    h5.write_bytes(h5.read_bytes()[:200])
+    with pytest.raises(qmpc.InputError, match="readable Minari dataset"):
+        load_minari(tmp_path / "ds", 4, 2)
