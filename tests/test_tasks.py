@@ -65,3 +65,35 @@ def test_controller_falls_back_and_stays_in_bounds():
         a, _info = ctrl.act(rng.normal(size=4))
         assert (np.abs(a) <= 1).all()
     assert ctrl.stats["fallback"] > 0 and ctrl.stats["steps"] == 20
+
+
+def test_td_pipeline_fixed_point_is_the_riccati_q(tmp_path):
+    """Ground truth for the training pipeline: with the task's own bounds and a random-policy
+    dataset, the exact Riccati Q has (numerically) zero TD loss through the CasADi min, and TD
+    training started there stays there. (A bounded min that bites would move it: that is why
+    the point mass's action cost keeps the LQR action inside the bounds on such data.)"""
+    from qmpc.data import ReplayBuffer, collect, load_minari
+    from qmpc.demo import riccati_hessian_error
+    from qmpc.losses import td_loss
+
+    gamma = 0.9
+    env, q, _ = _lqr_setup(gamma)
+    rng = np.random.default_rng(0)
+    collect(env, lambda o: rng.uniform(-2, 2, 2), 1000, tmp_path / "ds", seed=0)
+    d = load_minari(tmp_path / "ds", 4, 2)
+    buf = ReplayBuffer(4, 2, 1000)
+    buf.add_many(d["obs"], d["act"], d["cost"], d["next_obs"], d["terminated"])
+    low, high = env.action_space.low, env.action_space.high
+    online = qmpc.ArgminLayer(q, low, high, tol=1e-12)
+    q_t = qmpc.QuadraticQ.from_quadratic(np.eye(6), 4)
+    q_t.load_state_dict(q.state_dict())
+    target = qmpc.ArgminLayer(q_t, low, high, tol=1e-12)
+    batch = buf.sample(1000, rng)
+    assert td_loss(q, q_t, online, target, batch, gamma, "residual").loss.item() < 1e-9
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    for _ in range(100):
+        res = td_loss(q, q_t, online, target, buf.sample(128, rng), gamma, "residual")
+        opt.zero_grad()
+        res.loss.backward()
+        opt.step()
+    assert riccati_hessian_error(q, env, gamma) < 0.02

@@ -40,7 +40,7 @@ class PointMassEnv(gym.Env):
         self,
         render_mode: str | None = None,
         state_cost: tuple[float, ...] = (1.0, 1.0, 0.1, 0.1),
-        action_cost: float = 0.5,
+        action_cost: float = 1.0,
         init_scale: float = 1.0,
     ):
         self.model = mujoco.MjModel.from_xml_path(str(MODEL_PATH))
