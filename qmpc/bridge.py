@@ -52,6 +52,11 @@ class LayerResult(NamedTuple):
     """``(B, n_g)`` dynamics multipliers."""
 
     @property
+    def status_tensor(self) -> torch.Tensor:
+        """``status`` as a ``(B,)`` int8 torch tensor (``Status.SOLVED == 0``)."""
+        return torch.from_numpy(self.status)
+
+    @property
     def num_failed(self) -> int:
         """Samples whose solve failed (``MAX_ITER`` or ``FAILED``): they get zero gradient."""
         return int((~Status.ok(self.status)).sum())

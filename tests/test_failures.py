@@ -93,6 +93,7 @@ def test_iteration_limit_is_retried_masked_and_counted():
     assert failed.any(), res.status
     assert (res.status[failed] == qmpc.Status.MAX_ITER).all()
     assert res.num_failed == failed.sum() == layer.counters["failed"]
+    assert res.status_tensor.dtype == torch.int8 and (res.status_tensor.numpy() == res.status).all()
     assert np.isfinite(u.detach().numpy()).all() and (u.abs() <= 3).all()
     # a loss on the failed samples only: exactly zero gradient, never garbage
     i = np.flatnonzero(failed)
