@@ -146,6 +146,8 @@ class ArgminLayer(nn.Module):
         self.solver = BatchedSolver(self.problem, options)
         self.lbw, self.ubw = self.problem.bounds(self.low, self.high)
         self.last_result: LayerResult | None = None
+        self._theta_cache: tuple[tuple, ca.DM] | None = None
+        self._params = tuple(q.parameters())  # the module's structure is fixed once the twin is built
         self.counters = {"solves": 0, "failed": 0, "retried": 0, "singular": 0, "weakly_active": 0}
 
     @staticmethod
@@ -169,9 +171,18 @@ class ArgminLayer(nn.Module):
         if not torch.isfinite(x).all():
             rows = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().tolist()
             raise InputError(f"expected finite x, got NaN/Inf in rows {rows[:10]}")
-        for name, p in self.q.named_parameters():
-            if not torch.isfinite(p).all():
-                raise InputError(f"expected finite network weights, got NaN/Inf in {name!r}")
+        self._theta()  # checks the weights (once per change of the weights)
+
+    def _theta(self) -> ca.DM:
+        """The network's flat parameters as a CasADi DM, converted once per change of the weights
+        (the conversion costs about as much as a small solve); raises on NaN/Inf weights."""
+        key = tuple((p.data_ptr(), p._version) for p in self._params)
+        if self._theta_cache is None or self._theta_cache[0] != key:
+            for name, p in self.q.named_parameters():
+                if not torch.isfinite(p).all():
+                    raise InputError(f"expected finite network weights, got NaN/Inf in {name!r}")
+            self._theta_cache = (key, ca.DM(self.q.flat_parameters()))
+        return self._theta_cache[1]
 
     # -- forward ------------------------------------------------------------------------
     def forward(
@@ -188,7 +199,7 @@ class ArgminLayer(nn.Module):
             w0 = w0.detach().cpu().double().numpy() if isinstance(w0, torch.Tensor) else np.asarray(w0, float)
             if w0.shape != (x.shape[0], self.problem.n_w) or not np.isfinite(w0).all():
                 raise InputError(f"expected finite w0 of shape ({x.shape[0]}, {self.problem.n_w}), got {w0.shape}")
-        params = tuple(self.q.parameters())
+        params = self._params
         if mode == "none" or not torch.is_grad_enabled():
             with torch.no_grad():
                 u, v = _ArgminFunction.apply(self, mode, w0, x, *params)
@@ -196,8 +207,8 @@ class ArgminLayer(nn.Module):
         u, v = _ArgminFunction.apply(self, mode, w0, x, *params)
         return (u.detach() if mode == "envelope" else u), v
 
-    def _solve(self, x64: np.ndarray, w0: np.ndarray | None) -> tuple[SolveResult, np.ndarray]:
-        theta = self.q.flat_parameters()
+    def _solve(self, x64: np.ndarray, w0: np.ndarray | None) -> tuple[SolveResult, ca.DM]:
+        theta = self._theta()
         lam_x0 = lam_g0 = None
         last = self.last_result
         if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:

@@ -194,13 +194,15 @@ class BatchedSolver:
         self._solve_one = []
         for solver in self._solvers:
             r = solver(x0=w0, lam_x0=lx0, lam_g0=lg0, p=ca.vertcat(x0, th), lbx=lb, ubx=ub, lbg=zg, ubg=zg)
+            # the first-order residual of the solution, in the same call (one call per batch)
+            grad_L, g = P.first_order(r["x"], x0, th, r["lam_g"])
             self._solve_one.append(
                 ca.Function(
                     "solve_one",
                     [w0, lx0, lg0, x0, th, lb, ub],
-                    [r["x"], r["f"], r["lam_x"], r["lam_g"]],
+                    [r["x"], r["f"], r["lam_x"], r["lam_g"], grad_L, g],
                     ["w0", "lam_x0", "lam_g0", "x0", "theta", "lbw", "ubw"],
-                    ["w", "f", "lam_x", "lam_g"],
+                    ["w", "f", "lam_x", "lam_g", "grad_L", "g"],
                 )
             )
         self._maps: dict[tuple[str, int, int], ca.Function] = {}
@@ -275,7 +277,7 @@ class BatchedSolver:
     def solve(
         self,
         x0: np.ndarray,
-        theta: np.ndarray,
+        theta: np.ndarray | ca.DM,
         lbw: np.ndarray,
         ubw: np.ndarray,
         w0: np.ndarray | None = None,
@@ -294,11 +296,11 @@ class BatchedSolver:
             w0 = self.cold_start(x0, lbw, ubw)
         lam_x0 = np.zeros((B, P.n_w)) if lam_x0 is None else lam_x0
         lam_g0 = np.zeros((B, P.n_g)) if lam_g0 is None else lam_g0
-        theta_dm = ca.DM(theta)
-        w, f, lam_x, lam_g = self.evaluate("solve", w0, lam_x0, lam_g0, x0, theta_dm, lbw, ubw)
+        theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
+        w, f, lam_x, lam_g, grad_L, g = self.evaluate("solve", w0, lam_x0, lam_g0, x0, theta_dm, lbw, ubw)
         w = np.clip(w, lbw, ubw)
         value = f.reshape(B)
-        res = self._residual(w, x0, theta_dm, lam_g, lbw, ubw)
+        res = self._kkt_residual(w, grad_L, g, lbw, ubw)
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
         bad = np.flatnonzero(status != Status.SOLVED)
         if o.retry and bad.size:
@@ -326,6 +328,11 @@ class BatchedSolver:
 
     def _residual(self, w, x0, theta_dm, lam_g, lbw, ubw) -> np.ndarray:
         grad_L, g = self.evaluate("first_order", w, x0, theta_dm, lam_g)
+        return self._kkt_residual(w, grad_L, g, lbw, ubw)
+
+    @staticmethod
+    def _kkt_residual(w, grad_L, g, lbw, ubw) -> np.ndarray:
+        """Max of the projected gradient ``|w − clip(w − ∇_w L)|`` and ``|g|``, per sample."""
         pg = w - np.clip(w - grad_L, lbw, ubw)
         r = np.abs(pg).max(axis=1)
         if g.shape[1]:
@@ -350,7 +357,7 @@ class BatchedSolver:
         self,
         result: SolveResult,
         x0: np.ndarray,
-        theta: np.ndarray,
+        theta: np.ndarray | ca.DM,
         lbw: np.ndarray,
         ubw: np.ndarray,
         seed: np.ndarray,
@@ -358,7 +365,8 @@ class BatchedSolver:
         """Solve the reduced KKT system for seeds ``(B, n_w)`` on ``w*`` (see module docstring)."""
         P = self.problem
         B, nw, ng = seed.shape[0], P.n_w, P.n_g
-        H, G = self.evaluate("second_order", result.w, x0, ca.DM(theta), result.lam_g)
+        theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
+        H, G = self.evaluate("second_order", result.w, x0, theta_dm, result.lam_g)
         fixed, weak = self.at_bounds(result, lbw, ubw)
         free = (~fixed).astype(float)
         n = nw + ng
