@@ -117,17 +117,11 @@ def make_scenario(
 def activity(layer: ArgminLayer, x: torch.Tensor) -> tuple[int, int, int]:
     """``(active, weakly active, free)`` action components of the solutions for ``x``."""
     layer(x, grad_mode="none")
-    fixed, weak = layer.solver.at_bounds(_result(layer), layer.lbw, layer.ubw)
+    r = layer.last_result
+    fixed, weak = layer.solver.at_bounds(r.plan, r.lam_x, layer.lbw, layer.ubw)
     n_act = (layer.problem.N + 1) * layer.problem.nu
     fixed, weak = fixed[:, :n_act], weak[:, :n_act]
     return int((fixed & ~weak).sum()), int(weak.sum()), int((~fixed).sum())
-
-
-def _result(layer: ArgminLayer):
-    from qmpc.solver import SolveResult
-
-    r = layer.last_result
-    return SolveResult(r.plan, np.zeros(r.plan.shape[0]), r.lam_x, r.lam_g, r.status, r.kkt_residual, r.solve_ms)
 
 
 def fd_errors(

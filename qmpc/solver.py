@@ -341,16 +341,18 @@ class BatchedSolver:
         return r
 
     # -- sensitivities ------------------------------------------------------------------
-    def at_bounds(self, result: SolveResult, lbw: np.ndarray, ubw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(fixed, weak)`` masks ``(B, n_w)``: components at a bound, and those of them whose
-        multiplier is below ``multiplier_tol`` (weakly active)."""
+    def at_bounds(
+        self, w: np.ndarray, lam_x: np.ndarray, lbw: np.ndarray, ubw: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(fixed, weak)`` masks ``(B, n_w)`` of solutions ``w`` with bound multipliers ``lam_x``:
+        components at a bound, and those of them whose multiplier is below ``multiplier_tol``
+        (weakly active)."""
         o = self.options
-        w = result.w
         with np.errstate(invalid="ignore"):
             at_lb = (w - lbw) <= o.bound_tol * (1 + np.abs(np.where(np.isfinite(lbw), lbw, 0)))
             at_ub = (ubw - w) <= o.bound_tol * (1 + np.abs(np.where(np.isfinite(ubw), ubw, 0)))
         fixed = at_lb | at_ub
-        weak = fixed & (np.abs(result.lam_x) <= o.multiplier_tol)
+        weak = fixed & (np.abs(lam_x) <= o.multiplier_tol)
         return fixed, weak
 
     def adjoint(
@@ -367,7 +369,7 @@ class BatchedSolver:
         B, nw, ng = seed.shape[0], P.n_w, P.n_g
         theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
         H, G = self.evaluate("second_order", result.w, x0, theta_dm, result.lam_g)
-        fixed, weak = self.at_bounds(result, lbw, ubw)
+        fixed, weak = self.at_bounds(result.w, result.lam_x, lbw, ubw)
         free = (~fixed).astype(float)
         n = nw + ng
         K = np.zeros((B, n, n))

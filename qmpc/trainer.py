@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -272,7 +273,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
         save_checkpoint(
             ckpt_path,
             {
-                "config": _asdict(cfg),
+                "config": dataclasses.asdict(cfg),
                 "spec": {
                     "env_id": spec.env_id,
                     "obs_dim": spec.obs_dim,
@@ -381,12 +382,6 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
     bar.close()
     logger.close()
     return RunSummary(run_dir, step, eval_steps, eval_returns, fails / max(1, solves), time.perf_counter() - t_start)
-
-
-def _asdict(cfg: Config) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def _network_kwargs(cfg: Config) -> dict:
