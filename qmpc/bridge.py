@@ -279,7 +279,8 @@ class _ArgminFunction(torch.autograd.Function):
             else:
                 xq = torch.as_tensor(res.w[:, P.x_slice(P.N)], device=dev).requires_grad_(True)
             names = [n for n, _ in layer.q.named_parameters()]
-            p64 = {n: p.to(torch.float64) for n, p in zip(names, params, strict=True)}
+            p64 = {n: b.to(torch.float64) for n, b in layer.q.named_buffers()}
+            p64.update({n: p.to(torch.float64) for n, p in zip(names, params, strict=True)})
             qv = functional_call(layer.q, p64, (xq, uq))
             s = (torch.as_tensor(vbar, device=dev) * qv).sum()
             if a.any():

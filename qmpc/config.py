@@ -48,6 +48,10 @@ class NetworkConfig:
     """``m`` of the ``½ m ‖u‖²`` added to PICNN and MLPQ (ignored by QuadraticQ)."""
     state_dependent_curvature: bool = True
     """QuadraticQ only: the curvature in u depends on x (False: a constant matrix)."""
+    obs_normalization: str = field(default="none", metadata={"choices": ("none", "standardize", "whiten")})
+    """Fixed input normalisation from the offline dataset's states: ``standardize`` (per-dimension
+    mean and std) or ``whiten`` (mean and covariance; decorrelates, e.g., positions and velocities).
+    Offline mode only."""
 
 
 @dataclass

@@ -234,3 +234,19 @@ def load_minari(path: str | Path, obs_dim: int, act_dim: int, env_id: str | None
     if bad.any():
         raise InputError(f"expected finite transitions in {path}, got NaN/Inf in {int(bad.sum())} of {len(bad)}")
     return out
+
+
+def input_normalization(obs: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(shift, transform)`` with ``x̃ = transform @ (x − shift)`` from states ``obs (N, nx)``:
+    ``standardize`` (mean, 1/std) or ``whiten`` (mean, inverse Cholesky factor of the covariance)."""
+    obs = np.asarray(obs, np.float64)
+    if obs.ndim != 2 or obs.shape[0] < 2:
+        raise InputError(f"expected at least 2 states to normalise with, got shape {obs.shape}")
+    mean = obs.mean(axis=0)
+    if kind == "standardize":
+        return mean, np.diag(1.0 / np.maximum(obs.std(axis=0), 1e-6))
+    if kind == "whiten":
+        cov = np.cov(obs.T).reshape(obs.shape[1], obs.shape[1])
+        cov += 1e-9 * max(1.0, np.trace(cov)) * np.eye(obs.shape[1])
+        return mean, np.linalg.inv(np.linalg.cholesky(cov))
+    raise InputError(f"expected normalisation 'standardize' or 'whiten', got {kind!r}")

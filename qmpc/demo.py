@@ -37,6 +37,7 @@ DEMO_CONFIG = {
         "activation": "tanh",
         "action_curvature": 0.01,
         "state_dependent_curvature": False,
+        "obs_normalization": "whiten",
     },
     "solver": {"plugin": "sqpmethod", "max_iter": 50, "tol": 1e-8, "workers": 0},
     "train": {

@@ -213,11 +213,33 @@ class QNetwork(nn.Module):
                 raise InputError(f"expected {name} to be a positive int, got {v!r}")
         self.obs_dim = int(obs_dim)
         self.act_dim = int(act_dim)
+        # fixed input normalisation x̃ = T (x − shift) (identity unless set from data)
+        self.register_buffer("obs_shift", torch.zeros(self.obs_dim))
+        self.register_buffer("obs_transform", torch.eye(self.obs_dim))
+
+    def set_input_normalization(self, shift: np.ndarray, transform: np.ndarray) -> None:
+        """Fix the input normalisation ``x̃ = transform @ (x − shift)`` (e.g. whitening with the
+        data's mean and covariance). It is part of the architecture: set it before the CasADi
+        twin is built (before any :class:`~qmpc.ArgminLayer` is made from this network)."""
+        if self.__dict__.get("_casadi_cache"):
+            raise InputError("expected set_input_normalization before the CasADi twin is built, got a built twin")
+        shift, transform = np.asarray(shift, np.float64), np.asarray(transform, np.float64)
+        if shift.shape != (self.obs_dim,) or transform.shape != (self.obs_dim, self.obs_dim):
+            raise InputError(
+                f"expected shift ({self.obs_dim},) and transform ({self.obs_dim}, {self.obs_dim}), "
+                f"got {shift.shape} and {transform.shape}"
+            )
+        if not (np.isfinite(shift).all() and np.isfinite(transform).all()):
+            raise InputError("expected a finite input normalisation, got NaN/Inf")
+        with torch.no_grad():
+            self.obs_shift.copy_(torch.as_tensor(shift))
+            self.obs_transform.copy_(torch.as_tensor(transform))
 
     # -- the twin -------------------------------------------------------------------
     def casadi_expr(self, x, u, theta):
-        """CasADi expression of ``Q`` for column vectors ``x (obs_dim)``, ``u (act_dim)`` and
-        the flat parameter vector ``theta`` (see :meth:`flat_parameters`)."""
+        """CasADi expression of ``Q`` for column vectors ``x (obs_dim)`` (already normalised, see
+        :meth:`set_input_normalization`), ``u (act_dim)`` and the flat parameter vector ``theta``
+        (see :meth:`flat_parameters`)."""
         raise NotImplementedError
 
     def casadi_function(self, kind: str = "MX") -> ca.Function:
@@ -226,7 +248,9 @@ class QNetwork(nn.Module):
         if kind not in cache:
             sym = {"MX": ca.MX.sym, "SX": ca.SX.sym}[kind]
             x, u, th = sym("x", self.obs_dim), sym("u", self.act_dim), sym("theta", self.num_parameters)
-            cache[kind] = ca.Function("q", [x, u, th], [self.casadi_expr(x, u, th)], ["x", "u", "theta"], ["q"])
+            T = ca.DM(self.obs_transform.detach().double().numpy())
+            xn = ca.mtimes(T, x - ca.DM(self.obs_shift.detach().double().numpy()))
+            cache[kind] = ca.Function("q", [x, u, th], [self.casadi_expr(xn, u, th)], ["x", "u", "theta"], ["q"])
         return cache[kind]
 
     @property
@@ -261,11 +285,13 @@ class QNetwork(nn.Module):
             off += p.numel()
         return out
 
-    def _check_inputs(self, x: torch.Tensor, u: torch.Tensor) -> None:
+    def _prepare(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Check shapes; return the normalised ``x``."""
         if x.ndim != 2 or x.shape[1] != self.obs_dim:
             raise InputError(f"expected x of shape (B, {self.obs_dim}), got {tuple(x.shape)}")
         if u.ndim != 2 or u.shape != (x.shape[0], self.act_dim):
             raise InputError(f"expected u of shape ({x.shape[0]}, {self.act_dim}), got {tuple(u.shape)}")
+        return (x - self.obs_shift.to(x.dtype)) @ self.obs_transform.to(x.dtype).T
 
 
 # --------------------------------------------------------------------------------------
@@ -360,7 +386,7 @@ class QuadraticQ(QNetwork):
         return self.l_const.expand(h.shape[0], -1)
 
     def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(x, u)
+        x = self._prepare(x, u)
         h = self.trunk(x)
         mu = self.mu(h)
         raw = self._l_entries_t(h)
@@ -470,8 +496,7 @@ class PICNN(QNetwork):
         self.layers = nn.ModuleList(_PICNNLayer(xs[k], zs[k], act_dim, zs[k + 1]) for k in range(len(zs) - 1))
 
     def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(x, u)
-        xt, z = x, None
+        xt, z = self._prepare(x, u), None
         for k, layer in enumerate(self.layers):
             z = layer(xt, z, u)
             if k < len(self.layers) - 1:
@@ -529,7 +554,7 @@ class MLPQ(QNetwork):
         self.net = _mlp((obs_dim + act_dim, *self.hidden, 1), activation, last_activation=False)
 
     def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(x, u)
+        x = self._prepare(x, u)
         q = self.net(torch.cat([x, u], dim=-1)).squeeze(-1)
         return q + 0.5 * self.action_curvature * (u**2).sum(-1)
 

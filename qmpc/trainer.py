@@ -24,7 +24,7 @@ from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from qmpc.config import Config, config_from_dict, config_to_toml
 from qmpc.controller import Controller
-from qmpc.data import ReplayBuffer, atomic_write, load_minari
+from qmpc.data import ReplayBuffer, atomic_write, input_normalization, load_minari
 from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError
 from qmpc.losses import td_loss
@@ -223,18 +223,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
     env = make_env(cfg.env.id, seed=cfg.seed)
     eval_env = make_env(cfg.env.id, seed=cfg.seed + 10_000)
     spec = env_spec(env)
-    q = build_q(cfg, spec)
-    q_target = copy.deepcopy(q)
-    opt = torch.optim.Adam(q.parameters(), lr=tc.lr)
-    decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
-    solver_kw = dict(solver=cfg.solver.plugin, max_iter=cfg.solver.max_iter, tol=cfg.solver.tol)
-    online = ArgminLayer(q, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
-    target = ArgminLayer(q_target, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
-    actor = ArgminLayer(q, spec.low, spec.high, grad_mode="none", workers=1, **solver_kw)
-    q_eval = copy.deepcopy(q).double()
-    evaluator = Controller(q_eval, spec.low, spec.high, max_iter=cfg.solver.max_iter, env_id=spec.env_id)
     buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, tc.buffer_size)
+    q = build_q(cfg, spec)
     if tc.mode == "offline":
         if not tc.dataset:
             raise ConfigError("expected train.dataset (a Minari dataset path) in offline mode, got ''")
@@ -246,6 +236,23 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
             data["next_obs"][:n],
             data["terminated"][:n],
         )
+        if cfg.network.obs_normalization != "none":
+            q.set_input_normalization(*input_normalization(data["obs"][:n], cfg.network.obs_normalization))
+    elif cfg.network.obs_normalization != "none":
+        raise ConfigError(
+            f"expected network.obs_normalization = 'none' in online mode (its statistics come from the "
+            f"offline dataset), got {cfg.network.obs_normalization!r}"
+        )
+    q_target = copy.deepcopy(q)
+    opt = torch.optim.Adam(q.parameters(), lr=tc.lr)
+    decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
+    solver_kw = dict(solver=cfg.solver.plugin, max_iter=cfg.solver.max_iter, tol=cfg.solver.tol)
+    online = ArgminLayer(q, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
+    target = ArgminLayer(q_target, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
+    actor = ArgminLayer(q, spec.low, spec.high, grad_mode="none", workers=1, **solver_kw)
+    q_eval = copy.deepcopy(q).double()
+    evaluator = Controller(q_eval, spec.low, spec.high, max_iter=cfg.solver.max_iter, env_id=spec.env_id)
     act_range = spec.high - spec.low
 
     step, episode, fails, solves = 0, 0, 0.0, 0

@@ -97,3 +97,24 @@ def test_td_pipeline_fixed_point_is_the_riccati_q(tmp_path):
         res.loss.backward()
         opt.step()
     assert riccati_hessian_error(q, env, gamma) < 0.02
+
+
+def test_offline_training_recovers_the_riccati_q(tmp_path):
+    """Issue 3's ground truth: a QuadraticQ trained offline from random point-mass data (the
+    demo's configuration) has the Riccati Hessian in (x, u) to within 5 %."""
+    from qmpc.checkpoint import load_checkpoint, network_from_checkpoint
+    from qmpc.config import config_from_dict
+    from qmpc.data import collect
+    from qmpc.demo import DEMO_CONFIG, riccati_hessian_error
+    from qmpc.trainer import train
+
+    env = make_env("qmpc/PointMass-v0", seed=0)
+    rng = np.random.default_rng(0)
+    collect(env, lambda o: rng.uniform(-2, 2, 2), 10000, tmp_path / "data", seed=0)
+    train_cfg = {**DEMO_CONFIG["train"], "dataset": str(tmp_path / "data"), "eval_every": 10**6}
+    cfg = config_from_dict({**DEMO_CONFIG, "run_dir": str(tmp_path / "run"), "train": train_cfg})
+    train(cfg, progress=False)
+    q = network_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoint.pt"))
+    err = riccati_hessian_error(q, env, cfg.train.gamma)
+    print(f"relative Hessian error against the Riccati Q: {100 * err:.2f} %")
+    assert err < 0.05
