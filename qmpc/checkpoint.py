@@ -30,6 +30,7 @@ class CheckpointError(QmpcError):
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` atomically (a kill mid-write leaves the previous checkpoint intact)."""
+    payload = {k: v for k, v in payload.items() if k != "format"}
     atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
 
 
@@ -53,6 +54,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if key not in ckpt:
             raise CheckpointError(f"expected key {key!r} in checkpoint {path}, got {sorted(ckpt)}")
     return ckpt
+
+
+POLICY_KEYS = ("config", "spec", "network", "gamma", "q")
+
+
+def policy_of(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The part of a training checkpoint that a controller needs (no optimiser, buffer or RNG
+    state), plus where training stood: small enough to ship in ``models/``."""
+    out = {k: ckpt[k] for k in POLICY_KEYS if k in ckpt}
+    if "loop" in ckpt:
+        out["trained_steps"] = ckpt["loop"]["step"]
+        out["eval_returns"] = list(zip(ckpt["loop"]["eval_steps"], ckpt["loop"]["eval_returns"], strict=True))
+    return out
 
 
 def network_from_checkpoint(ckpt: dict[str, Any], dtype: torch.dtype = torch.float64) -> QNetwork:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from qmpc.bridge import ArgminLayer
-from qmpc.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from qmpc.checkpoint import CheckpointError, load_checkpoint, policy_of, save_checkpoint
 from qmpc.config import Config, config_from_dict, config_to_toml
 from qmpc.controller import Controller
 from qmpc.data import ReplayBuffer, atomic_write, input_normalization, load_minari
@@ -277,39 +277,38 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
 
     def checkpoint() -> None:
-        save_checkpoint(
-            ckpt_path,
-            {
-                "config": dataclasses.asdict(cfg),
-                "spec": {
-                    "env_id": spec.env_id,
-                    "obs_dim": spec.obs_dim,
-                    "act_dim": spec.act_dim,
-                    "low": spec.low.tolist(),
-                    "high": spec.high.tolist(),
-                },
-                "network": _network_kwargs(cfg),
-                "gamma": tc.gamma,
-                "q": q.state_dict(),
-                "q_target": q_target.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "buffer": buffer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state},
-                "env_state": _env_state(env),
-                "loop": {
-                    "step": step,
-                    "episode": episode,
-                    "fails": fails,
-                    "solves": solves,
-                    "obs": obs,
-                    "ep_return": ep_return,
-                    "ep_len": ep_len,
-                    "eval_steps": eval_steps,
-                    "eval_returns": eval_returns,
-                },
+        full = {
+            "config": dataclasses.asdict(cfg),
+            "spec": {
+                "env_id": spec.env_id,
+                "obs_dim": spec.obs_dim,
+                "act_dim": spec.act_dim,
+                "low": spec.low.tolist(),
+                "high": spec.high.tolist(),
             },
-        )
+            "network": _network_kwargs(cfg),
+            "gamma": tc.gamma,
+            "q": q.state_dict(),
+            "q_target": q_target.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "buffer": buffer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state},
+            "env_state": _env_state(env),
+            "loop": {
+                "step": step,
+                "episode": episode,
+                "fails": fails,
+                "solves": solves,
+                "obs": obs,
+                "ep_return": ep_return,
+                "ep_len": ep_len,
+                "eval_steps": eval_steps,
+                "eval_returns": eval_returns,
+            },
+        }
+        save_checkpoint(ckpt_path, full)
+        save_checkpoint(run_dir / "policy.pt", policy_of(full))  # what a controller needs: small, to ship
 
     acc: dict[str, list[float]] = {}
     bar = tqdm(

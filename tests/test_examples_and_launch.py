@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from qmpc import Controller
+from qmpc.checkpoint import load_checkpoint
 from qmpc.cli import main
 from qmpc.config import config_from_dict, load_config
 from qmpc.demo import DEMO_CONFIG
@@ -78,8 +80,11 @@ def test_launch_file_trains_with_a_tiny_budget(launch, tmp_path, datasets, capsy
     assert main(["train", str(launch), "--no-progress", *[x for s in sets for x in ("--set", s)]]) == 0
     out = capsys.readouterr().out
     assert "eval return" in out
-    for name in ("checkpoint.pt", "config.toml", "metrics.csv", "learning_curve.png"):
+    for name in ("checkpoint.pt", "policy.pt", "config.toml", "metrics.csv", "learning_curve.png"):
         assert (tmp_path / "run" / name).exists()
+    policy = load_checkpoint(tmp_path / "run" / "policy.pt")
+    assert "buffer" not in policy and policy["trained_steps"] == 24
+    assert Controller.from_checkpoint(tmp_path / "run" / "policy.pt").env_id == cfg.env.id
 
 
 def test_train_resume_and_run_cli(tmp_path, capsys):
