@@ -78,10 +78,14 @@ def network_from_checkpoint(ckpt: dict[str, Any], dtype: torch.dtype = torch.flo
         spec["act_dim"],
         **{k: v for k, v in ckpt["network"].items() if k != "arch"},
     )
+    state = dict(ckpt["q"])
+    for name in ("obs_shift", "obs_transform"):  # written before input normalisation existed: identity
+        state.setdefault(name, getattr(q, name))
     try:
-        q.load_state_dict(ckpt["q"])
+        q.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"expected weights matching {ckpt['network']}, got: {str(e).splitlines()[0]}") from None
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"expected weights matching {ckpt['network']}, got: {detail}") from None
     q = q.to(dtype)
     bad = [n for n, p in q.named_parameters() if not torch.isfinite(p).all()]
     if bad:

@@ -37,9 +37,14 @@ class Batch(NamedTuple):
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` and move the file into place atomically (never a torn file)."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise InputError(f"expected a regular file path to write, got {path} (a directory or device)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # like a file opened for writing, not mkstemp's 0600
     try:
         write(tmp)
         with open(tmp, "rb") as f:

@@ -116,3 +116,14 @@ def test_demo_runs_with_a_tiny_budget(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Riccati" in out and "LQR" in out
     assert (tmp_path / "rollout.png").exists() and (tmp_path / "run" / "learning_curve.png").exists()
+
+
+def test_shipped_inverted_pendulum_checkpoint_runs(tmp_path, capsys):
+    """``qmpc run models/inverted_pendulum.pt`` works right after install (trained by
+    ``qmpc train launch/inverted_pendulum.toml``) and balances the pendulum."""
+    plot = tmp_path / "ip.png"
+    assert main(["run", str(ROOT / "models" / "inverted_pendulum.pt"), "--episodes", "1", "--plot", str(plot)]) == 0
+    assert plot.exists()
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.strip().startswith("0 "))
+    assert float(row.split()[1]) >= 900  # return of episode 0 (1000 = balanced for the whole episode)

@@ -1,5 +1,7 @@
 """Issue 3: configs, TD target modes, masking, datasets, checkpoints and exact resume."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -155,6 +157,16 @@ def test_existing_run_needs_resume(tmp_path):
     train(_online_cfg(tmp_path / "r", steps=20), progress=False)
     with pytest.raises(qmpc.ConfigError, match="--resume"):
         train(_online_cfg(tmp_path / "r", steps=20), progress=False)
+
+
+def test_atomic_write_refuses_devices_and_directories(tmp_path):
+    from qmpc.data import atomic_write
+
+    for target in ("/dev/null", tmp_path):
+        with pytest.raises(qmpc.InputError, match="regular file"):
+            atomic_write(target, lambda tmp: None)
+    atomic_write(tmp_path / "f.txt", lambda tmp: Path(tmp).write_text("ok"))
+    assert (tmp_path / "f.txt").read_text() == "ok"
 
 
 def test_checkpoint_errors(tmp_path):
