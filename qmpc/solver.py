@@ -297,7 +297,11 @@ class BatchedSolver:
         lam_x0 = np.zeros((B, P.n_w)) if lam_x0 is None else lam_x0
         lam_g0 = np.zeros((B, P.n_g)) if lam_g0 is None else lam_g0
         theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
-        w, f, lam_x, lam_g, grad_L, g = self.evaluate("solve", w0, lam_x0, lam_g0, x0, theta_dm, lbw, ubw)
+        args = (w0, lam_x0, lam_g0, x0, theta_dm, lbw, ubw)
+        try:
+            w, f, lam_x, lam_g, grad_L, g = self.evaluate("solve", *args)
+        except RuntimeError:  # an evaluation inside CasADi raised: solve row by row, keep the others
+            w, f, lam_x, lam_g, grad_L, g = self._solve_rows(*args)
         w = np.clip(w, lbw, ubw)
         value = f.reshape(B)
         res = self._kkt_residual(w, grad_L, g, lbw, ubw)
@@ -306,11 +310,21 @@ class BatchedSolver:
         if o.retry and bad.size:
             wc = self.cold_start(x0[bad], lbw, ubw)
             for j, i in enumerate(bad):
-                r = self.nlpsol(x0=wc[j], p=ca.vertcat(ca.DM(x0[i]), theta_dm), lbx=lbw, ubx=ubw, lbg=0, ubg=0)
-                stats = self.nlpsol.stats()
+                try:
+                    r = self.nlpsol(x0=wc[j], p=ca.vertcat(ca.DM(x0[i]), theta_dm), lbx=lbw, ubx=ubw, lbg=0, ubg=0)
+                except RuntimeError:
+                    status[i] = Status.FAILED
+                    continue
+                try:
+                    stats = self.nlpsol.stats()
+                except RuntimeError:  # seen with sqpmethod after some failed solves in CasADi 3.8.2
+                    stats = {}
                 wi = np.clip(np.asarray(r["x"]).reshape(-1), lbw, ubw)
                 lgi = np.asarray(r["lam_g"]).reshape(-1)
-                ri = self._residual(wi[None], x0[i : i + 1], theta_dm, lgi[None], lbw, ubw)[0]
+                try:
+                    ri = self._residual(wi[None], x0[i : i + 1], theta_dm, lgi[None], lbw, ubw)[0]
+                except RuntimeError:
+                    ri = np.inf
                 w[i], value[i], lam_x[i], lam_g[i], res[i] = (
                     wi,
                     float(r["f"]),
@@ -325,6 +339,28 @@ class BatchedSolver:
         elif bad.size:
             status[bad] = Status.FAILED
         return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3)
+
+    def _solve_rows(self, w0, lam_x0, lam_g0, x0, theta_dm, lbw, ubw) -> list[np.ndarray]:
+        """The batched solve one row at a time; a row whose evaluation raises comes back as its
+        initial guess with NaN residuals (so it is marked failed and retried)."""
+        B, P = x0.shape[0], self.problem
+        out = [
+            w0.copy(),
+            np.full((B, 1), np.nan),
+            lam_x0.copy(),
+            lam_g0.copy(),
+            np.full((B, P.n_w), np.nan),
+            np.full((B, P.n_g), np.nan),
+        ]
+        for i in range(B):
+            row = (w0[i : i + 1], lam_x0[i : i + 1], lam_g0[i : i + 1], x0[i : i + 1], theta_dm, lbw, ubw)
+            try:
+                res = self.evaluate("solve", *row)
+            except RuntimeError:
+                continue
+            for k, v in enumerate(res):
+                out[k][i] = v[0]
+        return out
 
     def _residual(self, w, x0, theta_dm, lam_g, lbw, ubw) -> np.ndarray:
         grad_L, g = self.evaluate("first_order", w, x0, theta_dm, lam_g)

@@ -144,3 +144,39 @@ def test_singular_kkt_is_flagged_and_keeps_value_gradient():
     env = torch.autograd.grad(q(x, u.detach()).sum(), params)
     for a, b in zip(g, env, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_solve_that_raises_inside_casadi_is_contained():
+    """CasADi 3.8.2's sqpmethod fails on this state (an untrained network planning through an
+    unstable 17-state model); inside a mapped Function that raises 'Evaluation failed' for the
+    whole batch. The solver must contain it: the other samples solve, this one is counted."""
+    torch.manual_seed(0)
+    q = qmpc.PICNN(17, 6, hidden=(32, 32)).double()
+    f, c, _, _ = linear_model(17, 6, seed=0)
+    layer = qmpc.ArgminLayer(q, -torch.ones(6), torch.ones(6), horizon=10, dynamics=f, stage_cost=c, discount=0.99)
+    bad = [
+        -0.039027376735244416,
+        -0.04718520831706556,
+        0.07509833384376777,
+        -0.17450010049696163,
+        -0.3479943657890889,
+        -0.36399508097796246,
+        0.34144206525958826,
+        0.2589055095871922,
+        -0.47002886912787323,
+        -0.06575025734402111,
+        1.1530378093598508,
+        3.766503321954384,
+        -6.225705269314626,
+        -9.963675507634283,
+        -10.009460677269933,
+        6.758533664783543,
+        6.945642183078832,
+    ]
+    x = torch.tensor([bad, [0.0] * 17], dtype=torch.float64, requires_grad=True)
+    u, v = layer(x)
+    st = layer.last_result.status
+    assert st[1] == qmpc.Status.SOLVED
+    assert (torch.abs(u) <= 1).all() and torch.isfinite(u).all()
+    (u.sum() + v[qmpc.Status.ok(st)].sum()).backward()
+    assert torch.isfinite(x.grad).all()
