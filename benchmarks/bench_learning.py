@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=2000)
     ap.add_argument("--eval-episodes", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--methods", nargs="+", default=["qmpc", "SAC"], choices=["qmpc", "SAC"])
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ def main() -> None:
     for task in args.tasks:
         env_id = load_config(ROOT / "launch" / f"{task}.toml").env.id
         for seed in args.seeds:
-            for method in ("qmpc", "SAC"):
+            for method in args.methods:
                 if method == "qmpc":
                     xs, ys, sec = run_qmpc(task, args.steps, seed, args.eval_every, args.eval_episodes, out)
                 else:
