@@ -94,8 +94,10 @@ def main() -> None:
                     xs, ys, sec = run_sac(env_id, args.steps, seed, args.eval_every, args.eval_episodes)
                 curves[(env_id, method, seed)] = (xs, ys)
                 rows.append((env_id, method, seed, ys[-1] if ys else float("nan"), max(ys, default=float("nan")), sec))
+                curve = ", ".join(f"{x}: {y:.1f}" for x, y in zip(xs, ys, strict=True))
                 print(
-                    f"{env_id} {method} seed {seed}: final {rows[-1][3]:.1f}, best {rows[-1][4]:.1f}, {sec:.0f} s",
+                    f"{env_id} {method} seed {seed}: final {rows[-1][3]:.1f}, best {rows[-1][4]:.1f}, "
+                    f"{sec:.0f} s; evaluations {{{curve}}}",
                     flush=True,
                 )
     head = f"{'task':<28} {'method':<6} {'seed':>4} {'final return':>12} {'best return':>12} {'wall s':>8}"
