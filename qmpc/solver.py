@@ -3,8 +3,10 @@ and the adjoint solve of the reduced KKT system that the torch bridge needs.
 
 This module never imports torch and never raises on a failed solve: every sample gets a
 :class:`Status`. A sample is accepted by a solver-independent certificate (its projected
-gradient and constraint residual), not by the plugin's own flag; samples that fail it are
-retried once from a cold start, one by one, and then reported as ``MAX_ITER`` or ``FAILED``.
+gradient and constraint residual), not by the plugin's own flag (sqpmethod was seen to report
+success at points with a projected gradient of 2); samples that fail it are retried once from a
+cold start, one by one, by default with the other plugin, then reported as ``MAX_ITER`` or
+``FAILED``.
 
 Sensitivities (the tilt trick of DESIGN.md). For a seed ``ū`` on ``w*``, the adjoint
 ``(a, b)`` solves the reduced KKT system
@@ -24,6 +26,7 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -83,6 +86,9 @@ class SolverOptions:
     """A bound at which the multiplier is at most this is weakly active."""
     retry: bool = True
     """Retry failed samples once from a cold start."""
+    retry_plugin: str = "auto"
+    """Plugin of the retry: ``auto`` (the other plugin — an independent second attempt; sqpmethod
+    can report success at points that fail qmpc's KKT certificate), ``same``, or a plugin name."""
     workers: int = 0
     """Threads that solve parts of a batch in parallel (each with its own solver instance);
     0 picks ``min(4, cpu_count)``."""
@@ -92,6 +98,8 @@ class SolverOptions:
     def __post_init__(self) -> None:
         if self.plugin not in PLUGINS:
             raise InputError(f"expected solver plugin in {PLUGINS}, got {self.plugin!r}")
+        if self.retry_plugin not in ("auto", "same", *PLUGINS):
+            raise InputError(f"expected retry_plugin in {('auto', 'same', *PLUGINS)}, got {self.retry_plugin!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise InputError(f"expected workers to be an int >= 0, got {self.workers!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
@@ -206,6 +214,15 @@ class BatchedSolver:
                 )
             )
         self._maps: dict[tuple[str, int, int], ca.Function] = {}
+        o = self.options
+        retry = {"auto": next(p for p in PLUGINS if p != o.plugin), "same": o.plugin}.get(
+            o.retry_plugin, o.retry_plugin
+        )
+        self.retry_solver = (
+            self.nlpsol
+            if retry == o.plugin
+            else ca.nlpsol("qmpc_nlp_retry", retry, P.nlp, _plugin_options(dataclasses.replace(o, plugin=retry)))
+        )
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
     # -- batching -----------------------------------------------------------------------
@@ -310,13 +327,14 @@ class BatchedSolver:
         if o.retry and bad.size:
             wc = self.cold_start(x0[bad], lbw, ubw)
             for j, i in enumerate(bad):
+                solver = self.retry_solver
                 try:
-                    r = self.nlpsol(x0=wc[j], p=ca.vertcat(ca.DM(x0[i]), theta_dm), lbx=lbw, ubx=ubw, lbg=0, ubg=0)
+                    r = solver(x0=wc[j], p=ca.vertcat(ca.DM(x0[i]), theta_dm), lbx=lbw, ubx=ubw, lbg=0, ubg=0)
                 except RuntimeError:
                     status[i] = Status.FAILED
                     continue
                 try:
-                    stats = self.nlpsol.stats()
+                    stats = solver.stats()
                 except RuntimeError:  # seen with sqpmethod after some failed solves in CasADi 3.8.2
                     stats = {}
                 wi = np.clip(np.asarray(r["x"]).reshape(-1), lbw, ubw)

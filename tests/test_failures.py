@@ -180,3 +180,13 @@ def test_a_solve_that_raises_inside_casadi_is_contained():
     assert (torch.abs(u) <= 1).all() and torch.isfinite(u).all()
     (u.sum() + v[qmpc.Status.ok(st)].sum()).backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_retry_uses_the_other_plugin_by_default():
+    q = make_network("PICNN", 4, 2, 0)
+    assert qmpc.ArgminLayer(q, -1, 1).solver.retry_solver.class_name() == "IpoptInterface"
+    assert qmpc.ArgminLayer(q, -1, 1, solver="ipopt").solver.retry_solver.class_name() == "Sqpmethod"
+    same = qmpc.ArgminLayer(q, -1, 1, retry_plugin="same").solver
+    assert same.retry_solver is same.nlpsol
+    with pytest.raises(qmpc.InputError, match="retry_plugin"):
+        qmpc.ArgminLayer(q, -1, 1, retry_plugin="snopt")
