@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from qmpc.bridge import ArgminLayer
 from qmpc.lqr import dare, lqr_q_matrix
-from qmpc.networks import MLPQ, PICNN, QNetwork, QuadraticQ
+from qmpc.networks import ARCHITECTURES, QNetwork, QuadraticQ
 
 __all__ = [
     "CheckRow",
@@ -40,7 +40,6 @@ __all__ = [
     "twin_errors",
 ]
 
-ARCHS = {"QuadraticQ": QuadraticQ, "PICNN": PICNN, "MLPQ": MLPQ}
 Bounds = Literal["inactive", "active", "mixed"]
 
 
@@ -61,7 +60,7 @@ def make_network(arch: str, nx: int, nu: int, seed: int, hidden=(8, 8)) -> QNetw
     """A small float64 network of a given architecture, seeded."""
     torch.manual_seed(seed)
     kw = {"action_curvature": 0.5} if arch in ("PICNN", "MLPQ") else {}
-    return ARCHS[arch](nx, nu, hidden=hidden, **kw).double()
+    return ARCHITECTURES[arch](nx, nu, hidden=hidden, **kw).double()
 
 
 def linear_model(nx: int, nu: int, seed: int = 0) -> tuple[ca.Function, ca.Function, np.ndarray, np.ndarray]:
@@ -296,7 +295,7 @@ def _golden_layer(case: dict) -> tuple[ArgminLayer, torch.Tensor]:
     nx, nu = case["obs_dim"], case["act_dim"]
     torch.manual_seed(0)
     kw = {"action_curvature": case["action_curvature"]} if case["arch"] in ("PICNN", "MLPQ") else {}
-    q = ARCHS[case["arch"]](nx, nu, hidden=tuple(case["hidden"]), **kw).double()
+    q = ARCHITECTURES[case["arch"]](nx, nu, hidden=tuple(case["hidden"]), **kw).double()
     q.load_flat_parameters(np.array(case["theta"]))
     model = {}
     if case["horizon"] > 1:
@@ -326,7 +325,7 @@ def golden_errors(case: dict) -> float:
 
 def run_checks(quick: bool = True) -> Iterator[CheckRow]:
     """Yield the checks of ``qmpc check``: ``quick`` runs one case per family."""
-    archs = list(ARCHS)
+    archs = list(ARCHITECTURES)
     plugins = ("sqpmethod", "ipopt")
     for arch in archs:
         e = twin_errors(make_network(arch, 4, 2, 0))

@@ -29,6 +29,7 @@ from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError
 from qmpc.losses import td_loss
 from qmpc.networks import QNetwork, build_network
+from qmpc.runner import run_episodes
 
 __all__ = ["MetricsLogger", "RunSummary", "evaluate", "plot_learning_curve", "train"]
 
@@ -143,20 +144,16 @@ def build_q(cfg: Config, spec: EnvSpec) -> QNetwork:
     return q.to(getattr(torch, cfg.train.dtype))
 
 
-def evaluate(controller: Controller, env, episodes: int, seed: int) -> tuple[float, float]:
-    """Mean return (sum of rewards, i.e. −cost) and length of the greedy controller."""
-    returns, lengths = [], []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        controller.reset()
-        ret, n, done = 0.0, 0, False
-        while not done:
-            a, _ = controller.act(obs)
-            obs, r, term, trunc, _ = env.step(a)
-            ret, n, done = ret + float(r), n + 1, term or trunc
-        returns.append(ret)
-        lengths.append(n)
-    return float(np.mean(returns)), float(np.mean(lengths))
+def evaluate(controller: Controller, env, episodes: int, seed: int) -> tuple[float, float, float]:
+    """Mean return (sum of rewards, i.e. −cost), mean length and fraction of fallback steps of
+    the greedy controller over ``episodes`` episodes."""
+    eps, _ = run_episodes(controller, env, episodes, seed=seed)
+    steps = sum(e.length for e in eps)
+    return (
+        float(np.mean([e.ret for e in eps])),
+        float(np.mean([e.length for e in eps])),
+        sum(e.fallback for e in eps) / max(1, steps),
+    )
 
 
 def _env_state(env) -> dict[str, Any]:
@@ -368,7 +365,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
             acc.clear()
         if step % tc.eval_every == 0 or step == tc.steps:
             q_eval.load_state_dict(q.state_dict())
-            ret, length = evaluate(evaluator, eval_env, tc.eval_episodes, cfg.seed + 10_000)
+            ret, length, fallback = evaluate(evaluator, eval_env, tc.eval_episodes, cfg.seed + 10_000)
             eval_steps.append(step)
             eval_returns.append(ret)
             logger.log(
@@ -376,7 +373,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
                 {
                     "eval/return": ret,
                     "eval/length": length,
-                    "eval/fallback_frac": evaluator.stats["fallback"] / max(1, evaluator.stats["steps"]),
+                    "eval/fallback_frac": fallback,
                 },
             )
             bar.set_postfix(eval_return=f"{ret:.1f}", fail=f"{fails / max(1, solves):.3f}")
