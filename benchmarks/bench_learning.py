@@ -5,14 +5,18 @@ with the same environment-step budget and seeds, evaluating the deterministic po
     pip install -e ".[benchmark]"
     python benchmarks/bench_learning.py [--tasks inverted_pendulum reacher inverted_double_pendulum]
                                         [--steps 20000] [--seeds 0] [--out benchmarks/results]
+                                        [--workers 0] [--reuse]
 
 Prints one table (final and best evaluation return per task and method, wall time) and writes a
-plot of both learning curves per task. Returns are sums of rewards (= −total cost).
+plot of both learning curves per task. Returns are sums of rewards (= −total cost). qmpc runs live
+in ``--out/<task>-qmpc-seed<seed>`` and are resumed if that holds a checkpoint; SAC results are
+saved as JSON there and, with ``--reuse``, read back instead of retrained.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -58,8 +62,13 @@ def run_sac(env_id: str, steps: int, seed: int, eval_every: int, episodes: int) 
     return xs, ys, time.perf_counter() - t0
 
 
-def run_qmpc(task: str, steps: int, seed: int, eval_every: int, episodes: int, out: Path) -> tuple[list, list, float]:
+def run_qmpc(
+    task: str, steps: int, seed: int, eval_every: int, episodes: int, out: Path, workers: int
+) -> tuple[list, list, float]:
+    """Train from the task's launch file; a run directory with a checkpoint is resumed (a finished
+    run returns at once), so a killed benchmark continues where it stopped."""
     sets = [
+        f"solver.workers={workers}",
         f"train.steps={steps}",
         f"seed={seed}",
         f"train.eval_every={eval_every}",
@@ -67,7 +76,7 @@ def run_qmpc(task: str, steps: int, seed: int, eval_every: int, episodes: int, o
         f'run_dir="{out / f"{task}-qmpc-seed{seed}"}"',
     ]
     cfg = load_config(ROOT / "launch" / f"{task}.toml", sets)
-    s = train(cfg, progress=True)
+    s = train(cfg, resume=(cfg.resolved_run_dir() / "checkpoint.pt").exists(), progress=True)
     return s.eval_steps, s.eval_returns, s.seconds
 
 
@@ -80,6 +89,8 @@ def main() -> None:
     ap.add_argument("--eval-episodes", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--methods", nargs="+", default=["qmpc", "SAC"], choices=["qmpc", "SAC"])
+    ap.add_argument("--workers", type=int, default=0, help="qmpc solver threads (0: up to 4, one per core)")
+    ap.add_argument("--reuse", action="store_true", help="reuse SAC results saved by an earlier run in --out")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,10 +99,16 @@ def main() -> None:
         env_id = load_config(ROOT / "launch" / f"{task}.toml").env.id
         for seed in args.seeds:
             for method in args.methods:
+                saved = out / f"{task}-{method}-seed{seed}-{args.steps}.json"
                 if method == "qmpc":
-                    xs, ys, sec = run_qmpc(task, args.steps, seed, args.eval_every, args.eval_episodes, out)
+                    xs, ys, sec = run_qmpc(
+                        task, args.steps, seed, args.eval_every, args.eval_episodes, out, args.workers
+                    )
+                elif args.reuse and saved.exists():
+                    xs, ys, sec = json.loads(saved.read_text())
                 else:
                     xs, ys, sec = run_sac(env_id, args.steps, seed, args.eval_every, args.eval_episodes)
+                    saved.write_text(json.dumps([xs, ys, sec]))
                 curves[(env_id, method, seed)] = (xs, ys)
                 rows.append((env_id, method, seed, ys[-1] if ys else float("nan"), max(ys, default=float("nan")), sec))
                 curve = ", ".join(f"{x}: {y:.1f}" for x, y in zip(xs, ys, strict=True))

@@ -16,10 +16,18 @@ import numpy as np
 import torch
 
 from qmpc.data import atomic_write
-from qmpc.errors import QmpcError
+from qmpc.dynamics import DynamicsModel
+from qmpc.errors import InputError, QmpcError
 from qmpc.networks import QNetwork, build_network
 
-__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "network_from_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "dynamics_from_checkpoint",
+    "load_checkpoint",
+    "network_from_checkpoint",
+    "save_checkpoint",
+]
 
 FORMAT = "qmpc-checkpoint-1"
 
@@ -56,7 +64,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-POLICY_KEYS = ("config", "spec", "network", "gamma", "q")
+POLICY_KEYS = ("config", "spec", "network", "gamma", "q", "model")
 
 
 def policy_of(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +99,19 @@ def network_from_checkpoint(ckpt: dict[str, Any], dtype: torch.dtype = torch.flo
     if bad:
         raise CheckpointError(f"expected finite weights, got NaN/Inf in {bad[:3]}")
     return q
+
+
+def dynamics_from_checkpoint(ckpt: dict[str, Any]) -> DynamicsModel:
+    """The learned dynamics model of a checkpoint (float64), or a clear error if it has none."""
+    if "model" not in ckpt:
+        raise CheckpointError(
+            "expected a checkpoint with a learned dynamics model (train with model.learn = true), got one without"
+        )
+    spec = ckpt["spec"]
+    try:
+        return DynamicsModel.from_state(spec["obs_dim"], spec["act_dim"], ckpt["model"]["kwargs"], ckpt["model"]["state"])
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def spec_arrays(spec: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -91,22 +91,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_for(env, horizon: int, model: str):
-    """``(dynamics, stage_cost)`` CasADi functions for an MPC horizon > 1."""
-    from qmpc.errors import ConfigError
-
-    if horizon == 1:
-        return {}
-    u = env.unwrapped
-    if model in ("auto", "exact") and hasattr(u, "casadi_model"):
-        f, c = u.casadi_model()
-        return {"dynamics": f, "stage_cost": c}
-    raise ConfigError(
-        f"expected a model for horizon {horizon} > 1: --model exact works for qmpc's own tasks "
-        f"(qmpc/PointMass-v0); {env.spec.id} has no exact model in qmpc"
-    )
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from qmpc.checkpoint import load_checkpoint
     from qmpc.controller import Controller
@@ -117,9 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     env_id = args.env or ckpt["spec"]["env_id"]
     env = make_env(env_id, seed=args.seed, render_mode="rgb_array" if args.video else None)
     spec = env_spec(env)
-    ctrl = Controller.from_checkpoint(
-        args.checkpoint, horizon=args.horizon, **_model_for(env, args.horizon, args.model)
-    )
+    ctrl = Controller.from_checkpoint(args.checkpoint, horizon=args.horizon, model=args.model)
     ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
     print(f"{env_id}: {args.episodes} episodes, horizon {args.horizon}, checkpoint {args.checkpoint}")
     eps, frames = run_episodes(ctrl, env, args.episodes, seed=args.seed, render=bool(args.video))
@@ -174,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("checkpoint")
     r.add_argument("--episodes", type=int, default=5)
     r.add_argument("--horizon", type=int, default=1)
-    r.add_argument("--model", default="auto", choices=("auto", "exact"), help="dynamics model for horizon > 1")
+    r.add_argument(
+        "--model",
+        default="auto",
+        choices=("auto", "exact", "learned"),
+        help="dynamics model for horizon > 1: exact (qmpc tasks), learned (checkpoint trained with model.learn)",
+    )
     r.add_argument("--env", default=None, help="override the checkpoint's task id")
     r.add_argument("--video", default=None, help="MP4 path (MuJoCo offscreen rendering)")
     r.add_argument("--plot", default=None, help="PNG path (default: next to the checkpoint)")

@@ -20,6 +20,7 @@ from qmpc.errors import ConfigError
 __all__ = [
     "Config",
     "EnvConfig",
+    "ModelConfig",
     "NetworkConfig",
     "SolverConfig",
     "TrainConfig",
@@ -64,6 +65,19 @@ class SolverConfig:
     """The plugin's convergence tolerance."""
     workers: int = field(default=0, metadata={"min": 0})
     """Threads that split each batch (0: up to 4, one per core)."""
+
+
+@dataclass
+class ModelConfig:
+    learn: bool = False
+    """Also fit a dynamics model ``x⁺ = f(x, u)`` (an MLP with a CasADi twin) on the same batches,
+    for MPC horizons > 1 (``qmpc run --horizon 10 --model learned``)."""
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer widths of the dynamics model."""
+    activation: str = field(default="silu", metadata={"choices": ("tanh", "softplus", "sigmoid", "silu")})
+    """Smooth activation of the dynamics model."""
+    lr: float = field(default=1e-3, metadata={"min_exclusive": 0.0})
+    """Adam learning rate of the dynamics model."""
 
 
 @dataclass
@@ -125,6 +139,8 @@ class Config:
     """The CasADi solver of the min."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The learned dynamics model (optional)."""
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir:

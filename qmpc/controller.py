@@ -14,12 +14,42 @@ import numpy as np
 import torch
 
 from qmpc.bridge import ArgminLayer
-from qmpc.checkpoint import CheckpointError, load_checkpoint, network_from_checkpoint, spec_arrays
+from qmpc.checkpoint import (
+    CheckpointError,
+    dynamics_from_checkpoint,
+    load_checkpoint,
+    network_from_checkpoint,
+    spec_arrays,
+)
+from qmpc.costs import stage_cost
+from qmpc.env import make_env
 from qmpc.errors import InputError
 from qmpc.networks import QNetwork
 from qmpc.solver import Status
 
-__all__ = ["Controller"]
+__all__ = ["MODELS", "Controller", "model_functions"]
+
+MODELS = ("auto", "exact", "learned")
+"""Model sources for horizons > 1: ``exact`` (a qmpc task's own model), ``learned`` (the
+checkpoint's dynamics model, any task with a stage cost in :mod:`qmpc.costs`), ``auto`` (exact
+where there is one, else learned)."""
+
+
+def model_functions(ckpt: dict, model: str = "auto", env=None) -> dict[str, ca.Function]:
+    """``{"dynamics": f, "stage_cost": c}`` for a checkpoint's task from the chosen source."""
+    if model not in MODELS:
+        raise InputError(f"expected model in {MODELS}, got {model!r}")
+    env = env if env is not None else make_env(ckpt["spec"]["env_id"])
+    exact = hasattr(env.unwrapped, "casadi_model")
+    if model == "exact" or (model == "auto" and exact):
+        if not exact:
+            raise InputError(
+                f"expected a qmpc task for --model exact (e.g. qmpc/PointMass-v0), got {ckpt['spec']['env_id']}: "
+                "use --model learned with a checkpoint trained with model.learn = true"
+            )
+        f, c = env.unwrapped.casadi_model()
+        return {"dynamics": f, "stage_cost": c}
+    return {"dynamics": dynamics_from_checkpoint(ckpt).casadi_function(), "stage_cost": stage_cost(env)}
 
 
 class Controller:
@@ -75,10 +105,12 @@ class Controller:
         self.reset()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, horizon: int = 1, **kw: Any) -> Controller:
-        """Load a checkpoint written by ``qmpc train``. For ``horizon > 1`` pass ``dynamics``,
-        ``stage_cost`` (and ``discount``) in ``kw``."""
+    def from_checkpoint(cls, path: str | Path, horizon: int = 1, model: str = "auto", **kw: Any) -> Controller:
+        """Load a checkpoint written by ``qmpc train``. For ``horizon > 1`` the model comes from
+        ``model`` (see :data:`MODELS`) unless ``dynamics`` and ``stage_cost`` are passed in ``kw``."""
         ckpt = load_checkpoint(path)
+        if horizon > 1 and "dynamics" not in kw:
+            kw.update(model_functions(ckpt, model))
         q = network_from_checkpoint(ckpt)
         low, high = spec_arrays(ckpt["spec"])
         kw.setdefault("discount", ckpt.get("gamma", 0.99))

@@ -8,8 +8,9 @@ with ``N = horizon − 1`` model steps:
 
 * ``w = (u_0, …, u_N, x_1, …, x_N)`` — the ``H = N + 1`` actions first, then the predicted
   states;
-* ``J = Σ_{k<N} γ^k c(x_k, u_k) + γ^N Q_θ(x_N, u_N)`` — Q is the cost-to-go of the last
-  state–action pair;
+* ``J = Σ_{k<N} γ^k c(x_k, u_k[, x_{k+1}]) + γ^N Q_θ(x_N, u_N)`` — Q is the cost-to-go of the
+  last state–action pair; a stage cost may also read the state after the step (most gymnasium
+  rewards are computed after the physics step);
 * ``g = (f(x_k, u_k) − x_{k+1})_{k<N}`` — the dynamics.
 
 ``horizon=1`` (``N = 0``) is exactly ``min_u Q_θ(x0, u)``: no states, no constraints, the
@@ -50,7 +51,8 @@ class ControlProblem:
         q_function: ``Function(x (nx), u (nu), theta (n_theta)) -> q (1)``, the CasADi twin of Q.
         horizon: number of actions ``H ≥ 1`` in the plan.
         dynamics: ``Function(x, u) -> x⁺``; required when ``horizon > 1``.
-        stage_cost: ``Function(x, u) -> c`` (a cost, i.e. ``−reward``); required when ``horizon > 1``.
+        stage_cost: ``Function(x, u) -> c`` or ``Function(x, u, x_next) -> c`` (a cost, i.e.
+            ``−reward``); required when ``horizon > 1``.
         discount: ``γ`` in ``(0, 1]``.
 
     Attributes:
@@ -85,7 +87,8 @@ class ControlProblem:
             if dynamics is None or stage_cost is None:
                 raise InputError(f"expected dynamics and stage_cost for horizon={horizon} > 1, got None")
             _check_function(dynamics, "dynamics", [(nx, 1), (nu, 1)], [(nx, 1)])
-            _check_function(stage_cost, "stage_cost", [(nx, 1), (nu, 1)], [(1, 1)])
+            n_c = stage_cost.n_in() if isinstance(stage_cost, ca.Function) else 2
+            _check_function(stage_cost, "stage_cost", [(nx, 1), (nu, 1), (nx, 1)][: max(2, min(3, n_c))], [(1, 1)])
         self.nx, self.nu, self.n_theta, self.N = nx, nu, n_theta, N
         self.horizon = N + 1
         self.discount = float(discount)
@@ -102,7 +105,7 @@ class ControlProblem:
         J_stage = ca.MX(0)
         g = []
         for k in range(N):
-            J_stage += gamma**k * stage_cost(xs[k], us[k])
+            J_stage += gamma**k * stage_cost(*[xs[k], us[k], xs[k + 1]][: stage_cost.n_in()])
             g.append(dynamics(xs[k], us[k]) - xs[k + 1])
         g = ca.vertcat(*g) if g else ca.MX(0, 1)
         # inlined, not a call node: MX derivatives through a call node cost ~10x more here

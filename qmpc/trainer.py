@@ -25,6 +25,7 @@ from qmpc.checkpoint import CheckpointError, load_checkpoint, policy_of, save_ch
 from qmpc.config import Config, config_from_dict, config_to_toml
 from qmpc.controller import Controller
 from qmpc.data import ReplayBuffer, atomic_write, input_normalization, load_minari
+from qmpc.dynamics import DynamicsModel
 from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError
 from qmpc.losses import td_loss
@@ -42,6 +43,7 @@ class RunSummary(NamedTuple):
     fail_frac: float
     """Fraction of all TD-target solves that failed and were masked."""
     seconds: float
+    """Wall time of the whole run, over resumes (up to the last checkpoint before this session)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,6 +243,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
             f"offline dataset), got {cfg.network.obs_normalization!r}"
         )
     q_target = copy.deepcopy(q)
+    dyn, dyn_opt, dyn_ready = None, None, False
+    if cfg.model.learn:
+        dyn = DynamicsModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
+        dyn = dyn.to(getattr(torch, tc.dtype))
+        dyn_opt = torch.optim.Adam(dyn.parameters(), lr=cfg.model.lr)
     opt = torch.optim.Adam(q.parameters(), lr=tc.lr)
     decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
@@ -252,7 +259,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
     evaluator = Controller(q_eval, spec.low, spec.high, max_iter=cfg.solver.max_iter, env_id=spec.env_id)
     act_range = spec.high - spec.low
 
-    step, episode, fails, solves = 0, 0, 0.0, 0
+    step, episode, fails, solves, wall_before = 0, 0, 0.0, 0, 0.0
     eval_steps: list[int] = []
     eval_returns: list[float] = []
     obs, _ = env.reset(seed=cfg.seed)
@@ -269,8 +276,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
         _set_env_state(env, ckpt["env_state"])
         s = ckpt["loop"]
         step, episode, fails, solves = s["step"], s["episode"], s["fails"], s["solves"]
+        wall_before = s.get("wall_s", 0.0)
         obs, ep_return, ep_len = s["obs"], s["ep_return"], s["ep_len"]
         eval_steps, eval_returns = s["eval_steps"], s["eval_returns"]
+        if dyn is not None:
+            dyn.load_state_dict(ckpt["model"]["state"])
+            dyn_opt.load_state_dict(ckpt["model_optimizer"])
+            dyn_ready = s["model_ready"]
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
 
     def checkpoint() -> None:
@@ -302,8 +314,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
                 "ep_len": ep_len,
                 "eval_steps": eval_steps,
                 "eval_returns": eval_returns,
+                "model_ready": dyn_ready,
+                "wall_s": wall_before + time.perf_counter() - t_start,
             },
         }
+        if dyn is not None:
+            full["model"] = {"kwargs": dyn.kwargs(), "state": dyn.state_dict()}
+            full["model_optimizer"] = dyn_opt.state_dict()
         save_checkpoint(ckpt_path, full)
         save_checkpoint(run_dir / "policy.pt", policy_of(full))  # what a controller needs: small, to ship
 
@@ -346,6 +363,16 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
                 with torch.no_grad():
                     for p, pt in zip(q.parameters(), q_target.parameters(), strict=True):
                         pt.lerp_(p, tc.tau)
+                if dyn is not None:
+                    if not dyn_ready:  # normalisation from the data in the buffer when learning starts
+                        n = len(buffer)
+                        dyn.fit_normalization(*(torch.from_numpy(a[:n]) for a in (buffer.obs, buffer.next_obs)))
+                        dyn_ready = True
+                    m_loss = dyn.loss(*(t.to(dyn.x_shift.dtype) for t in (batch.obs, batch.act, batch.next_obs)))
+                    dyn_opt.zero_grad()
+                    m_loss.backward()
+                    dyn_opt.step()
+                    acc.setdefault("model/loss", []).append(float(m_loss.detach()))
                 fails += res.fail_frac * tc.batch_size
                 solves += tc.batch_size
                 for k, v in (
@@ -384,7 +411,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
             break
     bar.close()
     logger.close()
-    return RunSummary(run_dir, step, eval_steps, eval_returns, fails / max(1, solves), time.perf_counter() - t_start)
+    seconds = wall_before + time.perf_counter() - t_start
+    return RunSummary(run_dir, step, eval_steps, eval_returns, fails / max(1, solves), seconds)
 
 
 def _network_kwargs(cfg: Config) -> dict:

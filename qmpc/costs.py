@@ -1,0 +1,108 @@
+"""Symbolic stage costs ``c(x, u, x⁺) = −reward`` of the gymnasium tasks qmpc ships launch files
+for, written from the observations (gymnasium computes these rewards after the physics step, so
+the cost reads ``x⁺``). ``tests/test_costs.py`` checks each against the simulator's rewards.
+
+* ``InvertedPendulum-v5``: ``−1`` (the reward is 1 per step alive; termination is Q's business).
+* ``InvertedDoublePendulum-v5``: ``−10 + 0.01 x_tip² + (y_tip − 2)² + 10⁻³ ω₁² + 5·10⁻³ ω₂²``,
+  the tip from the cart position and the link angles' sines and cosines, link lengths read from
+  the MuJoCo model (exact while the pendulum is alive and ``|ω| ≤ 10``, where the observation
+  clips).
+* ``Reacher-v5``: ``‖fingertip − target‖ + ‖u‖²``, the norm smoothed as ``sqrt(d² + 10⁻⁶)``
+  (error ≤ 10⁻³).
+* ``HalfCheetah-v5``: ``−Δx/Δt + 0.1 ‖u‖²`` with the forward speed ``Δx/Δt`` approximated by the
+  trapezoid ``(v_x + v_x⁺)/2`` (the position is not observed); see the test for the measured error.
+* ``qmpc/…`` tasks: their own ``casadi_model()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import casadi as ca
+import gymnasium as gym
+import mujoco
+import numpy as np
+
+from qmpc.errors import InputError
+
+__all__ = ["STAGE_COSTS", "stage_cost"]
+
+
+def _syms(nx: int, nu: int):
+    return ca.SX.sym("x", nx), ca.SX.sym("u", nu), ca.SX.sym("x_next", nx)
+
+
+def _function(name: str, x, u, xn, c) -> ca.Function:
+    return ca.Function(name, [x, u, xn], [c], ["x", "u", "x_next"], ["c"])
+
+
+def _inverted_pendulum(env: gym.Env) -> ca.Function:
+    x, u, xn = _syms(4, 1)
+    return _function("ip_cost", x, u, xn, ca.SX(-1.0))
+
+
+def _link_lengths(env: gym.Env) -> tuple[float, float]:
+    """Lengths of the two links to the tip site, read from the model's kinematics."""
+    m = env.unwrapped.model
+    d = mujoco.MjData(m)
+    mujoco.mj_forward(m, d)
+    total = float(d.site_xpos[0][2])
+    d.qpos[2] = np.pi / 2
+    mujoco.mj_forward(m, d)
+    l2 = float(d.site_xpos[0][0] - d.qpos[0])
+    return total - l2, l2
+
+
+def _inverted_double_pendulum(env: gym.Env) -> ca.Function:
+    x, u, xn = _syms(9, 1)
+    l1, l2 = _link_lengths(env)
+    cart, s1, s2, c1, c2, _, w1, w2 = (xn[i] for i in range(8))
+    s12, c12 = s1 * c2 + c1 * s2, c1 * c2 - s1 * s2
+    x_tip, y_tip = cart + l1 * s1 + l2 * s12, l1 * c1 + l2 * c12
+    c = -10.0 + 0.01 * x_tip**2 + (y_tip - 2.0) ** 2 + 1e-3 * w1**2 + 5e-3 * w2**2
+    return _function("idp_cost", x, u, xn, c)
+
+
+def _reacher(env: gym.Env) -> ca.Function:
+    x, u, xn = _syms(10, 2)
+    w_dist = float(getattr(env.unwrapped, "_reward_dist_weight", 1.0))
+    w_ctrl = float(getattr(env.unwrapped, "_reward_control_weight", 1.0))
+    c = w_dist * ca.sqrt(ca.sumsqr(xn[8:10]) + 1e-6) + w_ctrl * ca.sumsqr(u)
+    return _function("reacher_cost", x, u, xn, c)
+
+
+def _half_cheetah(env: gym.Env) -> ca.Function:
+    x, u, xn = _syms(17, 6)
+    w_fwd = float(getattr(env.unwrapped, "_forward_reward_weight", 1.0))
+    w_ctrl = float(getattr(env.unwrapped, "_ctrl_cost_weight", 0.1))
+    c = -w_fwd * 0.5 * (x[8] + xn[8]) + w_ctrl * ca.sumsqr(u)
+    return _function("half_cheetah_cost", x, u, xn, c)
+
+
+STAGE_COSTS: dict[str, Callable[[gym.Env], ca.Function]] = {
+    "InvertedPendulum-v5": _inverted_pendulum,
+    "InvertedDoublePendulum-v5": _inverted_double_pendulum,
+    "Reacher-v5": _reacher,
+    "HalfCheetah-v5": _half_cheetah,
+}
+
+
+def stage_cost(env: gym.Env) -> ca.Function:
+    """``Function(x, u, x_next) -> c`` (``c = −reward``) for ``env``'s task, or
+    ``Function(x, u) -> c`` for a qmpc task; raises :class:`InputError` for a task without one."""
+    u = env.unwrapped
+    if hasattr(u, "casadi_model"):
+        return u.casadi_model()[1]
+    env_id = env.spec.id if env.spec is not None else type(u).__name__
+    if env_id not in STAGE_COSTS:
+        raise InputError(
+            f"expected a task with a symbolic stage cost ({sorted(STAGE_COSTS)} or a qmpc/… task), got {env_id}"
+        )
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    f = STAGE_COSTS[env_id](env)
+    if (f.size1_in(0), f.size1_in(1)) != (obs_dim, act_dim):
+        raise InputError(
+            f"expected {env_id} with observations ({f.size1_in(0)},) and actions ({f.size1_in(1)},) as in its "
+            f"default configuration, got ({obs_dim},) and ({act_dim},)"
+        )
+    return f

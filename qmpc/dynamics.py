@@ -1,0 +1,105 @@
+"""A learned dynamics model ``x⁺ = f_φ(x, u)`` with an exact CasADi twin, for MPC horizons > 1 on
+tasks that have no model in qmpc.
+
+The network predicts the normalised state change:
+
+    x⁺ = x + δ_shift + δ_scale ⊙ MLP((x − x_shift) / x_scale, u)
+
+with the shifts and scales fixed from the first batch of data it sees (:meth:`fit_normalization`)
+and stored as buffers. ``train_step`` minimises the mean squared error of the normalised change.
+The twin bakes the weights in as constants: the controller never differentiates the model's
+weights, only its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import casadi as ca
+import numpy as np
+import torch
+from torch import nn
+
+from qmpc.errors import InputError
+from qmpc.networks import ThetaView, _mlp, _seq_twin
+
+__all__ = ["DynamicsModel", "rollout_error"]
+
+
+class DynamicsModel(nn.Module):
+    """An MLP model of one environment step.
+
+    Args:
+        obs_dim, act_dim: sizes of the state ``x`` and the action ``u``.
+        hidden: hidden layer widths.
+        activation: smooth activation (``tanh``, ``softplus``, ``sigmoid``, ``silu``).
+
+    Shapes: ``forward(x (B, obs_dim), u (B, act_dim)) -> x⁺ (B, obs_dim)``.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (128, 128), activation: str = "silu"):
+        super().__init__()
+        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.hidden, self.activation = [int(h) for h in hidden], activation
+        self.net = _mlp([self.obs_dim + self.act_dim, *self.hidden, self.obs_dim], activation, last_activation=False)
+        for name in ("x_shift", "delta_shift"):
+            self.register_buffer(name, torch.zeros(self.obs_dim))
+        for name in ("x_scale", "delta_scale"):
+            self.register_buffer(name, torch.ones(self.obs_dim))
+
+    def kwargs(self) -> dict:
+        """Constructor arguments (stored in checkpoints)."""
+        return {"hidden": list(self.hidden), "activation": self.activation}
+
+    @torch.no_grad()
+    def fit_normalization(self, x: torch.Tensor, x_next: torch.Tensor) -> None:
+        """Fix the input and output normalisation from transitions ``(B, obs_dim)``."""
+        d = x_next - x
+        self.x_shift.copy_(x.mean(0))
+        self.x_scale.copy_(x.std(0).clamp_min(1e-6))
+        self.delta_shift.copy_(d.mean(0))
+        self.delta_scale.copy_(d.std(0).clamp_min(1e-6))
+
+    def _normalized_delta(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([(x - self.x_shift) / self.x_scale, u], dim=-1))
+
+    def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return x + self.delta_shift + self.delta_scale * self._normalized_delta(x, u)
+
+    def loss(self, x: torch.Tensor, u: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the normalised state change (1 = as good as predicting the mean)."""
+        target = (x_next - x - self.delta_shift) / self.delta_scale
+        return ((self._normalized_delta(x, u) - target) ** 2).mean()
+
+    def casadi_function(self) -> ca.Function:
+        """``Function("dynamics", [x (obs_dim), u (act_dim)], [x_next (obs_dim)])`` with the current
+        weights baked in; agrees with :meth:`forward` to rounding."""
+        theta = ca.DM(torch.cat([p.detach().double().reshape(-1) for p in self.parameters()]).numpy())
+        view = ThetaView(self, theta)
+        x, u = ca.MX.sym("x", self.obs_dim), ca.MX.sym("u", self.act_dim)
+        b = {k: ca.DM(getattr(self, k).detach().double().numpy()) for k in ("x_shift", "x_scale")}
+        d = {k: ca.DM(getattr(self, k).detach().double().numpy()) for k in ("delta_shift", "delta_scale")}
+        z = ca.vertcat((x - b["x_shift"]) / b["x_scale"], u)
+        out = _seq_twin(self.net, z, view)
+        x_next = x + d["delta_shift"] + d["delta_scale"] * out
+        return ca.Function("dynamics", [x, u], [x_next], ["x", "u"], ["x_next"])
+
+    @classmethod
+    def from_state(cls, obs_dim: int, act_dim: int, kwargs: dict, state: dict) -> DynamicsModel:
+        """Rebuild a model saved as ``kwargs()`` and ``state_dict()``."""
+        m = cls(obs_dim, act_dim, **kwargs)
+        try:
+            m.load_state_dict(state)
+        except RuntimeError as e:
+            raise InputError(f"expected dynamics weights matching {kwargs}, got: {' '.join(str(e).split())[:300]}")
+        if not all(torch.isfinite(p).all() for p in m.state_dict().values()):
+            raise InputError("expected finite dynamics weights, got NaN/Inf")
+        return m.double()
+
+
+def rollout_error(model: DynamicsModel, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> float:
+    """Relative one-step error ``‖f(x, u) − x⁺‖ / ‖x⁺ − x‖`` over transitions (arrays ``(B, ·)``)."""
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        pred = model(torch.as_tensor(obs, dtype=dtype), torch.as_tensor(act, dtype=dtype)).double().numpy()
+    return float(np.linalg.norm(pred - next_obs) / max(1e-12, np.linalg.norm(next_obs - obs)))
