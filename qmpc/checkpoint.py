@@ -109,7 +109,9 @@ def dynamics_from_checkpoint(ckpt: dict[str, Any]) -> DynamicsModel:
         )
     spec = ckpt["spec"]
     try:
-        return DynamicsModel.from_state(spec["obs_dim"], spec["act_dim"], ckpt["model"]["kwargs"], ckpt["model"]["state"])
+        return DynamicsModel.from_state(
+            spec["obs_dim"], spec["act_dim"], ckpt["model"]["kwargs"], ckpt["model"]["state"]
+        )
     except InputError as e:
         raise CheckpointError(str(e)) from None
 

@@ -91,7 +91,8 @@ class DynamicsModel(nn.Module):
         try:
             m.load_state_dict(state)
         except RuntimeError as e:
-            raise InputError(f"expected dynamics weights matching {kwargs}, got: {' '.join(str(e).split())[:300]}")
+            detail = " ".join(str(e).split())[:300]
+            raise InputError(f"expected dynamics weights matching {kwargs}, got: {detail}") from None
         if not all(torch.isfinite(p).all() for p in m.state_dict().values()):
             raise InputError("expected finite dynamics weights, got NaN/Inf")
         return m.double()

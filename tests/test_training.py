@@ -111,11 +111,12 @@ def test_overrides_and_roundtrip(tmp_path):
     assert load_config(f) == cfg
 
 
-def _online_cfg(run_dir, **train):
+def _online_cfg(run_dir, learn_model=False, **train):
     return config_from_dict(
         {
             "seed": 1,
             "run_dir": str(run_dir),
+            "model": {"learn": learn_model, "hidden": [8]},
             "network": {"arch": "QuadraticQ", "hidden": [8]},
             "train": {
                 "mode": "online",
@@ -134,14 +135,18 @@ def _online_cfg(run_dir, **train):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = train(_online_cfg(tmp_path / "a"), progress=False)
-    killed = train(_online_cfg(tmp_path / "b"), progress=False, stop_at=50)  # last checkpoint at step 40
+    straight = train(_online_cfg(tmp_path / "a", learn_model=True), progress=False)
+    killed = train(_online_cfg(tmp_path / "b", learn_model=True), progress=False, stop_at=50)  # checkpoint at 40
     assert killed.steps == 50
-    resumed = train(_online_cfg(tmp_path / "b"), resume=True, progress=False)
+    wall_at_40 = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["loop"]["wall_s"]
+    resumed = train(_online_cfg(tmp_path / "b"), resume=True, progress=False)  # the config comes from the run
     assert resumed.steps == straight.steps == 60
+    assert resumed.seconds > wall_at_40 > 0  # wall time adds up over the resume
     a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     for k in a["q"]:
         torch.testing.assert_close(a["q"][k], b["q"][k], rtol=0, atol=0)
+    for k in a["model"]["state"]:  # the learned dynamics model resumes exactly too
+        torch.testing.assert_close(a["model"]["state"][k], b["model"]["state"][k], rtol=0, atol=0)
     ma, mb = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
     assert ma.keys() == mb.keys()
     for k in ma:
