@@ -123,6 +123,10 @@ class TrainConfig:
     """Write training metrics every this many steps."""
     dtype: str = field(default="float32", metadata={"choices": ("float32", "float64")})
     """Network dtype (solves and sensitivities always run in float64)."""
+    torch_threads: int = field(default=1, metadata={"min": 1})
+    """torch's intra-op threads. The networks are small: measured on 2 cores with three runs side
+    by side, the default 2 threads made each torch backward 30x slower (spinning threads contend
+    with the solver's workers and the other runs) and the whole run 6x slower than 1 thread."""
 
 
 @dataclass

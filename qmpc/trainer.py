@@ -217,6 +217,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
     atomic_write(run_dir / "config.toml", lambda tmp: Path(tmp).write_text(config_to_toml(cfg)))
 
     # -- seeding, environments, networks ------------------------------------------------
+    torch.set_num_threads(tc.torch_threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     env = make_env(cfg.env.id, seed=cfg.seed)
