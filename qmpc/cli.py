@@ -101,9 +101,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     env_id = args.env or ckpt["spec"]["env_id"]
     env = make_env(env_id, seed=args.seed, render_mode="rgb_array" if args.video else None)
     spec = env_spec(env)
-    ctrl = Controller.from_checkpoint(args.checkpoint, horizon=args.horizon, model=args.model)
+    ctrl = Controller.from_checkpoint(
+        args.checkpoint, horizon=args.horizon, model=args.model, budget_ms=args.budget_ms, max_iter=args.max_iter
+    )
     ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
-    print(f"{env_id}: {args.episodes} episodes, horizon {args.horizon}, checkpoint {args.checkpoint}")
+    budget = f", budget {args.budget_ms:g} ms" if args.budget_ms else ""
+    print(f"{env_id}: {args.episodes} episodes, horizon {args.horizon}{budget}, checkpoint {args.checkpoint}")
     eps, frames = run_episodes(ctrl, env, args.episodes, seed=args.seed, render=bool(args.video))
     print(format_episodes(eps))
     plot = Path(args.plot or Path(args.checkpoint).with_name(f"rollout_h{args.horizon}.png"))
@@ -162,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "exact", "learned"),
         help="dynamics model for horizon > 1: exact (qmpc tasks), learned (checkpoint trained with model.learn)",
     )
+    r.add_argument("--budget-ms", type=float, default=0.0, help="wall-time budget per control step (0: none)")
+    r.add_argument("--max-iter", type=int, default=50, help="iteration budget per control step")
     r.add_argument("--env", default=None, help="override the checkpoint's task id")
     r.add_argument("--video", default=None, help="MP4 path (MuJoCo offscreen rendering)")
     r.add_argument("--plot", default=None, help="PNG path (default: next to the checkpoint)")

@@ -33,7 +33,11 @@ class Episode(NamedTuple):
     solve_ms: np.ndarray
     """``(T,)`` controller time per step."""
     failed: int
+    """Steps whose solve failed (after the retry)."""
     fallback: int
+    """Steps that used the shifted previous plan or the safe default (failures and overruns)."""
+    overrun: int = 0
+    """Steps whose solve ran past the controller's wall-time budget."""
 
 
 def run_episodes(
@@ -66,6 +70,7 @@ def run_episodes(
                 np.array(T),
                 controller.stats["failed"],
                 controller.stats["fallback"],
+                controller.stats["overrun"],
             )
         )
     return out, frames
@@ -75,14 +80,14 @@ def format_episodes(eps: list[Episode]) -> str:
     """The per-episode table (costs are ``−reward``: lower is better)."""
     head = (
         f"{'episode':>7} {'return':>10} {'length':>6} {'mean cost':>10} {'solve p50':>9} {'p99':>7} {'max':>7} "
-        f"{'failed':>6} {'fallback':>8}"
+        f"{'failed':>6} {'overrun':>7} {'fallback':>8}"
     )
     lines = [head, "-" * len(head)]
     for i, e in enumerate(eps):
         p50, p99, mx = np.percentile(e.solve_ms, 50), np.percentile(e.solve_ms, 99), e.solve_ms.max()
         lines.append(
             f"{i:>7} {e.ret:>10.2f} {e.length:>6} {e.costs.mean():>10.4f} {p50:>7.2f}ms {p99:>5.2f}ms "
-            f"{mx:>5.2f}ms {e.failed:>6} {e.fallback:>8}"
+            f"{mx:>5.2f}ms {e.failed:>6} {e.overrun:>7} {e.fallback:>8}"
         )
     rets = np.array([e.ret for e in eps])
     lines.append(

@@ -61,6 +61,8 @@ class Status(IntEnum):
     SINGULAR = 4
     """Converged, but the reduced KKT matrix is singular or not positive definite (not a strict
     local minimum): ``∂w*`` does not exist and is zero; the value gradient (envelope) is kept."""
+    TIMEOUT = 5
+    """Stopped by the wall-time limit (``SolverOptions.max_wall_ms``) before converging: masked."""
 
     @staticmethod
     def ok(status: np.ndarray) -> np.ndarray:
@@ -94,6 +96,11 @@ class SolverOptions:
     0 picks ``min(4, cpu_count)``."""
     plugin_options: dict | None = None
     """Extra options handed to ``casadi.nlpsol`` (merged over qmpc's defaults)."""
+    max_wall_ms: float = 0.0
+    """Wall-time limit of one ``solve`` call in milliseconds, retries included (0: none). The
+    plugin is stopped between iterations once the time is up (an ``iteration_callback``);
+    samples that have not converged by then are ``TIMEOUT``. Needs ``workers == 1`` (a Python
+    callback from several solver threads would serialise on the GIL)."""
 
     def __post_init__(self) -> None:
         if self.plugin not in PLUGINS:
@@ -108,6 +115,10 @@ class SolverOptions:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and np.isfinite(v) and v > 0):
                 raise InputError(f"expected {name} > 0, got {v!r}")
+        if not (isinstance(self.max_wall_ms, int | float) and np.isfinite(self.max_wall_ms) and self.max_wall_ms >= 0):
+            raise InputError(f"expected max_wall_ms >= 0 (0: no limit), got {self.max_wall_ms!r}")
+        if self.max_wall_ms and self.workers != 1:
+            raise InputError(f"expected workers = 1 with a wall-time limit (max_wall_ms), got workers={self.workers}")
 
 
 class SolveResult(NamedTuple):
@@ -142,7 +153,40 @@ class Adjoint(NamedTuple):
     """``(B,)`` int: number of weakly active bounds in each sample."""
 
 
-def _plugin_options(o: SolverOptions) -> dict:
+class _Deadline(ca.Callback):
+    """An ``iteration_callback`` that asks the plugin to stop once ``time.perf_counter()`` passes
+    ``self.at`` (and records that it did). It reads none of the iterates (empty inputs: nothing
+    is converted to Python per iteration)."""
+
+    def __init__(self):
+        ca.Callback.__init__(self)
+        self.at = np.inf
+        self.fired = False
+        self.construct("qmpc_deadline", {})
+
+    def get_n_in(self) -> int:
+        return ca.nlpsol_n_out()
+
+    def get_n_out(self) -> int:
+        return 1
+
+    def get_name_in(self, i: int) -> str:
+        return ca.nlpsol_out(i)
+
+    def get_name_out(self, i: int) -> str:
+        return "stop"
+
+    def get_sparsity_in(self, i: int) -> ca.Sparsity:
+        return ca.Sparsity(0, 0)
+
+    def eval(self, arg):
+        if time.perf_counter() > self.at:
+            self.fired = True
+            return [1]
+        return [0]
+
+
+def _plugin_options(o: SolverOptions, callback: ca.Callback | None = None) -> dict:
     if o.plugin == "sqpmethod":
         opts = {
             "qpsol": "qrqp",
@@ -170,6 +214,8 @@ def _plugin_options(o: SolverOptions) -> dict:
             opts[k] = {**opts[k], **v}
         else:
             opts[k] = v
+    if callback is not None:
+        opts["iteration_callback"] = callback
     return opts
 
 
@@ -184,7 +230,8 @@ class BatchedSolver:
         self.problem = problem
         self.options = options or SolverOptions()
         P = problem
-        self.nlpsol = ca.nlpsol("qmpc_nlp", self.options.plugin, P.nlp, _plugin_options(self.options))
+        self.deadline = _Deadline() if self.options.max_wall_ms else None
+        self.nlpsol = ca.nlpsol("qmpc_nlp", self.options.plugin, P.nlp, _plugin_options(self.options, self.deadline))
         w0 = ca.MX.sym("w0", P.n_w)
         lx0 = ca.MX.sym("lam_x0", P.n_w)
         lg0 = ca.MX.sym("lam_g0", P.n_g)
@@ -221,7 +268,9 @@ class BatchedSolver:
         self.retry_solver = (
             self.nlpsol
             if retry == o.plugin
-            else ca.nlpsol("qmpc_nlp_retry", retry, P.nlp, _plugin_options(dataclasses.replace(o, plugin=retry)))
+            else ca.nlpsol(
+                "qmpc_nlp_retry", retry, P.nlp, _plugin_options(dataclasses.replace(o, plugin=retry), self.deadline)
+            )
         )
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
@@ -308,6 +357,8 @@ class BatchedSolver:
         """
         P, o = self.problem, self.options
         t0 = time.perf_counter()
+        if self.deadline is not None:
+            self.deadline.at, self.deadline.fired = t0 + o.max_wall_ms * 1e-3, False
         B = x0.shape[0]
         if w0 is None:
             w0 = self.cold_start(x0, lbw, ubw)
@@ -327,6 +378,9 @@ class BatchedSolver:
         if o.retry and bad.size:
             wc = self.cold_start(x0[bad], lbw, ubw)
             for j, i in enumerate(bad):
+                if self.deadline is not None and time.perf_counter() > self.deadline.at:
+                    status[i] = Status.TIMEOUT
+                    continue
                 solver = self.retry_solver
                 try:
                     r = solver(x0=wc[j], p=ca.vertcat(ca.DM(x0[i]), theta_dm), lbx=lbw, ubx=ubw, lbg=0, ubg=0)
@@ -352,10 +406,12 @@ class BatchedSolver:
                 )
                 if ri <= o.kkt_tol:
                     status[i] = Status.RETRIED
+                elif self.deadline is not None and self.deadline.fired:
+                    status[i] = Status.TIMEOUT
                 elif "Maximum_Iter" in str(stats.get("return_status")) or stats.get("iter_count", 0) >= o.max_iter:
                     status[i] = Status.MAX_ITER
         elif bad.size:
-            status[bad] = Status.FAILED
+            status[bad] = Status.TIMEOUT if self.deadline is not None and self.deadline.fired else Status.FAILED
         return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3)
 
     def _solve_rows(self, w0, lam_x0, lam_g0, x0, theta_dm, lbw, ubw) -> list[np.ndarray]:

@@ -118,3 +118,38 @@ def test_offline_training_recovers_the_riccati_q(tmp_path):
     err = riccati_hessian_error(q, env, cfg.train.gamma)
     print(f"relative Hessian error against the Riccati Q: {100 * err:.2f} %")
     assert err < 0.05
+
+
+def test_controller_wall_time_budget():
+    """A budget the solver cannot meet: every step overruns, falls back along the previous plan
+    or to the safe default, stays in bounds, and is counted; a generous budget changes nothing."""
+    f, c = make_env("qmpc/PointMass-v0").unwrapped.casadi_model()
+    q = qmpc.PICNN(4, 2, hidden=(16,)).double()
+    kw = dict(horizon=4, dynamics=f, stage_cost=c)
+    env = make_env("qmpc/PointMass-v0", seed=0)
+    obs, _ = env.reset(seed=0)
+    free = qmpc.Controller(q, -np.ones(2), np.ones(2), **kw)
+    a0, info = free.act(obs)
+    assert not info["fallback"] and not info["overrun"]
+    roomy = qmpc.Controller(q, -np.ones(2), np.ones(2), budget_ms=10_000.0, **kw)
+    a1, info = roomy.act(obs)
+    np.testing.assert_allclose(a1, a0, atol=1e-8)
+    assert not info["overrun"]
+    tight = qmpc.Controller(q, -np.ones(2), np.ones(2), budget_ms=1e-6, **kw)
+    for _ in range(5):
+        a, info = tight.act(obs)
+        assert info["overrun"] and info["fallback"] and (np.abs(a) <= 1).all()
+    assert tight.stats == {"steps": 5, "failed": 0, "overrun": 5, "fallback": 5}
+    np.testing.assert_array_equal(a, tight.safe_action)  # no plan ever: the bounds' midpoint
+
+
+def test_solver_wall_time_limit_status():
+    q = qmpc.MLPQ(4, 2, hidden=(16, 16)).double()
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    layer = qmpc.ArgminLayer(q, -np.ones(2), np.ones(2), workers=1, max_wall_ms=1e-6)
+    layer(x, grad_mode="none")
+    assert (layer.last_result.status == qmpc.Status.TIMEOUT).all()
+    with pytest.raises(qmpc.InputError, match="workers = 1"):
+        qmpc.ArgminLayer(q, -np.ones(2), np.ones(2), workers=2, max_wall_ms=5.0)
+    with pytest.raises(qmpc.InputError, match="max_wall_ms"):
+        qmpc.ArgminLayer(q, -np.ones(2), np.ones(2), workers=1, max_wall_ms=-1.0)
