@@ -93,6 +93,9 @@ class ArgminLayer(nn.Module):
         dynamics: CasADi ``Function(x, u) -> x⁺`` (``horizon > 1``).
         stage_cost: CasADi ``Function(x, u) -> c`` (``horizon > 1``).
         discount: ``γ ∈ (0, 1]``.
+        dynamics_params: ``n_p > 0`` for a time-varying ``dynamics(x, u, p)``; the controller
+            sets the ``(N · n_p,)`` vector :attr:`model_params` before each call (no gradient
+            flows to it).
         grad_mode: ``"implicit"`` (∂u*/∂θ, ∂u*/∂x and ∂V), ``"envelope"`` (value gradient only;
             ``u_star`` is detached) or ``"none"``. Can be overridden per call.
         solver: NLP plugin, ``"sqpmethod"`` (default) or ``"ipopt"``.
@@ -116,6 +119,7 @@ class ArgminLayer(nn.Module):
         dynamics: ca.Function | None = None,
         stage_cost: ca.Function | None = None,
         discount: float = 1.0,
+        dynamics_params: int = 0,
         grad_mode: GradMode = "implicit",
         solver: str = "sqpmethod",
         on_failure: Literal["mask", "raise"] = "mask",
@@ -141,8 +145,14 @@ class ArgminLayer(nn.Module):
         except TypeError as e:
             raise InputError(f"unknown solver option: {e}") from None
         self.problem = ControlProblem(
-            q.casadi_function(), horizon=horizon, dynamics=dynamics, stage_cost=stage_cost, discount=discount
+            q.casadi_function(),
+            horizon=horizon,
+            dynamics=dynamics,
+            stage_cost=stage_cost,
+            discount=discount,
+            dynamics_params=dynamics_params,
         )
+        self.model_params = np.zeros(self.problem.n_theta - self.problem.n_theta_q)
         self.solver = BatchedSolver(self.problem, options)
         self.lbw, self.ubw = self.problem.bounds(self.low, self.high)
         self.last_result: LayerResult | None = None
@@ -209,6 +219,11 @@ class ArgminLayer(nn.Module):
 
     def _solve(self, x64: np.ndarray, w0: np.ndarray | None) -> tuple[SolveResult, ca.DM]:
         theta = self._theta()
+        if self.model_params.size:
+            p = np.asarray(self.model_params, dtype=np.float64)
+            if p.shape != (self.problem.n_theta - self.problem.n_theta_q,) or not np.isfinite(p).all():
+                raise InputError(f"expected finite model_params of shape {self.model_params.shape}, got {p.shape}")
+            theta = ca.vertcat(theta, ca.DM(p))
         lam_x0 = lam_g0 = None
         last = self.last_result
         if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
@@ -303,7 +318,7 @@ class _ArgminFunction(torch.autograd.Function):
                 xgrad = next(it)
                 xgrad = torch.zeros_like(xq) if xgrad is None else xgrad
             else:
-                (xb,) = layer.solver.evaluate("x_adjoint", res.w, ctx.x64, res.lam_g, a, b, vbar[:, None])
+                (xb,) = layer.solver.evaluate("x_adjoint", res.w, ctx.x64, ctx.theta, res.lam_g, a, b, vbar[:, None])
                 xgrad = torch.as_tensor(xb, device=dev)
             xgrad = xgrad.to(ctx.x_dtype)
         return (None, None, None, xgrad, *pgrads)

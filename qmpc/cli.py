@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--model",
         default="auto",
-        choices=("auto", "exact", "learned"),
-        help="dynamics model for horizon > 1: exact (qmpc tasks), learned (checkpoint trained with model.learn)",
+        choices=("auto", "exact", "learned", "mujoco"),
+        help="dynamics model for horizon > 1: exact (qmpc tasks), learned (checkpoint trained with "
+        "model.learn), mujoco (qmpc tasks: MuJoCo's linearisation along the previous plan)",
     )
     r.add_argument("--budget-ms", type=float, default=0.0, help="wall-time budget per control step (0: none)")
     r.add_argument("--max-iter", type=int, default=50, help="iteration budget per control step")

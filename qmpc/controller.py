@@ -24,23 +24,33 @@ from qmpc.checkpoint import (
 from qmpc.costs import stage_cost
 from qmpc.env import make_env
 from qmpc.errors import InputError
+from qmpc.linearize import MujocoLinearization
 from qmpc.networks import QNetwork
 from qmpc.solver import Status
 
 __all__ = ["MODELS", "Controller", "model_functions"]
 
-MODELS = ("auto", "exact", "learned")
+MODELS = ("auto", "exact", "learned", "mujoco")
 """Model sources for horizons > 1: ``exact`` (a qmpc task's own model), ``learned`` (the
-checkpoint's dynamics model, any task with a stage cost in :mod:`qmpc.costs`), ``auto`` (exact
-where there is one, else learned)."""
+checkpoint's dynamics model, any task with a stage cost in :mod:`qmpc.costs`), ``mujoco``
+(a qmpc task linearised by MuJoCo along the previous plan, :mod:`qmpc.linearize`), ``auto``
+(exact where there is one, else learned)."""
 
 
-def model_functions(ckpt: dict, model: str = "auto", env=None) -> dict[str, ca.Function]:
-    """``{"dynamics": f, "stage_cost": c}`` for a checkpoint's task from the chosen source."""
+def model_functions(ckpt: dict, model: str = "auto", env=None) -> dict[str, Any]:
+    """Controller keywords (``dynamics`` or ``linearization``, and ``stage_cost``) for a
+    checkpoint's task from the chosen source."""
     if model not in MODELS:
         raise InputError(f"expected model in {MODELS}, got {model!r}")
     env = env if env is not None else make_env(ckpt["spec"]["env_id"])
     exact = hasattr(env.unwrapped, "casadi_model")
+    if model == "mujoco":
+        if not exact:
+            raise InputError(
+                f"expected a qmpc task for --model mujoco (e.g. qmpc/PointMass-v0), got {ckpt['spec']['env_id']}: "
+                "use --model learned with a checkpoint trained with model.learn = true"
+            )
+        return {"linearization": MujocoLinearization(env), "stage_cost": stage_cost(env)}
     if model == "exact" or (model == "auto" and exact):
         if not exact:
             raise InputError(
@@ -66,6 +76,9 @@ class Controller:
             plan. Measured on the shipped InvertedPendulum-v5 controller over 10 episodes: with the
             retry 1000 ± 0 and no fallback (p99 ≈ 10 ms: the retries); without it 78 ± 46 (3–30
             fallbacks per episode, the pendulum falls). Turn it off only for a hard latency budget.
+        linearization: a :class:`~qmpc.linearize.MujocoLinearization` to use instead of
+            ``dynamics``: the model is MuJoCo's linearisation along the previous plan, renewed at
+            every step.
         budget_ms: wall-time budget of one control step in milliseconds (0: none). The solver is
             stopped between iterations when it runs out (retries included); a step that overruns
             falls back to the shifted previous plan and is counted in ``stats["overrun"]``.
@@ -85,8 +98,12 @@ class Controller:
         env_id: str = "",
         retry: bool = True,
         budget_ms: float = 0.0,
+        linearization: MujocoLinearization | None = None,
     ):
         self.q = q.double()
+        self.linearization = linearization
+        if linearization is not None:
+            dynamics = linearization.dynamics
         self.env_id = env_id
         self.layer = ArgminLayer(
             self.q,
@@ -102,6 +119,7 @@ class Controller:
             workers=1,
             retry=retry,
             max_wall_ms=budget_ms,
+            dynamics_params=linearization.n_p if linearization is not None and horizon > 1 else 0,
         )
         self.budget_ms = float(budget_ms)
         self.low, self.high = self.layer.low, self.layer.high
@@ -115,7 +133,7 @@ class Controller:
         """Load a checkpoint written by ``qmpc train``. For ``horizon > 1`` the model comes from
         ``model`` (see :data:`MODELS`) unless ``dynamics`` and ``stage_cost`` are passed in ``kw``."""
         ckpt = load_checkpoint(path)
-        if horizon > 1 and "dynamics" not in kw:
+        if horizon > 1 and "dynamics" not in kw and "linearization" not in kw:
             kw.update(model_functions(ckpt, model))
         q = network_from_checkpoint(ckpt)
         low, high = spec_arrays(ckpt["spec"])
@@ -154,6 +172,9 @@ class Controller:
                 st[:-1] = st[1:].copy()
             w0 = np.clip(w0, self.layer.lbw, self.layer.ubw)[None]
         t0 = time.perf_counter()
+        if self.linearization is not None and P.N:  # linearise along the shifted plan (zeros at first)
+            nominal = w0[0, : P.N * P.nu] if w0 is not None else np.tile(self.safe_action, P.N)
+            self.layer.model_params = self.linearization.params(x, nominal)
         u, v = self.layer(torch.as_tensor(x[None]), w0=w0)
         solve_ms = (time.perf_counter() - t0) * 1e3
         status = int(self.layer.last_result.status[0])

@@ -279,8 +279,8 @@ class BatchedSolver:
         "solve": [4, 5, 6],
         "first_order": [2],
         "second_order": [2],
-        "x_adjoint": [],
-        "cold_start": [],
+        "x_adjoint": [2],
+        "cold_start": [1],
     }
     _MATRIX_OUT: ClassVar[set[str]] = {"second_order"}
 
@@ -334,9 +334,9 @@ class BatchedSolver:
             res.append(np.concatenate(blocks, axis=0))
         return res
 
-    def cold_start(self, x0: np.ndarray, lbw: np.ndarray, ubw: np.ndarray) -> np.ndarray:
+    def cold_start(self, x0: np.ndarray, theta: ca.DM, lbw: np.ndarray, ubw: np.ndarray) -> np.ndarray:
         """``(B, n_w)`` initial guess: zero actions clipped to the bounds, model rolled out."""
-        (w,) = self.evaluate("cold_start", x0)
+        (w,) = self.evaluate("cold_start", x0, theta)
         return np.clip(w, lbw, ubw)
 
     # -- solving ------------------------------------------------------------------------
@@ -360,11 +360,11 @@ class BatchedSolver:
         if self.deadline is not None:
             self.deadline.at, self.deadline.fired = t0 + o.max_wall_ms * 1e-3, False
         B = x0.shape[0]
+        theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
         if w0 is None:
-            w0 = self.cold_start(x0, lbw, ubw)
+            w0 = self.cold_start(x0, theta_dm, lbw, ubw)
         lam_x0 = np.zeros((B, P.n_w)) if lam_x0 is None else lam_x0
         lam_g0 = np.zeros((B, P.n_g)) if lam_g0 is None else lam_g0
-        theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
         args = (w0, lam_x0, lam_g0, x0, theta_dm, lbw, ubw)
         try:
             w, f, lam_x, lam_g, grad_L, g = self.evaluate("solve", *args)
@@ -376,7 +376,7 @@ class BatchedSolver:
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
         bad = np.flatnonzero(status != Status.SOLVED)
         if o.retry and bad.size:
-            wc = self.cold_start(x0[bad], lbw, ubw)
+            wc = self.cold_start(x0[bad], theta_dm, lbw, ubw)
             for j, i in enumerate(bad):
                 if self.deadline is not None and time.perf_counter() > self.deadline.at:
                     status[i] = Status.TIMEOUT

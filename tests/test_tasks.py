@@ -45,6 +45,40 @@ def test_controller_with_riccati_q_gives_the_lqr_action(horizon):
     assert ctrl.stats["fallback"] == 0
 
 
+def test_mujoco_linearization_is_the_double_integrator():
+    from qmpc.linearize import MujocoLinearization
+
+    env = make_env("qmpc/PointMass-v0", seed=0)
+    A0, B0 = env.unwrapped.linear_dynamics()
+    lin = MujocoLinearization(env)
+    x, u = np.array([0.3, -0.2, 0.1, 0.5]), np.array([1.0, -0.5])
+    x_next, A, B = lin.step(x, u)
+    np.testing.assert_allclose(A, A0, atol=1e-8)
+    np.testing.assert_allclose(B, B0, atol=1e-8)
+    np.testing.assert_allclose(x_next, A0 @ x + B0 @ u, atol=1e-12)
+    p = lin.params(x, np.array([[1.0, -0.5], [0.2, 0.3]]))
+    assert p.shape == (2 * lin.n_p,)
+    np.testing.assert_allclose(np.array(lin.dynamics(x + 0.1, u, p[: lin.n_p])).ravel(), A0 @ (x + 0.1) + B0 @ u)
+    with pytest.raises(qmpc.InputError, match="qmpc task"):
+        MujocoLinearization(make_env("InvertedPendulum-v5"))
+
+
+def test_controller_through_mujoco_linearization_gives_the_lqr_action():
+    """H = 4 through MuJoCo's linearisation along the previous plan, renewed every step."""
+    from qmpc.linearize import MujocoLinearization
+
+    env, q, K = _lqr_setup()
+    c = env.unwrapped.casadi_model()[1]
+    lin = MujocoLinearization(env)
+    ctrl = qmpc.Controller(q, -np.inf, np.inf, horizon=4, linearization=lin, stage_cost=c, discount=0.9, tol=1e-12)
+    obs, _ = env.reset(seed=3)
+    for _ in range(5):
+        a, _info = ctrl.act(obs)
+        np.testing.assert_allclose(a, -K @ obs, atol=1e-7)
+        obs, *_ = env.step(a)
+    assert ctrl.stats["fallback"] == 0
+
+
 def test_controller_bad_observations():
     _, q, _ = _lqr_setup()
     ctrl = qmpc.Controller(q, -2 * np.ones(2), 2 * np.ones(2))

@@ -57,8 +57,24 @@ class PointMassEnv(gym.Env):
         self._renderer = None
 
     # -- state by name ------------------------------------------------------------------
+    def observe(self, data: mujoco.MjData) -> np.ndarray:
+        """The observation ``[x, y, vx, vy]`` of a MuJoCo state of this model."""
+        return np.concatenate([data.qpos[self._qpos], data.qvel[self._qvel]]).astype(np.float64)
+
+    def set_mujoco_state(self, data: mujoco.MjData, obs: np.ndarray) -> None:
+        """Write an observation into a MuJoCo state of this model (the inverse of :meth:`observe`)."""
+        data.qpos[self._qpos], data.qvel[self._qvel] = obs[:2], obs[2:]
+        mujoco.mj_forward(self.model, data)
+
+    @property
+    def mujoco_state_index(self) -> np.ndarray:
+        """Where the observation's entries sit in MuJoCo's tangent state ``[dq; qvel; act]``
+        (the layout of ``mjd_transitionFD``'s Jacobians)."""
+        nv = self.model.nv
+        return np.array([*self._qvel, *(nv + np.array(self._qvel))])
+
     def _obs(self) -> np.ndarray:
-        return np.concatenate([self.data.qpos[self._qpos], self.data.qvel[self._qvel]]).astype(np.float64)
+        return self.observe(self.data)
 
     def cost(self, obs: np.ndarray, action: np.ndarray) -> float:
         """Stage cost ``xᵀ Qc x + uᵀ R u`` (the reward is its negative)."""
