@@ -110,7 +110,7 @@ class TrainConfig:
     buffer_size: int = field(default=200000, metadata={"min": 1})
     """Replay buffer capacity (transitions)."""
     grad_clip: float = field(default=10.0, metadata={"min_exclusive": 0.0})
-    """Max gradient norm."""
+    """Max gradient norm (of Q, and of the dynamics model when it is learned)."""
     cost_scale: float = field(default=1.0, metadata={"min_exclusive": 0.0})
     """Costs are multiplied by this before the TD target (``c = −reward × cost_scale``)."""
     eval_every: int = field(default=2000, metadata={"min": 1})

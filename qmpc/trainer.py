@@ -372,6 +372,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
                     m_loss = dyn.loss(*(t.to(dyn.x_shift.dtype) for t in (batch.obs, batch.act, batch.next_obs)))
                     dyn_opt.zero_grad()
                     m_loss.backward()
+                    torch.nn.utils.clip_grad_norm_(dyn.parameters(), tc.grad_clip)
                     dyn_opt.step()
                     acc.setdefault("model/loss", []).append(float(m_loss.detach()))
                 fails += res.fail_frac * tc.batch_size

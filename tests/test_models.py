@@ -145,3 +145,17 @@ def test_learned_model_missing_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.learn = true"):
         Controller.from_checkpoint(path, horizon=3, model="learned")
     Controller.from_checkpoint(path, horizon=1)  # the greedy controller needs no model
+
+
+def test_dynamics_normalization_keeps_constant_dimensions_unscaled():
+    """A dimension that does not move in the first data (a contact force, a fixed target) keeps
+    scale 1, so later non-zero values stay ordinary inputs and targets."""
+    x = torch.randn(100, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[:, 2] = 0.0
+    m = DynamicsModel(3, 1, hidden=[8]).double()
+    m.fit_normalization(x, x + 0.1)
+    assert m.x_scale[2] == 1.0 and m.delta_scale.eq(1.0).all()  # every delta is the constant 0.1
+    assert m.x_scale[0] != 1.0
+    xn = x[:4].clone()
+    xn[:, 2] = 5.0
+    assert m.loss(xn, torch.zeros(4, 1, dtype=torch.float64), xn + 3.0) < 100

@@ -1,0 +1,61 @@
+"""Closed-loop quality of the greedy controller (H = 1) against MPC through the learned model
+(H > 1), on trained checkpoints.
+
+    python benchmarks/bench_horizon.py [--checkpoints models/inverted_pendulum.pt ...]
+                                       [--horizons 1 10] [--episodes 10] [--seed 100]
+
+For every checkpoint and horizon, runs ``--episodes`` episodes (seeds ``seed, seed+1, …``, the
+same for every horizon) and prints one table: mean ± std return (sum of rewards = −total cost),
+mean length, control-step time p50 / p99 and fallback steps. Horizons > 1 plan through the
+checkpoint's learned dynamics model (``model.learn = true``) with the task's stage cost
+(:mod:`qmpc.costs`) and Q as the cost-to-go.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from qmpc.checkpoint import load_checkpoint
+from qmpc.controller import Controller
+from qmpc.env import make_env
+from qmpc.runner import run_episodes
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = [ROOT / "models" / f"{n}.pt" for n in ("inverted_pendulum", "inverted_double_pendulum", "reacher")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints", nargs="+", default=[str(p) for p in DEFAULT])
+    ap.add_argument("--horizons", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--episodes", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--model", default="learned", help="model source for H > 1 (see qmpc run --model)")
+    args = ap.parse_args()
+    head = f"{'task':<26} {'H':>3} {'return (mean ± std)':>22} {'length':>7} {'step p50':>9} {'p99':>8} {'fallback':>8}"
+    rows = []
+    for path in args.checkpoints:
+        env_id = load_checkpoint(path)["spec"]["env_id"]
+        for h in args.horizons:
+            ctrl = Controller.from_checkpoint(path, horizon=h, model=args.model)
+            eps, _ = run_episodes(ctrl, make_env(env_id), args.episodes, seed=args.seed)
+            rets = np.array([e.ret for e in eps])
+            ms = np.concatenate([e.solve_ms for e in eps])
+            row = (
+                f"{env_id:<26} {h:>3} {rets.mean():>12.1f} ± {rets.std():>7.1f} "
+                f"{np.mean([e.length for e in eps]):>7.0f} {np.percentile(ms, 50):>7.2f}ms "
+                f"{np.percentile(ms, 99):>6.2f}ms {sum(e.fallback for e in eps):>8}"
+            )
+            rows.append(row)
+            print(row, flush=True)
+    print(f"\n{args.episodes} episodes per row (seeds {args.seed}…), model for H > 1: {args.model}")
+    print(head)
+    print("-" * len(head))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
