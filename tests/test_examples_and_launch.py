@@ -11,6 +11,7 @@ from qmpc.checkpoint import load_checkpoint
 from qmpc.cli import main
 from qmpc.config import config_from_dict, load_config
 from qmpc.demo import DEMO_CONFIG
+from qmpc.env import make_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = sorted((ROOT / "launch").glob("*.toml"))
@@ -85,6 +86,11 @@ def test_launch_file_trains_with_a_tiny_budget(launch, tmp_path, datasets, capsy
     policy = load_checkpoint(tmp_path / "run" / "policy.pt")
     assert "buffer" not in policy and policy["trained_steps"] == 24
     assert Controller.from_checkpoint(tmp_path / "run" / "policy.pt").env_id == cfg.env.id
+    if cfg.model.learn:  # the learned model plans: H = 2 acts within the bounds
+        ctrl = Controller.from_checkpoint(tmp_path / "run" / "policy.pt", horizon=2, model="learned")
+        obs, _ = make_env(cfg.env.id).reset(seed=0)
+        a, _info = ctrl.act(obs)
+        assert (a >= ctrl.low).all() and (a <= ctrl.high).all()
 
 
 def test_train_resume_and_run_cli(tmp_path, capsys):
@@ -98,6 +104,8 @@ def test_train_resume_and_run_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "solve p50" in out and "mean" in out
     assert (tmp_path / "pm" / "rollout_h3.png").exists() and video.stat().st_size > 1000
+    assert main(["run", str(ckpt), "--episodes", "1", "--horizon", "3", "--model", "mujoco", "--budget-ms", "1e3"]) == 0
+    assert "budget 1000 ms" in capsys.readouterr().out
     assert main(["run", str(tmp_path / "missing.pt")]) == 2
     assert "nothing at" in capsys.readouterr().err
 
@@ -118,12 +126,24 @@ def test_demo_runs_with_a_tiny_budget(tmp_path, capsys):
     assert (tmp_path / "rollout.png").exists() and (tmp_path / "run" / "learning_curve.png").exists()
 
 
-def test_shipped_inverted_pendulum_checkpoint_runs(tmp_path, capsys):
-    """``qmpc run models/inverted_pendulum.pt`` works right after install (trained by
-    ``qmpc train launch/inverted_pendulum.toml``) and balances the pendulum."""
-    plot = tmp_path / "ip.png"
-    assert main(["run", str(ROOT / "models" / "inverted_pendulum.pt"), "--episodes", "1", "--plot", str(plot)]) == 0
+SHIPPED = [("inverted_pendulum", 900.0), ("inverted_double_pendulum", 9000.0), ("reacher", -15.0)]
+
+
+@pytest.mark.parametrize(("name", "floor"), SHIPPED, ids=[n for n, _ in SHIPPED])
+def test_shipped_checkpoint_runs(name, floor, tmp_path, capsys):
+    """``qmpc run models/<name>.pt`` works right after install (each trained by ``qmpc train
+    launch/<name>.toml``) and does its task: 1000 = the pendulum balanced for the whole episode,
+    ~9350 the double pendulum, about −4 … −9 for Reacher (a random policy gets about −43)."""
+    plot = tmp_path / "p.png"
+    assert main(["run", str(ROOT / "models" / f"{name}.pt"), "--episodes", "1", "--plot", str(plot)]) == 0
     assert plot.exists()
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.strip().startswith("0 "))
-    assert float(row.split()[1]) >= 900  # return of episode 0 (1000 = balanced for the whole episode)
+    assert float(row.split()[1]) >= floor  # return of episode 0
+
+
+def test_shipped_reacher_plans_through_its_learned_model(tmp_path, capsys):
+    path, plot = ROOT / "models" / "reacher.pt", tmp_path / "r.png"
+    assert main(["run", str(path), "--episodes", "1", "--horizon", "5", "--model", "learned", "--plot", str(plot)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("0 "))
+    assert float(row.split()[1]) >= -15.0
