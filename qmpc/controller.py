@@ -79,6 +79,8 @@ class Controller:
         linearization: a :class:`~qmpc.linearize.MujocoLinearization` to use instead of
             ``dynamics``: the model is MuJoCo's linearisation along the previous plan, renewed at
             every step.
+        **solver_options: further fields of :class:`~qmpc.solver.SolverOptions` (``plugin``,
+            ``qpsol``, ``plugin_options``…).
         budget_ms: wall-time budget of one control step in milliseconds (0: none). The solver is
             stopped between iterations when it runs out (retries included); a step that overruns
             falls back to the shifted previous plan and is counted in ``stats["overrun"]``.
@@ -99,6 +101,7 @@ class Controller:
         retry: bool = True,
         budget_ms: float = 0.0,
         linearization: MujocoLinearization | None = None,
+        **solver_options: Any,
     ):
         self.q = q.double()
         self.linearization = linearization
@@ -120,6 +123,7 @@ class Controller:
             retry=retry,
             max_wall_ms=budget_ms,
             dynamics_params=linearization.n_p if linearization is not None and horizon > 1 else 0,
+            **solver_options,
         )
         self.budget_ms = float(budget_ms)
         self.low, self.high = self.layer.low, self.layer.high

@@ -41,10 +41,17 @@ import numpy as np
 from qmpc.errors import InputError
 from qmpc.problem import ControlProblem
 
-__all__ = ["PLUGINS", "Adjoint", "BatchedSolver", "SolveResult", "SolverOptions", "Status"]
+__all__ = ["PLUGINS", "QPSOLS", "Adjoint", "BatchedSolver", "SolveResult", "SolverOptions", "Status"]
 
 PLUGINS = ("sqpmethod", "ipopt")
 """NLP solver plugins whose solutions the sensitivity suite checks."""
+
+QPSOLS: dict[str, dict] = {
+    "qrqp": {"print_iter": False, "print_header": False, "print_info": False, "error_on_fail": False},
+    "qpoases": {"printLevel": "none", "error_on_fail": False},
+    "daqp": {"error_on_fail": False},
+}
+"""QP solvers of ``sqpmethod`` and qmpc's options for each."""
 
 
 class Status(IntEnum):
@@ -94,8 +101,11 @@ class SolverOptions:
     workers: int = 0
     """Threads that solve parts of a batch in parallel (each with its own solver instance);
     0 picks ``min(4, cpu_count)``."""
+    qpsol: str = "qrqp"
+    """QP solver of ``sqpmethod`` (one of :data:`QPSOLS`)."""
     plugin_options: dict | None = None
-    """Extra options handed to ``casadi.nlpsol`` (merged over qmpc's defaults)."""
+    """Extra options handed to ``casadi.nlpsol`` for ``plugin`` (merged over qmpc's defaults;
+    not given to a retry with another plugin)."""
     max_wall_ms: float = 0.0
     """Wall-time limit of one ``solve`` call in milliseconds, retries included (0: none). The
     plugin is stopped between iterations once the time is up (an ``iteration_callback``);
@@ -105,6 +115,8 @@ class SolverOptions:
     def __post_init__(self) -> None:
         if self.plugin not in PLUGINS:
             raise InputError(f"expected solver plugin in {PLUGINS}, got {self.plugin!r}")
+        if self.qpsol not in QPSOLS:
+            raise InputError(f"expected qpsol in {tuple(QPSOLS)}, got {self.qpsol!r}")
         if self.retry_plugin not in ("auto", "same", *PLUGINS):
             raise InputError(f"expected retry_plugin in {('auto', 'same', *PLUGINS)}, got {self.retry_plugin!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
@@ -189,8 +201,8 @@ class _Deadline(ca.Callback):
 def _plugin_options(o: SolverOptions, callback: ca.Callback | None = None) -> dict:
     if o.plugin == "sqpmethod":
         opts = {
-            "qpsol": "qrqp",
-            "qpsol_options": {"print_iter": False, "print_header": False, "print_info": False, "error_on_fail": False},
+            "qpsol": o.qpsol,
+            "qpsol_options": dict(QPSOLS[o.qpsol]),
             "print_header": False,
             "print_iteration": False,
             "print_status": False,
@@ -269,7 +281,10 @@ class BatchedSolver:
             self.nlpsol
             if retry == o.plugin
             else ca.nlpsol(
-                "qmpc_nlp_retry", retry, P.nlp, _plugin_options(dataclasses.replace(o, plugin=retry), self.deadline)
+                "qmpc_nlp_retry",
+                retry,
+                P.nlp,
+                _plugin_options(dataclasses.replace(o, plugin=retry, plugin_options=None), self.deadline),
             )
         )
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
