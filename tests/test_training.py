@@ -206,3 +206,16 @@ def test_dataset_roundtrip_and_errors(tmp_path):
     h5.write_bytes(h5.read_bytes()[:200])
     with pytest.raises(qmpc.InputError, match="readable Minari dataset"):
         load_minari(tmp_path / "ds", 4, 2)
+
+
+def test_results_do_not_depend_on_the_solver_thread_count(tmp_path):
+    """Batches are split over worker threads sample by sample: 1 or 2 workers train the same
+    weights bit for bit (so shipped checkpoints reproduce on machines with other core counts)."""
+    runs = []
+    for workers in (1, 2):
+        cfg = _online_cfg(tmp_path / f"w{workers}", steps=40)
+        cfg.solver.workers = workers
+        train(cfg, progress=False)
+        runs.append(load_checkpoint(tmp_path / f"w{workers}" / "checkpoint.pt")["q"])
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=0, atol=0)
