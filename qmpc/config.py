@@ -78,6 +78,13 @@ class ModelConfig:
     """Smooth activation of the dynamics model."""
     lr: float = field(default=1e-3, metadata={"min_exclusive": 0.0})
     """Adam learning rate of the dynamics model."""
+    updates_per_step: int = field(default=4, metadata={"min": 1})
+    """Gradient steps of the model per training step, each on its own batch (drawn with a
+    separate RNG, so the model never changes what Q trains on). Measured on
+    InvertedDoublePendulum-v5: one step per environment step left a 24 % one-step error and
+    H = 3 MPC fell after ~80 steps; 20k more steps on the same buffer: 15 %, ~5× longer."""
+    batch_size: int = field(default=256, metadata={"min": 1})
+    """Transitions per gradient step of the model."""
 
 
 @dataclass

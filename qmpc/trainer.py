@@ -245,6 +245,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
         )
     q_target = copy.deepcopy(q)
     dyn, dyn_opt, dyn_ready = None, None, False
+    model_rng = np.random.default_rng([cfg.seed, 1])  # the model's batches: Q's stay the same
     if cfg.model.learn:
         dyn = DynamicsModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
         dyn = dyn.to(getattr(torch, tc.dtype))
@@ -284,6 +285,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
             dyn.load_state_dict(ckpt["model"]["state"])
             dyn_opt.load_state_dict(ckpt["model_optimizer"])
             dyn_ready = s["model_ready"]
+            model_rng.bit_generator.state = ckpt["rng"]["model"]
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
 
     def checkpoint() -> None:
@@ -303,7 +305,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "buffer": buffer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": rng.bit_generator.state,
+                "model": model_rng.bit_generator.state,
+            },
             "env_state": _env_state(env),
             "loop": {
                 "step": step,
@@ -369,11 +375,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
                         n = len(buffer)
                         dyn.fit_normalization(*(torch.from_numpy(a[:n]) for a in (buffer.obs, buffer.next_obs)))
                         dyn_ready = True
-                    m_loss = dyn.loss(*(t.to(dyn.x_shift.dtype) for t in (batch.obs, batch.act, batch.next_obs)))
-                    dyn_opt.zero_grad()
-                    m_loss.backward()
-                    torch.nn.utils.clip_grad_norm_(dyn.parameters(), tc.grad_clip)
-                    dyn_opt.step()
+                    for _ in range(cfg.model.updates_per_step):
+                        mb = buffer.sample(cfg.model.batch_size, model_rng)
+                        m_loss = dyn.loss(*(t.to(dyn.x_shift.dtype) for t in (mb.obs, mb.act, mb.next_obs)))
+                        dyn_opt.zero_grad()
+                        m_loss.backward()
+                        torch.nn.utils.clip_grad_norm_(dyn.parameters(), tc.grad_clip)
+                        dyn_opt.step()
                     acc.setdefault("model/loss", []).append(float(m_loss.detach()))
                 fails += res.fail_frac * tc.batch_size
                 solves += tc.batch_size
