@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="qmpc solver threads (0: up to 4, one per core)")
     ap.add_argument("--reuse", action="store_true", help="reuse SAC results saved by an earlier run in --out")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # as qmpc's train.torch_threads: small networks, no spinning threads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}

@@ -44,19 +44,14 @@ def model_functions(ckpt: dict, model: str = "auto", env=None) -> dict[str, Any]
         raise InputError(f"expected model in {MODELS}, got {model!r}")
     env = env if env is not None else make_env(ckpt["spec"]["env_id"])
     exact = hasattr(env.unwrapped, "casadi_model")
+    if model in ("exact", "mujoco") and not exact:
+        raise InputError(
+            f"expected a qmpc task for --model {model} (e.g. qmpc/PointMass-v0), got {ckpt['spec']['env_id']}: "
+            "use --model learned with a checkpoint trained with model.learn = true"
+        )
     if model == "mujoco":
-        if not exact:
-            raise InputError(
-                f"expected a qmpc task for --model mujoco (e.g. qmpc/PointMass-v0), got {ckpt['spec']['env_id']}: "
-                "use --model learned with a checkpoint trained with model.learn = true"
-            )
         return {"linearization": MujocoLinearization(env), "stage_cost": stage_cost(env)}
     if model == "exact" or (model == "auto" and exact):
-        if not exact:
-            raise InputError(
-                f"expected a qmpc task for --model exact (e.g. qmpc/PointMass-v0), got {ckpt['spec']['env_id']}: "
-                "use --model learned with a checkpoint trained with model.learn = true"
-            )
         f, c = env.unwrapped.casadi_model()
         return {"dynamics": f, "stage_cost": c}
     return {"dynamics": dynamics_from_checkpoint(ckpt).casadi_function(), "stage_cost": stage_cost(env)}
