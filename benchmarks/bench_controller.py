@@ -1,6 +1,6 @@
 """Control-step latency of the closed-loop controller, next to one MuJoCo step.
 
-    python benchmarks/bench_controller.py [--steps 300]
+    python benchmarks/bench_controller.py [--steps 300] [--codegen]
 
 For InvertedPendulum-v5 and HalfCheetah-v5, with the Q network and dynamics model sized as in
 their launch files (untrained, seeded), runs the controller on states from a random rollout of
@@ -9,7 +9,9 @@ and of ``env.step``. Horizon 10 plans through (a) the learned-model architecture
 file (an MLP with baked weights, normalised on the rollout) with the task's stage cost from
 :mod:`qmpc.costs`, and (b) a stable random linear model of the task's size (``x⁺ = A x + B u``,
 spectral radius 0.98) with a quadratic cost, the cost of a linearised model. Rows for the
-shipped checkpoints in ``models/`` show trained networks.
+shipped checkpoints in ``models/`` show trained networks. ``--codegen`` adds, per row, raw
+solver calls through CasADi's virtual machine next to the same solver generated as C and
+compiled (the measurement behind qmpc not generating code: see the README).
 """
 
 from __future__ import annotations
@@ -80,6 +82,46 @@ def time_controller(ctrl: qmpc.Controller, xs: np.ndarray) -> list[float]:
     return ms
 
 
+def codegen_rows(P, theta, lbw, ubw, xs: np.ndarray, label: str) -> None:
+    """Raw ``nlpsol`` calls (no controller overhead, cold starts) with CasADi's virtual machine
+    against the same solver generated as C and compiled with ``cc -O2``, side by side."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from qmpc.solver import SolverOptions, _plugin_options
+
+    if shutil.which("cc") is None:
+        print(f"{label}: no C compiler, codegen rows skipped")
+        return
+    opts = _plugin_options(SolverOptions(max_iter=50, tol=1e-8, convexify="none"))  # convexify has no codegen
+    vm = ca.nlpsol("vm", "sqpmethod", P.nlp, opts)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        gen = ca.CodeGenerator("qmpc_cg.c")
+        gen.add(vm)
+        gen.generate(d + "/")
+        subprocess.run(["cc", "-O2", "-fPIC", "-shared", f"{d}/qmpc_cg.c", "-o", f"{d}/qmpc_cg.so", "-lm"], check=True)
+        build = time.perf_counter() - t0
+        compiled = ca.external("vm", f"{d}/qmpc_cg.so")
+        res = {}
+        for name, f in (("VM", vm), ("C", compiled)):
+            ms = []
+            for x in xs[:100]:
+                t0 = time.perf_counter()
+                try:
+                    f(x0=0, p=ca.vertcat(x, theta), lbx=lbw, ubx=ubw, lbg=0, ubg=0)
+                except RuntimeError:  # the generated solver returns an error flag on failure
+                    pass
+                ms.append((time.perf_counter() - t0) * 1e3)
+            res[name] = percentiles(ms)
+    print(
+        f"{label}: raw nlpsol p50 VM {res['VM'][0]:.2f} ms, generated C {res['C'][0]:.2f} ms "
+        f"(ratio {res['C'][0] / res['VM'][0]:.2f}; build {build:.1f} s)",
+        flush=True,
+    )
+
+
 def main() -> None:
     from pathlib import Path
 
@@ -88,6 +130,7 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--codegen", action="store_true", help="also time CasADi-generated C solvers (needs cc)")
     args = ap.parse_args()
     print(f"casadi {ca.__version__}, torch {torch.__version__}; {args.steps} control steps per row; times in ms")
     head = (
@@ -116,6 +159,9 @@ def main() -> None:
                 f"{ctrl.stats['fallback']:>8}   {np.percentile(step_ms, 50):>15.3f}",
                 flush=True,
             )
+            if args.codegen and model_name != "linear":
+                L = ctrl.layer
+                codegen_rows(L.problem, L._theta(), L.lbw, L.ubw, xs, f"  {env_id} H={horizon} {model_name}")
         shipped = root / "models" / f"{task}.pt"
         if shipped.exists():
             for horizon in (1, 10):

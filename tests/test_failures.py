@@ -190,3 +190,23 @@ def test_retry_uses_the_other_plugin_by_default():
     assert same.retry_solver is same.nlpsol
     with pytest.raises(qmpc.InputError, match="retry_plugin"):
         qmpc.ArgminLayer(q, -1, 1, retry_plugin="snopt")
+
+
+def test_multiple_shooting_converges_without_convexification():
+    """``convexify="auto"`` leaves sqpmethod's Hessian alone for horizons > 1: with eigen-clip it
+    stopped at non-stationary points through a nonlinear model (see SolverOptions.convexify).
+    Here: an MLP model with curvature, every sample must pass the KKT certificate first time."""
+    from qmpc.dynamics import DynamicsModel
+
+    torch.manual_seed(0)
+    q = make_network("PICNN", 6, 2, 0)
+    m = DynamicsModel(6, 2, hidden=[16]).double()
+    with torch.no_grad():
+        m.delta_scale.fill_(0.3)
+    x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _, c, _, _ = linear_model(6, 2)
+    layer = qmpc.ArgminLayer(q, -1.0, 1.0, horizon=6, dynamics=m.casadi_function(), stage_cost=c, discount=0.95)
+    assert layer.solver.options.convexify == "none"
+    layer(x, grad_mode="none")
+    assert (layer.last_result.status == qmpc.Status.SOLVED).all(), layer.last_result.status
+    assert qmpc.ArgminLayer(q, -1.0, 1.0).solver.options.convexify == "eigen-clip"
