@@ -182,12 +182,17 @@ def test_a_solve_that_raises_inside_casadi_is_contained():
     assert torch.isfinite(x.grad).all()
 
 
-def test_retry_uses_the_other_plugin_by_default():
+def test_retry_tries_the_same_then_the_other_plugin_by_default():
     q = make_network("PICNN", 4, 2, 0)
-    assert qmpc.ArgminLayer(q, -1, 1).solver.retry_solver.class_name() == "IpoptInterface"
-    assert qmpc.ArgminLayer(q, -1, 1, solver="ipopt").solver.retry_solver.class_name() == "Sqpmethod"
+    names = [s.class_name() for s in qmpc.ArgminLayer(q, -1, 1).solver.retry_solvers]
+    assert names == ["Sqpmethod", "IpoptInterface"]
+    names = [s.class_name() for s in qmpc.ArgminLayer(q, -1, 1, solver="ipopt").solver.retry_solvers]
+    assert names == ["IpoptInterface", "Sqpmethod"]
     same = qmpc.ArgminLayer(q, -1, 1, retry_plugin="same").solver
-    assert same.retry_solver is same.nlpsol
+    assert same.retry_solvers == [same.nlpsol]
+    assert [s.class_name() for s in qmpc.ArgminLayer(q, -1, 1, retry_plugin="ipopt").solver.retry_solvers] == [
+        "IpoptInterface"
+    ]
     with pytest.raises(qmpc.InputError, match="retry_plugin"):
         qmpc.ArgminLayer(q, -1, 1, retry_plugin="snopt")
 
