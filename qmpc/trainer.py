@@ -43,7 +43,8 @@ class RunSummary(NamedTuple):
     fail_frac: float
     """Fraction of all TD-target solves that failed and were masked."""
     seconds: float
-    """Wall time of the whole run, over resumes (up to the last checkpoint before this session)."""
+    """Wall time of the whole run, resumes included (time after the last checkpoint before a kill
+    is not counted)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,11 +118,13 @@ def plot_learning_curve(run_dir: Path) -> Path:
         ("solver/fail_frac", "failed solves (fraction)"),
         ("solver/solve_ms", "batch solve time (ms)"),
     ]
+    if "model/loss" in m:
+        panels.append(("model/loss", "dynamics model loss (normalised MSE)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (tag, title) in zip(axes, panels, strict=True):
         if tag in m:
             ax.plot(*m[tag], marker="o" if tag == "eval/return" else None, ms=3)
-        if tag == "train/td_loss" and tag in m and (m[tag][1] > 0).all():
+        if tag in ("train/td_loss", "model/loss") and tag in m and (m[tag][1] > 0).all():
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
