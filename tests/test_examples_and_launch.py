@@ -33,6 +33,11 @@ def test_example_closed_loop_lqr():
     assert _example("closed_loop_lqr").main(episodes=1, horizon=3) <= 1e-6
 
 
+def test_example_mpc_learned_model():
+    res = _example("mpc_learned_model").main(episodes=1, horizon=3)
+    assert set(res) == {1, 3} and all(r > -20 for r in res.values())  # a random policy gets about -43
+
+
 def test_launch_files_set_every_field():
     full = tomllib.loads((ROOT / "launch" / "point_mass.toml").read_text())
     default = {k: (set(v) if isinstance(v, dict) else None) for k, v in full.items()}
