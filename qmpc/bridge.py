@@ -195,6 +195,12 @@ class ArgminLayer(nn.Module):
         return self._theta_cache[1]
 
     # -- forward ------------------------------------------------------------------------
+    def solve(self, x: np.ndarray, w0: np.ndarray | None = None) -> SolveResult:
+        """Solve without torch or autograd: ``x (B, obs_dim)`` and ``w0 (B, n_w)`` float64 numpy,
+        already validated by the caller (the controller's per-step path); updates
+        :attr:`last_result` and the counters like a call."""
+        return self._solve(x, w0)[0]
+
     def forward(
         self, x: torch.Tensor, *, grad_mode: GradMode | None = None, w0: torch.Tensor | np.ndarray | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

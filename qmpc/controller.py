@@ -11,7 +11,6 @@ from typing import Any
 
 import casadi as ca
 import numpy as np
-import torch
 
 from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import (
@@ -174,9 +173,9 @@ class Controller:
         if self.linearization is not None and P.N:  # linearise along the shifted plan (zeros at first)
             nominal = w0[0, : P.N * P.nu] if w0 is not None else np.tile(self.safe_action, P.N)
             self.layer.model_params = self.linearization.params(x, nominal)
-        u, v = self.layer(torch.as_tensor(x[None]), w0=w0)
+        res = self.layer.solve(x[None], w0)  # x is checked above, w0 comes from our own plan
         solve_ms = (time.perf_counter() - t0) * 1e3
-        status = int(self.layer.last_result.status[0])
+        status = int(res.status[0])
         self.stats["steps"] += 1
         overrun = bool(self.budget_ms) and (status == Status.TIMEOUT or solve_ms > self.budget_ms)
         failed = not overrun and not Status.ok(np.array([status]))[0]
@@ -189,8 +188,14 @@ class Controller:
             if w0 is not None:  # the shifted plan is now the plan: the next fallback walks along it
                 self._plan = w0[0].copy()
         else:
-            action = u[0].numpy()
-            self._plan = self.layer.last_result.plan[0].copy()
+            action = res.w[0, P.u_slice(0)]
+            self._plan = res.w[0].copy()
         action = np.clip(action, self.low, self.high)
-        info = {"solve_ms": solve_ms, "status": status, "fallback": fallback, "overrun": overrun, "value": float(v[0])}
+        info = {
+            "solve_ms": solve_ms,
+            "status": status,
+            "fallback": fallback,
+            "overrun": overrun,
+            "value": float(res.value[0]),
+        }
         return action, info

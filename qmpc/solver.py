@@ -325,6 +325,8 @@ class BatchedSolver:
 
     def _chunks(self, B: int) -> list[slice]:
         n = max(1, min(self.workers, B // 8))
+        if n == 1:
+            return [slice(0, B)]
         edges = np.linspace(0, B, n + 1).astype(int)
         return [slice(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
