@@ -86,7 +86,7 @@ class _LQR:
         self.reset()
 
     def reset(self):
-        self.stats = {"steps": 0, "failed": 0, "fallback": 0}
+        self.stats = {"steps": 0, "failed": 0, "overrun": 0, "fallback": 0}
 
     def act(self, obs):
         return np.clip(-self.K @ obs, self.low, self.high), {"solve_ms": 0.0}
