@@ -101,11 +101,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     env_id = args.env or ckpt["spec"]["env_id"]
     env = make_env(env_id, seed=args.seed, render_mode="rgb_array" if args.video else None)
     spec = env_spec(env)
+    # real time by default: a control step must fit the task's control period
+    dt = getattr(env.unwrapped, "dt", None)
+    budget_ms = (1e3 * float(dt) if dt else 0.0) if args.budget_ms is None else args.budget_ms
     ctrl = Controller.from_checkpoint(
-        args.checkpoint, horizon=args.horizon, model=args.model, budget_ms=args.budget_ms, max_iter=args.max_iter
+        args.checkpoint, horizon=args.horizon, model=args.model, budget_ms=budget_ms, max_iter=args.max_iter
     )
     ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
-    budget = f", budget {args.budget_ms:g} ms" if args.budget_ms else ""
+    budget = f", budget {budget_ms:g} ms per step" if budget_ms else ", no time budget"
     print(f"{env_id}: {args.episodes} episodes, horizon {args.horizon}{budget}, checkpoint {args.checkpoint}")
     eps, frames = run_episodes(ctrl, env, args.episodes, seed=args.seed, render=bool(args.video))
     print(format_episodes(eps))
@@ -166,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="dynamics model for horizon > 1: exact (qmpc tasks), learned (checkpoint trained with "
         "model.learn), mujoco (qmpc tasks: MuJoCo's linearisation along the previous plan)",
     )
-    r.add_argument("--budget-ms", type=float, default=0.0, help="wall-time budget per control step (0: none)")
+    r.add_argument(
+        "--budget-ms",
+        type=float,
+        default=None,
+        help="wall-time budget per control step (default: the task's control period, e.g. 40 ms for "
+        "InvertedPendulum-v5; 0: none). A step that overruns falls back to the shifted plan.",
+    )
     r.add_argument("--max-iter", type=int, default=50, help="iteration budget per control step")
     r.add_argument("--env", default=None, help="override the checkpoint's task id")
     r.add_argument("--video", default=None, help="MP4 path (MuJoCo offscreen rendering)")

@@ -107,10 +107,11 @@ def test_train_resume_and_run_cli(tmp_path, capsys):
     video = tmp_path / "roll.mp4"
     assert main(["run", str(ckpt), "--episodes", "2", "--horizon", "3", "--video", str(video)]) == 0
     out = capsys.readouterr().out
+    assert "budget 50 ms per step" in out  # real time by default: the point mass's control period
     assert "solve p50" in out and "mean" in out
     assert (tmp_path / "pm" / "rollout_h3.png").exists() and video.stat().st_size > 1000
     assert main(["run", str(ckpt), "--episodes", "1", "--horizon", "3", "--model", "mujoco", "--budget-ms", "1e3"]) == 0
-    assert "budget 1000 ms" in capsys.readouterr().out
+    assert "budget 1000 ms per step" in capsys.readouterr().out
     assert main(["run", str(tmp_path / "missing.pt")]) == 2
     assert "nothing at" in capsys.readouterr().err
 
@@ -140,7 +141,10 @@ def test_shipped_checkpoint_runs(name, floor, tmp_path, capsys):
     launch/<name>.toml``) and does its task: 1000 = the pendulum balanced for the whole episode,
     ~9350 the double pendulum, about −4 … −9 for Reacher (a random policy gets about −43)."""
     plot = tmp_path / "p.png"
-    assert main(["run", str(ROOT / "models" / f"{name}.pt"), "--episodes", "1", "--plot", str(plot)]) == 0
+    assert (
+        main(["run", str(ROOT / "models" / f"{name}.pt"), "--episodes", "1", "--budget-ms", "0", "--plot", str(plot)])
+        == 0
+    )
     assert plot.exists()
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.strip().startswith("0 "))
@@ -149,6 +153,7 @@ def test_shipped_checkpoint_runs(name, floor, tmp_path, capsys):
 
 def test_shipped_reacher_plans_through_its_learned_model(tmp_path, capsys):
     path, plot = ROOT / "models" / "reacher.pt", tmp_path / "r.png"
-    assert main(["run", str(path), "--episodes", "1", "--horizon", "5", "--model", "learned", "--plot", str(plot)]) == 0
+    args = ["--episodes", "1", "--horizon", "5", "--model", "learned", "--budget-ms", "0", "--plot", str(plot)]
+    assert main(["run", str(path), *args]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("0 "))
     assert float(row.split()[1]) >= -15.0

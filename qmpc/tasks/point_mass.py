@@ -67,6 +67,11 @@ class PointMassEnv(gym.Env):
         mujoco.mj_forward(self.model, data)
 
     @property
+    def dt(self) -> float:
+        """Control period in seconds (one MuJoCo step)."""
+        return float(self.model.opt.timestep)
+
+    @property
     def mujoco_state_index(self) -> np.ndarray:
         """Where the observation's entries sit in MuJoCo's tangent state ``[dq; qvel; act]``
         (the layout of ``mjd_transitionFD``'s Jacobians)."""
