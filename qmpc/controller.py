@@ -185,7 +185,11 @@ class Controller:
         self.stats["fallback"] += fallback
         if fallback:
             action = w0[0, P.u_slice(0)] if w0 is not None else self.safe_action
-            if w0 is not None:  # the shifted plan is now the plan: the next fallback walks along it
+            if overrun and (status == Status.TIMEOUT or Status.ok(np.array([status]))[0]):
+                # too late to act on, but the best plan there is for this state: the next step
+                # warm-starts from it (a solve cut short continues where it stopped)
+                self._plan = res.w[0].copy()
+            elif w0 is not None:  # the shifted plan is now the plan: the next fallback walks along it
                 self._plan = w0[0].copy()
         else:
             action = res.w[0, P.u_slice(0)]
