@@ -177,15 +177,16 @@ class Controller:
         solve_ms = (time.perf_counter() - t0) * 1e3
         status = int(res.status[0])
         self.stats["steps"] += 1
+        ok = bool(Status.ok(np.array([status]))[0])
         overrun = bool(self.budget_ms) and (status == Status.TIMEOUT or solve_ms > self.budget_ms)
-        failed = not overrun and not Status.ok(np.array([status]))[0]
+        failed = not overrun and not ok
         fallback = overrun or failed
         self.stats["overrun"] += overrun
         self.stats["failed"] += failed
         self.stats["fallback"] += fallback
         if fallback:
             action = w0[0, P.u_slice(0)] if w0 is not None else self.safe_action
-            if overrun and (status == Status.TIMEOUT or Status.ok(np.array([status]))[0]):
+            if overrun and (ok or status == Status.TIMEOUT):
                 # too late to act on, but the best plan there is for this state: the next step
                 # warm-starts from it (a solve cut short continues where it stopped)
                 self._plan = res.w[0].copy()

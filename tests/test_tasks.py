@@ -32,15 +32,23 @@ def _lqr_setup(gamma=0.9):
     return env, q, K
 
 
-@pytest.mark.parametrize("horizon", [1, 4])
-def test_controller_with_riccati_q_gives_the_lqr_action(horizon):
+@pytest.mark.parametrize(
+    ("horizon", "model", "atol"),
+    [(1, "exact", 1e-8), (4, "exact", 1e-8), (4, "mujoco", 1e-7)],
+    ids=["h1", "h4-exact", "h4-mujoco"],
+)
+def test_controller_with_riccati_q_gives_the_lqr_action(horizon, model, atol):
+    """``mujoco``: H = 4 through MuJoCo's linearisation along the previous plan, renewed every step."""
+    from qmpc.linearize import MujocoLinearization
+
     env, q, K = _lqr_setup()
     f, c = env.unwrapped.casadi_model()
-    ctrl = qmpc.Controller(q, -np.inf, np.inf, horizon=horizon, dynamics=f, stage_cost=c, discount=0.9, tol=1e-12)
+    kw = {"dynamics": f} if model == "exact" else {"linearization": MujocoLinearization(env)}
+    ctrl = qmpc.Controller(q, -np.inf, np.inf, horizon=horizon, stage_cost=c, discount=0.9, tol=1e-12, **kw)
     obs, _ = env.reset(seed=3)
     for _ in range(5):
         a, _info = ctrl.act(obs)
-        np.testing.assert_allclose(a, -K @ obs, atol=1e-8)
+        np.testing.assert_allclose(a, -K @ obs, atol=atol)
         obs, *_ = env.step(a)
     assert ctrl.stats["fallback"] == 0
 
@@ -61,22 +69,6 @@ def test_mujoco_linearization_is_the_double_integrator():
     np.testing.assert_allclose(np.array(lin.dynamics(x + 0.1, u, p[: lin.n_p])).ravel(), A0 @ (x + 0.1) + B0 @ u)
     with pytest.raises(qmpc.InputError, match="qmpc task"):
         MujocoLinearization(make_env("InvertedPendulum-v5"))
-
-
-def test_controller_through_mujoco_linearization_gives_the_lqr_action():
-    """H = 4 through MuJoCo's linearisation along the previous plan, renewed every step."""
-    from qmpc.linearize import MujocoLinearization
-
-    env, q, K = _lqr_setup()
-    c = env.unwrapped.casadi_model()[1]
-    lin = MujocoLinearization(env)
-    ctrl = qmpc.Controller(q, -np.inf, np.inf, horizon=4, linearization=lin, stage_cost=c, discount=0.9, tol=1e-12)
-    obs, _ = env.reset(seed=3)
-    for _ in range(5):
-        a, _info = ctrl.act(obs)
-        np.testing.assert_allclose(a, -K @ obs, atol=1e-7)
-        obs, *_ = env.step(a)
-    assert ctrl.stats["fallback"] == 0
 
 
 def test_controller_bad_observations():
