@@ -39,7 +39,8 @@ class LayerResult(NamedTuple):
     """What the last call of an :class:`ArgminLayer` did (numpy, batch first)."""
 
     plan: np.ndarray
-    """``(B, n_w)``: the whole solution ``w*`` (actions ``u_0..u_N``, then states ``x_1..x_N``)."""
+    """``(B, n_w)``: the whole solution ``w*`` (actions ``u_0..u_N``, then, with multiple shooting,
+    states ``x_1..x_N``)."""
     status: np.ndarray
     """``(B,)`` int8 :class:`~qmpc.solver.Status` per sample."""
     kkt_residual: np.ndarray
@@ -50,6 +51,8 @@ class LayerResult(NamedTuple):
     """``(B, n_w)`` bound multipliers."""
     lam_g: np.ndarray
     """``(B, n_g)`` dynamics multipliers."""
+    x0: np.ndarray | None = None
+    """``(B, obs_dim)`` the states that were solved for."""
 
     @property
     def status_tensor(self) -> torch.Tensor:
@@ -120,6 +123,8 @@ class ArgminLayer(nn.Module):
         stage_cost: ca.Function | None = None,
         discount: float = 1.0,
         dynamics_params: int = 0,
+        shooting: str = "multiple",
+        dynamics_derivatives=None,
         grad_mode: GradMode = "implicit",
         solver: str = "sqpmethod",
         on_failure: Literal["mask", "raise"] = "mask",
@@ -151,7 +156,14 @@ class ArgminLayer(nn.Module):
             stage_cost=stage_cost,
             discount=discount,
             dynamics_params=dynamics_params,
+            shooting=shooting,
+            dynamics_derivatives=dynamics_derivatives,
         )
+        if self.problem.shooting == "single" and self.grad_mode != "none":
+            raise InputError(
+                f"expected grad_mode='none' with shooting='single' (sensitivities need shooting='multiple'), "
+                f"got {self.grad_mode!r}"
+            )
         self.model_params = np.zeros(self.problem.n_theta - self.problem.n_theta_q)
         self.solver = BatchedSolver(self.problem, options)
         self.lbw, self.ubw = self.problem.bounds(self.low, self.high)
@@ -216,6 +228,8 @@ class ArgminLayer(nn.Module):
             if w0.shape != (x.shape[0], self.problem.n_w) or not np.isfinite(w0).all():
                 raise InputError(f"expected finite w0 of shape ({x.shape[0]}, {self.problem.n_w}), got {w0.shape}")
         params = self._params
+        if mode != "none" and torch.is_grad_enabled() and self.problem.shooting == "single":
+            raise InputError(f"expected grad_mode='none' with shooting='single', got {mode!r}")
         if mode == "none" or not torch.is_grad_enabled():
             with torch.no_grad():
                 u, v = _ArgminFunction.apply(self, mode, w0, x, *params)
@@ -235,7 +249,7 @@ class ArgminLayer(nn.Module):
         if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
             w0, lam_x0, lam_g0 = last.plan, last.lam_x, last.lam_g
         res = self.solver.solve(x64, theta, self.lbw, self.ubw, w0=w0, lam_x0=lam_x0, lam_g0=lam_g0)
-        self.last_result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g)
+        self.last_result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g, x64)
         self.counters["solves"] += x64.shape[0]
         self.counters["failed"] += self.last_result.num_failed
         self.counters["retried"] += self.last_result.num_retried
@@ -255,7 +269,12 @@ class ArgminLayer(nn.Module):
         P, w = self.problem, self.last_result.plan
         B = w.shape[0]
         acts = w[:, : (P.N + 1) * P.nu].reshape(B, P.N + 1, P.nu)
-        states = w[:, (P.N + 1) * P.nu :].reshape(B, P.N, P.nx)
+        if P.shooting == "single":  # the states are the model's rollout of the actions
+            theta = self._theta()
+            x0 = self.last_result.x0
+            states = np.stack([np.asarray(P.states(w[i], x0[i], theta)).reshape(P.N, P.nx) for i in range(B)])
+        else:
+            states = w[:, (P.N + 1) * P.nu :].reshape(B, P.N, P.nx)
         return {"actions": acts, "states": states}
 
 

@@ -25,6 +25,7 @@ from qmpc.env import make_env
 from qmpc.errors import InputError
 from qmpc.linearize import MujocoLinearization
 from qmpc.networks import QNetwork
+from qmpc.problem import StageDerivatives
 from qmpc.solver import Status
 
 __all__ = ["MODELS", "Controller", "model_functions"]
@@ -53,7 +54,9 @@ def model_functions(ckpt: dict, model: str = "auto", env=None) -> dict[str, Any]
     if model == "exact" or (model == "auto" and exact):
         f, c = env.unwrapped.casadi_model()
         return {"dynamics": f, "stage_cost": c}
-    return {"dynamics": dynamics_from_checkpoint(ckpt).casadi_function(), "stage_cost": stage_cost(env)}
+    m = dynamics_from_checkpoint(ckpt)
+    derivatives = m.stage_derivatives()  # closed form, for single shooting
+    return {"dynamics": m.casadi_function(), "dynamics_derivatives": derivatives, "stage_cost": stage_cost(env)}
 
 
 class Controller:
@@ -73,6 +76,14 @@ class Controller:
         linearization: a :class:`~qmpc.linearize.MujocoLinearization` to use instead of
             ``dynamics``: the model is MuJoCo's linearisation along the previous plan, renewed at
             every step.
+        shooting: ``single`` (default) eliminates the predicted states through the model, so each
+            SQP iteration solves a small dense QP in the actions and the exact Hessian is
+            assembled from per-step model derivatives (``dynamics_derivatives``, closed form for a
+            learned MLP); ``multiple`` keeps the states as variables (:mod:`qmpc.problem`).
+            Measured on HalfCheetah-v5 at H = 10 (``benchmarks/bench_controller.py``): see the
+            README.
+        dynamics_derivatives: a :class:`~qmpc.problem.StageDerivatives` of ``dynamics`` for single
+            shooting (default: CasADi's automatic differentiation).
         **solver_options: further fields of :class:`~qmpc.solver.SolverOptions` (``plugin``,
             ``qpsol``, ``plugin_options``…).
         budget_ms: wall-time budget of one control step in milliseconds (0: none). The solver is
@@ -95,6 +106,8 @@ class Controller:
         retry: bool = True,
         budget_ms: float = 0.0,
         linearization: MujocoLinearization | None = None,
+        shooting: str = "single",
+        dynamics_derivatives: StageDerivatives | None = None,
         **solver_options: Any,
     ):
         self.q = q.double()
@@ -117,6 +130,8 @@ class Controller:
             retry=retry,
             max_wall_ms=budget_ms,
             dynamics_params=linearization.n_p if linearization is not None and horizon > 1 else 0,
+            shooting=shooting,
+            dynamics_derivatives=dynamics_derivatives,
             **solver_options,
         )
         self.budget_ms = float(budget_ms)
@@ -165,7 +180,7 @@ class Controller:
             w0 = self._plan.copy()
             acts = w0[: (P.N + 1) * P.nu].reshape(P.N + 1, P.nu)
             acts[:-1] = acts[1:].copy()
-            if P.N:
+            if P.N and P.shooting == "multiple":
                 st = w0[(P.N + 1) * P.nu :].reshape(P.N, P.nx)
                 st[:-1] = st[1:].copy()
             w0 = np.clip(w0, self.layer.lbw, self.layer.ubw)[None]

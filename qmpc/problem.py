@@ -16,17 +16,150 @@ with ``N = horizon − 1`` model steps:
 ``horizon=1`` (``N = 0``) is exactly ``min_u Q_θ(x0, u)``: no states, no constraints, the
 same code. The optimal value is ``V(x0, θ) = J(w*; x0, θ)``.
 
+``shooting="single"`` eliminates the states: ``w = (u_0, …, u_N)`` only, the states are the
+model rolled out from ``x0``, and there are no constraints but the action bounds. Its exact
+Hessian is assembled by :class:`_CondensedHessian` (the reduced Hessian ``Tᵀ ∇²L T`` of the
+multiple-shooting Lagrangian, ``T = ∂(u, x)/∂u``, with the costates of the rollout as
+multipliers) from per-step model derivatives that a :class:`StageDerivatives` provides — in
+closed form with numpy for a learned MLP (:meth:`qmpc.dynamics.DynamicsModel.stage_derivatives`),
+by CasADi's automatic differentiation otherwise. The QP of each SQP iteration then has
+``(N+1)·nu`` variables and bounds only, instead of ``(N+1)·nu + N·nx`` variables and ``N·nx``
+equality constraints. It serves the controller; the torch bridge's sensitivities need
+``shooting="multiple"``.
+
 This module never imports torch. Every CasADi function is built once, in the constructor.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
 
 import casadi as ca
 import numpy as np
 
 from qmpc.errors import InputError
 
-__all__ = ["ControlProblem"]
+__all__ = ["SHOOTING", "CasadiStageDerivatives", "ControlProblem", "StageDerivatives"]
+
+SHOOTING = ("multiple", "single")
+"""How a horizon > 1 treats the predicted states: decision variables tied by equality
+constraints (``multiple``), or eliminated through the model (``single``)."""
+
+
+class StageDerivatives(Protocol):
+    """Derivatives of the model ``x⁺ = f(x, u[, p])`` at ``K`` points at once, for the single-shooting
+    Hessian. Called with ``X (K, nx)``, ``U (K, nu)`` and ``P (K, n_p)`` (``None`` without model
+    parameters); returns ``A = ∂f/∂x (K, nx, nx)``, ``B = ∂f/∂u (K, nx, nu)`` and a function that maps
+    multipliers ``M (K, nx)`` to ``∇²_{(x,u)} μ_kᵀ f (K, nx+nu, nx+nu)`` at the same points."""
+
+    def __call__(
+        self, X: np.ndarray, U: np.ndarray, P: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]: ...
+
+
+class CasadiStageDerivatives:
+    """:class:`StageDerivatives` of any CasADi model by automatic differentiation (one Jacobian and
+    one Lagrangian-Hessian function, mapped over the ``K`` points, built once)."""
+
+    def __init__(self, dynamics: ca.Function, K: int, n_p: int = 0):
+        nx, nu = dynamics.size1_in(0), dynamics.size1_in(1)
+        x, u, mu, p = ca.MX.sym("x", nx), ca.MX.sym("u", nu), ca.MX.sym("mu", nx), ca.MX.sym("p", n_p)
+        extra = [p] if n_p else []
+        f = dynamics.call([x, u, *extra], True, False)[0]
+        z = ca.vertcat(x, u)
+        jac = ca.Function("stage_jac", [x, u, p], [ca.densify(ca.jacobian(f, z))])
+        hess = ca.Function("stage_hess", [x, u, mu, p], [ca.densify(ca.hessian(ca.dot(mu, f), z)[0])])
+        self.nx, self.nu, self.n_p = nx, nu, n_p
+        self._jac, self._hess = jac.map(K, "serial"), hess.map(K, "serial")
+
+    def __call__(self, X, U, P):
+        K, nx, nz = X.shape[0], self.nx, self.nx + self.nu
+        Pt = P.T if P is not None else np.zeros((0, K))
+        J = np.asarray(self._jac(X.T, U.T, Pt)).reshape(nx, K, nz).transpose(1, 0, 2)
+
+        def hess(M: np.ndarray) -> np.ndarray:
+            return np.asarray(self._hess(X.T, U.T, M.T, Pt)).reshape(nz, K, nz).transpose(1, 0, 2)
+
+        return J[:, :, :nx], J[:, :, nx:], hess
+
+
+class _CondensedHessian(ca.Callback):
+    """The exact Hessian of the single-shooting objective ``J(u_0..u_N)``, in numpy.
+
+    Inputs (all small: the network weights never cross into Python): the rolled-out states
+    ``X (nx × N+1)``, the actions ``U (nu × N+1)``, the stage costs' gradients ``Gc (n3 × N)`` and
+    Hessians ``Hc (n3 × n3·N)`` with respect to ``(x_k, u_k, x_{k+1})`` (discount applied), Q's
+    gradient ``gq`` and Hessian ``Hq`` with respect to ``(x_N, u_N)`` (discount applied), the model
+    parameters ``P (n_p × N)`` and the objective multiplier ``lam_f``. With the costates
+    ``μ_{N−1} = ∂J/∂x_N``, ``μ_{k−1} = ∂J/∂x_k + A_kᵀ μ_k`` and the state sensitivities
+    ``S_{k+1} = A_k S_k + B_k E_k`` (``E_k`` picks ``u_k``), the Hessian is
+    ``Σ_k T_kᵀ Hc_k T_k + Σ_k F_kᵀ ∇²(μ_kᵀ f) F_k + F_Nᵀ Hq F_N``, ``F_k = [S_k; E_k]``,
+    ``T_k = [S_k; E_k; S_{k+1}]``."""
+
+    def __init__(self, nx: int, nu: int, N: int, n_p: int, derivatives: StageDerivatives):
+        ca.Callback.__init__(self)
+        self.nx, self.nu, self.N, self.n_p, self.derivatives = nx, nu, N, n_p, derivatives
+        self.n_w = (N + 1) * nu
+        n3 = 2 * nx + nu
+        nz = nx + nu
+        self._shapes = [(nx, N + 1), (nu, N + 1), (n3, N), (n3, n3 * N), (nz, 1), (nz, nz), (n_p, N), (1, 1)]
+        self.construct("condensed_hessian", {})
+
+    def get_n_in(self) -> int:
+        return 8
+
+    def get_n_out(self) -> int:
+        return 1
+
+    def get_name_in(self, i: int) -> str:
+        return ["X", "U", "Gc", "Hc", "gq", "Hq", "P", "lam_f"][i]
+
+    def get_name_out(self, i: int) -> str:
+        return "H"
+
+    def get_sparsity_in(self, i: int) -> ca.Sparsity:
+        return ca.Sparsity.dense(*self._shapes[i])
+
+    def get_sparsity_out(self, i: int) -> ca.Sparsity:
+        return ca.Sparsity.dense(self.n_w, self.n_w)
+
+    def has_eval_buffer(self) -> bool:
+        return True
+
+    def eval_buffer(self, arg, res) -> int:
+        # raw column-major buffers: no DM is built or converted (that cost ~0.8 ms a call)
+        ins = [np.frombuffer(a, dtype=np.float64).reshape(s, order="F") for a, s in zip(arg, self._shapes, strict=True)]
+        out = np.frombuffer(res[0], dtype=np.float64).reshape(self.n_w, self.n_w, order="F")
+        out[:] = self._hessian(*ins)
+        return 0
+
+    def _hessian(self, X, U, Gc, Hc, gq, Hq, P, lam_f) -> np.ndarray:
+        nx, nu, N = self.nx, self.nu, self.N
+        n3, nz, n_w = 2 * nx + nu, nx + nu, self.n_w
+        Hc = Hc.reshape(n3, N, n3).transpose(1, 0, 2)  # (N, n3, n3)
+        A, B, hess_f = self.derivatives(X[:, :N].T, U[:, :N].T, P.T if self.n_p else None)
+        # costates: mu_k multiplies x_{k+1} = f(x_k, u_k)
+        dJdx = np.zeros((N + 1, nx))  # ∂J/∂x_k, k = 1..N (row 0 unused: x_0 is given)
+        dJdx[1:] += Gc[nx + nu :].T  # stage k reads x_{k+1}
+        dJdx[1:N] += Gc[:nx, 1:].T  # stage k reads x_k
+        dJdx[N] += gq[:nx, 0]
+        M = np.zeros((N, nx))
+        M[N - 1] = dJdx[N]
+        for k in range(N - 1, 0, -1):
+            M[k - 1] = dJdx[k] + A[k].T @ M[k]
+        Hf = hess_f(M)  # (N, nz, nz)
+        # state sensitivities S_k = ∂x_k/∂u, stacked with the action selections as F_k = [S_k; E_k]
+        F = np.zeros((N + 1, nz, n_w))
+        for k in range(N + 1):
+            F[k, nx + np.arange(nu), k * nu + np.arange(nu)] = 1.0
+            if k:
+                F[k, :nx] = A[k - 1] @ F[k - 1, :nx]
+                F[k, :nx, (k - 1) * nu : k * nu] += B[k - 1]
+        T = np.concatenate([F[:N], F[1:, :nx]], axis=1)  # (N, n3, n_w)
+        H = (np.swapaxes(T, 1, 2) @ (Hc @ T)).sum(0) + (np.swapaxes(F[:N], 1, 2) @ (Hf @ F[:N])).sum(0)
+        H += F[N].T @ Hq @ F[N]
+        return lam_f[0, 0] * 0.5 * (H + H.T)
 
 
 def _check_function(f: ca.Function, name: str, n_in: list[tuple[int, int]], n_out: list[tuple[int, int]]) -> None:
@@ -81,7 +214,11 @@ class ControlProblem:
         stage_cost: ca.Function | None = None,
         discount: float = 1.0,
         dynamics_params: int = 0,
+        shooting: str = "multiple",
+        dynamics_derivatives: StageDerivatives | None = None,
     ):
+        if shooting not in SHOOTING:
+            raise InputError(f"expected shooting in {SHOOTING}, got {shooting!r}")
         if not isinstance(horizon, int | np.integer) or isinstance(horizon, bool) or horizon < 1:
             raise InputError(f"expected horizon to be an int >= 1, got {horizon!r}")
         if not (0.0 < float(discount) <= 1.0):
@@ -102,8 +239,10 @@ class ControlProblem:
         self.nx, self.nu, self.n_theta, self.n_theta_q, self.dynamics_params, self.N = nx, nu, n_theta, n_q, n_p, N
         self.horizon = N + 1
         self.discount = float(discount)
-        self.n_w = (N + 1) * nu + N * nx
-        self.n_g = N * nx
+        self.shooting = shooting if N else "multiple"  # horizon 1 has no states to eliminate
+        single = self.shooting == "single"
+        self.n_w = (N + 1) * nu + (0 if single else N * nx)
+        self.n_g = 0 if single else N * nx
 
         w = ca.MX.sym("w", self.n_w)
         x0 = ca.MX.sym("x0", nx)
@@ -111,13 +250,19 @@ class ControlProblem:
         lam_g = ca.MX.sym("lam_g", self.n_g)
         us = [w[k * nu : (k + 1) * nu] for k in range(N + 1)]
         params = [[theta[n_q + k * n_p : n_q + (k + 1) * n_p]] if n_p else [] for k in range(N)]
-        xs = [x0] + [w[(N + 1) * nu + k * nx : (N + 1) * nu + (k + 1) * nx] for k in range(N)]
+        if single:  # the states are the model rolled out from x0
+            xs = [x0]
+            for k in range(N):
+                xs.append(dynamics(xs[k], us[k], *params[k]))
+        else:
+            xs = [x0] + [w[(N + 1) * nu + k * nx : (N + 1) * nu + (k + 1) * nx] for k in range(N)]
         gamma = self.discount
         J_stage = ca.MX(0)
         g = []
         for k in range(N):
             J_stage += gamma**k * stage_cost(*[xs[k], us[k], xs[k + 1]][: stage_cost.n_in()])
-            g.append(dynamics(xs[k], us[k], *params[k]) - xs[k + 1])
+            if not single:
+                g.append(dynamics(xs[k], us[k], *params[k]) - xs[k + 1])
         g = ca.vertcat(*g) if g else ca.MX(0, 1)
         # inlined, not a call node: MX derivatives through a call node cost ~10x more here
         J_q = gamma**N * q_function.call([xs[N], us[N], theta[:n_q]], True, False)[0]
@@ -128,29 +273,70 @@ class ControlProblem:
         names = ["w", "x0", "theta", "lam_g"]
         grad_L = ca.gradient(L, w)
         self.first_order = ca.Function("first_order", [w, x0, theta, lam_g], [grad_L, g], names, ["grad_L", "g"])
-        hess_L = ca.hessian(L, w)[0]
+        self.states = ca.Function(
+            "states", [w, x0, theta], [ca.vertcat(*xs[1:]) if N else ca.MX(0, 1)], ["w", "x0", "theta"], ["x"]
+        )
+        self.hess_lag: ca.Function | None = None
+        if single:
+            derivs = dynamics_derivatives or CasadiStageDerivatives(dynamics, N, n_p)
+            self._condensed = _CondensedHessian(nx, nu, N, n_p, derivs)  # kept alive with the problem
+            n3 = 2 * nx + nu
+            c3 = ca.MX.sym("z3", n3)
+            c_in = [c3[:nx], c3[nx : nx + nu], c3[nx + nu :]][: stage_cost.n_in()]
+            c_expr = stage_cost.call(c_in, True, False)[0]
+            c_h, c_g = ca.hessian(c_expr, c3)
+            cost_d = ca.Function("cost_derivatives", [c3], [ca.densify(c_g), ca.densify(c_h)])
+            Gc, Hc = [], []
+            for k in range(N):
+                gk, hk = cost_d(ca.vertcat(xs[k], us[k], xs[k + 1]))
+                Gc.append(gamma**k * gk)
+                Hc.append(gamma**k * hk)
+            zq = ca.vertcat(xs[N], us[N])
+            zs = ca.MX.sym("zq", nx + nu)
+            q_e = gamma**N * q_function.call([zs[:nx], zs[nx:], theta[:n_q]], True, False)[0]
+            q_h, q_g = ca.hessian(q_e, zs)
+            q_d = ca.Function("q_derivatives", [zs, theta], [ca.densify(q_g), ca.densify(q_h)])
+            gq, Hq = q_d(zq, theta)
+            P = ca.horzcat(*[pk[0] for pk in params]) if n_p else ca.MX(0, N)
+            lam_f = ca.MX.sym("lam_f")
+            H = self._condensed(ca.horzcat(*xs), ca.horzcat(*us), ca.horzcat(*Gc), ca.horzcat(*Hc), gq, Hq, P, lam_f)
+            p_sym = ca.vertcat(x0, theta)
+            # sqpmethod's / IPOPT's signature of a user Hessian (its inputs are named x, p, lam_f, lam_g)
+            self.hess_lag = ca.Function(
+                "hess_lag",
+                [w, p_sym, lam_f, lam_g],
+                [H],
+                ["x", "p", "lam_f", "lam_g"],
+                ["hess_gamma_x_x"],
+            )
+            hess_L = self.hess_lag(w, p_sym, 1.0, lam_g)
+        else:
+            hess_L = ca.hessian(L, w)[0]
         jac_g = ca.jacobian(g, w) if self.n_g else ca.MX(0, self.n_w)
         self.second_order = ca.Function(
             "second_order", [w, x0, theta, lam_g], [ca.densify(hess_L), ca.densify(jac_g)], names, ["hess_L", "jac_g"]
         )
 
-        a = ca.MX.sym("a", self.n_w)
-        b = ca.MX.sym("b", self.n_g)
-        vbar = ca.MX.sym("vbar")
-        L_c = J_stage + (ca.dot(lam_g, g) if self.n_g else 0)
-        phi = vbar * L_c - ca.dot(a, ca.gradient(L_c, w)) - (ca.dot(b, g) if self.n_g else 0)
-        self.x_adjoint = ca.Function(
-            "x_adjoint",
-            [w, x0, theta, lam_g, a, b, vbar],
-            [ca.densify(ca.gradient(phi, x0))],
-            ["w", "x0", "theta", "lam_g", "a", "b", "vbar"],
-            ["xbar"],
-        )
+        # The bridge's sensitivities read Q's state out of w: they need multiple shooting.
+        self.x_adjoint: ca.Function | None = None
+        if not single:
+            a = ca.MX.sym("a", self.n_w)
+            b = ca.MX.sym("b", self.n_g)
+            vbar = ca.MX.sym("vbar")
+            L_c = J_stage + (ca.dot(lam_g, g) if self.n_g else 0)
+            phi = vbar * L_c - ca.dot(a, ca.gradient(L_c, w)) - (ca.dot(b, g) if self.n_g else 0)
+            self.x_adjoint = ca.Function(
+                "x_adjoint",
+                [w, x0, theta, lam_g, a, b, vbar],
+                [ca.densify(ca.gradient(phi, x0))],
+                ["w", "x0", "theta", "lam_g", "a", "b", "vbar"],
+                ["xbar"],
+            )
 
-        # Cold start: zero actions and the model rolled out with them.
+        # Cold start: zero actions and (multiple shooting) the model rolled out with them.
         xc = ca.MX.sym("x0", nx)
         roll, xk = [], xc
-        for k in range(N):
+        for k in range(0 if single else N):
             xk = dynamics(xk, ca.DM.zeros(nu), *params[k])
             roll.append(xk)
         self.cold_start = ca.Function(
@@ -163,7 +349,10 @@ class ControlProblem:
         return slice(k * self.nu, (k + 1) * self.nu)
 
     def x_slice(self, k: int) -> slice:
-        """Where predicted state ``x_k`` (``1 ≤ k ≤ N``) lives in ``w``."""
+        """Where predicted state ``x_k`` (``1 ≤ k ≤ N``) lives in ``w`` (multiple shooting; with
+        single shooting the states are not in ``w``: see :attr:`states`)."""
+        if self.shooting == "single":
+            raise InputError("expected shooting='multiple' for states in w, got 'single' (use problem.states)")
         if not 1 <= k <= self.N:
             raise IndexError(f"expected 1 <= k <= {self.N}, got {k}")
         o = (self.N + 1) * self.nu
@@ -171,6 +360,7 @@ class ControlProblem:
 
     def bounds(self, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Bounds on ``w`` from action bounds ``low, high (nu,)``: states are free."""
-        lbw = np.concatenate([np.tile(low, self.N + 1), np.full(self.N * self.nx, -np.inf)])
-        ubw = np.concatenate([np.tile(high, self.N + 1), np.full(self.N * self.nx, np.inf)])
+        n_x = self.n_w - (self.N + 1) * self.nu
+        lbw = np.concatenate([np.tile(low, self.N + 1), np.full(n_x, -np.inf)])
+        ubw = np.concatenate([np.tile(high, self.N + 1), np.full(n_x, np.inf)])
         return lbw, ubw

@@ -258,7 +258,7 @@ class BatchedSolver:
             self.options = dataclasses.replace(self.options, convexify="eigen-clip" if problem.N == 0 else "none")
         P = problem
         self.deadline = _Deadline() if self.options.max_wall_ms else None
-        self.nlpsol = ca.nlpsol("qmpc_nlp", self.options.plugin, P.nlp, _plugin_options(self.options, self.deadline))
+        self.nlpsol = self._nlpsol("qmpc_nlp", self.options, self.deadline)
         w0 = ca.MX.sym("w0", P.n_w)
         lx0 = ca.MX.sym("lam_x0", P.n_w)
         lg0 = ca.MX.sym("lam_g0", P.n_g)
@@ -269,10 +269,7 @@ class BatchedSolver:
         zg = ca.DM.zeros(P.n_g)
         self.workers = self.options.workers or min(4, os.cpu_count() or 1)
         # one solver instance per worker thread: CasADi releases the GIL while it solves
-        self._solvers = [self.nlpsol] + [
-            ca.nlpsol(f"qmpc_nlp_{i}", self.options.plugin, P.nlp, _plugin_options(self.options))
-            for i in range(1, self.workers)
-        ]
+        self._solvers = [self.nlpsol] + [self._nlpsol(f"qmpc_nlp_{i}", self.options) for i in range(1, self.workers)]
         self._solve_one = []
         for solver in self._solvers:
             r = solver(x0=w0, lam_x0=lx0, lam_g0=lg0, p=ca.vertcat(x0, th), lbx=lb, ubx=ub, lbg=zg, ubg=zg)
@@ -294,15 +291,20 @@ class BatchedSolver:
         self.retry_solvers = [
             self.nlpsol
             if p == o.plugin
-            else ca.nlpsol(
-                "qmpc_nlp_retry",
-                p,
-                P.nlp,
-                _plugin_options(dataclasses.replace(o, plugin=p, plugin_options=None), self.deadline),
-            )
+            else self._nlpsol("qmpc_nlp_retry", dataclasses.replace(o, plugin=p, plugin_options=None), self.deadline)
             for p in plugins
         ]
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+
+    def _nlpsol(self, name: str, options: SolverOptions, callback: ca.Callback | None = None) -> ca.Function:
+        opts = _plugin_options(options, callback)
+        h = self.problem.hess_lag
+        if h is not None:  # single shooting: the condensed exact Hessian
+            if options.plugin == "ipopt":  # IPOPT takes the upper triangle
+                ins = h.mx_in()
+                h = ca.Function("hess_lag", ins, [ca.triu(h(*ins))], h.name_in(), h.name_out())
+            opts["hess_lag"] = h
+        return ca.nlpsol(name, options.plugin, self.problem.nlp, opts)
 
     # -- batching -----------------------------------------------------------------------
     _SHARED: ClassVar[dict[str, list[int]]] = {

@@ -128,14 +128,17 @@ def test_controller_plans_through_the_learned_model(tmp_path):
     env = make_env("InvertedPendulum-v5", seed=0)
     obs, _ = env.reset(seed=0)
     for _ in range(5):
+        obs_before = obs
         a, info = ctrl.act(obs)
         assert ctrl.low[0] <= a[0] <= ctrl.high[0] and np.isfinite(info["value"])
         obs, *_ = env.step(a)
     # the plan's predicted states are the model's rollout of its actions
-    P = ctrl.layer.problem
-    w = ctrl.layer.last_result.plan[0]
+    plan = ctrl.layer.plan()
+    acts, states = plan["actions"][0], plan["states"][0]
+    assert states.shape == (3, 4)
     f = model_functions(ckpt, "learned")["dynamics"]
-    np.testing.assert_allclose(np.array(f(w[P.x_slice(1)], w[P.u_slice(1)])).ravel(), w[P.x_slice(2)], atol=1e-6)
+    np.testing.assert_allclose(np.array(f(obs_before, acts[0])).ravel(), states[0], atol=1e-12)
+    np.testing.assert_allclose(np.array(f(states[0], acts[1])).ravel(), states[1], atol=1e-12)
     with pytest.raises(qmpc.InputError, match="--model learned"):
         Controller.from_checkpoint(path, horizon=4, model="exact")
 
