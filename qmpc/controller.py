@@ -68,6 +68,10 @@ class Controller:
         horizon: ``1`` for the greedy controller, ``H > 1`` to plan through ``dynamics``.
         dynamics, stage_cost, discount: the model for ``H > 1`` (CasADi functions).
         max_iter: iteration budget of each solve.
+        tol: the solver's own tolerance; default 1e-8 for horizon 1 and 1e-6 for longer horizons
+            (an SQP iteration at H = 10 costs ~3 ms at HalfCheetah size and the last one only
+            moves the plan by ~1e-6; measured: 3.1 → 2.6 iterations per step). A solution is
+            accepted by the same certificate either way (``kkt_tol``, 1e-6).
         env_id: the task the network was trained on (checked against observations' size only).
         retry: retry a failed solve cold with the other plugin before falling back to the shifted
             plan. Measured on the shipped InvertedPendulum-v5 controller over 10 episodes: with the
@@ -101,7 +105,7 @@ class Controller:
         stage_cost: ca.Function | None = None,
         discount: float = 0.99,
         max_iter: int = 50,
-        tol: float = 1e-8,
+        tol: float | None = None,
         env_id: str = "",
         retry: bool = True,
         budget_ms: float = 0.0,
@@ -125,7 +129,7 @@ class Controller:
             discount=discount,
             grad_mode="none",
             max_iter=max_iter,
-            tol=tol,
+            tol=tol if tol is not None else (1e-8 if horizon == 1 else 1e-6),
             workers=1,
             retry=retry,
             max_wall_ms=budget_ms,

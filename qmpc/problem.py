@@ -104,6 +104,9 @@ class _CondensedHessian(ca.Callback):
         n3 = 2 * nx + nu
         nz = nx + nu
         self._shapes = [(nx, N + 1), (nu, N + 1), (n3, N), (n3, n3 * N), (nz, 1), (nz, nz), (n_p, N), (1, 1)]
+        self._F0 = np.zeros((N + 1, nz, self.n_w))  # F_k = [S_k; E_k] with S_k = 0: E_k picks u_k
+        for k in range(N + 1):
+            self._F0[k, nx + np.arange(nu), k * nu + np.arange(nu)] = 1.0
         self.construct("condensed_hessian", {})
 
     def get_n_in(self) -> int:
@@ -148,16 +151,16 @@ class _CondensedHessian(ca.Callback):
         M[N - 1] = dJdx[N]
         for k in range(N - 1, 0, -1):
             M[k - 1] = dJdx[k] + A[k].T @ M[k]
-        Hf = hess_f(M)  # (N, nz, nz)
+        G = Hc.copy()  # stage k's Hessian in (x_k, u_k, x_{k+1}): the cost's and the model's
+        G[:, :nz, :nz] += hess_f(M)
         # state sensitivities S_k = ∂x_k/∂u, stacked with the action selections as F_k = [S_k; E_k]
-        F = np.zeros((N + 1, nz, n_w))
-        for k in range(N + 1):
-            F[k, nx + np.arange(nu), k * nu + np.arange(nu)] = 1.0
-            if k:
-                F[k, :nx] = A[k - 1] @ F[k - 1, :nx]
-                F[k, :nx, (k - 1) * nu : k * nu] += B[k - 1]
+        F = self._F0.copy()
+        for k in range(1, N + 1):
+            F[k, :nx] = A[k - 1] @ F[k - 1, :nx]
+            F[k, :nx, (k - 1) * nu : k * nu] += B[k - 1]
         T = np.concatenate([F[:N], F[1:, :nx]], axis=1)  # (N, n3, n_w)
-        H = (np.swapaxes(T, 1, 2) @ (Hc @ T)).sum(0) + (np.swapaxes(F[:N], 1, 2) @ (Hf @ F[:N])).sum(0)
+        # Σ_k T_kᵀ G_k T_k as one matrix product over the stacked stages
+        H = T.reshape(N * n3, n_w).T @ (G @ T).reshape(N * n3, n_w)
         H += F[N].T @ Hq @ F[N]
         return lam_f[0, 0] * 0.5 * (H + H.T)
 

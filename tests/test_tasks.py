@@ -33,18 +33,27 @@ def _lqr_setup(gamma=0.9):
 
 
 @pytest.mark.parametrize(
-    ("horizon", "model", "atol"),
-    [(1, "exact", 1e-8), (4, "exact", 1e-8), (4, "mujoco", 1e-7)],
-    ids=["h1", "h4-exact", "h4-mujoco"],
+    ("horizon", "model", "shooting", "atol"),
+    [
+        (1, "exact", "single", 1e-8),
+        (4, "exact", "single", 1e-8),
+        (4, "exact", "multiple", 1e-8),
+        (4, "mujoco", "single", 1e-7),
+        (4, "mujoco", "multiple", 1e-7),
+    ],
+    ids=["h1", "h4-exact-single", "h4-exact-multiple", "h4-mujoco-single", "h4-mujoco-multiple"],
 )
-def test_controller_with_riccati_q_gives_the_lqr_action(horizon, model, atol):
-    """``mujoco``: H = 4 through MuJoCo's linearisation along the previous plan, renewed every step."""
+def test_controller_with_riccati_q_gives_the_lqr_action(horizon, model, shooting, atol):
+    """``mujoco``: H = 4 through MuJoCo's linearisation along the previous plan, renewed every step.
+    Both shootings: the states as variables, or eliminated with the condensed Hessian."""
     from qmpc.linearize import MujocoLinearization
 
     env, q, K = _lqr_setup()
     f, c = env.unwrapped.casadi_model()
     kw = {"dynamics": f} if model == "exact" else {"linearization": MujocoLinearization(env)}
-    ctrl = qmpc.Controller(q, -np.inf, np.inf, horizon=horizon, stage_cost=c, discount=0.9, tol=1e-12, **kw)
+    ctrl = qmpc.Controller(
+        q, -np.inf, np.inf, horizon=horizon, stage_cost=c, discount=0.9, tol=1e-12, shooting=shooting, **kw
+    )
     obs, _ = env.reset(seed=3)
     for _ in range(5):
         a, _info = ctrl.act(obs)
