@@ -106,6 +106,14 @@ class ArgminLayer(nn.Module):
             :attr:`last_result`) or ``"raise"`` (:class:`~qmpc.errors.SolverError`).
         warm_start: start each solve from the previous call's solution when the batch size
             matches (useful for repeated solves on the same batch, e.g. in MPC).
+        shooting: ``multiple`` (default; the predicted states are variables) or ``single`` (they
+            are eliminated; solves only, ``grad_mode="none"``): see :mod:`qmpc.problem`.
+        dynamics_derivatives: a :class:`~qmpc.problem.StageDerivatives` of ``dynamics`` for
+            single shooting (default: CasADi's automatic differentiation).
+        bake_weights: build the problem with the network's weights as constants
+            (``grad_mode="none"`` only; the controller's fast path). The problem is rebuilt
+            when the weights change (``load_state_dict``, an optimiser step), so it never acts
+            on stale weights.
         **solver_options: fields of :class:`~qmpc.solver.SolverOptions` (``max_iter``, ``tol``…).
 
     Call: ``u_star, value = layer(x)`` with ``x: (B, obs_dim)`` → ``u_star: (B, act_dim)``,
@@ -129,6 +137,7 @@ class ArgminLayer(nn.Module):
         solver: str = "sqpmethod",
         on_failure: Literal["mask", "raise"] = "mask",
         warm_start: bool = False,
+        bake_weights: bool = False,
         **solver_options,
     ):
         super().__init__()
@@ -146,31 +155,50 @@ class ArgminLayer(nn.Module):
         self.on_failure = on_failure
         self.warm_start = bool(warm_start)
         try:
-            options = SolverOptions(plugin=solver, **solver_options)
+            self._options = SolverOptions(plugin=solver, **solver_options)
         except TypeError as e:
             raise InputError(f"unknown solver option: {e}") from None
-        self.problem = ControlProblem(
-            q.casadi_function(),
-            horizon=horizon,
-            dynamics=dynamics,
-            stage_cost=stage_cost,
-            discount=discount,
-            dynamics_params=dynamics_params,
-            shooting=shooting,
-            dynamics_derivatives=dynamics_derivatives,
-        )
+        self.bake_weights = bool(bake_weights)
+        if self.bake_weights and self.grad_mode != "none":
+            raise InputError(f"expected grad_mode='none' with bake_weights=True, got {self.grad_mode!r}")
+        self._problem_kw = {
+            "horizon": horizon,
+            "dynamics": dynamics,
+            "stage_cost": stage_cost,
+            "discount": discount,
+            "dynamics_params": dynamics_params,
+            "shooting": shooting,
+            "dynamics_derivatives": dynamics_derivatives,
+        }
+        self._params = tuple(q.parameters())  # the module's structure is fixed once the twin is built
+        self._theta_cache: tuple[tuple, ca.DM] | None = None
+        self._build()
         if self.problem.shooting == "single" and self.grad_mode != "none":
             raise InputError(
                 f"expected grad_mode='none' with shooting='single' (sensitivities need shooting='multiple'), "
                 f"got {self.grad_mode!r}"
             )
         self.model_params = np.zeros(self.problem.n_theta - self.problem.n_theta_q)
-        self.solver = BatchedSolver(self.problem, options)
         self.lbw, self.ubw = self.problem.bounds(self.low, self.high)
         self.last_result: LayerResult | None = None
-        self._theta_cache: tuple[tuple, ca.DM] | None = None
-        self._params = tuple(q.parameters())  # the module's structure is fixed once the twin is built
         self.counters = {"solves": 0, "failed": 0, "retried": 0, "singular": 0, "weakly_active": 0}
+
+    def _build(self) -> None:
+        """The problem and its solver; with ``bake_weights``, rebuilt whenever the weights change."""
+        if self.bake_weights:
+            self._weights_key = self._key()
+            self._check_finite()
+        q_function = self.q.casadi_function(baked=self.bake_weights)
+        self.problem = ControlProblem(q_function, **self._problem_kw)
+        self.solver = BatchedSolver(self.problem, self._options)
+
+    def _key(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self._params)
+
+    def _check_finite(self) -> None:
+        for name, p in self.q.named_parameters():
+            if not torch.isfinite(p).all():
+                raise InputError(f"expected finite network weights, got NaN/Inf in {name!r}")
 
     @staticmethod
     def _check_mode(mode: str) -> str:
@@ -198,11 +226,13 @@ class ArgminLayer(nn.Module):
     def _theta(self) -> ca.DM:
         """The network's flat parameters as a CasADi DM, converted once per change of the weights
         (the conversion costs about as much as a small solve); raises on NaN/Inf weights."""
-        key = tuple((p.data_ptr(), p._version) for p in self._params)
+        key = self._key()
+        if self.bake_weights:  # the weights are constants of the problem: rebuild it when they change
+            if key != self._weights_key:
+                self._build()
+            return ca.DM(0, 1)
         if self._theta_cache is None or self._theta_cache[0] != key:
-            for name, p in self.q.named_parameters():
-                if not torch.isfinite(p).all():
-                    raise InputError(f"expected finite network weights, got NaN/Inf in {name!r}")
+            self._check_finite()
             self._theta_cache = (key, ca.DM(self.q.flat_parameters()))
         return self._theta_cache[1]
 

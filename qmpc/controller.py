@@ -136,6 +136,7 @@ class Controller:
             dynamics_params=linearization.n_p if linearization is not None and horizon > 1 else 0,
             shooting=shooting,
             dynamics_derivatives=dynamics_derivatives,
+            bake_weights=True,
             **solver_options,
         )
         self.budget_ms = float(budget_ms)

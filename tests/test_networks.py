@@ -30,6 +30,27 @@ def test_twin_value_gradient_hessian(cls, kw):
     assert max(errs.values()) <= 1e-10, errs
 
 
+@pytest.mark.parametrize("cls,kw", CONFIGS, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_baked_twin_is_the_symbolic_twin(cls, kw):
+    """The controller's twin with the weights as constants: same value, gradient and Hessian."""
+    torch.manual_seed(0)
+    q = cls(5, 3, **{"hidden": (16, 16), **kw}).double()
+    sym, baked = q.casadi_function(), q.casadi_function(baked=True)
+    assert baked.size_in(2) == (0, 1)
+    x, u = ca.MX.sym("x", 5), ca.MX.sym("u", 3)
+    z = ca.vertcat(x, u)
+    outs = []
+    for f, th in ((sym, ca.DM(q.flat_parameters())), (baked, ca.DM(0, 1))):
+        e = f(x, u, th)
+        H, g = ca.hessian(e, z)
+        outs.append(ca.Function("d", [x, u], [e, g, H]))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        a = [rng.normal(size=5), rng.normal(size=3)]
+        for r1, r2 in zip(outs[0](*a), outs[1](*a), strict=True):
+            np.testing.assert_allclose(np.array(r2), np.array(r1), rtol=1e-12, atol=1e-12)
+
+
 def test_twin_large_preactivations():
     """Softplus is written so that large inputs neither overflow nor lose accuracy in either twin."""
     q = qmpc.PICNN(3, 2, hidden=(8,)).double()

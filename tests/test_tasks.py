@@ -191,3 +191,21 @@ def test_solver_wall_time_limit_status():
         qmpc.ArgminLayer(q, -np.ones(2), np.ones(2), workers=2, max_wall_ms=5.0)
     with pytest.raises(qmpc.InputError, match="max_wall_ms"):
         qmpc.ArgminLayer(q, -np.ones(2), np.ones(2), workers=1, max_wall_ms=-1.0)
+
+
+def test_controller_follows_weight_changes():
+    """The controller bakes the weights into its problem; it rebuilds it when they change (the
+    trainer's evaluator loads new weights into the same controller)."""
+    _, q, _ = _lqr_setup()
+    ctrl = qmpc.Controller(q, -2 * np.ones(2), 2 * np.ones(2))
+    x = np.array([0.5, -0.3, 0.2, 0.1])
+    a0, _ = ctrl.act(x)
+    q2 = qmpc.QuadraticQ.from_quadratic(np.diag([1.0, 2.0, 3.0, 4.0, 0.5, 0.7]), 4)
+    q.load_state_dict(q2.state_dict())
+    ctrl.reset()
+    a1, _ = ctrl.act(x)
+    fresh, _ = qmpc.Controller(q2, -2 * np.ones(2), 2 * np.ones(2)).act(x)
+    np.testing.assert_allclose(a1, fresh, atol=1e-10)
+    assert np.abs(a1 - a0).max() > 1e-3
+    with pytest.raises(qmpc.InputError, match="bake_weights"):
+        qmpc.ArgminLayer(q, -1.0, 1.0, bake_weights=True)
