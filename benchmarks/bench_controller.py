@@ -8,7 +8,9 @@ the real environment and reports p50 / p99 / max of ``Controller.act`` (solve + 
 and of ``env.step``. Horizon 10 plans through (a) the learned-model architecture of the launch
 file (an MLP with baked weights, normalised on the rollout) with the task's stage cost from
 :mod:`qmpc.costs`, and (b) a stable random linear model of the task's size (``x⁺ = A x + B u``,
-spectral radius 0.98) with a quadratic cost, the cost of a linearised model. Rows for the
+spectral radius 0.98) with a quadratic cost, the cost of a linearised model; each with single
+shooting (the controller's default: states eliminated, condensed exact Hessian) and multiple
+shooting (states as variables) side by side. Rows for the
 shipped checkpoints in ``models/`` show trained networks. ``--codegen`` adds, per row, raw
 solver calls through CasADi's virtual machine next to the same solver generated as C and
 compiled (the measurement behind qmpc not generating code: see the README).
@@ -68,7 +70,8 @@ def learned_model(env, xs: np.ndarray, hidden: list[int], activation: str) -> di
     m = DynamicsModel(spec.obs_dim, spec.act_dim, hidden, activation).double()
     x = torch.as_tensor(xs)
     m.fit_normalization(x[:-1], x[1:])
-    return {"dynamics": m.casadi_function(), "stage_cost": stage_cost(env)}
+    derivatives = m.stage_derivatives()  # closed form, for single shooting
+    return {"dynamics": m.casadi_function(), "dynamics_derivatives": derivatives, "stage_cost": stage_cost(env)}
 
 
 def time_controller(ctrl: qmpc.Controller, xs: np.ndarray) -> list[float]:
@@ -134,8 +137,8 @@ def main() -> None:
     args = ap.parse_args()
     print(f"casadi {ca.__version__}, torch {torch.__version__}; {args.steps} control steps per row; times in ms")
     head = (
-        f"{'task':<20} {'network':<22} {'H':>3} {'model':<22} {'p50':>7} {'p99':>7} {'max':>7} {'fallback':>8}"
-        f"   {'mujoco step p50':>15}"
+        f"{'task':<20} {'network':<22} {'H':>3} {'model':<22} {'shooting':<9} {'p50':>7} {'p99':>7} {'max':>7} "
+        f"{'fallback':>8}   {'mujoco step p50':>15}"
     )
     print(head)
     print("-" * len(head))
@@ -147,21 +150,29 @@ def main() -> None:
         torch.manual_seed(0)
         q = qmpc.PICNN(spec.obs_dim, spec.act_dim, hidden=tuple(cfg.network.hidden)).double()
         net = f"PICNN {'x'.join(map(str, cfg.network.hidden))} untrained"
-        rows = [(net, 1, "-", {})]
+        rows = [(net, 1, "-", {}, "-")]
         mh = "x".join(map(str, cfg.model.hidden))
-        rows.append((net, 10, f"learned MLP {mh}", learned_model(env, xs, cfg.model.hidden, cfg.model.activation)))
-        rows.append((net, 10, "linear", stable_linear_model(spec.obs_dim, spec.act_dim)))
-        for name, horizon, model_name, model in rows:
-            ctrl = qmpc.Controller(q, spec.low, spec.high, horizon=horizon, discount=0.99, **model)
+        learned = learned_model(env, xs, cfg.model.hidden, cfg.model.activation)
+        linear = stable_linear_model(spec.obs_dim, spec.act_dim)
+        for model_name, model in ((f"learned MLP {mh}", learned), ("linear", linear)):
+            rows += [(net, 10, model_name, model, shooting) for shooting in ("single", "multiple")]
+        p50s = {}
+        for name, horizon, model_name, model, shooting in rows:
+            kw = {"shooting": shooting} if horizon > 1 else {}
+            ctrl = qmpc.Controller(q, spec.low, spec.high, horizon=horizon, discount=0.99, **model, **kw)
             p50, p99, mx = percentiles(time_controller(ctrl, xs))
+            p50s[(model_name, shooting)] = p50
             print(
-                f"{env_id:<20} {name:<22} {horizon:>3} {model_name:<22} {p50:>7.2f} {p99:>7.2f} {mx:>7.2f} "
-                f"{ctrl.stats['fallback']:>8}   {np.percentile(step_ms, 50):>15.3f}",
+                f"{env_id:<20} {name:<22} {horizon:>3} {model_name:<22} {shooting:<9} {p50:>7.2f} {p99:>7.2f} "
+                f"{mx:>7.2f} {ctrl.stats['fallback']:>8}   {np.percentile(step_ms, 50):>15.3f}",
                 flush=True,
             )
-            if args.codegen and model_name != "linear":
+            if args.codegen and model_name != "linear" and shooting != "single":  # no callbacks in C
                 L = ctrl.layer
                 codegen_rows(L.problem, L._theta(), L.lbw, L.ubw, xs, f"  {env_id} H={horizon} {model_name}")
+        for model_name, _ in ((f"learned MLP {mh}", 0), ("linear", 0)):
+            r = p50s[(model_name, "multiple")] / p50s[(model_name, "single")]
+            print(f"  {env_id} H=10 {model_name}: single shooting is {r:.1f}x faster than multiple (p50)")
         shipped = root / "models" / f"{task}.pt"
         if shipped.exists():
             for horizon in (1, 10):
@@ -171,9 +182,11 @@ def main() -> None:
                     continue
                 p50, p99, mx = percentiles(time_controller(ctrl, xs))
                 model_name = "-" if horizon == 1 else "learned (trained)"
+                shooting = "-" if horizon == 1 else ctrl.layer.problem.shooting
                 print(
-                    f"{env_id:<20} {'models/' + shipped.name:<22} {horizon:>3} {model_name:<22} {p50:>7.2f} "
-                    f"{p99:>7.2f} {mx:>7.2f} {ctrl.stats['fallback']:>8}   {np.percentile(step_ms, 50):>15.3f}",
+                    f"{env_id:<20} {'models/' + shipped.name:<22} {horizon:>3} {model_name:<22} {shooting:<9} "
+                    f"{p50:>7.2f} {p99:>7.2f} {mx:>7.2f} {ctrl.stats['fallback']:>8}   "
+                    f"{np.percentile(step_ms, 50):>15.3f}",
                     flush=True,
                 )
 

@@ -3,6 +3,7 @@
 
     python benchmarks/bench_horizon.py [--checkpoints models/inverted_pendulum.pt ...]
                                        [--horizons 1 10] [--episodes 10] [--seed 100]
+                                       [--shooting single multiple]
 
 For every checkpoint and horizon, runs ``--episodes`` episodes (seeds ``seed, seed+1, …``, the
 same for every horizon) and prints one table: mean ± std return (sum of rewards = −total cost),
@@ -34,18 +35,24 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=10)
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--model", default="learned", help="model source for H > 1 (see qmpc run --model)")
+    ap.add_argument("--shooting", nargs="+", default=["auto"], help="for H > 1, one row each: auto, single, multiple")
     args = ap.parse_args()
-    head = f"{'task':<26} {'H':>3} {'return (mean ± std)':>22} {'length':>7} {'step p50':>9} {'p99':>8} {'fallback':>8}"
+    head = (
+        f"{'task':<26} {'H':>3} {'shooting':<9} {'return (mean ± std)':>22} {'length':>7} {'step p50':>9} "
+        f"{'p99':>8} {'fallback':>8}"
+    )
     rows = []
     for path in args.checkpoints:
         env_id = load_checkpoint(path)["spec"]["env_id"]
-        for h in args.horizons:
-            ctrl = Controller.from_checkpoint(path, horizon=h, model=args.model)
+        for h, shooting in [(hh, s) for hh in args.horizons for s in (args.shooting if hh > 1 else ["-"])]:
+            kw = {"shooting": shooting} if h > 1 else {}
+            ctrl = Controller.from_checkpoint(path, horizon=h, model=args.model, **kw)
+            shooting = ctrl.layer.problem.shooting if h > 1 else "-"
             eps, _ = run_episodes(ctrl, make_env(env_id), args.episodes, seed=args.seed)
             rets = np.array([e.ret for e in eps])
             ms = np.concatenate([e.solve_ms for e in eps])
             row = (
-                f"{env_id:<26} {h:>3} {rets.mean():>12.1f} ± {rets.std():>7.1f} "
+                f"{env_id:<26} {h:>3} {shooting:<9} {rets.mean():>12.1f} ± {rets.std():>7.1f} "
                 f"{np.mean([e.length for e in eps]):>7.0f} {np.percentile(ms, 50):>7.2f}ms "
                 f"{np.percentile(ms, 99):>6.2f}ms {sum(e.fallback for e in eps):>8}"
             )

@@ -189,7 +189,10 @@ class ArgminLayer(nn.Module):
             self._weights_key = self._key()
             self._check_finite()
         q_function = self.q.casadi_function(baked=self.bake_weights)
-        self.problem = ControlProblem(q_function, **self._problem_kw)
+        kw = dict(self._problem_kw)
+        if self.bake_weights and kw["shooting"] == "single" and hasattr(self.q, "numpy_derivatives"):
+            kw["q_derivatives"] = self.q.numpy_derivatives()  # the weights are constants here too
+        self.problem = ControlProblem(q_function, **kw)
         self.solver = BatchedSolver(self.problem, self._options)
 
     def _key(self) -> tuple:

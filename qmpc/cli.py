@@ -105,7 +105,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     dt = getattr(env.unwrapped, "dt", None)
     budget_ms = (1e3 * float(dt) if dt else 0.0) if args.budget_ms is None else args.budget_ms
     ctrl = Controller.from_checkpoint(
-        args.checkpoint, horizon=args.horizon, model=args.model, budget_ms=budget_ms, max_iter=args.max_iter
+        args.checkpoint,
+        horizon=args.horizon,
+        model=args.model,
+        budget_ms=budget_ms,
+        max_iter=args.max_iter,
+        shooting=args.shooting,
     )
     ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
     budget = f", budget {budget_ms:g} ms per step" if budget_ms else ", no time budget"
@@ -177,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         "InvertedPendulum-v5; 0: none). A step that overruns falls back to the shifted plan.",
     )
     r.add_argument("--max-iter", type=int, default=50, help="iteration budget per control step")
+    r.add_argument(
+        "--shooting",
+        default="auto",
+        choices=("auto", "single", "multiple"),
+        help="horizon > 1: eliminate the predicted states (single) or keep them as variables (multiple); "
+        "auto: single for a learned model or a large plan (see the README's latency table)",
+    )
     r.add_argument("--env", default=None, help="override the checkpoint's task id")
     r.add_argument("--video", default=None, help="MP4 path (MuJoCo offscreen rendering)")
     r.add_argument("--plot", default=None, help="PNG path (default: next to the checkpoint)")

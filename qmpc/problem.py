@@ -97,9 +97,19 @@ class _CondensedHessian(ca.Callback):
     ``Σ_k T_kᵀ Hc_k T_k + Σ_k F_kᵀ ∇²(μ_kᵀ f) F_k + F_Nᵀ Hq F_N``, ``F_k = [S_k; E_k]``,
     ``T_k = [S_k; E_k; S_{k+1}]``."""
 
-    def __init__(self, nx: int, nu: int, N: int, n_p: int, derivatives: StageDerivatives):
+    def __init__(
+        self,
+        nx: int,
+        nu: int,
+        N: int,
+        n_p: int,
+        derivatives: StageDerivatives,
+        q_derivatives: Callable | None = None,
+        q_weight: float = 1.0,
+    ):
         ca.Callback.__init__(self)
         self.nx, self.nu, self.N, self.n_p, self.derivatives = nx, nu, N, n_p, derivatives
+        self.q_derivatives, self.q_weight = q_derivatives, q_weight
         self.n_w = (N + 1) * nu
         n3 = 2 * nx + nu
         nz = nx + nu
@@ -132,7 +142,10 @@ class _CondensedHessian(ca.Callback):
 
     def eval_buffer(self, arg, res) -> int:
         # raw column-major buffers: no DM is built or converted (that cost ~0.8 ms a call)
-        ins = [np.frombuffer(a, dtype=np.float64).reshape(s, order="F") for a, s in zip(arg, self._shapes, strict=True)]
+        ins = [
+            np.zeros(s) if a is None else np.frombuffer(a, dtype=np.float64).reshape(s, order="F")  # None: empty
+            for a, s in zip(arg, self._shapes, strict=True)
+        ]
         out = np.frombuffer(res[0], dtype=np.float64).reshape(self.n_w, self.n_w, order="F")
         out[:] = self._hessian(*ins)
         return 0
@@ -140,6 +153,9 @@ class _CondensedHessian(ca.Callback):
     def _hessian(self, X, U, Gc, Hc, gq, Hq, P, lam_f) -> np.ndarray:
         nx, nu, N = self.nx, self.nu, self.N
         n3, nz, n_w = 2 * nx + nu, nx + nu, self.n_w
+        if self.q_derivatives is not None:  # Q's closed form (the graph passed zeros)
+            _, g, Hq = self.q_derivatives(X[:, N], U[:, N])
+            gq, Hq = self.q_weight * g[:, None], self.q_weight * Hq
         Hc = Hc.reshape(n3, N, n3).transpose(1, 0, 2)  # (N, n3, n3)
         A, B, hess_f = self.derivatives(X[:, :N].T, U[:, :N].T, P.T if self.n_p else None)
         # costates: mu_k multiplies x_{k+1} = f(x_k, u_k)
@@ -194,12 +210,22 @@ class ControlProblem:
             ``Function(x, u, p) -> x⁺`` and the parameters ``p_0 … p_{N−1}`` of the ``N`` steps
             are stacked after the network weights in ``theta`` (e.g. a linearisation along the
             previous plan, :mod:`qmpc.linearize`). Nothing is differentiated with respect to them.
+        shooting: ``multiple`` (the states are variables) or ``single`` (eliminated; see the
+            module docstring).
+        dynamics_derivatives: single shooting: a :class:`StageDerivatives` of ``dynamics``
+            (default: :class:`CasadiStageDerivatives`).
+        q_derivatives: single shooting: ``(x, u) -> (q, ∇q, ∇²q)`` in numpy, for a ``q_function``
+            whose weights are constants (e.g. :meth:`qmpc.networks.PICNN.numpy_derivatives`);
+            default: CasADi's Hessian of ``q_function``.
 
     Attributes:
         nx, nu, n_theta, n_w, n_g: sizes of the state, action, parameters (``n_theta_q`` of the
             network, then ``N · dynamics_params`` of the model), decision vector and equality
             constraints.
         nlp: the dict handed to ``casadi.nlpsol`` (``p = [x0; theta]``).
+        hess_lag: single shooting: the condensed exact Hessian in the signature of ``nlpsol``'s
+            ``hess_lag`` option; ``None`` for multiple shooting (the plugin differentiates).
+        states: ``(w, x0, theta) -> x (N·nx)``: the predicted states ``x_1 … x_N``.
         first_order: ``(w, x0, theta, lam_g) -> (grad_L (n_w), g (n_g))``.
         second_order: ``(w, x0, theta, lam_g) -> (hess_L (n_w × n_w), jac_g (n_g × n_w))``.
         x_adjoint: ``(w, x0, theta, lam_g, a, b, vbar) -> xbar``: the part of ``x̄`` that comes from
@@ -219,6 +245,7 @@ class ControlProblem:
         dynamics_params: int = 0,
         shooting: str = "multiple",
         dynamics_derivatives: StageDerivatives | None = None,
+        q_derivatives: Callable | None = None,
     ):
         if shooting not in SHOOTING:
             raise InputError(f"expected shooting in {SHOOTING}, got {shooting!r}")
@@ -282,7 +309,7 @@ class ControlProblem:
         self.hess_lag: ca.Function | None = None
         if single:
             derivs = dynamics_derivatives or CasadiStageDerivatives(dynamics, N, n_p)
-            self._condensed = _CondensedHessian(nx, nu, N, n_p, derivs)  # kept alive with the problem
+            self._condensed = _CondensedHessian(nx, nu, N, n_p, derivs, q_derivatives, gamma**N)  # kept alive
             n3 = 2 * nx + nu
             c3 = ca.MX.sym("z3", n3)
             c_in = [c3[:nx], c3[nx : nx + nu], c3[nx + nu :]][: stage_cost.n_in()]
@@ -299,7 +326,10 @@ class ControlProblem:
             q_e = gamma**N * q_function.call([zs[:nx], zs[nx:], theta[:n_q]], True, False)[0]
             q_h, q_g = ca.hessian(q_e, zs)
             q_d = ca.Function("q_derivatives", [zs, theta], [ca.densify(q_g), ca.densify(q_h)])
-            gq, Hq = q_d(zq, theta)
+            if q_derivatives is None:
+                gq, Hq = q_d(zq, theta)
+            else:  # computed by the callback
+                gq, Hq = ca.DM.zeros(nx + nu), ca.DM.zeros(nx + nu, nx + nu)
             P = ca.horzcat(*[pk[0] for pk in params]) if n_p else ca.MX(0, N)
             lam_f = ca.MX.sym("lam_f")
             H = self._condensed(ca.horzcat(*xs), ca.horzcat(*us), ca.horzcat(*Gc), ca.horzcat(*Hc), gq, Hq, P, lam_f)

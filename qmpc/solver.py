@@ -225,6 +225,9 @@ def _plugin_options(o: SolverOptions, callback: ca.Callback | None = None) -> di
             "tol_du": o.tol,
             "min_step_size": 1e-14,
             "error_on_fail": False,
+            # a NaN/Inf evaluation (a trial step through a learned model that overflows) fails the
+            # step or the solve, which qmpc counts: no warning on stderr
+            "show_eval_warnings": False,
         }
         if o.convexify == "eigen-clip":
             opts.update(convexify_strategy="eigen-clip", convexify_margin=1e-8)
@@ -232,6 +235,7 @@ def _plugin_options(o: SolverOptions, callback: ca.Callback | None = None) -> di
         opts = {
             "print_time": False,
             "error_on_fail": False,
+            "show_eval_warnings": False,
             "ipopt": {"print_level": 0, "sb": "yes", "tol": o.tol, "max_iter": o.max_iter, "bound_relax_factor": 0.0},
         }
     for k, v in (o.plugin_options or {}).items():

@@ -51,6 +51,43 @@ def test_baked_twin_is_the_symbolic_twin(cls, kw):
             np.testing.assert_allclose(np.array(r2), np.array(r1), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "kw", [{"hidden": (16, 16)}, {"hidden": (16, 8, 4), "activation": "tanh"}, {"hidden": (8,), "activation": "silu"}]
+)
+def test_picnn_numpy_derivatives_match_the_twin(kw):
+    """The closed-form value, gradient and Hessian the controller uses, against CasADi's AD of the
+    twin (with an input normalisation) and central differences of the gradient."""
+    torch.manual_seed(0)
+    q = qmpc.PICNN(5, 3, **kw).double()
+    with torch.no_grad():
+        q.obs_shift.copy_(torch.randn(5))
+        q.obs_transform.copy_(torch.eye(5) + 0.2 * torch.randn(5, 5))
+    d = q.numpy_derivatives()
+    f = q.casadi_function(baked=True)
+    z = ca.MX.sym("z", 8)
+    e = f(z[:5], z[5:], ca.DM(0, 1))
+    H, g = ca.hessian(e, z)
+    ref = ca.Function("ref", [z], [e, g, H])
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        v = 2.0 * rng.normal(size=8)
+        qv, gv, Hv = d(v[:5], v[5:])
+        q2, g2, H2 = (np.array(a) for a in ref(v))
+        assert abs(qv - q2.item()) <= 1e-12 * max(1.0, abs(qv))
+        np.testing.assert_allclose(gv, g2.ravel(), atol=1e-12)
+        np.testing.assert_allclose(Hv, H2, atol=1e-12)
+        e_fd = 1e-6
+        fd = np.stack(
+            [
+                (d(*np.split(v + e_fd * np.eye(8)[j], [5]))[1] - d(*np.split(v - e_fd * np.eye(8)[j], [5]))[1])
+                / (2 * e_fd)
+                for j in range(8)
+            ],
+            axis=1,
+        )
+        np.testing.assert_allclose(Hv, fd, atol=1e-7)
+
+
 def test_twin_large_preactivations():
     """Softplus is written so that large inputs neither overflow nor lose accuracy in either twin."""
     q = qmpc.PICNN(3, 2, hidden=(8,)).double()

@@ -104,6 +104,23 @@ def test_condensed_hessian_matches_autodiff_and_finite_differences(derivs, n_p):
     assert np.isfinite(xs).all() and xs.shape == (P.N, NX)
 
 
+def test_condensed_hessian_with_the_closed_form_q():
+    """The controller's problem (weights baked in, Q's derivatives in closed form) has the same
+    Hessian as the symbolic one."""
+    torch.manual_seed(0)
+    q = qmpc.PICNN(NX, NU, hidden=(8, 8)).double()
+    m = _model()
+    kw = {"horizon": 4, "dynamics": m.casadi_function(), "stage_cost": _stage_cost(), "discount": 0.9}
+    kw.update(shooting="single", dynamics_derivatives=m.stage_derivatives())
+    P = ControlProblem(q.casadi_function(), **kw)
+    Pb = ControlProblem(q.casadi_function(baked=True), q_derivatives=q.numpy_derivatives(), **kw)
+    rng = np.random.default_rng(4)
+    x0, w = rng.normal(size=NX), rng.uniform(-1, 1, P.n_w)
+    H = np.array(P.hess_lag(w, np.concatenate([x0, q.flat_parameters()]), 1.0, ca.DM(0, 1)))
+    Hb = np.array(Pb.hess_lag(w, x0, 1.0, ca.DM(0, 1)))
+    np.testing.assert_allclose(Hb, H, atol=1e-12 * max(1.0, np.abs(H).max()))
+
+
 def test_single_and_multiple_shooting_find_the_same_plan():
     m = _model()
     torch.manual_seed(0)
