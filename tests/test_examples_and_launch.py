@@ -112,6 +112,9 @@ def test_train_resume_and_run_cli(tmp_path, capsys):
     assert (tmp_path / "pm" / "rollout_h3.png").exists() and video.stat().st_size > 1000
     assert main(["run", str(ckpt), "--episodes", "1", "--horizon", "3", "--model", "mujoco", "--budget-ms", "1e3"]) == 0
     assert "budget 1000 ms per step" in capsys.readouterr().out
+    for shooting in ("single", "multiple"):
+        assert main(["run", str(ckpt), "--episodes", "1", "--horizon", "3", "--shooting", shooting]) == 0
+    capsys.readouterr()
     assert main(["run", str(tmp_path / "missing.pt")]) == 2
     assert "nothing at" in capsys.readouterr().err
 
