@@ -70,6 +70,7 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 }
 """Smooth activations with exact twins: name -> (torch function, CasADi function)."""
 
+
 def np_activation(name: str, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``σ(a), σ'(a), σ''(a)`` elementwise in numpy, for the activations of :data:`ACTIVATIONS`
     (the closed-form derivatives of :class:`PICNN` and of the learned dynamics model)."""
