@@ -160,3 +160,20 @@ def test_single_shooting_has_no_sensitivities():
         qmpc.ArgminLayer(q, -1.0, 1.0, grad_mode="none", **{**kw, "shooting": "double"})
     with pytest.raises(qmpc.InputError, match=r"problem\.states"):
         layer.problem.x_slice(1)
+
+
+def test_diverging_rollout_is_a_counted_failure(capfd):
+    """A model whose rollout overflows (x⁺ = 1e30·x): the step fails or falls back, is counted,
+    stays in bounds, and nothing is printed (CasADi's NaN warnings are off)."""
+    torch.manual_seed(0)
+    q = qmpc.PICNN(NX, NU, hidden=(8, 8))
+    x, u = ca.MX.sym("x", NX), ca.MX.sym("u", NU)
+    f = ca.Function("f", [x, u], [1e30 * x + ca.vertcat(u, u)])
+    c = ca.Function("c", [x, u], [ca.sumsqr(x) + ca.sumsqr(u)])
+    ctrl = qmpc.Controller(q, -np.ones(NU), np.ones(NU), horizon=10, dynamics=f, stage_cost=c, shooting="single")
+    for _ in range(2):
+        a, _info = ctrl.act(np.ones(NX))
+        assert np.isfinite(a).all() and (np.abs(a) <= 1).all()
+    assert ctrl.stats["steps"] == 2 and ctrl.stats["fallback"] == ctrl.stats["failed"] >= 1
+    out, err = capfd.readouterr()
+    assert "NaN" not in err and "NaN" not in out
