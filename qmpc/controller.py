@@ -87,8 +87,8 @@ class Controller:
             (:mod:`qmpc.problem`). ``auto`` (default): single when ``dynamics_derivatives`` is
             given or the plan has more than 64 state entries (``(H − 1) · nx``), else multiple.
             Measured p50 per step at H = 10 (``benchmarks/bench_controller.py``): HalfCheetah-v5
-            with a learned 64×64 model 10 ms single vs 30 ms multiple; a linear model of its size
-            14 vs 33 ms; a linear model of InvertedPendulum-v5's size 2.1 vs 0.8 ms (a tiny
+            with a learned 64×64 model 9.4 ms single vs 32 ms multiple; a linear model of its size
+            12 vs 32 ms; a linear model of InvertedPendulum-v5's size 1.6 vs 0.8 ms (a tiny
             problem, where the Python callback's overhead dominates).
         dynamics_derivatives: a :class:`~qmpc.problem.StageDerivatives` of ``dynamics`` for single
             shooting (default: CasADi's automatic differentiation).

@@ -21,26 +21,9 @@ import torch
 from torch import nn
 
 from qmpc.errors import InputError
-from qmpc.networks import ThetaView, _mlp, _seq_twin
+from qmpc.networks import ThetaView, _mlp, _seq_twin, np_activation
 
 __all__ = ["DynamicsModel", "MLPStageDerivatives", "rollout_error"]
-
-
-def _np_activation(name: str, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``σ(a), σ'(a), σ''(a)`` elementwise, for the smooth activations of :mod:`qmpc.networks`."""
-    if name == "tanh":
-        t = np.tanh(a)
-        d = 1.0 - t * t
-        return t, d, -2.0 * t * d
-    s = 0.5 * (1.0 + np.tanh(0.5 * a))  # the logistic sigmoid, without overflow
-    ds = s * (1.0 - s)
-    if name == "sigmoid":
-        return s, ds, ds * (1.0 - 2.0 * s)
-    if name == "softplus":
-        return np.logaddexp(0.0, a), s, ds
-    if name == "silu":
-        return a * s, s + a * ds, ds * (2.0 + a * (1.0 - 2.0 * s))
-    raise InputError(f"expected a smooth activation (tanh, sigmoid, softplus, silu), got {name!r}")
 
 
 class MLPStageDerivatives:
@@ -72,7 +55,7 @@ class MLPStageDerivatives:
         for W, b in zip(self.Ws[:-1], self.bs[:-1], strict=True):
             a = h @ W.T + b
             Jl = np.broadcast_to(W, (a.shape[0], *W.shape)) if J is None else W @ J
-            h, d1, d2 = _np_activation(self.activation, a)
+            h, d1, d2 = np_activation(self.activation, a)
             Ja.append(Jl), d1s.append(d1), d2s.append(d2)
             J = d1[:, :, None] * Jl
         jac = self.Ws[-1] @ J
