@@ -321,13 +321,12 @@ class ControlProblem:
                 gk, hk = cost_d(ca.vertcat(xs[k], us[k], xs[k + 1]))
                 Gc.append(gamma**k * gk)
                 Hc.append(gamma**k * hk)
-            zq = ca.vertcat(xs[N], us[N])
-            zs = ca.MX.sym("zq", nx + nu)
-            q_e = gamma**N * q_function.call([zs[:nx], zs[nx:], theta[:n_q]], True, False)[0]
-            q_h, q_g = ca.hessian(q_e, zs)
-            q_d = ca.Function("q_derivatives", [zs, theta], [ca.densify(q_g), ca.densify(q_h)])
-            if q_derivatives is None:
-                gq, Hq = q_d(zq, theta)
+            if q_derivatives is None:  # Q's gradient and Hessian at (x_N, u_N) by CasADi
+                zs = ca.MX.sym("zq", nx + nu)
+                q_e = gamma**N * q_function.call([zs[:nx], zs[nx:], theta[:n_q]], True, False)[0]
+                q_h, q_g = ca.hessian(q_e, zs)
+                q_d = ca.Function("q_derivatives", [zs, theta], [ca.densify(q_g), ca.densify(q_h)])
+                gq, Hq = q_d(ca.vertcat(xs[N], us[N]), theta)
             else:  # computed by the callback
                 gq, Hq = ca.DM.zeros(nx + nu), ca.DM.zeros(nx + nu, nx + nu)
             P = ca.horzcat(*[pk[0] for pk in params]) if n_p else ca.MX(0, N)
