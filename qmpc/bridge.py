@@ -270,13 +270,19 @@ class ArgminLayer(nn.Module):
         u, v = _ArgminFunction.apply(self, mode, w0, x, *params)
         return (u.detach() if mode == "envelope" else u), v
 
-    def _solve(self, x64: np.ndarray, w0: np.ndarray | None) -> tuple[SolveResult, ca.DM]:
+    def _problem_theta(self) -> ca.DM:
+        """The problem's parameter vector: the network's weights (none when baked), then
+        :attr:`model_params`."""
         theta = self._theta()
         if self.model_params.size:
             p = np.asarray(self.model_params, dtype=np.float64)
             if p.shape != (self.problem.n_theta - self.problem.n_theta_q,) or not np.isfinite(p).all():
                 raise InputError(f"expected finite model_params of shape {self.model_params.shape}, got {p.shape}")
             theta = ca.vertcat(theta, ca.DM(p))
+        return theta
+
+    def _solve(self, x64: np.ndarray, w0: np.ndarray | None) -> tuple[SolveResult, ca.DM]:
+        theta = self._problem_theta()
         lam_x0 = lam_g0 = None
         last = self.last_result
         if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
@@ -303,7 +309,7 @@ class ArgminLayer(nn.Module):
         B = w.shape[0]
         acts = w[:, : (P.N + 1) * P.nu].reshape(B, P.N + 1, P.nu)
         if P.shooting == "single":  # the states are the model's rollout of the actions
-            theta = self._theta()
+            theta = self._problem_theta()  # with the model parameters of a time-varying model
             x0 = self.last_result.x0
             states = np.stack([np.asarray(P.states(w[i], x0[i], theta)).reshape(P.N, P.nx) for i in range(B)])
         else:
