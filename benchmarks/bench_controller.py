@@ -170,7 +170,7 @@ def main() -> None:
             if args.codegen and model_name != "linear" and shooting != "single":  # no callbacks in C
                 L = ctrl.layer
                 codegen_rows(L.problem, L._theta(), L.lbw, L.ubw, xs, f"  {env_id} H={horizon} {model_name}")
-        for model_name, _ in ((f"learned MLP {mh}", 0), ("linear", 0)):
+        for model_name in (f"learned MLP {mh}", "linear"):
             r = p50s[(model_name, "multiple")] / p50s[(model_name, "single")]
             print(f"  {env_id} H=10 {model_name}: single shooting is {r:.1f}x faster than multiple (p50)")
         # the targets: H = 1 p99 < 1 ms on InvertedPendulum-v5, H = 10 p50 < 10 ms

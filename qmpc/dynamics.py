@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qmpc.errors import InputError
-from qmpc.networks import ThetaView, _mlp, _seq_twin, np_activation
+from qmpc.networks import ThetaView, _mlp, _seq_twin, np64, np_activation
 
 __all__ = ["DynamicsModel", "MLPStageDerivatives", "rollout_error"]
 
@@ -38,10 +38,10 @@ class MLPStageDerivatives:
     def __init__(self, model: DynamicsModel):
         nx = model.obs_dim
         lin = [m for m in model.net if isinstance(m, nn.Linear)]
-        Ws = [m.weight.detach().double().numpy().copy() for m in lin]
-        bs = [m.bias.detach().double().numpy().copy() for m in lin]
-        xs, xsc = model.x_shift.double().numpy(), model.x_scale.double().numpy()
-        ds, dsc = model.delta_shift.double().numpy(), model.delta_scale.double().numpy()
+        arr = np64
+        Ws, bs = [arr(m.weight) for m in lin], [arr(m.bias) for m in lin]
+        xs, xsc = arr(model.x_shift), arr(model.x_scale)
+        ds, dsc = arr(model.delta_shift), arr(model.delta_scale)
         bs[0] = bs[0] - Ws[0][:, :nx] @ (xs / xsc)
         Ws[0][:, :nx] /= xsc
         Ws[-1], bs[-1] = dsc[:, None] * Ws[-1], dsc * bs[-1] + ds
