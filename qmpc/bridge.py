@@ -27,7 +27,7 @@ from torch.func import functional_call
 from qmpc.errors import InputError, SolverError
 from qmpc.networks import QNetwork
 from qmpc.problem import ControlProblem
-from qmpc.solver import BatchedSolver, SolveResult, SolverOptions, Status
+from qmpc.solver import Adjoint, BatchedSolver, SolveResult, SolverOptions, Status
 
 __all__ = ["ArgminLayer", "GradMode", "LayerResult"]
 
@@ -170,9 +170,10 @@ class ArgminLayer(nn.Module):
             "shooting": shooting,
             "dynamics_derivatives": dynamics_derivatives,
         }
-        self._params = tuple(q.parameters())  # the module's structure is fixed once the twin is built
-        self._theta_cache: tuple[tuple, ca.DM] | None = None
-        self._build()
+        self._params = tuple(q.parameters())
+        self._shapes = tuple(p.shape for p in self._params)  # the structure the twin is built for
+        self._synced: tuple[torch.Tensor, torch.Tensor, ca.DM] | None = None
+        self._sync()  # builds the problem and its solver
         if self.problem.shooting == "single" and self.grad_mode != "none":
             raise InputError(
                 f"expected grad_mode='none' with shooting='single' (sensitivities need shooting='multiple'), "
@@ -181,13 +182,14 @@ class ArgminLayer(nn.Module):
         self.model_params = np.zeros(self.problem.n_theta - self.problem.n_theta_q)
         self.lbw, self.ubw = self.problem.bounds(self.low, self.high)
         self.last_result: LayerResult | None = None
+        self.last_adjoint: Adjoint | None = None
+        """The adjoint of the last implicit backward: its ``singular`` mask and ``weak`` counts say
+        which samples had no ``∂u*`` (zero) and how many weakly active bounds each had."""
         self.counters = {"solves": 0, "failed": 0, "retried": 0, "singular": 0, "weakly_active": 0}
 
     def _build(self) -> None:
-        """The problem and its solver; with ``bake_weights``, rebuilt whenever the weights change."""
-        if self.bake_weights:
-            self._weights_key = self._key()
-            self._check_finite()
+        """The problem and its solver, from the network's twin as it is now (its buffers are
+        constants of the twin; with ``bake_weights`` its weights too)."""
         q_function = self.q.casadi_function(baked=self.bake_weights)
         kw = dict(self._problem_kw)
         if self.bake_weights and kw["shooting"] == "single" and hasattr(self.q, "numpy_derivatives"):
@@ -195,13 +197,45 @@ class ArgminLayer(nn.Module):
         self.problem = ControlProblem(q_function, **kw)
         self.solver = BatchedSolver(self.problem, self._options)
 
-    def _key(self) -> tuple:
-        return tuple((p.data_ptr(), p._version) for p in self._params)
+    def _read_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's parameters (re-read: a replaced Parameter is picked up) and the values
+        of its parameters and buffers as flat float64 CPU vectors."""
+        params = tuple(self.q.parameters())
+        shapes = tuple(p.shape for p in params)
+        if shapes != self._shapes:
+            raise InputError(
+                f"expected the parameter shapes the layer was built for, {[tuple(s) for s in self._shapes]}, "
+                f"got {[tuple(s) for s in shapes]}"
+            )
+        self._params = params
+        with torch.no_grad():
+            theta = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
+            bufs = [b.detach().reshape(-1).to("cpu", torch.float64) for b in self.q.buffers()]
+        return theta, (torch.cat(bufs) if bufs else torch.zeros(0, dtype=torch.float64))
+
+    def _sync(self) -> ca.DM:
+        """The network's flat parameters as a CasADi DM (empty when baked), following every change
+        of the network's values, however it was made (an optimiser step, ``p.data.copy_`` of a
+        Polyak update, ``load_state_dict``, a replaced Parameter, a changed buffer such as the
+        input normalisation): the values are compared, not torch's version counters. The DM is
+        converted, and the problem rebuilt (buffers changed, or baked weights changed), only when
+        they differ. Raises on NaN/Inf weights or buffers."""
+        theta, bufs = self._read_weights()
+        last = self._synced
+        if last is not None and torch.equal(theta, last[0]) and torch.equal(bufs, last[1]):
+            return last[2]
+        self._check_finite()
+        if last is None or self.bake_weights or not torch.equal(bufs, last[1]):
+            self._build()
+        dm = ca.DM(0, 1) if self.bake_weights else ca.DM(theta.numpy())
+        self._synced = (theta, bufs, dm)
+        return dm
 
     def _check_finite(self) -> None:
-        for name, p in self.q.named_parameters():
-            if not torch.isfinite(p).all():
-                raise InputError(f"expected finite network weights, got NaN/Inf in {name!r}")
+        for kind, named in (("weights", self.q.named_parameters()), ("buffers", self.q.named_buffers())):
+            for name, t in named:
+                if not torch.isfinite(t).all():
+                    raise InputError(f"expected finite network {kind}, got NaN/Inf in {name!r}")
 
     @staticmethod
     def _check_mode(mode: str) -> str:
@@ -221,23 +255,11 @@ class ArgminLayer(nn.Module):
             raise InputError(f"expected a floating-point x, got dtype {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self.q.obs_dim or x.shape[0] == 0:
             raise InputError(f"expected x of shape (B, {self.q.obs_dim}) with B >= 1, got {tuple(x.shape)}")
+        if x.device.type == "meta":
+            raise InputError("expected x with data (on the CPU or a GPU), got a tensor on the 'meta' device")
         if not torch.isfinite(x).all():
             rows = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().tolist()
             raise InputError(f"expected finite x, got NaN/Inf in rows {rows[:10]}")
-        self._theta()  # checks the weights (once per change of the weights)
-
-    def _theta(self) -> ca.DM:
-        """The network's flat parameters as a CasADi DM, converted once per change of the weights
-        (the conversion costs about as much as a small solve); raises on NaN/Inf weights."""
-        key = self._key()
-        if self.bake_weights:  # the weights are constants of the problem: rebuild it when they change
-            if key != self._weights_key:
-                self._build()
-            return ca.DM(0, 1)
-        if self._theta_cache is None or self._theta_cache[0] != key:
-            self._check_finite()
-            self._theta_cache = (key, ca.DM(self.q.flat_parameters()))
-        return self._theta_cache[1]
 
     # -- forward ------------------------------------------------------------------------
     def solve(self, x: np.ndarray, w0: np.ndarray | None = None) -> SolveResult:
@@ -256,6 +278,7 @@ class ArgminLayer(nn.Module):
         """
         mode = self._check_mode(grad_mode or self.grad_mode)
         self._validate(x)
+        theta = self._problem_theta()  # follows the network's current values; checks them
         if w0 is not None:
             w0 = w0.detach().cpu().double().numpy() if isinstance(w0, torch.Tensor) else np.asarray(w0, float)
             if w0.shape != (x.shape[0], self.problem.n_w) or not np.isfinite(w0).all():
@@ -265,15 +288,15 @@ class ArgminLayer(nn.Module):
             raise InputError(f"expected grad_mode='none' with shooting='single', got {mode!r}")
         if mode == "none" or not torch.is_grad_enabled():
             with torch.no_grad():
-                u, v = _ArgminFunction.apply(self, mode, w0, x, *params)
+                u, v = _ArgminFunction.apply(self, mode, w0, theta, x, *params)
             return u, v
-        u, v = _ArgminFunction.apply(self, mode, w0, x, *params)
+        u, v = _ArgminFunction.apply(self, mode, w0, theta, x, *params)
         return (u.detach() if mode == "envelope" else u), v
 
     def _problem_theta(self) -> ca.DM:
         """The problem's parameter vector: the network's weights (none when baked), then
         :attr:`model_params`."""
-        theta = self._theta()
+        theta = self._sync()
         if self.model_params.size:
             p = np.asarray(self.model_params, dtype=np.float64)
             if p.shape != (self.problem.n_theta - self.problem.n_theta_q,) or not np.isfinite(p).all():
@@ -281,8 +304,8 @@ class ArgminLayer(nn.Module):
             theta = ca.vertcat(theta, ca.DM(p))
         return theta
 
-    def _solve(self, x64: np.ndarray, w0: np.ndarray | None) -> tuple[SolveResult, ca.DM]:
-        theta = self._problem_theta()
+    def _solve(self, x64: np.ndarray, w0: np.ndarray | None, theta: ca.DM | None = None) -> tuple[SolveResult, ca.DM]:
+        theta = self._problem_theta() if theta is None else theta
         lam_x0 = lam_g0 = None
         last = self.last_result
         if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
@@ -319,12 +342,14 @@ class ArgminLayer(nn.Module):
 
 class _ArgminFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layer: ArgminLayer, mode: str, w0, x: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, layer: ArgminLayer, mode: str, w0, theta: ca.DM, x: torch.Tensor, *params: torch.Tensor):
         x64 = x.detach().cpu().double().numpy()
-        res, theta = layer._solve(x64, w0)
-        ctx.layer, ctx.mode, ctx.res, ctx.theta, ctx.x64 = layer, mode, res, theta, x64
-        ctx.x_dtype = x.dtype
-        ctx.params = params
+        res, theta = layer._solve(x64, w0, theta)
+        ctx.layer, ctx.mode, ctx.res, ctx.theta, ctx.x64, ctx.x_dtype = layer, mode, res, theta, x64, x.dtype
+        # the parameters and buffers the solve used: an in-place change before backward is an error
+        ctx.names = [n for n, _ in layer.q.named_parameters()]
+        ctx.buffer_names = [n for n, _ in layer.q.named_buffers()]
+        ctx.save_for_backward(*params, *(b for _, b in layer.q.named_buffers()))
         P = layer.problem
         u = torch.as_tensor(res.w[:, P.u_slice(0)], dtype=x.dtype, device=x.device)
         v = torch.as_tensor(res.value, dtype=x.dtype, device=x.device)
@@ -332,43 +357,36 @@ class _ArgminFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gu: torch.Tensor, gv: torch.Tensor):
+        """No side effects on the result (``last_result`` keeps the solver's statuses); the
+        layer's counters add the singular and weakly active samples of this backward. A NaN/Inf
+        in the incoming gradient of a usable sample propagates as NaN (as through any torch
+        op); it never silently drops the batch's implicit gradient."""
         layer, res, P = ctx.layer, ctx.res, ctx.layer.problem
-        B = res.w.shape[0]
+        saved = ctx.saved_tensors
+        params, buffers = saved[: len(ctx.names)], saved[len(ctx.names) :]
         usable = Status.ok(res.status)
-        vbar = gv.detach().cpu().double().numpy() * usable if gv is not None else np.zeros(B)
-        a = np.zeros((B, P.n_w))
-        b = np.zeros((B, P.n_g))
-        if ctx.mode == "implicit" and gu is not None and bool(gu.abs().sum() > 0):
-            seed = np.zeros((B, P.n_w))
-            seed[:, P.u_slice(0)] = gu.detach().cpu().double().numpy()
-            adj = layer.solver.adjoint(res, ctx.x64, ctx.theta, layer.lbw, layer.ubw, seed)
-            a, b = adj.a, adj.b
-            res.status[adj.singular] = Status.SINGULAR
-            layer.counters["singular"] += int(adj.singular.sum())
-            layer.counters["weakly_active"] += int((adj.weak > 0).sum())
-        need_x = ctx.needs_input_grad[3]
+        a, b = _adjoint(ctx, gu, usable)
+        vbar = np.where(usable, gv.detach().cpu().double().numpy(), 0.0) if gv is not None else np.zeros(len(usable))
+        need_x = ctx.needs_input_grad[4]
+        dev = params[0].device if params else (gv if gv is not None else gu).device
         # Q term: s = γ^N Σ_b [ v̄_b Q(z_b) − a_zbᵀ ∇_z Q(z_b) ],  z = (x_N, u_N) at the solution.
-        gamma_n = P.discount**P.N
-        dev = gv.device if gv is not None else gu.device
-        params = ctx.params
         with torch.enable_grad():
             uq = torch.as_tensor(res.w[:, P.u_slice(P.N)], dtype=torch.float64, device=dev).requires_grad_(True)
             if P.N == 0:
                 xq = torch.as_tensor(ctx.x64, device=dev).requires_grad_(need_x)
             else:
                 xq = torch.as_tensor(res.w[:, P.x_slice(P.N)], device=dev).requires_grad_(True)
-            names = [n for n, _ in layer.q.named_parameters()]
-            p64 = {n: b.to(torch.float64) for n, b in layer.q.named_buffers()}
-            p64.update({n: p.to(torch.float64) for n, p in zip(names, params, strict=True)})
+            p64 = {n: t.to(torch.float64) for n, t in zip(ctx.buffer_names, buffers, strict=True)}
+            p64.update({n: t.to(torch.float64) for n, t in zip(ctx.names, params, strict=True)})
             qv = functional_call(layer.q, p64, (xq, uq))
             s = (torch.as_tensor(vbar, device=dev) * qv).sum()
-            if a.any():
+            if np.any(a != 0):  # NaN != 0: a NaN seed is not dropped
                 zs = [uq] if P.N == 0 else [xq, uq]
                 az = [a[:, P.u_slice(P.N)]] if P.N == 0 else [a[:, P.x_slice(P.N)], a[:, P.u_slice(P.N)]]
                 grads = torch.autograd.grad(qv.sum(), zs, create_graph=True)
                 for gz, ai in zip(grads, az, strict=True):
                     s = s - (gz * torch.as_tensor(ai, device=dev)).sum()
-            s = gamma_n * s
+            s = P.discount**P.N * s
             wrt = [p for p in params if p.requires_grad]
             if need_x and P.N == 0:
                 wrt = [*wrt, xq]
@@ -385,4 +403,28 @@ class _ArgminFunction(torch.autograd.Function):
                 (xb,) = layer.solver.evaluate("x_adjoint", res.w, ctx.x64, ctx.theta, res.lam_g, a, b, vbar[:, None])
                 xgrad = torch.as_tensor(xb, device=dev)
             xgrad = xgrad.to(ctx.x_dtype)
-        return (None, None, None, xgrad, *pgrads)
+        return (None, None, None, None, xgrad, *pgrads)
+
+
+def _adjoint(ctx, gu: torch.Tensor | None, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The adjoint ``(a (B, n_w), b (B, n_g))`` of the reduced KKT system for the seed ``gu`` on
+    ``u*`` (zero unless ``implicit``). Usable samples whose seed is not finite get NaN."""
+    layer, res, P = ctx.layer, ctx.res, ctx.layer.problem
+    B = res.w.shape[0]
+    a, b = np.zeros((B, P.n_w)), np.zeros((B, P.n_g))
+    if ctx.mode != "implicit" or gu is None:
+        return a, b
+    g = gu.detach().cpu().double().numpy()
+    finite = np.isfinite(g).all(axis=1)
+    if not np.any(g[finite] != 0) and finite.all():
+        return a, b
+    seed = np.zeros((B, P.n_w))
+    seed[:, P.u_slice(0)] = np.where(finite[:, None], g, 0.0)
+    adj = layer.solver.adjoint(res, ctx.x64, ctx.theta, layer.lbw, layer.ubw, seed)
+    layer.last_adjoint = adj
+    layer.counters["singular"] += int(adj.singular.sum())
+    layer.counters["weakly_active"] += int((adj.weak > 0).sum())
+    a, b = adj.a.copy(), adj.b.copy()
+    poisoned = usable & ~finite
+    a[poisoned], b[poisoned] = np.nan, np.nan
+    return a, b

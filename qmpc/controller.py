@@ -118,7 +118,7 @@ class Controller:
         dynamics_derivatives: StageDerivatives | None = None,
         **solver_options: Any,
     ):
-        self.q = q.double()
+        self.q = q  # not converted: the solver reads its values as float64 whenever they change
         self.linearization = linearization
         if linearization is not None:
             dynamics = linearization.dynamics

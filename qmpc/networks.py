@@ -245,10 +245,8 @@ class QNetwork(nn.Module):
 
     def set_input_normalization(self, shift: np.ndarray, transform: np.ndarray) -> None:
         """Fix the input normalisation ``x̃ = transform @ (x − shift)`` (e.g. whitening with the
-        data's mean and covariance). It is part of the architecture: set it before the CasADi
-        twin is built (before any :class:`~qmpc.ArgminLayer` is made from this network)."""
-        if self.__dict__.get("_casadi_cache"):
-            raise InputError("expected set_input_normalization before the CasADi twin is built, got a built twin")
+        data's mean and covariance). It is a constant of the CasADi twin: the twin is rebuilt when
+        it changes, and an :class:`~qmpc.ArgminLayer` of this network follows the change."""
         shift, transform = np.asarray(shift, np.float64), np.asarray(transform, np.float64)
         if shift.shape != (self.obs_dim,) or transform.shape != (self.obs_dim, self.obs_dim):
             raise InputError(
@@ -283,6 +281,13 @@ class QNetwork(nn.Module):
             q = self.casadi_expr(xn, u, ca.DM(self.flat_parameters()))
             return ca.Function("q", [x, u, ca.MX.sym("theta", 0)], [q], ["x", "u", "theta"], ["q"])
         cache = self.__dict__.setdefault("_casadi_cache", {})
+        # the normalisation buffers are constants of the twin: a twin built with others is stale
+        norm = tuple(
+            b.detach().to("cpu", torch.float64).numpy().tobytes() for b in (self.obs_shift, self.obs_transform)
+        )
+        if cache.get("norm") != norm:
+            cache.clear()
+            cache["norm"] = norm
         if kind not in cache:
             sym = {"MX": ca.MX.sym, "SX": ca.SX.sym}[kind]
             x, u, th = sym("x", self.obs_dim), sym("u", self.act_dim), sym("theta", self.num_parameters)
