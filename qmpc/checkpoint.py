@@ -8,6 +8,9 @@ checkpoints add the optimiser, target network, replay buffer, RNG and environmen
 from __future__ import annotations
 
 import io
+import math
+import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -42,29 +45,124 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
 
 
+def _legacy_numpy_globals() -> list:
+    """What checkpoints written before weights-only loading pickled besides tensors: float32 and
+    float64 numpy arrays (replay buffer, MuJoCo state, the loop's state). Nothing that runs code."""
+    from numpy._core.multiarray import _reconstruct
+
+    return [np.ndarray, np.dtype, np.dtypes.Float32DType, np.dtypes.Float64DType, _reconstruct, bytes]
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``: tensors, plain Python values and
+    float numpy arrays only, so a crafted file cannot run code; then check its structure, its
+    ``spec`` and that every number in it is finite."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"expected a checkpoint file, got nothing at {path}")
     data = path.read_bytes()
-    if not zipfile.is_zipfile(io.BytesIO(data)):
+    if not _is_zip(data):
         raise CheckpointError(
             f"expected a torch checkpoint at {path}, got {len(data)} bytes that are not one (truncated or corrupted?)"
         )
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for damaged archives
-        raise CheckpointError(f"expected a readable checkpoint at {path}, got: {e}") from None
+    ckpt = _read(path, data)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"expected a {FORMAT} checkpoint at {path}, got format {got!r}")
-    for key in ("spec", "network", "q"):
-        if key not in ckpt:
-            raise CheckpointError(f"expected key {key!r} in checkpoint {path}, got {sorted(ckpt)}")
+    for key, tp in (("spec", dict), ("network", dict), ("q", dict)):
+        if not isinstance(ckpt.get(key), tp):
+            raise CheckpointError(f"expected key {key!r} (a dict) in checkpoint {path}, got {sorted(ckpt)}")
+    check_spec(ckpt["spec"], path)
+    bad = _non_finite({k: v for k, v in ckpt.items() if k != "spec"})
+    if bad:
+        raise CheckpointError(f"expected finite numbers in checkpoint {path}, got NaN/Inf in {bad[:3]}")
     return ckpt
 
 
-POLICY_KEYS = ("config", "spec", "network", "gamma", "q", "model")
+def _is_zip(data: bytes) -> bool:
+    try:  # zipfile raises on some damaged end records instead of answering False
+        return zipfile.is_zipfile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def _read(path: Path, data: bytes) -> Any:
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            what = re.search(r"(?:but got|GLOBAL) ([^\s]+)", str(e))
+            detail = f" ({what.group(1).strip('<>')})" if what else ""
+            raise CheckpointError(
+                f"refusing checkpoint {path}: it contains disallowed objects{detail}; a qmpc checkpoint holds "
+                "only tensors and plain values (loading it could run code)"
+            ) from None
+        raise CheckpointError(f"expected a readable checkpoint at {path}, got: {_one_line(e)}") from None
+    except Exception as e:  # torch raises several types for damaged archives
+        raise CheckpointError(f"expected a readable checkpoint at {path}, got: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: " + " ".join(str(e).split())[:300]
+
+
+def _non_finite(obj: Any, where: str = "") -> list[str]:
+    """Where ``obj`` (nested dicts, lists, tensors, arrays, numbers) holds NaN or Inf."""
+    if isinstance(obj, dict):
+        return [b for k, v in obj.items() for b in _non_finite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, list | tuple):
+        return [b for i, v in enumerate(obj) for b in _non_finite(v, f"{where}[{i}]")]
+    if isinstance(obj, torch.Tensor):
+        ok = not (obj.is_floating_point() or obj.is_complex()) or bool(torch.isfinite(obj).all())
+    elif isinstance(obj, np.ndarray):
+        ok = obj.dtype.kind not in "fc" or bool(np.isfinite(obj).all())
+    elif isinstance(obj, float):
+        ok = math.isfinite(obj)
+    else:
+        ok = True
+    return [] if ok else [where]
+
+
+def check_spec(spec: dict, path: str | Path = "") -> None:
+    """A checkpoint's ``spec``: ``env_id`` (str), ``obs_dim`` and ``act_dim`` (int >= 1), ``low`` and
+    ``high`` (``act_dim`` numbers each, ``low <= high``, no NaN, no infinite bound equal to the other)."""
+    where = f" in checkpoint {path}" if path else ""
+    for key, tp in (("env_id", str), ("obs_dim", int), ("act_dim", int), ("low", list), ("high", list)):
+        v = spec.get(key)
+        if not isinstance(v, tp) or isinstance(v, bool) or (tp is int and v < 1):
+            raise CheckpointError(f"expected spec.{key} to be {_KIND[key]}{where}, got {v!r}")
+    for key in ("low", "high"):
+        v = spec[key]
+        if len(v) != spec["act_dim"] or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in v):
+            raise CheckpointError(f"expected spec.{key} to be {spec['act_dim']} numbers{where}, got {v!r}")
+    try:
+        check_bounds(np.asarray(spec["low"], float), np.asarray(spec["high"], float))
+    except InputError as e:
+        raise CheckpointError(f"{e}{where}") from None
+
+
+_KIND = {
+    "env_id": "a task id (string)",
+    "obs_dim": "an integer >= 1",
+    "act_dim": "an integer >= 1",
+    "low": "a list of numbers",
+    "high": "a list of numbers",
+}
+
+
+def check_bounds(low: np.ndarray, high: np.ndarray) -> None:
+    """Action bounds a controller can work with: no NaN, ``low <= high``, and no component whose
+    bounds are both the same infinity (``low = high = +inf`` fixes the action at infinity)."""
+    if np.isnan(low).any() or np.isnan(high).any():
+        raise InputError(f"expected action bounds without NaN, got low={low}, high={high}")
+    if (low > high).any():
+        raise InputError(f"expected action bounds low <= high, got low={low}, high={high}")
+    if ((low == high) & ~np.isfinite(low)).any():
+        raise InputError(f"expected finite action bounds where low = high, got low={low}, high={high}")
+
+
+POLICY_KEYS = ("config", "spec", "network", "gamma", "cost_scale", "q", "model")
 
 
 def policy_of(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -78,27 +176,36 @@ def policy_of(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def network_from_checkpoint(ckpt: dict[str, Any], dtype: torch.dtype = torch.float64) -> QNetwork:
-    """Rebuild the Q network of a checkpoint and load its weights."""
-    spec = ckpt["spec"]
-    q = build_network(
-        ckpt["network"]["arch"],
-        spec["obs_dim"],
-        spec["act_dim"],
-        **{k: v for k, v in ckpt["network"].items() if k != "arch"},
-    )
+    """Rebuild the Q network of a checkpoint and load its weights (every parameter and buffer
+    finite, checked again here for checkpoints built in memory)."""
+    spec, net = ckpt["spec"], ckpt["network"]
+    if not isinstance(net.get("arch"), str):
+        raise CheckpointError(f"expected network.arch (a string) in the checkpoint, got {net!r}")
+    try:
+        q = build_network(
+            net["arch"], spec["obs_dim"], spec["act_dim"], **{k: v for k, v in net.items() if k != "arch"}
+        )
+    except (QmpcError, TypeError, ValueError) as e:
+        raise CheckpointError(f"expected a buildable network {net}, got: {_one_line(e)}") from None
     state = dict(ckpt["q"])
     for name in ("obs_shift", "obs_transform"):  # written before input normalisation existed: identity
         state.setdefault(name, getattr(q, name))
     try:
         q.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"expected weights matching {ckpt['network']}, got: {detail}") from None
-    q = q.to(dtype)
-    bad = [n for n, p in q.named_parameters() if not torch.isfinite(p).all()]
+        raise CheckpointError(f"expected weights matching {net}, got: {detail}") from None
+    check_finite_module(q, "Q network")
+    return q.to(dtype)
+
+
+def check_finite_module(m: torch.nn.Module, what: str) -> None:
+    """Every parameter and buffer of ``m`` finite (a NaN input normalisation poisons every step)."""
+    bad = [
+        n for n, t in (*m.named_parameters(), *m.named_buffers()) if t.is_floating_point() and not t.isfinite().all()
+    ]
     if bad:
-        raise CheckpointError(f"expected finite weights, got NaN/Inf in {bad[:3]}")
-    return q
+        raise CheckpointError(f"expected finite weights and buffers in the {what}, got NaN/Inf in {bad[:3]}")
 
 
 def dynamics_from_checkpoint(ckpt: dict[str, Any]) -> DynamicsModel:
@@ -107,13 +214,19 @@ def dynamics_from_checkpoint(ckpt: dict[str, Any]) -> DynamicsModel:
         raise CheckpointError(
             "expected a checkpoint with a learned dynamics model (train with model.learn = true), got one without"
         )
-    spec = ckpt["spec"]
+    spec, model = ckpt["spec"], ckpt["model"]
+    if (
+        not isinstance(model, dict)
+        or not isinstance(model.get("kwargs"), dict)
+        or not isinstance(model.get("state"), dict)
+    ):
+        raise CheckpointError("expected model = {'kwargs': dict, 'state': dict} in the checkpoint, got something else")
     try:
-        return DynamicsModel.from_state(
-            spec["obs_dim"], spec["act_dim"], ckpt["model"]["kwargs"], ckpt["model"]["state"]
-        )
-    except InputError as e:
-        raise CheckpointError(str(e)) from None
+        m = DynamicsModel.from_state(spec["obs_dim"], spec["act_dim"], model["kwargs"], model["state"])
+    except (QmpcError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(str(e) if isinstance(e, QmpcError) else _one_line(e)) from None
+    check_finite_module(m, "dynamics model")
+    return m
 
 
 def spec_arrays(spec: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -63,12 +63,32 @@ def _make_policy(policy: str, env, noise: float, seed: int):
     return act, f"qmpc controller {policy} + noise {noise}"
 
 
+def _check_args(args: argparse.Namespace, rules: dict[str, tuple[float, bool]]) -> None:
+    """``rules``: option -> (lowest value, whether the lowest is allowed); every value finite."""
+    import math
+
+    from qmpc.errors import ConfigError
+
+    for name, (lo, inclusive) in rules.items():
+        v = getattr(args, name.lstrip("-").replace("-", "_"))
+        if v is None:
+            continue
+        if not math.isfinite(v) or v < lo or (v == lo and not inclusive):
+            bound = f">= {lo:g}" if inclusive else f"> {lo:g}"
+            raise ConfigError(f"expected {name} to be a finite number {bound}, got {v:g}")
+
+
 def _cmd_collect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from qmpc.data import collect
+    from qmpc.data import collect, ensure_dir
     from qmpc.env import make_env
+    from qmpc.errors import InputError
 
+    _check_args(args, {"--steps": (1, True), "--noise": (0, True)})
+    if Path(args.out).exists():
+        raise InputError(f"expected a new dataset directory for --out, got an existing {args.out}")
+    ensure_dir(Path(args.out).parent, "dataset's parent")
     env = make_env(args.env, seed=args.seed)
     policy, name = _make_policy(args.policy, env, args.noise, args.seed)
     with tqdm(total=args.steps, unit="step", desc=f"collect {args.env}") as bar:
@@ -82,7 +102,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from qmpc.trainer import train
 
     cfg = load_config(args.launch, args.set)
-    s = train(cfg, resume=args.resume, progress=not args.no_progress)
+    s = train(cfg, resume=args.resume, progress=not args.no_progress, overrides=args.set)
     print(f"run directory: {s.run_dir}")
     for st, r in zip(s.eval_steps, s.eval_returns, strict=True):
         print(f"  step {st:>7}: eval return {r:10.2f}  (= −cost, higher is better)")
@@ -94,10 +114,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from qmpc.checkpoint import load_checkpoint
     from qmpc.controller import Controller
+    from qmpc.data import ensure_output_file
     from qmpc.env import env_spec, make_env
     from qmpc.runner import format_episodes, plot_rollout, run_episodes, write_video
 
+    _check_args(
+        args, {"--episodes": (1, True), "--horizon": (1, True), "--budget-ms": (0, True), "--max-iter": (1, True)}
+    )
     ckpt = load_checkpoint(args.checkpoint)
+    plot = ensure_output_file(args.plot or Path(args.checkpoint).with_name(f"rollout_h{args.horizon}.png"), "plot")
+    if args.video:
+        ensure_output_file(args.video, "video")
     env_id = args.env or ckpt["spec"]["env_id"]
     env = make_env(env_id, seed=args.seed, render_mode="rgb_array" if args.video else None)
     spec = env_spec(env)
@@ -117,7 +144,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"{env_id}: {args.episodes} episodes, horizon {args.horizon}{budget}, checkpoint {args.checkpoint}")
     eps, frames = run_episodes(ctrl, env, args.episodes, seed=args.seed, render=bool(args.video))
     print(format_episodes(eps))
-    plot = Path(args.plot or Path(args.checkpoint).with_name(f"rollout_h{args.horizon}.png"))
     plot_rollout(eps[0], spec.low, spec.high, plot, title=f"{env_id}, horizon {args.horizon}")
     print(f"plot: {plot}")
     if args.video:

@@ -7,7 +7,9 @@ Every field has a docstring; unknown keys, wrong types and impossible values are
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -18,6 +20,7 @@ from typing import Any
 from qmpc.errors import ConfigError
 
 __all__ = [
+    "RESUMABLE_KEYS",
     "Config",
     "EnvConfig",
     "ModelConfig",
@@ -28,6 +31,7 @@ __all__ = [
     "config_from_dict",
     "config_to_toml",
     "load_config",
+    "resumed_config",
 ]
 
 
@@ -41,8 +45,8 @@ class EnvConfig:
 class NetworkConfig:
     arch: str = field(default="QuadraticQ", metadata={"choices": ("QuadraticQ", "PICNN", "MLPQ")})
     """Q network architecture: ``QuadraticQ`` (convex, NAF), ``PICNN`` (convex in u), ``MLPQ`` (general)."""
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    """Hidden layer widths."""
+    hidden: list[int] = field(default_factory=lambda: [64, 64], metadata={"item_min": 1})
+    """Hidden layer widths (each >= 1)."""
     activation: str = field(default="tanh", metadata={"choices": ("tanh", "softplus", "sigmoid", "silu")})
     """Smooth activation of the state path."""
     action_curvature: float = field(default=0.01, metadata={"min": 0.0})
@@ -72,8 +76,8 @@ class ModelConfig:
     learn: bool = False
     """Also fit a dynamics model ``x⁺ = f(x, u)`` (an MLP with a CasADi twin) on the same batches,
     for MPC horizons > 1 (``qmpc run --horizon 10 --model learned``)."""
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    """Hidden layer widths of the dynamics model."""
+    hidden: list[int] = field(default_factory=lambda: [64, 64], metadata={"item_min": 1})
+    """Hidden layer widths of the dynamics model (each >= 1)."""
     activation: str = field(default="silu", metadata={"choices": ("tanh", "softplus", "sigmoid", "silu")})
     """Smooth activation of the dynamics model."""
     lr: float = field(default=1e-3, metadata={"min_exclusive": 0.0})
@@ -166,7 +170,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         (inner,) = set(typing.get_args(tp)) - {Ellipsis}
         if not isinstance(value, list | tuple):
             raise ConfigError(f"expected {key} to be a list, got {value!r}")
-        return [_check_value(f"{key}[{i}]", v, inner, {}) for i, v in enumerate(value)]
+        item_meta = {"min": meta["item_min"]} if "item_min" in meta else {}
+        return [_check_value(f"{key}[{i}]", v, inner, item_meta) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"unsupported config type for {key}")
     if tp is bool:
@@ -179,6 +184,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ConfigError(f"expected {key} to be a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"expected {key} to be a finite number, got {value!r}")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"expected {key} to be a string, got {value!r}")
@@ -234,6 +241,42 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"expected {key} to name a field inside a table, got a value at {p!r}")
         d[parts[-1]] = value
     return data
+
+
+RESUMABLE_KEYS = (
+    "run_dir",
+    "train.steps",
+    "train.eval_every",
+    "train.eval_episodes",
+    "train.checkpoint_every",
+    "train.log_every",
+)
+"""Fields that ``--set`` may change when a run resumes (where it lives, how long it trains and how
+often it logs, evaluates and checkpoints); any other field must keep the checkpoint's value."""
+
+
+def resumed_config(saved: dict, overrides: list[str]) -> Config:
+    """The config of a resumed run: the checkpoint's ``saved`` config with the ``key=value``
+    ``overrides`` of :data:`RESUMABLE_KEYS` applied. An override of any other key that changes
+    its value is a :class:`ConfigError` naming the key (one that repeats the value is fine)."""
+    data = apply_overrides(copy.deepcopy(saved), list(overrides))
+    cfg = config_from_dict(data)  # unknown keys and bad values first
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in RESUMABLE_KEYS and _lookup(data, key) != _lookup(saved, key):
+            raise ConfigError(
+                f"expected only {', '.join(RESUMABLE_KEYS)} to change on --resume, got {key} "
+                f"({_lookup(saved, key)!r} in the checkpoint -> {_lookup(data, key)!r}); start a new run to change it"
+            )
+    return cfg
+
+
+def _lookup(data: dict, key: str) -> Any:
+    for p in key.split("."):
+        if not isinstance(data, dict) or p not in data:
+            return None
+        data = data[p]
+    return float(data) if isinstance(data, int | float) and not isinstance(data, bool) else data
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -14,9 +14,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from qmpc.errors import InputError
+from qmpc.errors import InputError, OutputError
 
-__all__ = ["Batch", "ReplayBuffer", "atomic_write"]
+__all__ = ["Batch", "ReplayBuffer", "atomic_write", "ensure_dir", "ensure_output_file"]
 
 
 class Batch(NamedTuple):
@@ -54,6 +54,38 @@ def atomic_write(path: str | Path, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def as_numpy(v):
+    """A tensor as a numpy array; anything else unchanged (checkpoints store tensors, older ones numpy)."""
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+
+
+def ensure_dir(path: str | Path, what: str) -> Path:
+    """Create directory ``path`` (and its parents) for writing, or raise :class:`OutputError`
+    naming ``what`` when a file is in the way or it cannot be created or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"expected a directory for the {what} at {path}, got a file in the way")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"expected to create the {what} {path}, got: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"expected a writable {what} at {path}, got a read-only directory")
+    return path
+
+
+def ensure_output_file(path: str | Path, what: str) -> Path:
+    """Check that a file can be written at ``path`` (its directory is created): not a directory,
+    not under a file, not read-only. Raises :class:`OutputError` naming ``what``."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"expected a file path for the {what}, got the directory {path}")
+    ensure_dir(path.parent, f"{what}'s directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"expected a writable {what} at {path}, got a read-only file")
+    return path
 
 
 class ReplayBuffer:
@@ -108,10 +140,13 @@ class ReplayBuffer:
     _FIELDS = ("obs", "act", "cost", "next_obs", "terminated")
 
     def state_dict(self) -> dict:
-        out = {k: getattr(self, k)[: self.size].copy() for k in self._FIELDS}
+        """Tensors and ints only (a checkpoint is read with ``torch.load(weights_only=True)``)."""
+        out = {k: torch.from_numpy(getattr(self, k)[: self.size].copy()) for k in self._FIELDS}
         return {**out, "pos": self.pos, "size": self.size}
 
     def load_state_dict(self, s: dict) -> None:
+        """From :meth:`state_dict` (tensors) or an older checkpoint's numpy arrays."""
+        s = {k: as_numpy(v) for k, v in s.items()}
         n = int(s["size"])
         if n > self.capacity or s["obs"].shape[1:] != (self.obs_dim,) or s["act"].shape[1:] != (self.act_dim,):
             raise InputError(
@@ -140,6 +175,7 @@ def collect(env, policy, steps: int, out: str | Path, seed: int = 0, algorithm: 
     out = Path(out)
     if out.exists():
         raise InputError(f"expected a new dataset directory, got an existing {out}")
+    ensure_dir(out.parent, "dataset's parent")
     episodes, done_steps, ep = [], 0, 0
     while done_steps < steps:
         obs, _ = env.reset(seed=seed + ep)
@@ -173,7 +209,7 @@ def collect(env, policy, steps: int, out: str | Path, seed: int = 0, algorithm: 
             )
         )
         ep += 1
-    root = Path(tempfile.mkdtemp(prefix=".minari-", dir=out.parent if out.parent.exists() else None))
+    root = Path(tempfile.mkdtemp(prefix=".minari-", dir=out.parent))
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(root)
     try:
@@ -235,10 +271,35 @@ def load_minari(path: str | Path, obs_dim: int, act_dim: int, env_id: str | None
         cols["cost"].append(-np.asarray(ep.rewards, np.float64))
         cols["terminated"].append(np.asarray(ep.terminations, np.float64))
     out = {k: np.concatenate(v) for k, v in cols.items()}
+    _check_minari_size(path, data_dir, len(episodes), len(out["cost"]), ds.total_steps)
     bad = ~np.isfinite(np.c_[out["obs"], out["act"], out["cost"], out["next_obs"]]).all(axis=1)
     if bad.any():
         raise InputError(f"expected finite transitions in {path}, got NaN/Inf in {int(bad.sum())} of {len(bad)}")
     return out
+
+
+def _check_minari_size(path: Path, data_dir: Path, episodes: int, steps: int, meta_steps: int) -> None:
+    """Refuse a dataset whose metadata.json disagrees with its data file (Minari reads only the
+    episodes and steps the metadata declares: an understated count would silently cut it short)."""
+    stored = _stored_episodes(data_dir)
+    if (stored is not None and stored != episodes) or steps != meta_steps:
+        held = f"{stored} episodes" if stored is not None and stored != episodes else f"{steps} steps"
+        raise InputError(
+            f"expected the Minari dataset at {path} to hold what its metadata.json declares ({episodes} episodes, "
+            f"{meta_steps} steps), got {held} in the data (metadata edited or written by an interrupted run?)"
+        )
+
+
+def _stored_episodes(data_dir: Path) -> int | None:
+    """How many episodes a Minari data directory holds (HDF5 groups or Arrow directories)."""
+    h5 = data_dir / "main_data.hdf5"
+    if h5.is_file():
+        import h5py
+
+        with h5py.File(h5, "r") as f:
+            return sum(1 for k in f.keys() if k.startswith("episode_"))
+    dirs = [d for d in data_dir.iterdir() if d.is_dir() and d.name.startswith("episode_")]
+    return len(dirs) if dirs else None
 
 
 def input_normalization(obs: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:

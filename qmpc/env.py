@@ -10,7 +10,7 @@ from typing import NamedTuple
 import gymnasium as gym
 import numpy as np
 
-from qmpc.errors import ConfigError
+from qmpc.errors import ConfigError, InputError
 
 __all__ = ["QMPC_TASKS", "EnvSpec", "env_spec", "make_env"]
 
@@ -43,6 +43,12 @@ def make_env(env_id: str, seed: int | None = None, render_mode: str | None = Non
         )
     if len(env.observation_space.shape) != 1 or len(env.action_space.shape) != 1:
         raise ConfigError(f"expected flat observations and actions for {env_id!r}")
+    from qmpc.checkpoint import check_bounds  # here: checkpoint imports torch and the networks
+
+    try:
+        check_bounds(np.asarray(env.action_space.low, float), np.asarray(env.action_space.high, float))
+    except InputError as e:
+        raise ConfigError(f"{e} (the action space of {env_id!r})") from None
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)

@@ -21,3 +21,7 @@ class SolverError(QmpcError, RuntimeError):
 
 class ConfigError(QmpcError, ValueError):
     """A configuration has an unknown key, a value of the wrong type, or an impossible value."""
+
+
+class OutputError(QmpcError, OSError):
+    """An output path (run directory, dataset, plot or video) is in the way, read-only, or locked."""

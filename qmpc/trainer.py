@@ -11,7 +11,11 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import json
+import os
+import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,12 +26,12 @@ from tqdm import tqdm
 
 from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import CheckpointError, load_checkpoint, policy_of, save_checkpoint
-from qmpc.config import Config, config_from_dict, config_to_toml
+from qmpc.config import Config, config_to_toml, resumed_config
 from qmpc.controller import Controller
-from qmpc.data import ReplayBuffer, atomic_write, input_normalization, load_minari
+from qmpc.data import ReplayBuffer, as_numpy, atomic_write, ensure_dir, input_normalization, load_minari
 from qmpc.dynamics import DynamicsModel
 from qmpc.env import EnvSpec, env_spec, make_env
-from qmpc.errors import ConfigError
+from qmpc.errors import ConfigError, OutputError
 from qmpc.losses import td_loss
 from qmpc.networks import QNetwork, build_network
 from qmpc.runner import run_episodes
@@ -69,7 +73,9 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
+            # the checkpoint's own step was logged before the checkpoint was written: keep it
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
         except ImportError:  # tensorboard is a dependency; keep the CSV if it is missing
             self.tb = None
 
@@ -170,8 +176,8 @@ def _env_state(env) -> dict[str, Any]:
         pass
     if hasattr(u, "data") and isinstance(u.data, mujoco.MjData):
         d = u.data
-        st["mujoco"] = {k: getattr(d, k).copy() for k in ("qpos", "qvel", "act", "ctrl", "qacc_warmstart")}
-        st["mujoco"]["time"] = d.time
+        st["mujoco"] = {k: torch.tensor(getattr(d, k)) for k in ("qpos", "qvel", "act", "ctrl", "qacc_warmstart")}
+        st["mujoco"]["time"] = float(d.time)
     return st
 
 
@@ -186,11 +192,14 @@ def _set_env_state(env, st: dict[str, Any]) -> None:
             if k == "time":
                 d.time = v
             else:
-                getattr(d, k)[:] = v
+                getattr(d, k)[:] = as_numpy(v)
         mujoco.mj_forward(u.model, d)
 
 
 def _check_resumable(ckpt: dict, cfg: Config, spec: EnvSpec) -> None:
+    missing = [k for k in ("q_target", "optimizer", "scheduler", "buffer", "rng", "env_state", "loop") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"expected a full training checkpoint to resume from, got one without {missing}")
     if ckpt["spec"]["env_id"] != spec.env_id or ckpt["network"]["arch"] != cfg.network.arch:
         raise CheckpointError(
             f"expected a checkpoint of {spec.env_id} / {cfg.network.arch}, got {ckpt['spec']['env_id']} / "
@@ -199,24 +208,118 @@ def _check_resumable(ckpt: dict, cfg: Config, spec: EnvSpec) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# The run directory
+# ---------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """``<run_dir>/.lock`` (JSON: the owner's ``pid`` and ``host``) while a run writes there.
+
+    Created atomically with its content (a hard link of a finished temp file), so a reader never
+    sees a half-written lock. A lock whose owner is a dead process on this host is stale and is
+    taken over; any other is a :class:`OutputError` naming the owner. Released on exit, errors too."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def __enter__(self) -> RunLock:
+        tmp = self.path.with_name(f".lock.{self.me['pid']}.tmp")
+        tmp.write_text(json.dumps(self.me))
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    return self
+                except FileExistsError:
+                    self._take_over_if_stale()
+            raise OutputError(f"expected to lock {self.path.parent}, got a lock that keeps coming back ({self.path})")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            owner = json.loads(self.path.read_text())
+            pid, host = int(owner["pid"]), str(owner["host"])
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except (ValueError, KeyError, TypeError):
+            pid, host = None, None  # unreadable: written by no RunLock, so no live run
+        if pid is not None and (host != self.me["host"] or _alive(pid)):
+            raise OutputError(
+                f"expected no other run in {self.path.parent}, got one running (pid {pid} on {host}; lock file "
+                f"{self.path}): wait for it to finish, or remove the lock file if that run is gone"
+            )
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if json.loads(self.path.read_text()) == self.me:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+_RUN_FILES = ("checkpoint.pt", "policy.pt", "metrics.csv", "config.toml", "learning_curve.png")
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Delete the temp files that :func:`~qmpc.data.atomic_write` leaves when killed mid-write
+    (``.checkpoint.pt.XXXX`` …); call with the run directory locked, so none is in use."""
+    stale = [f for f in run_dir.iterdir() if f.is_file() and any(f.name.startswith(f".{n}.") for n in _RUN_FILES)]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
+
+
+# ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> RunSummary:
+def train(
+    cfg: Config,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+    overrides: Sequence[str] = (),
+) -> RunSummary:
     """Train a cost-to-go per ``cfg``; ``stop_at`` ends the loop early without a final
-    checkpoint (what a kill does; used by the tests of ``resume``)."""
+    checkpoint (what a kill does; used by the tests of ``resume``).
+
+    With ``resume`` the config comes from the checkpoint, changed only by ``overrides``
+    (``key=value`` as ``--set``) of :data:`~qmpc.config.RESUMABLE_KEYS`. The run directory is
+    locked for the whole run (:class:`RunLock`): a second run on it is refused."""
+    run_dir = ensure_dir(cfg.resolved_run_dir(), "run directory")
+    with RunLock(run_dir):
+        remove_stale_temps(run_dir)
+        return _train(cfg, run_dir, resume, progress, stop_at, overrides)
+
+
+def _train(
+    cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_at: int | None, overrides: Sequence[str]
+) -> RunSummary:
     t_start = time.perf_counter()
     tc = cfg.train
-    run_dir = cfg.resolved_run_dir()
     ckpt_path = run_dir / "checkpoint.pt"
     if resume:
         ckpt = load_checkpoint(ckpt_path)
-        cfg = config_from_dict(ckpt["config"])
+        if not isinstance(ckpt.get("config"), dict):
+            raise CheckpointError(f"expected a training checkpoint with its config at {ckpt_path}, got none")
+        cfg = resumed_config(ckpt["config"], list(overrides))
         tc = cfg.train
     elif ckpt_path.exists():
         raise ConfigError(f"expected a new run directory, got an existing checkpoint in {run_dir} (use --resume)")
-    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.toml", lambda tmp: Path(tmp).write_text(config_to_toml(cfg)))
 
     # -- seeding, environments, networks ------------------------------------------------
@@ -269,6 +372,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
     eval_returns: list[float] = []
     obs, _ = env.reset(seed=cfg.seed)
     ep_return, ep_len = 0.0, 0
+    acc: dict[str, list[float]] = {}  # training metrics of the current logging window
     if resume:
         _check_resumable(ckpt, cfg, spec)
         q.load_state_dict(ckpt["q"])
@@ -282,8 +386,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
         s = ckpt["loop"]
         step, episode, fails, solves = s["step"], s["episode"], s["fails"], s["solves"]
         wall_before = s.get("wall_s", 0.0)
-        obs, ep_return, ep_len = s["obs"], s["ep_return"], s["ep_len"]
+        obs, ep_return, ep_len = as_numpy(s["obs"]), s["ep_return"], s["ep_len"]
         eval_steps, eval_returns = s["eval_steps"], s["eval_returns"]
+        acc = {k: list(v) for k, v in s.get("acc", {}).items()}  # older checkpoints: window lost
+        if tc.steps < step:
+            raise ConfigError(f"expected train.steps >= {step} (the checkpoint's step) on --resume, got {tc.steps}")
         if dyn is not None:
             dyn.load_state_dict(ckpt["model"]["state"])
             dyn_opt.load_state_dict(ckpt["model_optimizer"])
@@ -303,6 +410,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
             },
             "network": _network_kwargs(cfg),
             "gamma": tc.gamma,
+            "cost_scale": tc.cost_scale,
             "q": q.state_dict(),
             "q_target": q_target.state_dict(),
             "optimizer": opt.state_dict(),
@@ -319,12 +427,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
                 "episode": episode,
                 "fails": fails,
                 "solves": solves,
-                "obs": obs,
+                "obs": torch.tensor(obs),
                 "ep_return": ep_return,
                 "ep_len": ep_len,
                 "eval_steps": eval_steps,
                 "eval_returns": eval_returns,
                 "model_ready": dyn_ready,
+                "acc": {k: list(v) for k, v in acc.items()},
                 "wall_s": wall_before + time.perf_counter() - t_start,
             },
         }
@@ -334,7 +443,6 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
         save_checkpoint(ckpt_path, full)
         save_checkpoint(run_dir / "policy.pt", policy_of(full))  # what a controller needs: small, to ship
 
-    acc: dict[str, list[float]] = {}
     bar = tqdm(
         total=tc.steps,
         initial=step,
@@ -356,7 +464,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
             buffer.add(obs, a, -float(r) * tc.cost_scale, next_obs, term)
             obs, ep_return, ep_len = next_obs, ep_return + float(r), ep_len + 1
             if term or trunc:
-                logger.log(step, {"train/episode_return": ep_return, "train/episode_length": ep_len})
+                # at step + 1, like every row logged in this iteration (all before its checkpoint)
+                logger.log(step + 1, {"train/episode_return": ep_return, "train/episode_length": ep_len})
                 obs, _ = env.reset()
                 ep_return, ep_len, episode = 0.0, 0, episode + 1
 
@@ -395,7 +504,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, stop_at: int
                     ("solver/fail_frac", res.fail_frac),
                     ("solver/solve_ms", res.solve_ms),
                 ):
-                    acc.setdefault(k, []).append(v)
+                    acc.setdefault(k, []).append(float(v))
         step += 1
         bar.update(1)
 
