@@ -172,7 +172,7 @@ class ArgminLayer(nn.Module):
         }
         self._params = tuple(q.parameters())
         self._shapes = tuple(p.shape for p in self._params)  # the structure the twin is built for
-        self._synced: tuple[torch.Tensor, torch.Tensor, ca.DM] | None = None
+        self._synced: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], ca.DM] | None = None
         self._sync()  # builds the problem and its solver
         if self.problem.shooting == "single" and self.grad_mode != "none":
             raise InputError(
@@ -197,9 +197,9 @@ class ArgminLayer(nn.Module):
         self.problem = ControlProblem(q_function, **kw)
         self.solver = BatchedSolver(self.problem, self._options)
 
-    def _read_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's parameters (re-read: a replaced Parameter is picked up) and the values
-        of its parameters and buffers as flat float64 CPU vectors."""
+    def _read_params(self) -> tuple[torch.Tensor, ...]:
+        """The network's parameters, re-read (a replaced Parameter is picked up), with the shapes
+        the layer was built for."""
         params = tuple(self.q.parameters())
         shapes = tuple(p.shape for p in params)
         if shapes != self._shapes:
@@ -207,28 +207,28 @@ class ArgminLayer(nn.Module):
                 f"expected the parameter shapes the layer was built for, {[tuple(s) for s in self._shapes]}, "
                 f"got {[tuple(s) for s in shapes]}"
             )
-        self._params = params
-        with torch.no_grad():
-            theta = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
-            bufs = [b.detach().reshape(-1).to("cpu", torch.float64) for b in self.q.buffers()]
-        return theta, (torch.cat(bufs) if bufs else torch.zeros(0, dtype=torch.float64))
+        return params
 
     def _sync(self) -> ca.DM:
         """The network's flat parameters as a CasADi DM (empty when baked), following every change
         of the network's values, however it was made (an optimiser step, ``p.data.copy_`` of a
         Polyak update, ``load_state_dict``, a replaced Parameter, a changed buffer such as the
-        input normalisation): the values are compared, not torch's version counters. The DM is
-        converted, and the problem rebuilt (buffers changed, or baked weights changed), only when
-        they differ. Raises on NaN/Inf weights or buffers."""
-        theta, bufs = self._read_weights()
+        input normalisation): the values are compared with a copy, not torch's version counters
+        (which ``.data`` writes do not bump). The DM is converted, and the problem rebuilt (buffers
+        changed, or baked weights changed), only when they differ. Raises on NaN/Inf weights or
+        buffers."""
+        self._params = params = self._read_params()
+        buffers = tuple(self.q.buffers())
         last = self._synced
-        if last is not None and torch.equal(theta, last[0]) and torch.equal(bufs, last[1]):
+        if last is not None and _same(params, last[0]) and _same(buffers, last[1]):
             return last[2]
         self._check_finite()
-        if last is None or self.bake_weights or not torch.equal(bufs, last[1]):
+        if last is None or self.bake_weights or not _same(buffers, last[1]):
             self._build()
+        with torch.no_grad():
+            theta = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
         dm = ca.DM(0, 1) if self.bake_weights else ca.DM(theta.numpy())
-        self._synced = (theta, bufs, dm)
+        self._synced = (tuple(p.detach().clone() for p in params), tuple(b.detach().clone() for b in buffers), dm)
         return dm
 
     def _check_finite(self) -> None:
@@ -338,6 +338,11 @@ class ArgminLayer(nn.Module):
         else:
             states = w[:, (P.N + 1) * P.nu :].reshape(B, P.N, P.nx)
         return {"actions": acts, "states": states}
+
+
+def _same(now: tuple[torch.Tensor, ...], copies: tuple[torch.Tensor, ...]) -> bool:
+    """Whether tensors hold the same values as their copies (False on NaN)."""
+    return len(now) == len(copies) and all(torch.equal(a, b) for a, b in zip(now, copies, strict=True))
 
 
 class _ArgminFunction(torch.autograd.Function):
