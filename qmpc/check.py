@@ -10,6 +10,7 @@ diagonal quadratic with a box, LQR with a Riccati terminal cost), the torch netw
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -21,6 +22,7 @@ import torch
 from torch.func import functional_call
 
 from qmpc.bridge import ArgminLayer
+from qmpc.dynamics import DynamicsModel
 from qmpc.lqr import dare, lqr_q_matrix
 from qmpc.networks import ARCHITECTURES, QNetwork, QuadraticQ
 
@@ -36,6 +38,7 @@ __all__ = [
     "lqr_closed_form",
     "make_network",
     "make_scenario",
+    "mlp_model",
     "run_checks",
     "twin_errors",
 ]
@@ -74,6 +77,34 @@ def linear_model(nx: int, nu: int, seed: int = 0) -> tuple[ca.Function, ca.Funct
     return f, c, A, B
 
 
+def mlp_model(nx: int, nu: int, seed: int = 0, n_p: int = 0) -> tuple[ca.Function, ca.Function]:
+    """A seeded learned model (:class:`~qmpc.dynamics.DynamicsModel`, silu, 8×8, normalisation
+    fitted on random transitions) and a nonconvex stage cost that reads the state after the step,
+    ``c(x, u, x⁺)``. With ``n_p = 2·nx`` the model is time-varying: ``x⁺ = f(x, u) ⊙ (1 + p[:nx]) +
+    p[nx:]`` (``dynamics(x, u, p)``)."""
+    if n_p not in (0, 2 * nx):
+        raise ValueError(f"expected n_p in (0, {2 * nx}), got {n_p}")
+    torch.manual_seed(seed)
+    m = DynamicsModel(nx, nu, (8, 8)).double()
+    xs = torch.randn(200, nx, dtype=torch.float64)
+    m.fit_normalization(xs, 0.9 * xs + 0.1 * torch.randn(200, nx, dtype=torch.float64))
+    x, u, p = ca.MX.sym("x", nx), ca.MX.sym("u", nu), ca.MX.sym("p", n_p)
+    fx = m.casadi_function()(x, u)
+    if n_p:
+        f = ca.Function("f", [x, u, p], [fx * (1 + p[:nx]) + p[nx:]], ["x", "u", "p"], ["x_next"])
+    else:
+        f = ca.Function("f", [x, u], [fx], ["x", "u"], ["x_next"])
+    xn = ca.MX.sym("x_next", nx)
+    c = ca.sumsqr(xn) + 0.1 * ca.sumsqr(u) + 0.1 * ca.sin(x[0]) * xn[1] + 0.02 * ca.cos(x[1]) * u[0] ** 2
+    return f, ca.Function("c", [x, u, xn], [c], ["x", "u", "x_next"], ["c"])
+
+
+Model = Literal["linear", "mlp", "mlp-tv"]
+
+_REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Each scenario layer's twin solved with sqpmethod at tol=1e-13 (the reference of :func:`fd_errors`)."""
+
+
 def make_scenario(
     arch: str,
     bounds: Bounds,
@@ -84,20 +115,31 @@ def make_scenario(
     tol: float = 1e-13,
     nx: int = 4,
     nu: int = 2,
+    model: Model = "linear",
+    workers: int = 1,
 ) -> tuple[ArgminLayer, torch.Tensor]:
     """A layer and a batch of states whose solutions have the requested bound activity.
 
-    Bounds are chosen from the solution with wide bounds: ``inactive`` keeps every action
-    strictly inside, ``active`` puts a narrow box away from every unconstrained optimum,
-    ``mixed`` does that for the first action dimension only. Components are never weakly
-    active (the caller can verify with :func:`activity`).
+    Bounds are chosen from the solution with wide bounds (solved with sqpmethod at tol=1e-13, so
+    every plugin and tolerance gets the same box): ``inactive`` keeps every action strictly
+    inside, ``active`` puts a narrow box away from every unconstrained optimum, ``mixed`` does
+    that for the first action dimension only. Components are never weakly active (the caller can
+    verify with :func:`activity`).
+
+    ``model`` (horizon > 1): ``linear`` (:func:`linear_model`), ``mlp`` (:func:`mlp_model`, a
+    stage cost reading ``x⁺``) or ``mlp-tv`` (the same, time-varying: random ``model_params``).
+    The layer solves with ``plugin`` at ``tol``; its twin at sqpmethod/1e-13 on the same network
+    is what :func:`fd_errors` differentiates by central differences.
     """
     q = make_network(arch, nx, nu, seed)
-    f, c, _, _ = linear_model(nx, nu, seed)
-    kw = dict(horizon=horizon, dynamics=f, stage_cost=c, discount=0.9, solver=plugin, tol=tol)
+    n_p = 2 * nx if model == "mlp-tv" else 0
+    f, c = linear_model(nx, nu, seed)[:2] if model == "linear" else mlp_model(nx, nu, seed, n_p)
+    kw = dict(horizon=horizon, dynamics=f, stage_cost=c, discount=0.9, dynamics_params=n_p)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, nx, generator=g, dtype=torch.float64)
-    wide = ArgminLayer(q, -1e3, 1e3, **kw)
+    p = 0.1 * np.random.default_rng(seed).normal(size=(horizon - 1) * n_p)
+    wide = ArgminLayer(q, -1e3, 1e3, tol=1e-13, **kw)
+    wide.model_params = p
     wide(x, grad_mode="none")
     acts = wide.plan()["actions"].reshape(-1, nu)  # every action of every sample
     lo, hi = acts.min(0), acts.max(0)
@@ -110,7 +152,11 @@ def make_scenario(
         low, high = mid - 0.02 * span - 0.01, mid + 0.02 * span + 0.01
         if bounds == "mixed":
             low[1:], high[1:] = lo[1:] - 0.5, hi[1:] + 0.5
-    return ArgminLayer(q, low, high, **kw), x
+    layer = ArgminLayer(q, low, high, solver=plugin, tol=tol, workers=workers, **kw)
+    ref = ArgminLayer(q, low, high, tol=1e-13, workers=1, **kw)
+    layer.model_params, ref.model_params = p.copy(), p.copy()
+    _REFERENCES[layer] = ref
+    return layer, x
 
 
 def activity(layer: ArgminLayer, x: torch.Tensor) -> tuple[int, int, int]:
@@ -124,7 +170,12 @@ def activity(layer: ArgminLayer, x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def fd_errors(
-    layer: ArgminLayer, x: torch.Tensor, n_dirs: int = 3, eps: float = 1e-5, seed: int = 0
+    layer: ArgminLayer,
+    x: torch.Tensor,
+    n_dirs: int = 3,
+    eps: float = 1e-5,
+    seed: int = 0,
+    reference: ArgminLayer | None = None,
 ) -> dict[str, float]:
     """Bridge gradients against central finite differences of the whole solve.
 
@@ -132,8 +183,16 @@ def fd_errors(
     and ``x``, compares the directional derivatives of ``⟨c_u, u*⟩`` and ``⟨c_v, V⟩``.
     Returns the largest relative error ``|analytic − fd| / (1 + |fd|)`` for ``du*/dθ``,
     ``du*/dx``, ``dV/dθ`` and ``dV/dx``.
+
+    The differences solve with ``reference`` (a layer on the same network; default: the
+    sqpmethod/1e-13 twin of a :func:`make_scenario` layer, else ``layer`` itself): the
+    derivative of the exact solution map. Differences of a loose solve (``tol=1e-6``) are noisy
+    by its error over ``eps`` (measured up to 4e-4), not the bridge's error.
     """
     q = layer.q
+    reference = reference or _REFERENCES.get(layer, layer)
+    if reference.q is not q:
+        raise ValueError("expected a reference layer on the same network as layer, got another network")
     rng = np.random.default_rng(seed)
     B, nu = x.shape[0], q.act_dim
     cu = torch.as_tensor(rng.normal(size=(B, nu)))
@@ -151,7 +210,7 @@ def fd_errors(
         def obj(th, xx, weight=weight):
             q.load_flat_parameters(th)
             with torch.no_grad():
-                uu, vv = layer(torch.as_tensor(xx), grad_mode="none")
+                uu, vv = reference(torch.as_tensor(xx), grad_mode="none")
             return float(weight(uu, vv))
 
         e_th = e_x = 0.0
