@@ -28,7 +28,7 @@ from qmpc.networks import QNetwork
 from qmpc.problem import StageDerivatives
 from qmpc.solver import Status
 
-__all__ = ["MODELS", "Controller", "model_functions"]
+__all__ = ["MODELS", "Controller", "model_functions", "trained_units"]
 
 MODELS = ("auto", "exact", "learned", "mujoco")
 """Model sources for horizons > 1: ``exact`` (a qmpc task's own model), ``learned`` (the
@@ -59,6 +59,24 @@ def model_functions(ckpt: dict, model: str = "auto", env=None) -> dict[str, Any]
     return {"dynamics": m.casadi_function(), "dynamics_derivatives": derivatives, "stage_cost": stage_cost(env)}
 
 
+def trained_units(ckpt: dict) -> dict[str, float]:
+    """``{"discount": γ, "cost_scale": s}`` that a checkpoint's Q was trained with (top-level keys
+    of the checkpoint, else its saved config; checkpoints with neither: 0.99 and 1.0)."""
+    train = ckpt.get("config", {}).get("train", {})
+    return {
+        "discount": float(ckpt.get("gamma", train.get("gamma", 0.99))),
+        "cost_scale": float(ckpt.get("cost_scale", train.get("cost_scale", 1.0))),
+    }
+
+
+def scaled(cost: ca.Function, scale: float) -> ca.Function:
+    """A stage cost ``Function`` multiplied by ``scale`` (same inputs and names)."""
+    if scale == 1.0:
+        return cost
+    ins = cost.mx_in()
+    return ca.Function(cost.name(), ins, [scale * cost(*ins)], cost.name_in(), cost.name_out())
+
+
 class Controller:
     """Acts on single observations with warm starts from the previous plan.
 
@@ -66,7 +84,13 @@ class Controller:
         q: the cost-to-go network.
         low, high: action bounds ``(act_dim,)``.
         horizon: ``1`` for the greedy controller, ``H > 1`` to plan through ``dynamics``.
-        dynamics, stage_cost, discount: the model for ``H > 1`` (CasADi functions).
+        dynamics, stage_cost, discount: the model for ``H > 1`` (CasADi functions); ``discount``
+            must be the ``γ`` that Q was trained with (``from_checkpoint`` takes it from the
+            checkpoint).
+        cost_scale: stage costs are multiplied by this before they are added to Q: the units Q
+            was trained in (``train.cost_scale``: Q learned ``c = −reward × cost_scale``; 0.1 in
+            the balancing and HalfCheetah launch files). ``from_checkpoint`` takes it from the
+            checkpoint.
         max_iter: iteration budget of each solve.
         tol: the solver's own tolerance; default 1e-8 for horizon 1 and 1e-6 for longer horizons
             (an SQP iteration at H = 10 costs ~3 ms at HalfCheetah size and the last one only
@@ -108,6 +132,7 @@ class Controller:
         dynamics: ca.Function | None = None,
         stage_cost: ca.Function | None = None,
         discount: float = 0.99,
+        cost_scale: float = 1.0,
         max_iter: int = 50,
         tol: float | None = None,
         env_id: str = "",
@@ -118,6 +143,11 @@ class Controller:
         dynamics_derivatives: StageDerivatives | None = None,
         **solver_options: Any,
     ):
+        if not (isinstance(cost_scale, int | float) and np.isfinite(cost_scale) and cost_scale > 0):
+            raise InputError(f"expected a finite cost_scale > 0, got {cost_scale!r}")
+        self.cost_scale = float(cost_scale)
+        if stage_cost is not None:
+            stage_cost = scaled(stage_cost, self.cost_scale)
         self.q = q  # not converted: the solver reads its values as float64 whenever they change
         self.linearization = linearization
         if linearization is not None:
@@ -158,11 +188,17 @@ class Controller:
         """Load a checkpoint written by ``qmpc train``. For ``horizon > 1`` the model comes from
         ``model`` (see :data:`MODELS`) unless ``dynamics`` and ``stage_cost`` are passed in ``kw``."""
         ckpt = load_checkpoint(path)
+        for name, trained in trained_units(ckpt).items():  # plan in the units Q was trained in
+            if name in kw and not np.isclose(kw[name], trained, rtol=1e-12, atol=0.0):
+                raise InputError(
+                    f"expected {name} = {trained} (what {path} was trained with: its Q is a cost-to-go in those "
+                    f"units), got {kw[name]}"
+                )
+            kw[name] = trained
         if horizon > 1 and "dynamics" not in kw and "linearization" not in kw:
             kw.update(model_functions(ckpt, model))
         q = network_from_checkpoint(ckpt)
         low, high = spec_arrays(ckpt["spec"])
-        kw.setdefault("discount", ckpt.get("gamma", 0.99))
         return cls(q, low, high, horizon=horizon, env_id=ckpt["spec"]["env_id"], **kw)
 
     def check_task(self, env_id: str, obs_dim: int, act_dim: int) -> None:
