@@ -161,4 +161,8 @@ def test_dynamics_normalization_keeps_constant_dimensions_unscaled():
     assert m.x_scale[0] != 1.0
     xn = x[:4].clone()
     xn[:, 2] = 5.0
-    assert m.loss(xn, torch.zeros(4, 1, dtype=torch.float64), xn + 3.0) < 100
+    u0 = torch.zeros(4, 1, dtype=torch.float64)
+    z = torch.cat([(xn - m.x_shift) / m.x_scale, u0], dim=-1)
+    assert z[:, 2].eq(5.0).all()  # the constant dimension is an ordinary input, not 5 / 1e-9
+    target = torch.full((4, 3), 2.9, dtype=torch.float64)  # (Δ − delta_shift) / delta_scale = (3 − 0.1) / 1
+    torch.testing.assert_close(m.loss(xn, u0, xn + 3.0), ((m.net(z) - target) ** 2).mean())
