@@ -104,14 +104,24 @@ def test_cli_run_refuses_code(evil, capsys):
 
 def test_cli_collect_policy_refuses_code(evil, tmp_path, capsys):
     path, marker = evil
-    argv = ["collect", "--env", "qmpc/PointMass-v0", "--steps", "5", "--policy", str(path), "--out", str(tmp_path / "d")]
+    argv = [
+        "collect",
+        "--env",
+        "qmpc/PointMass-v0",
+        "--steps",
+        "5",
+        "--policy",
+        str(path),
+        "--out",
+        str(tmp_path / "d"),
+    ]
     rc = main(argv)
     assert not marker.exists()
     assert rc == 2 and "disallowed objects" in _one_line_error(capsys)
 
 
 def test_cli_train_resume_refuses_code(evil, tmp_path, capsys):
-    path, marker = evil
+    marker = evil[1]
     run = tmp_path / "run"
     run.mkdir()
     ckpt = _policy()
@@ -161,7 +171,7 @@ def test_nan_buffer_is_refused(tmp_path, capsys):
 def test_inf_anywhere_is_refused(tmp_path):
     ckpt = {**_policy(), "q_target": _policy()["q"]}
     ckpt["q_target"]["obs_shift"] = torch.tensor([0.0, float("inf"), 0.0, 0.0], dtype=torch.float64)
-    with pytest.raises(CheckpointError, match="q_target.obs_shift"):
+    with pytest.raises(CheckpointError, match=r"q_target\.obs_shift"):
         load_checkpoint(_write(tmp_path / "inf.pt", ckpt))
 
 
