@@ -23,12 +23,19 @@ from qmpc.solver import PLUGINS
 ARCHS = ["QuadraticQ", "PICNN", "MLPQ"]
 
 
+TOLS = (1e-13, 1e-8, 1e-6)
+"""The plugin tolerances the suite runs at: tight, and those of the configs and the controller."""
+
+
+@pytest.mark.parametrize("tol", TOLS)
 @pytest.mark.parametrize("plugin", PLUGINS)
 @pytest.mark.parametrize("horizon", [1, 3])
 @pytest.mark.parametrize("bounds", ["inactive", "active", "mixed"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_finite_differences_of_the_whole_solve(arch, bounds, horizon, plugin):
-    layer, x = make_scenario(arch, bounds, horizon, plugin)
+def test_finite_differences_of_the_whole_solve(arch, bounds, horizon, plugin, tol):
+    """Against central differences of the exact solution map (make_scenario's sqpmethod/1e-13
+    twin): a loose solve's own differences are noisy by its error over the step."""
+    layer, x = make_scenario(arch, bounds, horizon, plugin, tol=tol)
     active, weak, free = activity(layer, x)
     assert weak == 0
     if bounds == "inactive":
@@ -37,14 +44,26 @@ def test_finite_differences_of_the_whole_solve(arch, bounds, horizon, plugin):
         assert active >= free and active > 0
     else:
         assert active > 0 and free > 0
-    errs = fd_errors(layer, x, n_dirs=2)
+    errs = fd_errors(layer, x, n_dirs=2 if tol == 1e-13 else 1)
     assert max(errs.values()) <= 1e-6, errs
-    assert (layer.last_result.status == qmpc.Status.SOLVED).all()
+    status = layer.last_result.status
+    assert qmpc.Status.ok(status).all()
+    if tol == 1e-13 or plugin == "sqpmethod":
+        assert (status == qmpc.Status.SOLVED).all()
 
 
+def test_finite_differences_through_a_learned_model():
+    """check.py's learned-model scenario (the full matrix is in test_sensitivities_plugins.py)."""
+    layer, x = make_scenario("PICNN", "mixed", 3, "ipopt", tol=1e-8, model="mlp-tv")
+    active, weak, free = activity(layer, x)
+    assert weak == 0 and active > 0 and free > 0
+    assert max(fd_errors(layer, x, n_dirs=1).values()) <= 1e-6
+
+
+@pytest.mark.parametrize(("plugin", "tol"), [(p, t) for p in PLUGINS for t in TOLS])
 @pytest.mark.parametrize("horizon", [1, 2])
-def test_one_dimensional_action(horizon):
-    layer, x = make_scenario("PICNN", "mixed", horizon, nx=3, nu=1, batch=4)
+def test_one_dimensional_action(horizon, plugin, tol):
+    layer, x = make_scenario("PICNN", "mixed", horizon, plugin, nx=3, nu=1, batch=4, tol=tol)
     assert max(fd_errors(layer, x, n_dirs=2).values()) <= 1e-6
 
 
@@ -59,13 +78,16 @@ def test_closed_form_lqr_with_riccati_terminal_cost(horizon):
     assert max(errs.values()) <= 1e-8, errs
 
 
+@pytest.mark.parametrize(("plugin", "tol"), [(p, t) for p in PLUGINS for t in TOLS])
 @pytest.mark.parametrize("bounds", ["inactive", "mixed"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_envelope_identity(arch, bounds):
-    layer, x = make_scenario(arch, bounds, 1)
+def test_envelope_identity(arch, bounds, plugin, tol):
+    layer, x = make_scenario(arch, bounds, 1, plugin, tol=tol)
     e = envelope_identity(layer, x)
-    assert e["chain_vs_envelope"] <= 1e-8, e
-    assert e["cross_term"] <= 1e-8, e
+    # ∂Q/∂u is the solution's residual where a bound is inactive: the identity holds to it
+    slack = 1e-8 + 10 * float(layer.last_result.kkt_residual.max()) * e["du_dtheta"]
+    assert e["chain_vs_envelope"] <= slack, e
+    assert e["cross_term"] <= slack, e
     assert e["du_dtheta"] >= 1e-3, e  # the argmin does move: the term vanishes because ∂Q/∂u·∂u*/∂θ = 0
 
 
@@ -120,10 +142,11 @@ def test_golden_values(case):
     assert golden_errors(case) <= 1e-7
 
 
-def test_plugins_agree():
+@pytest.mark.parametrize("tol", TOLS)
+def test_plugins_agree(tol):
     outs = []
     for plugin in PLUGINS:
-        layer, x = make_scenario("MLPQ", "mixed", 3, plugin)
+        layer, x = make_scenario("MLPQ", "mixed", 3, plugin, tol=tol)
         params = list(layer.q.parameters())
         u, v = layer(x)
         g = torch.autograd.grad(u.sum() + v.sum(), params)
