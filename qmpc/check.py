@@ -382,22 +382,39 @@ def golden_errors(case: dict) -> float:
     return max(float(np.abs(np.array(got[k]) - np.array(case["expected"][k])).max()) for k in got)
 
 
+def _fd_cases(quick: bool) -> list[tuple[str, str, int, str, float, str]]:
+    """``(arch, bounds, horizon, plugin, tol, model)`` of the finite-difference rows."""
+    archs, plugins = list(ARCHITECTURES), ("sqpmethod", "ipopt")
+    if quick:
+        cases = [(a, "mixed", h, "sqpmethod", 1e-13, "linear") for a in archs for h in (1, 3)]
+        return [*cases, ("PICNN", "mixed", 1, "ipopt", 1e-8, "linear"), ("PICNN", "mixed", 3, "ipopt", 1e-8, "mlp-tv")]
+    bounds = ("inactive", "active", "mixed")
+    cases = [(a, b, h, p, 1e-13, "linear") for a in archs for b in bounds for h in (1, 3) for p in plugins]
+    # the tolerance of the configs (1e-8) and the controller (1e-6 for H > 1), where IPOPT stops
+    # inside active bounds
+    cases += [
+        (a, b, h, p, t, "linear")
+        for a in archs
+        for b in ("active", "mixed")
+        for h in (1, 3)
+        for p in plugins
+        for t in (1e-8, 1e-6)
+    ]
+    # through a learned MLP model (time-varying too), a stage cost reading x⁺
+    cases += [(a, "mixed", h, p, 1e-8, m) for a in archs for h in (3, 5) for m in ("mlp", "mlp-tv") for p in plugins]
+    return cases
+
+
 def run_checks(quick: bool = True) -> Iterator[CheckRow]:
     """Yield the checks of ``qmpc check``: ``quick`` runs one case per family."""
-    archs = list(ARCHITECTURES)
-    plugins = ("sqpmethod", "ipopt")
-    for arch in archs:
+    for arch in ARCHITECTURES:
         e = twin_errors(make_network(arch, 4, 2, 0))
         yield CheckRow(f"twin {arch}: value/grad/Hessian", max(e.values()), 1e-10)
-    cases = [(a, "mixed", h, "sqpmethod") for a in archs for h in (1, 3)]
-    if not quick:
-        cases = [(a, b, h, p) for a in archs for b in ("inactive", "active", "mixed") for h in (1, 3) for p in plugins]
-    else:
-        cases.append(("PICNN", "mixed", 1, "ipopt"))
-    for arch, bounds, h, plugin in cases:
-        layer, x = make_scenario(arch, bounds, h, plugin)
-        e = fd_errors(layer, x, n_dirs=1 if quick else 3)
-        yield CheckRow(f"FD {arch} H={h} bounds={bounds} {plugin}", max(e.values()), 1e-6)
+    for arch, bounds, h, plugin, tol, model in _fd_cases(quick):
+        layer, x = make_scenario(arch, bounds, h, plugin, tol=tol, model=model)
+        e = fd_errors(layer, x, n_dirs=1 if quick or tol > 1e-13 else 3)
+        where = "" if model == "linear" else f" model={model}"
+        yield CheckRow(f"FD {arch} H={h} bounds={bounds}{where} {plugin} tol={tol:.0e}", max(e.values()), 1e-6)
     e = clip_closed_form()
     yield CheckRow("closed form: diagonal quadratic, u*=clip(mu)", max(e.values()), 1e-9)
     for h in (1, 3):
