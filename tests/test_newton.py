@@ -1,0 +1,116 @@
+"""The batched projected Newton of the TD target and what it stands on: the PICNN's closed-form
+derivatives in u over a batch, and the vectorised CasADi twin (issue 10)."""
+
+import casadi as ca
+import numpy as np
+import pytest
+import torch
+from torch.func import grad, hessian, vmap
+
+import qmpc
+from qmpc.newton import projected_residual, solve_box
+
+
+def _picnn(nx=5, nu=3, hidden=(8, 6), activation="tanh", normalized=True, seed=0):
+    torch.manual_seed(seed)
+    q = qmpc.PICNN(nx, nu, hidden=hidden, activation=activation).double()
+    if normalized:
+        rng = np.random.default_rng(seed)
+        q.set_input_normalization(rng.normal(size=nx), rng.normal(size=(nx, nx)))
+    return q
+
+
+@pytest.mark.parametrize("activation", ["tanh", "softplus", "sigmoid", "silu"])
+@pytest.mark.parametrize("hidden", [(8,), (8, 6, 4)])
+def test_oracle_matches_autograd(activation, hidden):
+    q = _picnn(hidden=hidden, activation=activation)
+    g = torch.Generator().manual_seed(1)
+    x, u = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(9, 3, generator=g, dtype=torch.float64)
+    oracle = q.action_oracle(x.numpy())
+    v, gu, H = oracle.derivatives(u.numpy(), np.arange(9))
+
+    def f(xx, uu):
+        return q(xx[None], uu[None])[0]
+
+    with torch.no_grad():
+        np.testing.assert_allclose(v, q(x, u).numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(gu, vmap(grad(f, argnums=1))(x, u).detach().numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(H, vmap(hessian(f, argnums=1))(x, u).detach().numpy(), rtol=0, atol=1e-12)
+    rows = np.array([7, 2])
+    np.testing.assert_allclose(oracle.value(u.numpy()[rows], rows), v[rows], rtol=0, atol=1e-12)
+
+
+def test_vectorised_twin_matches_the_network():
+    q = _picnn(activation="silu")
+    g = torch.Generator().manual_seed(2)
+    x, u = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    f = q.casadi_batch_function(6)
+    out = np.asarray(f(x.numpy().T, u.numpy().T, q.flat_parameters())).ravel()
+    with torch.no_grad():
+        np.testing.assert_allclose(out, q(x, u).numpy(), rtol=0, atol=1e-12)
+    with pytest.raises(qmpc.UnsupportedLayerError, match="vectorized twin"):
+        qmpc.MLPQ(5, 3).casadi_batch_function(2)
+
+
+@pytest.mark.parametrize("half_width", [0.05, 0.5, 100.0], ids=["active", "mixed", "inactive"])
+def test_newton_finds_the_casadi_argmin(half_width):
+    """Same minimisers as CasADi's sqpmethod (tight tolerance) for every sample, with bounds active,
+    mixed and inactive; components at a bound lie exactly on it."""
+    q = _picnn()
+    x = np.random.default_rng(3).normal(size=(32, 5))
+    lb, ub = -half_width * np.ones(3), half_width * np.ones(3)
+    res = solve_box(q.action_oracle(x), np.zeros((32, 3)), lb, ub, tol=1e-11)
+    assert res.converged.all() and res.iterations.max() <= 10
+    layer = qmpc.ArgminLayer(q, lb, ub, tol=1e-13, grad_mode="none")
+    u_ref, v_ref = layer(torch.as_tensor(x))
+    np.testing.assert_allclose(res.u, u_ref.numpy(), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(res.value, v_ref.numpy(), rtol=0, atol=1e-10)
+    at_bound = (res.u == lb) | (res.u == ub)
+    near = (np.abs(res.u - lb) < 1e-9) | (np.abs(res.u - ub) < 1e-9)
+    np.testing.assert_array_equal(at_bound, near)
+    if half_width == 100.0:
+        assert not at_bound.any()
+    else:
+        assert at_bound.any()
+
+
+class _Concave:
+    """``f(u) = −½ ‖u‖² + aᵀu``: the minimum over a box is at a corner; Newton must still descend."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def value(self, u, rows):
+        return -0.5 * (u * u).sum(1) + (self.a[rows] * u).sum(1)
+
+    def derivatives(self, u, rows):
+        B, n = u.shape
+        return self.value(u, rows), -u + self.a[rows], np.broadcast_to(-np.eye(n), (B, n, n)).copy()
+
+
+def test_newton_descends_on_a_nonconvex_function_and_reports_the_residual():
+    a = np.array([[0.3, -0.2], [-0.1, 0.4]])
+    res = solve_box(_Concave(a), np.zeros((2, 2)) + 0.01, -np.ones(2), np.ones(2))
+    assert res.converged.all()
+    np.testing.assert_array_equal(res.u, -np.sign(a))  # the corner away from a
+    np.testing.assert_allclose(res.residual, projected_residual(res.u, -res.u + a, -np.ones(2), np.ones(2)))
+
+
+def test_newton_reports_unconverged_samples_instead_of_raising():
+    q = _picnn()
+    x = np.random.default_rng(4).normal(size=(8, 5))
+    res = solve_box(q.action_oracle(x), np.zeros((8, 3)), -np.ones(3), np.ones(3), max_iter=1, tol=1e-14)
+    assert (~res.converged).any() and (res.iterations <= 1).all()
+    assert np.isfinite(res.u).all() and (np.abs(res.u) <= 1).all()
+
+
+def test_vectorised_gradient_certificate_agrees_with_the_oracle():
+    q = _picnn(hidden=(8, 8))
+    x = np.random.default_rng(5).normal(size=(4, 5))
+    u = np.random.default_rng(6).uniform(-1, 1, size=(4, 3))
+    f = q.casadi_batch_function(4)
+    X, U, th = ca.MX.sym("X", 5, 4), ca.MX.sym("U", 3, 4), ca.MX.sym("th", q.num_parameters)
+    gfun = ca.Function("g", [X, U, th], [ca.jacobian(ca.sum2(f(X, U, th)), ca.vec(U))])
+    g_casadi = np.asarray(gfun(x.T, u.T, q.flat_parameters())).reshape(4, 3)
+    _, g_oracle, _ = q.action_oracle(x).derivatives(u, np.arange(4))
+    np.testing.assert_allclose(g_casadi, g_oracle, rtol=0, atol=1e-12)
