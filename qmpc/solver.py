@@ -37,7 +37,8 @@ Hessian ``Zᵀ H Z`` on the null space ``Z`` of the active bounds and of ``G`` m
 definite, else the sample is ``SINGULAR``. With multiple shooting the last ``n_g`` components of
 ``w`` are the states, which have no bounds, and ``∂g/∂(x_1..x_N)`` is block lower bidiagonal
 with ``−I`` on its diagonal, so ``Z = [E_F; −G_x⁻¹ G_u E_F]`` (``E_F`` the free actions) is
-explicit and ``Zᵀ H Z`` has the size of the actions only.
+explicit (one forward recursion through the model's Jacobians) and ``Zᵀ H Z`` has the size of
+the actions only.
 """
 
 from __future__ import annotations
@@ -189,7 +190,8 @@ class Adjoint(NamedTuple):
     b: np.ndarray
     """``(B, n_g)``."""
     singular: np.ndarray
-    """``(B,)`` bool: the reduced KKT matrix was singular (or the Hessian not positive definite)."""
+    """``(B,)`` bool: the reduced KKT matrix was singular, or the reduced Hessian on the null space
+    of the active bounds and the dynamics was not positive definite (not a strict local minimum)."""
     weak: np.ndarray
     """``(B,)`` int: number of weakly active bounds in each sample."""
 
@@ -527,21 +529,31 @@ class BatchedSolver:
         weak = fixed & (np.abs(lam_x) <= o.multiplier_tol)
         return fixed, weak
 
-    def _reduced_hessian(self, H: np.ndarray, G: np.ndarray, fixed: np.ndarray) -> np.ndarray:
-        """``(B, n_u, n_u)`` reduced Hessian ``Zᵀ H Z`` on the null space of the active bounds and
-        of the constraints (module docstring), with ``1`` on the diagonal of the fixed actions, for
-        ``H (B, n_w, n_w)``, ``G (B, n_g, n_w)`` and ``fixed (B, n_w)``; ``n_u = n_w − n_g``."""
-        B, nw = fixed.shape
-        ng = G.shape[1]
-        nu = nw - ng
-        free_u = (~fixed[:, :nu]).astype(float)
-        Z = np.zeros((B, nw, nu))
+    def _null_space(self, G: np.ndarray, free_u: np.ndarray) -> np.ndarray:
+        """``Z (B, n_w, n_u)``: a basis of the null space of ``G (B, n_g, n_w)`` and of the fixed
+        actions (``free_u (B, n_u)``, 1 where free), ``n_u = n_w − n_g``. Its action rows pick the
+        free actions; its state rows are the states' response ``S_{k+1} = A_k S_k + B_k E`` (the
+        rows of ``g_k = f(x_k, u_k) − x_{k+1}``, ``x_0`` fixed), so ``G Z = 0``."""
+        P = self.problem
+        B, ng = G.shape[0], G.shape[1]
+        nu = P.n_w - ng
+        Z = np.zeros((B, P.n_w, nu))
         Z[:, np.arange(nu), np.arange(nu)] = free_u
-        if ng:
-            with np.errstate(all="ignore"):
-                Gu = G[:, :, :nu] * free_u[:, None, :]
-                Z[:, nu:] = -np.linalg.solve(np.where(np.isfinite(G[:, :, nu:]), G[:, :, nu:], 0.0), Gu)
+        S = np.zeros((B, P.nx, nu))
+        for k in range(P.N if ng else 0):
+            rows = slice(k * P.nx, (k + 1) * P.nx)
+            S = G[:, rows, :nu] * free_u[:, None, :] + (G[:, rows, P.x_slice(k)] @ S if k else 0.0)
+            Z[:, P.x_slice(k + 1)] = S
+        return Z
+
+    def _reduced_hessian(self, H: np.ndarray, G: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+        """``(B, n_u, n_u)`` reduced Hessian ``Zᵀ H Z`` (:meth:`_null_space`) with ``1`` on the
+        diagonal of the fixed actions, for ``H (B, n_w, n_w)``, ``G (B, n_g, n_w)`` and
+        ``fixed (B, n_w)``."""
+        nu = fixed.shape[1] - G.shape[1]
+        free_u = (~fixed[:, :nu]).astype(float)
         with np.errstate(all="ignore"):
+            Z = self._null_space(G, free_u)
             R = Z.transpose(0, 2, 1) @ H @ Z
         R[:, np.arange(nu), np.arange(nu)] += 1.0 - free_u
         return R
