@@ -30,6 +30,7 @@ __all__ = [
     "CheckRow",
     "clip_closed_form",
     "envelope_identity",
+    "fd_cases",
     "fd_errors",
     "format_table",
     "golden_cases",
@@ -382,7 +383,7 @@ def golden_errors(case: dict) -> float:
     return max(float(np.abs(np.array(got[k]) - np.array(case["expected"][k])).max()) for k in got)
 
 
-def _fd_cases(quick: bool) -> list[tuple[str, str, int, str, float, str]]:
+def fd_cases(quick: bool) -> list[tuple[str, str, int, str, float, str]]:
     """``(arch, bounds, horizon, plugin, tol, model)`` of the finite-difference rows."""
     archs, plugins = list(ARCHITECTURES), ("sqpmethod", "ipopt")
     if quick:
@@ -410,7 +411,7 @@ def run_checks(quick: bool = True) -> Iterator[CheckRow]:
     for arch in ARCHITECTURES:
         e = twin_errors(make_network(arch, 4, 2, 0))
         yield CheckRow(f"twin {arch}: value/grad/Hessian", max(e.values()), 1e-10)
-    for arch, bounds, h, plugin, tol, model in _fd_cases(quick):
+    for arch, bounds, h, plugin, tol, model in fd_cases(quick):
         layer, x = make_scenario(arch, bounds, h, plugin, tol=tol, model=model)
         e = fd_errors(layer, x, n_dirs=1 if quick or tol > 1e-13 else 3)
         where = "" if model == "linear" else f" model={model}"

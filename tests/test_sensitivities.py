@@ -11,12 +11,14 @@ from qmpc.check import (
     activity,
     clip_closed_form,
     envelope_identity,
+    fd_cases,
     fd_errors,
     golden_cases,
     golden_errors,
     lqr_closed_form,
     make_network,
     make_scenario,
+    run_checks,
 )
 from qmpc.solver import PLUGINS
 
@@ -199,3 +201,20 @@ def test_plan_layout_for_mpc():
     plan = layer.plan()
     assert plan["actions"].shape == (3, 4, 2) and plan["states"].shape == (3, 3, 4)
     np.testing.assert_allclose(plan["actions"][:, 0], u.numpy())
+
+
+def test_qmpc_check_rows():
+    """``qmpc check --full`` covers IPOPT at the configs' tolerance and H > 1 through a learned
+    model; the quick check passes (and has one row of each)."""
+    full = fd_cases(quick=False)
+    for plugin in PLUGINS:
+        for tol in (1e-8, 1e-6):
+            assert {(b, h) for _, b, h, p, t, m in full if p == plugin and t == tol and m == "linear"} >= {
+                (b, h) for b in ("active", "mixed") for h in (1, 3)
+            }
+        assert {(h, m) for _, _, h, p, _, m in full if p == plugin and m != "linear"} == {
+            (h, m) for h in (3, 5) for m in ("mlp", "mlp-tv")
+        }
+    rows = list(run_checks(quick=True))
+    assert all(r.passed for r in rows), [r for r in rows if not r.passed]
+    assert any("ipopt tol=1e-08" in r.name for r in rows) and any("model=mlp" in r.name for r in rows)
