@@ -109,7 +109,9 @@ class SolverOptions:
     kkt_tol: float = 1e-6
     """A solution is accepted when its projected gradient and constraint residual are below this."""
     bound_tol: float = 1e-8
-    """A component within this distance of a bound (times ``1 + |bound|``) is at that bound."""
+    """A component within this distance of a bound (times ``1 + |bound|``) is at that bound; so is
+    one whose multiplier (with the bound's sign) exceeds its distance to the bound, as at an
+    interior-point solution (see :meth:`BatchedSolver.at_bounds`)."""
     multiplier_tol: float = 1e-8
     """A bound at which the multiplier is at most this is weakly active."""
     retry: bool = True
