@@ -749,7 +749,7 @@ class PICNNActionOracle:
             if z is not None:
                 s = L["s"][rows]
                 out += (z * s) @ L["Wz"].T
-                J = J + np.einsum("oi,bij->boj", L["Wz"], s[:, :, None] * Jz, optimize=True)
+                J = J + np.matmul(L["Wz"], s[:, :, None] * Jz)  # W_z (s ∘ J_z) for every sample
             if k < len(self.layers) - 1:
                 z, dz, d2z = np_activation("softplus", out)
                 tape.append((J, dz, d2z))
@@ -762,7 +762,7 @@ class PICNNActionOracle:
             L = self.layers[k]
             g_z = (g_out @ L["Wz"]) * L["s"][rows]  # adjoint of z_k
             J, dz, d2z = tape[k - 1]
-            H += np.einsum("boi,bo,boj->bij", J, g_z * d2z, J, optimize=True)
+            H += np.matmul(J.transpose(0, 2, 1), (g_z * d2z)[:, :, None] * J)
             g_out = g_z * dz
         return q, grad, H
 

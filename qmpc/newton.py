@@ -64,7 +64,7 @@ def _direction(g: np.ndarray, H: np.ndarray, held: np.ndarray, delta: float) -> 
     scale = np.maximum(1.0, np.abs(lam).max(axis=1, keepdims=True))
     lam = np.maximum(lam, delta * scale)
     gf = np.where(free, g, 0.0)
-    d = -np.einsum("bij,bj,bkj,bk->bi", V, 1.0 / lam, V, gf, optimize=True)
+    d = -np.matmul(V, (np.matmul(gf[:, None, :], V)[:, 0, :] / lam)[:, :, None])[:, :, 0]
     return np.where(held, -g, d)
 
 
