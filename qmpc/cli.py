@@ -88,7 +88,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     _check_args(args, {"--steps": (1, True), "--noise": (0, True)})
     if Path(args.out).exists():
         raise InputError(f"expected a new dataset directory for --out, got an existing {args.out}")
-    ensure_dir(Path(args.out).parent, "dataset's parent")
+    ensure_dir(Path(args.out).parent, "the parent directory of --out")
     env = make_env(args.env, seed=args.seed)
     policy, name = _make_policy(args.policy, env, args.noise, args.seed)
     with tqdm(total=args.steps, unit="step", desc=f"collect {args.env}") as bar:
@@ -122,9 +122,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args, {"--episodes": (1, True), "--horizon": (1, True), "--budget-ms": (0, True), "--max-iter": (1, True)}
     )
     ckpt = load_checkpoint(args.checkpoint)
-    plot = ensure_output_file(args.plot or Path(args.checkpoint).with_name(f"rollout_h{args.horizon}.png"), "plot")
+    default_plot = Path(args.checkpoint).with_name(f"rollout_h{args.horizon}.png")
+    what = "--plot" if args.plot else "the plot (set its path with --plot)"
+    plot = ensure_output_file(args.plot or default_plot, what)
     if args.video:
-        ensure_output_file(args.video, "video")
+        ensure_output_file(args.video, "--video")
     env_id = args.env or ckpt["spec"]["env_id"]
     env = make_env(env_id, seed=args.seed, render_mode="rgb_array" if args.video else None)
     spec = env_spec(env)

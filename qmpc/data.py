@@ -63,28 +63,29 @@ def as_numpy(v):
 
 def ensure_dir(path: str | Path, what: str) -> Path:
     """Create directory ``path`` (and its parents) for writing, or raise :class:`OutputError`
-    naming ``what`` when a file is in the way or it cannot be created or written."""
+    naming ``what`` (e.g. ``"the run directory"``) when a file is in the way or it cannot be
+    created or written."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputError(f"expected a directory for the {what} at {path}, got a file in the way")
+        raise OutputError(f"expected a directory for {what} at {path}, got a file in the way")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"expected to create the {what} {path}, got: {e.strerror or e}") from None
+        raise OutputError(f"expected to create {what} {path}, got: {e.strerror or e}") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputError(f"expected a writable {what} at {path}, got a read-only directory")
+        raise OutputError(f"expected {what} {path} to be writable, got a read-only directory")
     return path
 
 
 def ensure_output_file(path: str | Path, what: str) -> Path:
     """Check that a file can be written at ``path`` (its directory is created): not a directory,
-    not under a file, not read-only. Raises :class:`OutputError` naming ``what``."""
+    not under a file, not read-only. Raises :class:`OutputError` naming ``what`` (e.g. ``--video``)."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"expected a file path for the {what}, got the directory {path}")
-    ensure_dir(path.parent, f"{what}'s directory")
+        raise OutputError(f"expected a file path for {what}, got the directory {path}")
+    ensure_dir(path.parent, f"the directory of {what}")
     if path.exists() and not os.access(path, os.W_OK):
-        raise OutputError(f"expected a writable {what} at {path}, got a read-only file")
+        raise OutputError(f"expected a writable file for {what} at {path}, got a read-only file")
     return path
 
 
@@ -175,7 +176,7 @@ def collect(env, policy, steps: int, out: str | Path, seed: int = 0, algorithm: 
     out = Path(out)
     if out.exists():
         raise InputError(f"expected a new dataset directory, got an existing {out}")
-    ensure_dir(out.parent, "dataset's parent")
+    ensure_dir(out.parent, "the dataset's parent directory")
     episodes, done_steps, ep = [], 0, 0
     while done_steps < steps:
         obs, _ = env.reset(seed=seed + ep)

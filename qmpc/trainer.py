@@ -300,7 +300,7 @@ def train(
     With ``resume`` the config comes from the checkpoint, changed only by ``overrides``
     (``key=value`` as ``--set``) of :data:`~qmpc.config.RESUMABLE_KEYS`. The run directory is
     locked for the whole run (:class:`RunLock`): a second run on it is refused."""
-    run_dir = ensure_dir(cfg.resolved_run_dir(), "run directory")
+    run_dir = ensure_dir(cfg.resolved_run_dir(), "the run directory")
     with RunLock(run_dir):
         remove_stale_temps(run_dir)
         return _train(cfg, run_dir, resume, progress, stop_at, overrides)
