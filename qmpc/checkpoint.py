@@ -128,7 +128,7 @@ def check_spec(spec: dict, path: str | Path = "") -> None:
     """A checkpoint's ``spec``: ``env_id`` (str), ``obs_dim`` and ``act_dim`` (int >= 1), ``low`` and
     ``high`` (``act_dim`` numbers each, ``low <= high``, no NaN, no infinite bound equal to the other)."""
     where = f" in checkpoint {path}" if path else ""
-    for key, tp in (("env_id", str), ("obs_dim", int), ("act_dim", int), ("low", list), ("high", list)):
+    for key, tp in (("env_id", str), ("obs_dim", int), ("act_dim", int), ("low", list | tuple), ("high", list | tuple)):
         v = spec.get(key)
         if not isinstance(v, tp) or isinstance(v, bool) or (tp is int and v < 1):
             raise CheckpointError(f"expected spec.{key} to be {_KIND[key]}{where}, got {v!r}")

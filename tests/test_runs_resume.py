@@ -198,6 +198,19 @@ def test_tensorboard_keeps_the_checkpoint_step(tmp_path):
     assert steps["b"] == steps["a"] == [10, 20, 30]
 
 
+@pytest.mark.parametrize("where", ["q_target", "q"])
+def test_resume_refuses_a_nan_buffer(tmp_path, where):
+    """The resume path loads Q and the target network's state dicts directly: buffers are checked too."""
+    run = tmp_path / "r"
+    train(_cfg(run, steps=40), progress=False, stop_at=15)
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    ckpt[where]["obs_transform"] = torch.full_like(ckpt[where]["obs_transform"], float("nan"))
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+    with pytest.raises(QmpcError, match=rf"NaN/Inf in \['{where}\.obs_transform'") as e:
+        train(_cfg(run), resume=True, progress=False)
+    assert str(run / "checkpoint.pt") in str(e.value)
+
+
 def test_older_training_checkpoint_resumes(tmp_path):
     """A checkpoint of the format before weights-only loading (numpy arrays, no accumulator)."""
     run = tmp_path / "r"
