@@ -25,8 +25,8 @@ def main(batch: int = 64) -> dict[str, float]:
     u, cost = 2 * torch.rand(batch, 2, dtype=torch.float64) - 1, torch.rand(batch, dtype=torch.float64)
     params = list(q.parameters())
 
-    def grad(loss):
-        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    def grad(loss):  # the graph through u_star is used twice below: keep it
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
 
     _, v_next = layer(x_next, grad_mode="envelope")  # ∂V/∂θ = ∂Q/∂θ at u*
     g_envelope = grad((q(x, u) - (cost + 0.99 * v_next)).pow(2).mean())
