@@ -268,7 +268,9 @@ def envelope_identity(layer: ArgminLayer, x: torch.Tensor) -> dict[str, float]:
 
     Returns ``chain_vs_envelope`` (max |∂Q/∂θ + ∂Q/∂u·∂u*/∂θ − ∂V/∂θ|), ``cross_term`` (max
     |∂Q/∂u·∂u*/∂θ|, zero at an exact solution: ``∂Q/∂u = 0`` where a bound is inactive and
-    ``∂u*/∂θ = 0`` where it is active) and ``du_dtheta`` (max |∂⟨1, u*⟩/∂θ|, which is not zero).
+    ``∂u*/∂θ = 0`` where it is active), ``du_dtheta`` (max |∂⟨1, u*⟩/∂θ|, which is not zero) and
+    ``dq_du`` (max |∂Q/∂u| at u*: the right-hand side of the adjoint; with it ~0, as with every
+    bound inactive, the identity holds whatever ∂u*/∂θ is).
     """
     q = layer.q
     params = list(q.parameters())
@@ -277,6 +279,8 @@ def envelope_identity(layer: ArgminLayer, x: torch.Tensor) -> dict[str, float]:
     frozen = {n: p.detach() for n, p in q.named_parameters()}
     cross = torch.autograd.grad(functional_call(q, frozen, (x, u)).sum(), params, retain_graph=True, allow_unused=True)
     du = torch.autograd.grad(u.sum(), params, allow_unused=True)
+    ud = u.detach().requires_grad_(True)
+    (dq_du,) = torch.autograd.grad(q(x, ud).sum(), ud)
     _, v = layer(x, grad_mode="envelope")
     env = torch.autograd.grad(v.sum(), params)
 
@@ -287,6 +291,7 @@ def envelope_identity(layer: ArgminLayer, x: torch.Tensor) -> dict[str, float]:
         "chain_vs_envelope": mx([a - b for a, b in zip(chain, env, strict=True)]),
         "cross_term": mx(cross),
         "du_dtheta": mx(du),
+        "dq_du": float(dq_du.abs().max()),
     }
 
 

@@ -91,6 +91,8 @@ def test_envelope_identity(arch, bounds, plugin, tol):
     assert e["chain_vs_envelope"] <= slack, e
     assert e["cross_term"] <= slack, e
     assert e["du_dtheta"] >= 1e-3, e  # the argmin does move: the term vanishes because ∂Q/∂u·∂u*/∂θ = 0
+    if bounds != "inactive":  # ∂Q/∂u ≠ 0 at the active bounds: the adjoint's right-hand side is not ~0
+        assert e["dq_du"] >= 1e-4, e
 
 
 def test_double_q_term_does_not_vanish():
@@ -158,18 +160,47 @@ def test_plugins_agree(tol):
 
 
 def test_grad_modes():
+    """``implicit``: the gradient of a loss that reads both u* and V is the finite difference of
+    that loss (the u* term is not zero here); ``envelope``: u* is detached and V's gradient is the
+    same as in ``implicit``; ``none``: nothing is tracked."""
     layer, x = make_scenario("PICNN", "mixed", 1)
     params = list(layer.q.parameters())
-    u, v = layer(x, grad_mode="implicit")
-    gi = torch.autograd.grad(v.sum(), params)
+    w = torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+    def loss(mode):
+        u, v = layer(x, grad_mode=mode)
+        return v.sum() + 10.0 * (u * w).sum()
+
+    gi = torch.autograd.grad(loss("implicit"), params)
+    theta = layer.q.flat_parameters()
+    d = np.random.default_rng(0).normal(size=theta.shape)
+    vals = []
+    for s in (1e-6, -1e-6):
+        layer.q.load_flat_parameters(theta + s * d)
+        with torch.no_grad():
+            vals.append(float(loss("none")))
+    layer.q.load_flat_parameters(theta)
+    fd = (vals[0] - vals[1]) / 2e-6
+    gd = float(sum((g.reshape(-1) * torch.as_tensor(dd)).sum() for g, dd in zip(gi, _split(d, params), strict=True)))
+    assert abs(gd - fd) <= 1e-5 * (1 + abs(fd)), (gd, fd)
     u_e, v_e = layer(x, grad_mode="envelope")
     assert not u_e.requires_grad and v_e.requires_grad
     ge = torch.autograd.grad(v_e.sum(), params)
-    for a, b in zip(gi, ge, strict=True):
+    gv = torch.autograd.grad(layer(x, grad_mode="implicit")[1].sum(), params)
+    for a, b in zip(gv, ge, strict=True):
         assert (a - b).abs().max() <= 1e-12
+    assert max(float((a - b).abs().max()) for a, b in zip(gi, ge, strict=True)) > 1e-3  # the u* term counts
     u_n, v_n = layer(x, grad_mode="none")
     assert not u_n.requires_grad and not v_n.requires_grad
-    torch.testing.assert_close(u_n, u.detach())
+    torch.testing.assert_close(u_n, u_e)
+
+
+def _split(flat, params):
+    out, off = [], 0
+    for p in params:
+        out.append(flat[off : off + p.numel()])
+        off += p.numel()
+    return out
 
 
 def test_float32_network_and_states():
@@ -185,14 +216,26 @@ def test_float32_network_and_states():
 
 
 def test_warm_start_reproduces_solution():
+    """With one SQP iteration and no retry, cold starts fail; a warm start at the solution (the
+    previous call's, or a given ``w0``) passes at once. Ignoring the warm start fails this."""
     layer, x = make_scenario("MLPQ", "mixed", 3)
-    layer.warm_start = True
     u1, v1 = layer(x, grad_mode="none")
-    u2, v2 = layer(x, grad_mode="none")
+    plan = torch.as_tensor(layer.last_result.plan)
+    one = qmpc.ArgminLayer(layer.q, layer.low, layer.high, max_iter=1, retry=False, **_model_kw(layer))
+    one(x, grad_mode="none")
+    assert not qmpc.Status.ok(one.last_result.status).all()  # cold: one iteration is not enough
+    u3, v3 = one(x, grad_mode="none", w0=plan)
+    assert qmpc.Status.ok(one.last_result.status).all()
+    assert (u1 - u3).abs().max() <= 1e-9 and (v1 - v3).abs().max() <= 1e-9
+    one.warm_start = True  # from the previous call's solution
+    u2, v2 = one(x, grad_mode="none")
+    assert qmpc.Status.ok(one.last_result.status).all()
     assert (u1 - u2).abs().max() <= 1e-9 and (v1 - v2).abs().max() <= 1e-9
-    w0 = torch.as_tensor(layer.last_result.plan)
-    u3, _ = layer(x, grad_mode="none", w0=w0)
-    assert (u1 - u3).abs().max() <= 1e-9
+
+
+def _model_kw(layer):
+    P = layer._problem_kw
+    return {k: P[k] for k in ("horizon", "dynamics", "stage_cost", "discount")}
 
 
 def test_plan_layout_for_mpc():
