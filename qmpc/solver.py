@@ -86,7 +86,10 @@ class Status(IntEnum):
     """Any other failure (non-finite values, infeasible QP, line search…): masked."""
     SINGULAR = 4
     """Converged, but the reduced KKT matrix is singular or not positive definite (not a strict
-    local minimum): ``∂w*`` does not exist and is zero; the value gradient (envelope) is kept."""
+    local minimum): ``∂w*`` does not exist and is zero; the value gradient (envelope) is kept.
+    Found by the sensitivity computation, not by the solve: :meth:`BatchedSolver.adjoint`
+    reports it per sample (``Adjoint.singular``; the layer keeps it as ``last_adjoint`` and
+    counts it), and leaves the solve's statuses as they were."""
     TIMEOUT = 5
     """Stopped by the wall-time limit (``SolverOptions.max_wall_ms``) before converging: masked."""
 
