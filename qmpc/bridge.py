@@ -192,10 +192,23 @@ class ArgminLayer(nn.Module):
         constants of the twin; with ``bake_weights`` its weights too)."""
         q_function = self.q.casadi_function(baked=self.bake_weights)
         kw = dict(self._problem_kw)
+        if self._newton_path():
+            kw["q_batch"] = self.q.casadi_batch_function
         if self.bake_weights and kw["shooting"] == "single" and hasattr(self.q, "numpy_derivatives"):
             kw["q_derivatives"] = self.q.numpy_derivatives()  # the weights are constants here too
         self.problem = ControlProblem(q_function, **kw)
         self.solver = BatchedSolver(self.problem, self._options)
+
+    def _newton_path(self) -> bool:
+        """Horizon 1, weights as a parameter, a network with closed-form derivatives in ``u`` and a
+        vectorised twin (PICNN), and ``SolverOptions.newton``: solve by the batched Newton."""
+        return (
+            self._options.newton
+            and self._problem_kw["horizon"] == 1
+            and not self.bake_weights
+            and getattr(self.q, "vectorized_twin", False)
+            and hasattr(self.q, "action_oracle")
+        )
 
     def _read_params(self) -> tuple[torch.Tensor, ...]:
         """The network's parameters, re-read (a replaced Parameter is picked up), with the shapes
@@ -310,7 +323,8 @@ class ArgminLayer(nn.Module):
         last = self.last_result
         if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
             w0, lam_x0, lam_g0 = last.plan, last.lam_x, last.lam_g
-        res = self.solver.solve(x64, theta, self.lbw, self.ubw, w0=w0, lam_x0=lam_x0, lam_g0=lam_g0)
+        oracle = self.q.action_oracle(x64) if self.problem.batched else None  # the weights of `theta`
+        res = self.solver.solve(x64, theta, self.lbw, self.ubw, w0=w0, lam_x0=lam_x0, lam_g0=lam_g0, oracle=oracle)
         self.last_result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g, x64)
         self.counters["solves"] += x64.shape[0]
         self.counters["failed"] += self.last_result.num_failed

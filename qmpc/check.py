@@ -153,8 +153,10 @@ def make_scenario(
         low, high = mid - 0.02 * span - 0.01, mid + 0.02 * span + 0.01
         if bounds == "mixed":
             low[1:], high[1:] = lo[1:] - 0.5, hi[1:] + 0.5
-    layer = ArgminLayer(q, low, high, solver=plugin, tol=tol, workers=workers, **kw)
-    ref = ArgminLayer(q, low, high, tol=1e-13, workers=1, **kw)
+    # "newton": the batched projected Newton of horizon 1 (PICNN), sqpmethod for what fails it
+    solver = {"solver": "sqpmethod", "newton": True} if plugin == "newton" else {"solver": plugin, "newton": False}
+    layer = ArgminLayer(q, low, high, tol=tol, workers=workers, **solver, **kw)
+    ref = ArgminLayer(q, low, high, tol=1e-13, workers=1, newton=False, **kw)
     layer.model_params, ref.model_params = p.copy(), p.copy()
     _REFERENCES[layer] = ref
     return layer, x
@@ -393,8 +395,11 @@ def fd_cases(quick: bool) -> list[tuple[str, str, int, str, float, str]]:
     archs, plugins = list(ARCHITECTURES), ("sqpmethod", "ipopt")
     if quick:
         cases = [(a, "mixed", h, "sqpmethod", 1e-13, "linear") for a in archs for h in (1, 3)]
-        return [*cases, ("PICNN", "mixed", 1, "ipopt", 1e-8, "linear"), ("PICNN", "mixed", 3, "ipopt", 1e-8, "mlp-tv")]
+        ipopt = [("PICNN", "mixed", 1, "ipopt", 1e-8, "linear"), ("PICNN", "mixed", 3, "ipopt", 1e-8, "mlp-tv")]
+        return [*cases, *ipopt, ("PICNN", "mixed", 1, "newton", 1e-8, "linear")]
     bounds = ("inactive", "active", "mixed")
+    # the batched Newton of the TD target (horizon 1, PICNN), at every tolerance
+    newton = [("PICNN", b, 1, "newton", t, "linear") for b in bounds for t in (1e-13, 1e-8, 1e-6)]
     cases = [(a, b, h, p, 1e-13, "linear") for a in archs for b in bounds for h in (1, 3) for p in plugins]
     # the tolerance of the configs (1e-8) and the controller (1e-6 for H > 1), where IPOPT stops
     # inside active bounds
@@ -408,7 +413,7 @@ def fd_cases(quick: bool) -> list[tuple[str, str, int, str, float, str]]:
     ]
     # through a learned MLP model (time-varying too), a stage cost reading x⁺
     cases += [(a, "mixed", h, p, 1e-8, m) for a in archs for h in (3, 5) for m in ("mlp", "mlp-tv") for p in plugins]
-    return cases
+    return cases + newton
 
 
 def run_checks(quick: bool = True) -> Iterator[CheckRow]:

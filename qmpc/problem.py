@@ -217,6 +217,9 @@ class ControlProblem:
         q_derivatives: single shooting: ``(x, u) -> (q, ∇q, ∇²q)`` in numpy, for a ``q_function``
             whose weights are constants (e.g. :meth:`qmpc.networks.PICNN.numpy_derivatives`);
             default: CasADi's Hessian of ``q_function``.
+        q_batch: horizon 1: ``B -> Function(x (nx × B), u (nu × B), theta) -> q (1 × B)``, the
+            twin for a whole batch as matrix operations (e.g.
+            :meth:`qmpc.networks.QNetwork.casadi_batch_function`); gives :meth:`batch_first_order`.
 
     Attributes:
         nx, nu, n_theta, n_w, n_g: sizes of the state, action, parameters (``n_theta_q`` of the
@@ -246,6 +249,7 @@ class ControlProblem:
         shooting: str = "multiple",
         dynamics_derivatives: StageDerivatives | None = None,
         q_derivatives: Callable | None = None,
+        q_batch: Callable[[int], ca.Function] | None = None,
     ):
         if shooting not in SHOOTING:
             raise InputError(f"expected shooting in {SHOOTING}, got {shooting!r}")
@@ -374,6 +378,29 @@ class ControlProblem:
         self.cold_start = ca.Function(
             "cold_start", [xc, theta], [ca.vertcat(ca.DM.zeros((N + 1) * nu), *roll)], ["x0", "theta"], ["w0"]
         )
+        self._q_batch = q_batch if N == 0 else None
+        self._batch_first_order: dict[int, ca.Function] = {}
+
+    @property
+    def batched(self) -> bool:
+        """Whether :meth:`batch_first_order` is available (horizon 1 with a ``q_batch``)."""
+        return self._q_batch is not None
+
+    def batch_first_order(self, batch: int) -> ca.Function | None:
+        """Horizon 1 with a ``q_batch``: ``Function(u (nu × B), x0 (nx × B), theta) -> (q (1 × B),
+        grad (nu × B))``, ``J = Q`` and its gradient in ``u`` for ``B = batch`` samples in one call
+        (built once per batch size); ``None`` without a ``q_batch``."""
+        if self._q_batch is None:
+            return None
+        if batch not in self._batch_first_order:
+            u = ca.MX.sym("u", self.nu * batch)
+            x0, theta = ca.MX.sym("x0", self.nx, batch), ca.MX.sym("theta", self.n_theta)
+            q = self._q_batch(batch)(x0, ca.reshape(u, self.nu, batch), theta)
+            grad = ca.reshape(ca.gradient(ca.sum2(q), u), self.nu, batch)
+            self._batch_first_order[batch] = ca.Function(
+                "batch_first_order", [u, x0, theta], [q, grad], ["u", "x0", "theta"], ["q", "grad"]
+            )
+        return self._batch_first_order[batch]
 
     # -- layout ------------------------------------------------------------------------
     def u_slice(self, k: int) -> slice:

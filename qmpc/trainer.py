@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -359,7 +360,9 @@ def _train(
     opt = torch.optim.Adam(q.parameters(), lr=tc.lr)
     decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
-    solver_kw = dict(solver=cfg.solver.plugin, max_iter=cfg.solver.max_iter, tol=cfg.solver.tol)
+    solver_kw = dict(
+        solver=cfg.solver.plugin, max_iter=cfg.solver.max_iter, tol=cfg.solver.tol, newton=cfg.solver.newton
+    )
     online = ArgminLayer(q, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
     target = ArgminLayer(q_target, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
     actor = ArgminLayer(q, spec.low, spec.high, grad_mode="none", workers=1, **solver_kw)
@@ -452,15 +455,18 @@ def _train(
         desc=f"{spec.env_id} {tc.mode} {tc.target}",
     )
     while step < tc.steps:
+        t_step = time.perf_counter()
         # 1. act and store (online)
         if tc.mode == "online":
             if step < tc.learning_starts:
                 a = rng.uniform(spec.low, spec.high)
             else:
-                u, _ = actor(torch.as_tensor(obs, dtype=torch.float64)[None])
+                with _timed(acc, "time/act_ms"):
+                    u, _ = actor(torch.as_tensor(obs, dtype=torch.float64)[None])
                 a = u[0].numpy() + tc.exploration_noise * act_range * rng.normal(size=spec.act_dim)
                 a = np.clip(a, spec.low, spec.high)
-            next_obs, r, term, trunc, _ = env.step(a)
+            with _timed(acc, "time/env_ms"):
+                next_obs, r, term, trunc, _ = env.step(a)
             buffer.add(obs, a, -float(r) * tc.cost_scale, next_obs, term)
             obs, ep_return, ep_len = next_obs, ep_return + float(r), ep_len + 1
             if term or trunc:
@@ -473,15 +479,18 @@ def _train(
         if tc.mode == "offline" or step >= tc.learning_starts:
             for _ in range(tc.updates_per_step):
                 batch = buffer.sample(tc.batch_size, rng)
-                res = td_loss(q, q_target, online, target, batch, tc.gamma, tc.target)
-                opt.zero_grad()
-                res.loss.backward()
-                torch.nn.utils.clip_grad_norm_(q.parameters(), tc.grad_clip)
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    for p, pt in zip(q.parameters(), q_target.parameters(), strict=True):
-                        pt.lerp_(p, tc.tau)
+                with _timed(acc, "time/td_loss_ms"):  # the TD-target solves and the forward pass
+                    res = td_loss(q, q_target, online, target, batch, tc.gamma, tc.target)
+                with _timed(acc, "time/update_ms"):  # backward (through the solves), Adam, Polyak
+                    opt.zero_grad()
+                    res.loss.backward()
+                    torch.nn.utils.clip_grad_norm_(q.parameters(), tc.grad_clip)
+                    opt.step()
+                    sched.step()
+                    with torch.no_grad():
+                        for p, pt in zip(q.parameters(), q_target.parameters(), strict=True):
+                            pt.lerp_(p, tc.tau)
+                t_model = time.perf_counter()
                 if dyn is not None:
                     if not dyn_ready:  # normalisation from the data in the buffer when learning starts
                         n = len(buffer)
@@ -495,6 +504,7 @@ def _train(
                         torch.nn.utils.clip_grad_norm_(dyn.parameters(), tc.grad_clip)
                         dyn_opt.step()
                     acc.setdefault("model/loss", []).append(float(m_loss.detach()))
+                    acc.setdefault("time/model_ms", []).append((time.perf_counter() - t_model) * 1e3)
                 fails += res.fail_frac * tc.batch_size
                 solves += tc.batch_size
                 for k, v in (
@@ -507,14 +517,17 @@ def _train(
                     acc.setdefault(k, []).append(float(v))
         step += 1
         bar.update(1)
+        acc.setdefault("time/step_ms", []).append((time.perf_counter() - t_step) * 1e3)
 
         # 3. log, evaluate, checkpoint
         if step % tc.log_every == 0 and acc:
             logger.log(step, {k: float(np.mean(v)) for k, v in acc.items()})
             acc.clear()
         if step % tc.eval_every == 0 or step == tc.steps:
+            t_eval = time.perf_counter()
             q_eval.load_state_dict(q.state_dict())
             ret, length, fallback = evaluate(evaluator, eval_env, tc.eval_episodes, cfg.seed + 10_000)
+            eval_ms = (time.perf_counter() - t_eval) * 1e3
             eval_steps.append(step)
             eval_returns.append(ret)
             logger.log(
@@ -523,6 +536,7 @@ def _train(
                     "eval/return": ret,
                     "eval/length": length,
                     "eval/fallback_frac": fallback,
+                    "time/eval_ms": eval_ms,
                 },
             )
             bar.set_postfix(eval_return=f"{ret:.1f}", fail=f"{fails / max(1, solves):.3f}")
@@ -535,6 +549,14 @@ def _train(
     logger.close()
     seconds = wall_before + time.perf_counter() - t_start
     return RunSummary(run_dir, step, eval_steps, eval_returns, fails / max(1, solves), seconds)
+
+
+@contextmanager
+def _timed(acc: dict[str, list[float]], tag: str):
+    """Add the wall time of the block, in milliseconds, to ``acc[tag]`` (logged as ``time/…_ms``)."""
+    t0 = time.perf_counter()
+    yield
+    acc.setdefault(tag, []).append((time.perf_counter() - t0) * 1e3)
 
 
 def _network_kwargs(cfg: Config) -> dict:

@@ -62,6 +62,19 @@ def test_finite_differences_through_a_learned_model():
     assert max(fd_errors(layer, x, n_dirs=1).values()) <= 1e-6
 
 
+@pytest.mark.parametrize("tol", TOLS)
+@pytest.mark.parametrize("bounds", ["inactive", "active", "mixed"])
+def test_finite_differences_of_the_newton_path(bounds, tol):
+    """The TD target's batched projected Newton (horizon 1, PICNN): every sample solved by it
+    (SOLVED, no plugin fallback), its sensitivities against central differences."""
+    layer, x = make_scenario("PICNN", bounds, 1, "newton", tol=tol, batch=8)
+    assert layer.problem.batched
+    errs = fd_errors(layer, x, n_dirs=2)
+    assert max(errs.values()) <= 1e-6, errs
+    assert (layer.last_result.status == qmpc.Status.SOLVED).all()
+    assert (layer.last_result.kkt_residual <= max(tol, 1e-12)).all()
+
+
 @pytest.mark.parametrize(("plugin", "tol"), [(p, t) for p in PLUGINS for t in TOLS])
 @pytest.mark.parametrize("horizon", [1, 2])
 def test_one_dimensional_action(horizon, plugin, tol):
