@@ -422,7 +422,8 @@ def run_checks(quick: bool = True) -> Iterator[CheckRow]:
         e = twin_errors(make_network(arch, 4, 2, 0))
         yield CheckRow(f"twin {arch}: value/grad/Hessian", max(e.values()), 1e-10)
     for arch, bounds, h, plugin, tol, model in fd_cases(quick):
-        layer, x = make_scenario(arch, bounds, h, plugin, tol=tol, model=model)
+        batch = 8 if plugin == "newton" else 3  # the batched Newton takes batches of 8 and more
+        layer, x = make_scenario(arch, bounds, h, plugin, tol=tol, model=model, batch=batch)
         e = fd_errors(layer, x, n_dirs=1 if quick or tol > 1e-13 else 3)
         where = "" if model == "linear" else f" model={model}"
         yield CheckRow(f"FD {arch} H={h} bounds={bounds}{where} {plugin} tol={tol:.0e}", max(e.values()), 1e-6)

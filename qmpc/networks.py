@@ -675,10 +675,13 @@ class PICNN(QNetwork):
 
         return derivatives
 
-    def action_oracle(self, x: np.ndarray) -> PICNNActionOracle:
+    def action_oracle(self, x: np.ndarray, weights: dict[str, np.ndarray] | None = None) -> PICNNActionOracle:
         """Closed-form ``Q``, ``∇_u Q`` and ``∇²_u Q`` for a batch of fixed states ``x (B, nx)``
-        (numpy, the current weights as constants): see :class:`PICNNActionOracle`."""
-        return PICNNActionOracle(self, x)
+        (numpy): see :class:`PICNNActionOracle`. ``weights``: float64 arrays by the names of
+        ``state_dict()`` (parameters and buffers); default: the network's current values."""
+        if weights is None:
+            weights = {n: np64(t) for n, t in (*self.named_parameters(), *self.named_buffers())}
+        return PICNNActionOracle(self, x, weights)
 
     def casadi_expr(self, x, u, theta):
         view = ThetaView(self, theta)
@@ -704,26 +707,27 @@ class PICNNActionOracle:
     over the whole batch. Framework-free: what the batched solver (:mod:`qmpc.newton`) calls.
     """
 
-    def __init__(self, q: PICNN, x: np.ndarray):
+    def __init__(self, q: PICNN, x: np.ndarray, weights: dict[str, np.ndarray]):
         x = np.asarray(x, np.float64)
         if x.ndim != 2 or x.shape[1] != q.obs_dim:
             raise InputError(f"expected x of shape (B, {q.obs_dim}), got {x.shape}")
         self.m, self.nu = q.action_curvature, q.act_dim
-        xt = (x - np64(q.obs_shift)) @ np64(q.obs_transform).T
+        w = weights
+        xt = (x - w["obs_shift"]) @ w["obs_transform"].T
         self.layers = []
         for k, lay in enumerate(q.layers):
+            p = f"layers.{k}."
             rec = {
-                "v": xt @ np64(lay.Wyx.weight).T + np64(lay.Wyx.bias),
-                "Wy": np64(lay.Wy.weight),
-                "c": xt @ np64(lay.Wx.weight).T + np64(lay.Wx.bias),
+                "v": xt @ w[p + "Wyx.weight"].T + w[p + "Wyx.bias"],
+                "Wy": w[p + "Wy.weight"],
+                "c": xt @ w[p + "Wx.weight"].T + w[p + "Wx.bias"],
             }
             if lay.nz_in > 0:
-                rec["s"] = np.logaddexp(0.0, xt @ np64(lay.Wzx.weight).T + np64(lay.Wzx.bias))
-                rec["Wz"] = np.logaddexp(0.0, np64(lay.Wz_raw))
+                rec["s"] = np.logaddexp(0.0, xt @ w[p + "Wzx.weight"].T + w[p + "Wzx.bias"])
+                rec["Wz"] = np.logaddexp(0.0, w[p + "Wz_raw"])
             self.layers.append(rec)
             if k < len(q.layers) - 1:
-                lin = q.x_path[k]
-                xt = np_activation(q.activation, xt @ np64(lin.weight).T + np64(lin.bias))[0]
+                xt = np_activation(q.activation, xt @ w[f"x_path.{k}.weight"].T + w[f"x_path.{k}.bias"])[0]
 
     def value(self, u: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """``Q (R,)`` at actions ``u (R, nu)`` for the states ``rows`` of the batch."""
