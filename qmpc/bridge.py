@@ -345,8 +345,10 @@ class ArgminLayer(nn.Module):
         if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
             w0, lam_x0, lam_g0 = last.plan, last.lam_x, last.lam_g
         newton = self.problem.batched and x64.shape[0] >= NEWTON_MIN_BATCH
-        oracle = self.q.action_oracle(x64, self._weights64) if newton else None  # the weights of `theta`
-        res = self.solver.solve(x64, theta, self.lbw, self.ubw, w0=w0, lam_x0=lam_x0, lam_g0=lam_g0, oracle=oracle)
+        fast = {}
+        if newton:  # the closed form proposes, the network itself certifies
+            fast = {"oracle": self.q.action_oracle(x64, self._weights64), "certificate": self._certificate(x64)}
+        res = self.solver.solve(x64, theta, self.lbw, self.ubw, w0=w0, lam_x0=lam_x0, lam_g0=lam_g0, **fast)
         self.last_result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g, x64)
         self.counters["solves"] += x64.shape[0]
         self.counters["failed"] += self.last_result.num_failed
@@ -359,6 +361,23 @@ class ArgminLayer(nn.Module):
                 f"KKT residuals {res.kkt_residual[bad[:5]].tolist()})"
             )
         return res, theta
+
+    def _certificate(self, x64: np.ndarray):
+        """``u -> (Q(x, u), ∂Q/∂u)`` by the torch network itself in float64 on the CPU, with the
+        weights of the solve: the independent evaluation that certifies the batched Newton's
+        solutions (measured on a HalfCheetah-sized batch of 256: ~2 ms; the vectorised CasADi
+        twin took ~33 ms)."""
+        weights = {n: torch.from_numpy(a) for n, a in self._weights64.items()}
+        x = torch.from_numpy(x64)
+
+        def value_grad(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            ut = torch.from_numpy(u).requires_grad_(True)
+            with torch.enable_grad():
+                qv = functional_call(self.q, weights, (x, ut))
+                (g,) = torch.autograd.grad(qv.sum(), ut)
+            return qv.detach().numpy(), g.numpy()
+
+        return value_grad
 
     def plan(self) -> dict[str, np.ndarray]:
         """The last solution split into ``actions (B, H, nu)`` and ``states (B, H − 1, nx)``."""

@@ -47,6 +47,7 @@ import dataclasses
 import itertools
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
@@ -173,6 +174,11 @@ class SolverOptions:
             raise InputError(f"expected max_wall_ms >= 0 (0: no limit), got {self.max_wall_ms!r}")
         if self.max_wall_ms and self.workers != 1:
             raise InputError(f"expected workers = 1 with a wall-time limit (max_wall_ms), got workers={self.workers}")
+
+
+Certificate = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""``u (B, nu) -> (Q (B,), ∂Q/∂u (B, nu))`` at the batch's states: an evaluation of horizon-1
+objectives that the solve does not use (see :meth:`BatchedSolver.solve`)."""
 
 
 class SolveResult(NamedTuple):
@@ -418,6 +424,7 @@ class BatchedSolver:
         lam_x0: np.ndarray | None = None,
         lam_g0: np.ndarray | None = None,
         oracle: Oracle | None = None,
+        certificate: Certificate | None = None,
     ) -> SolveResult:
         """Solve for every row of ``x0 (B, nx)``; never raises on a failed sample.
 
@@ -427,8 +434,9 @@ class BatchedSolver:
         ``oracle`` (horizon 1, a problem with a ``q_batch``): closed-form values and derivatives
         of Q in ``u`` for these states and ``theta`` (e.g. ``PICNN.action_oracle(x0)``). The whole
         batch is then solved by the batched projected Newton (:mod:`qmpc.newton`) and certified
-        by the twin (:meth:`_certify`); the samples that fail the certificate go to the plugin,
-        warm-started at the Newton iterate, then to its retries (``RETRIED`` if they pass).
+        by an evaluation independent of the oracle (:meth:`_certify`: ``certificate``, else the
+        vectorised twin); the samples that fail the certificate go to the plugin, warm-started at
+        the Newton iterate, then to its retries (``RETRIED`` if they pass).
         """
         P, o = self.problem, self.options
         t0 = time.perf_counter()
@@ -440,7 +448,7 @@ class BatchedSolver:
             return SolveResult(*out, (time.perf_counter() - t0) * 1e3)
         u0 = np.clip(np.zeros((x0.shape[0], P.n_w)), lbw, ubw) if w0 is None else w0
         nr = newton.solve_box(oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter)
-        w, value, lam_x, res = self._certify(nr.u, x0, theta_dm, lbw, ubw)
+        w, value, lam_x, res = self._certify(nr.u, x0, theta_dm, lbw, ubw, certificate)
         lam_g = np.zeros((x0.shape[0], 0))
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
         bad = np.flatnonzero(status != Status.SOLVED)
@@ -451,15 +459,25 @@ class BatchedSolver:
         return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3)
 
     def _certify(
-        self, u: np.ndarray, x0: np.ndarray, theta_dm: ca.DM, lbw: np.ndarray, ubw: np.ndarray
+        self,
+        u: np.ndarray,
+        x0: np.ndarray,
+        theta_dm: ca.DM,
+        lbw: np.ndarray,
+        ubw: np.ndarray,
+        certificate: Certificate | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Horizon 1: ``(u, value, lam_x, residual)`` of candidate minimisers ``u (B, nu)`` from the
-        CasADi twin evaluated over the whole batch in one call (independent of how ``u`` was
-        found): the value, the projected-gradient residual (the same certificate as every other
-        solve) and the bound multipliers ``−∂Q/∂u`` at the components on a bound (CasADi's sign)."""
+        """Horizon 1: ``(u, value, lam_x, residual)`` of candidate minimisers ``u (B, nu)``: ``Q``
+        and ``∂Q/∂u`` evaluated for the whole batch at once, independently of how ``u`` was found
+        (``certificate``, e.g. the torch network itself; else the CasADi twin, vectorised), then
+        the projected-gradient residual (the same certificate as every other solve) and the
+        bound multipliers ``−∂Q/∂u`` at the components on a bound (CasADi's sign)."""
         B = u.shape[0]
-        q, grad = self.problem.batch_first_order(B)(u.reshape(-1), x0.T, theta_dm)
-        value, grad = np.asarray(q).reshape(B), np.asarray(grad).T
+        if certificate is not None:
+            value, grad = certificate(u)
+        else:
+            q, grad = self.problem.batch_first_order(B)(u.reshape(-1), x0.T, theta_dm)
+            value, grad = np.asarray(q).reshape(B), np.asarray(grad).T
         res = self._kkt_residual(u, grad, np.zeros((B, 0)), lbw, ubw)
         res[~np.isfinite(value)] = np.inf
         lam_x = np.where((u <= lbw) | (u >= ubw), -grad, 0.0)
