@@ -69,6 +69,9 @@ class SolverConfig:
     """The plugin's convergence tolerance."""
     workers: int = field(default=0, metadata={"min": 0})
     """Threads that split each batch (0: up to 4, one per core)."""
+    warm_start: bool = True
+    """Start each TD-target solve at the argmin last found at the same ``x⁺`` (kept with the
+    replay buffer and its checkpoint); the target network moves slowly, so it is nearly optimal."""
     newton: bool = True
     """Solve the TD targets' and the actor's ``argmin_u Q`` by the batched projected Newton first
     (PICNN; every solution is certified by the CasADi twin, the plugin takes those that fail).

@@ -32,6 +32,8 @@ class Batch(NamedTuple):
     """``(B, obs_dim)`` next states ``x⁺``."""
     terminated: torch.Tensor
     """``(B,)`` 1.0 where the episode terminated at ``x⁺`` (no bootstrap), else 0.0."""
+    index: torch.Tensor | None = None
+    """``(B,)`` int64: where the transitions live in the replay buffer (for their warm starts)."""
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -101,6 +103,10 @@ class ReplayBuffer:
         self.cost = np.zeros(capacity, np.float32)
         self.next_obs = np.zeros((capacity, obs_dim), np.float32)
         self.terminated = np.zeros(capacity, np.float32)
+        self.next_argmin = np.zeros((capacity, act_dim))
+        """The last TD-target argmin found at each ``next_obs`` (where ``has_argmin``): the target
+        network moves slowly, so it is a warm start for the next solve there (:meth:`warm_starts`)."""
+        self.has_argmin = np.zeros(capacity, bool)
         self.size = 0
         self.pos = 0
 
@@ -122,6 +128,7 @@ class ReplayBuffer:
             next_obs,
             float(terminated),
         )
+        self.has_argmin[i] = False
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -135,10 +142,26 @@ class ReplayBuffer:
         idx = rng.integers(0, self.size, size=batch_size)
         t = torch.from_numpy
         return Batch(
-            t(self.obs[idx]), t(self.act[idx]), t(self.cost[idx]), t(self.next_obs[idx]), t(self.terminated[idx])
+            t(self.obs[idx]),
+            t(self.act[idx]),
+            t(self.cost[idx]),
+            t(self.next_obs[idx]),
+            t(self.terminated[idx]),
+            t(idx),
         )
 
-    _FIELDS = ("obs", "act", "cost", "next_obs", "terminated")
+    def warm_starts(self, index: torch.Tensor, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        """``(B, act_dim)`` starts for the argmins at the ``next_obs`` of ``index``: the last
+        solution found there, else the cold start (zero clipped to ``[low, high]``)."""
+        i = index.numpy()
+        return np.where(self.has_argmin[i, None], self.next_argmin[i], np.clip(np.zeros(self.act_dim), low, high))
+
+    def store_argmins(self, index: torch.Tensor, u: np.ndarray, ok: np.ndarray) -> None:
+        """Keep the argmins ``u (B, act_dim)`` found at the ``next_obs`` of ``index`` where ``ok``."""
+        i = index.numpy()[ok]
+        self.next_argmin[i], self.has_argmin[i] = u[ok], True
+
+    _FIELDS = ("obs", "act", "cost", "next_obs", "terminated", "next_argmin", "has_argmin")
 
     def state_dict(self) -> dict:
         """Tensors and ints only (a checkpoint is read with ``torch.load(weights_only=True)``)."""
@@ -155,7 +178,8 @@ class ReplayBuffer:
                 f"act_dim {self.act_dim}, got {n} with shapes {s['obs'].shape}, {s['act'].shape}"
             )
         for k in self._FIELDS:
-            getattr(self, k)[: len(s[k])] = s[k]
+            if k in s:  # the argmins: not in checkpoints written before warm starts (none kept)
+                getattr(self, k)[: len(s[k])] = s[k]
         self.size, self.pos = n, int(s["pos"])
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 
 from qmpc.bridge import ArgminLayer
@@ -44,6 +45,10 @@ class TDResult(NamedTuple):
     """Fraction of samples masked because their solve failed."""
     solve_ms: float
     """Wall time of the batched solve."""
+    next_argmin: np.ndarray | None = None
+    """``(B, act_dim)`` float64: the argmins found at ``x⁺`` (warm starts for the next solves there)."""
+    next_ok: np.ndarray | None = None
+    """``(B,)`` bool: which of them are usable (their solve passed the certificate)."""
 
 
 def td_loss(
@@ -54,21 +59,24 @@ def td_loss(
     batch: Batch,
     gamma: float,
     mode: TDMode = "semi",
+    w0: np.ndarray | None = None,
 ) -> TDResult:
-    """TD loss of a batch. ``online_layer`` minimises ``q``; ``target_layer`` minimises ``q_target``."""
+    """TD loss of a batch. ``online_layer`` minimises ``q``; ``target_layer`` minimises ``q_target``;
+    ``w0 (B, act_dim)`` is an optional start of the solves at ``x⁺`` (e.g.
+    :meth:`~qmpc.data.ReplayBuffer.warm_starts`)."""
     if mode not in TD_MODES:
         raise ConfigError(f"expected train.target in {TD_MODES}, got {mode!r}")
     dtype = next(q.parameters()).dtype
-    x, u, c, xn, term = (t.to(dtype) for t in batch)
+    x, u, c, xn, term = (t.to(dtype) for t in (batch.obs, batch.act, batch.cost, batch.next_obs, batch.terminated))
     if mode == "semi":
         with torch.no_grad():
-            _, v = target_layer(xn, grad_mode="none")
+            _, v = target_layer(xn, grad_mode="none", w0=w0)
         res = target_layer.last_result
     elif mode == "residual":
-        _, v = online_layer(xn, grad_mode="envelope")
+        _, v = online_layer(xn, grad_mode="envelope", w0=w0)
         res = online_layer.last_result
     else:
-        u_star, _ = online_layer(xn, grad_mode="implicit")
+        u_star, _ = online_layer(xn, grad_mode="implicit", w0=w0)
         v = q_target(xn, u_star)
         res = online_layer.last_result
     ok = torch.as_tensor(Status.ok(res.status), device=x.device)
@@ -83,4 +91,6 @@ def td_loss(
         float((y.detach() * ok).sum() / n_ok),
         float(1.0 - ok.float().mean()),
         float(res.solve_ms),
+        res.plan[:, : q.act_dim],
+        Status.ok(res.status),
     )

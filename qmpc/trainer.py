@@ -480,7 +480,9 @@ def _train(
             for _ in range(tc.updates_per_step):
                 batch = buffer.sample(tc.batch_size, rng)
                 with _timed(acc, "time/td_loss_ms"):  # the TD-target solves and the forward pass
-                    res = td_loss(q, q_target, online, target, batch, tc.gamma, tc.target)
+                    w0 = buffer.warm_starts(batch.index, spec.low, spec.high) if cfg.solver.warm_start else None
+                    res = td_loss(q, q_target, online, target, batch, tc.gamma, tc.target, w0=w0)
+                    buffer.store_argmins(batch.index, res.next_argmin, res.next_ok)
                 with _timed(acc, "time/update_ms"):  # backward (through the solves), Adam, Polyak
                     opt.zero_grad()
                     res.loss.backward()

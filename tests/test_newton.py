@@ -114,3 +114,40 @@ def test_vectorised_gradient_certificate_agrees_with_the_oracle():
     g_casadi = np.asarray(gfun(x.T, u.T, q.flat_parameters())).reshape(4, 3)
     _, g_oracle, _ = q.action_oracle(x).derivatives(u, np.arange(4))
     np.testing.assert_allclose(g_casadi, g_oracle, rtol=0, atol=1e-12)
+
+
+def test_layer_uses_the_newton_path_and_its_warm_starts():
+    """Batches of 8 and more go to the Newton (every sample SOLVED by it, none by the plugin); with
+    one iteration allowed, a cold start is not enough (the plugin rescues: RETRIED) and a warm
+    start at the solution is (SOLVED). A layer that ignored warm starts fails this."""
+    q = _picnn(hidden=(8, 8))
+    x = torch.as_tensor(np.random.default_rng(7).normal(size=(16, 5)))
+    layer = qmpc.ArgminLayer(q, -0.5, 0.5, grad_mode="none")
+    u, v = layer(x)
+    assert layer.problem.batched and (layer.last_result.status == qmpc.Status.SOLVED).all()
+    one = qmpc.ArgminLayer(q, -0.5, 0.5, grad_mode="none", max_iter=1)
+    one(x)
+    assert (one.last_result.status == qmpc.Status.RETRIED).any()
+    u_w, v_w = one(x, w0=u)
+    assert (one.last_result.status == qmpc.Status.SOLVED).all()
+    torch.testing.assert_close(u_w, u, rtol=0, atol=1e-8)
+    torch.testing.assert_close(v_w, v, rtol=0, atol=1e-10)
+
+
+def test_replay_buffer_keeps_argmins_as_warm_starts():
+    from qmpc.data import ReplayBuffer
+
+    buf = ReplayBuffer(2, 1, capacity=3)
+    for i in range(3):
+        buf.add([i, 0.0], [0.0], 1.0, [i + 1, 0.0], False)
+    idx = torch.tensor([0, 2])
+    low, high = np.array([0.5]), np.array([1.0])
+    np.testing.assert_array_equal(buf.warm_starts(idx, low, high), [[0.5], [0.5]])  # cold: 0 clipped
+    buf.store_argmins(idx, np.array([[0.7], [0.9]]), np.array([True, False]))
+    np.testing.assert_array_equal(buf.warm_starts(idx, low, high), [[0.7], [0.5]])
+    other = ReplayBuffer(2, 1, capacity=3)
+    other.load_state_dict(buf.state_dict())  # checkpointed with the buffer: resume stays exact
+    np.testing.assert_array_equal(other.warm_starts(idx, low, high), [[0.7], [0.5]])
+    buf.add([9.0, 0.0], [0.0], 1.0, [9.0, 1.0], False)  # overwrites slot 0: its argmin is gone
+    np.testing.assert_array_equal(buf.warm_starts(idx, low, high), [[0.5], [0.5]])
+    assert buf.sample(4, np.random.default_rng(0)).index.dtype == torch.int64

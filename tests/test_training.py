@@ -96,7 +96,7 @@ def test_failed_solves_are_masked_and_counted(mode):
     ok = qmpc.Status.ok(status)
     assert 0 < ok.sum() < len(ok), status  # a partial failure, not all or nothing
     assert res.fail_frac == pytest.approx(1 - ok.mean())
-    usable = Batch(*(t[torch.from_numpy(ok)] for t in batch))
+    usable = Batch(*(t[torch.from_numpy(ok)] for t in batch[:5]))
     ref, ref_grad, ref_status = loss_and_grad(usable, tol=1e-12)
     assert qmpc.Status.ok(ref_status).all() and res.loss.item() > 0
     assert res.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
