@@ -169,7 +169,7 @@ def main() -> None:
             )
             if args.codegen and model_name != "linear" and shooting != "single":  # no callbacks in C
                 L = ctrl.layer
-                codegen_rows(L.problem, L._sync(), L.lbw, L.ubw, xs, f"  {env_id} H={horizon} {model_name}")
+                codegen_rows(L.problem, L._problem_theta(), L.lbw, L.ubw, xs, f"  {env_id} H={horizon} {model_name}")
         for model_name in (f"learned MLP {mh}", "linear"):
             r = p50s[(model_name, "multiple")] / p50s[(model_name, "single")]
             print(f"  {env_id} H=10 {model_name}: single shooting is {r:.1f}x faster than multiple (p50)")

@@ -231,7 +231,7 @@ class ArgminLayer(nn.Module):
             )
         return tuple(params), tuple(buffers)
 
-    def _sync(self) -> ca.DM:
+    def _sync(self) -> None:
         """The network's flat parameters as a CasADi DM (empty when baked), following every change
         of the network's values, however it was made (an optimiser step, ``p.data.copy_`` of a
         Polyak update, ``load_state_dict``, a replaced Parameter, a changed buffer such as the
@@ -243,16 +243,21 @@ class ArgminLayer(nn.Module):
         self._params = params
         last = self._synced
         if last is not None and _same(params, last[0]) and _same(buffers, last[1]):
-            return last[2]
+            return
         self._check_finite()
         if last is None or self.bake_weights or not _same(buffers, last[1]):
             self._build()
         with torch.no_grad():
             theta = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params]).numpy()
-        dm = ca.DM(0, 1) if self.bake_weights else ca.DM(theta)
-        self._synced = (tuple(p.detach().clone() for p in params), tuple(b.detach().clone() for b in buffers), dm)
+        self._synced = (tuple(p.detach().clone() for p in params), tuple(b.detach().clone() for b in buffers), None)
+        self._theta64 = np.zeros(0) if self.bake_weights else theta
         self._weights64 = self._named_arrays(theta, buffers)
-        return dm
+
+    def _theta_dm(self) -> ca.DM:
+        """The synced weights as a CasADi DM, converted once per change (~2 ms for 25k weights)."""
+        if self._synced[2] is None:
+            self._synced = (*self._synced[:2], ca.DM(self._theta64))
+        return self._synced[2]
 
     def _named_arrays(self, theta: np.ndarray, buffers: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
         """float64 arrays by ``state_dict`` name: views into ``theta``, copies of the buffers."""
@@ -312,7 +317,7 @@ class ArgminLayer(nn.Module):
         """
         mode = self._check_mode(grad_mode or self.grad_mode)
         self._validate(x)
-        theta = self._problem_theta()  # follows the network's current values; checks them
+        theta = self._problem_theta(x.shape[0])  # follows the network's current values; checks them
         if w0 is not None:
             w0 = w0.detach().cpu().double().numpy() if isinstance(w0, torch.Tensor) else np.asarray(w0, float)
             if w0.shape != (x.shape[0], self.problem.n_w) or not np.isfinite(w0).all():
@@ -327,10 +332,14 @@ class ArgminLayer(nn.Module):
         u, v = _ArgminFunction.apply(self, mode, w0, theta, x, *params)
         return (u.detach() if mode == "envelope" else u), v
 
-    def _problem_theta(self) -> ca.DM:
+    def _problem_theta(self, batch: int = 0) -> ca.DM | np.ndarray:
         """The problem's parameter vector: the network's weights (none when baked), then
-        :attr:`model_params`."""
-        theta = self._sync()
+        :attr:`model_params`. For a ``batch`` that the batched Newton solves, a numpy vector: the
+        solver converts it to a DM only if a sample falls back to the plugin."""
+        self._sync()
+        if self._newton_batch(batch):
+            return self._theta64
+        theta = self._theta_dm()
         if self.model_params.size:
             p = np.asarray(self.model_params, dtype=np.float64)
             if p.shape != (self.problem.n_theta - self.problem.n_theta_q,) or not np.isfinite(p).all():
@@ -338,15 +347,19 @@ class ArgminLayer(nn.Module):
             theta = ca.vertcat(theta, ca.DM(p))
         return theta
 
-    def _solve(self, x64: np.ndarray, w0: np.ndarray | None, theta: ca.DM | None = None) -> tuple[SolveResult, ca.DM]:
-        theta = self._problem_theta() if theta is None else theta
+    def _newton_batch(self, batch: int) -> bool:
+        return self.problem.batched and batch >= NEWTON_MIN_BATCH
+
+    def _solve(
+        self, x64: np.ndarray, w0: np.ndarray | None, theta: ca.DM | np.ndarray | None = None
+    ) -> tuple[SolveResult, ca.DM | np.ndarray]:
+        theta = self._problem_theta(x64.shape[0]) if theta is None else theta
         lam_x0 = lam_g0 = None
         last = self.last_result
         if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
             w0, lam_x0, lam_g0 = last.plan, last.lam_x, last.lam_g
-        newton = self.problem.batched and x64.shape[0] >= NEWTON_MIN_BATCH
         fast = {}
-        if newton:  # the closed form proposes, the network itself certifies
+        if self._newton_batch(x64.shape[0]):  # the closed form proposes, the network itself certifies
             fast = {"oracle": self.q.action_oracle(x64, self._weights64), "certificate": self._certificate(x64)}
         res = self.solver.solve(x64, theta, self.lbw, self.ubw, w0=w0, lam_x0=lam_x0, lam_g0=lam_g0, **fast)
         self.last_result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g, x64)

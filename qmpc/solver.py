@@ -442,10 +442,12 @@ class BatchedSolver:
         t0 = time.perf_counter()
         if self.deadline is not None:
             self.deadline.at, self.deadline.fired = t0 + o.max_wall_ms * 1e-3, False
-        theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
         if oracle is None or not P.batched:
+            theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
             out = self._plugin_solve(x0, theta_dm, lbw, ubw, w0, lam_x0, lam_g0)
             return SolveResult(*out, (time.perf_counter() - t0) * 1e3)
+        theta_dm = theta  # converted to a DM only where CasADi needs it (a numpy theta of 25k
+        # weights took ~2 ms to convert: as long as the Newton and its certificate)
         u0 = np.clip(np.zeros((x0.shape[0], P.n_w)), lbw, ubw) if w0 is None else w0
         nr = newton.solve_box(oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter)
         w, value, lam_x, res = self._certify(nr.u, x0, theta_dm, lbw, ubw, certificate)
@@ -453,6 +455,7 @@ class BatchedSolver:
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
         bad = np.flatnonzero(status != Status.SOLVED)
         if bad.size:  # the plugin, from the Newton iterate (then its cold retries)
+            theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
             sub = self._plugin_solve(x0[bad], theta_dm, lbw, ubw, w[bad], None, None)
             w[bad], value[bad], lam_x[bad], lam_g[bad], st, res[bad] = sub
             status[bad] = np.where(st == Status.SOLVED, Status.RETRIED, st)
@@ -462,7 +465,7 @@ class BatchedSolver:
         self,
         u: np.ndarray,
         x0: np.ndarray,
-        theta_dm: ca.DM,
+        theta_dm: ca.DM | np.ndarray,
         lbw: np.ndarray,
         ubw: np.ndarray,
         certificate: Certificate | None = None,
