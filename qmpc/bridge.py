@@ -35,6 +35,11 @@ NEWTON_MIN_BATCH = 8
 """Batches of at least this many states go to the batched Newton (when it applies): measured on an
 InvertedPendulum-sized PICNN, one plugin solve per sample was faster up to 4 states (1.7 against
 2.1 ms for one), the Newton from 8 (3.4 against 6.5 ms; 16: 3.4 against 10.1 ms)."""
+NEWTON_MIN_WEIGHTS = 16384
+"""Networks with at least this many weights use the batched Newton for any batch: with weights
+that change between calls (the actor of a training run) one state took 5.2 ms by the Newton
+against 7.7 ms by the plugin on a HalfCheetah-sized PICNN (24831 weights: the plugin needs them
+as a CasADi DM, ~2 ms to convert), and 3.8 against 2.8 ms on an InvertedPendulum-sized one."""
 
 GradMode = Literal["implicit", "envelope", "none"]
 _GRAD_MODES = ("implicit", "envelope", "none")
@@ -177,7 +182,8 @@ class ArgminLayer(nn.Module):
         }
         self._params = tuple(q.parameters())
         self._shapes = tuple(p.shape for p in self._params)  # the structure the twin is built for
-        self._synced: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], ca.DM] | None = None
+        self._synced: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], ca.DM | None] | None = None
+        self._names: tuple[list[str], list[str]] | None = None
         self._sync()  # builds the problem and its solver
         if self.problem.shooting == "single" and self.grad_mode != "none":
             raise InputError(
@@ -232,26 +238,28 @@ class ArgminLayer(nn.Module):
         return tuple(params), tuple(buffers)
 
     def _sync(self) -> None:
-        """The network's flat parameters as a CasADi DM (empty when baked), following every change
-        of the network's values, however it was made (an optimiser step, ``p.data.copy_`` of a
-        Polyak update, ``load_state_dict``, a replaced Parameter, a changed buffer such as the
-        input normalisation): the values are compared with a copy, not torch's version counters
-        (which ``.data`` writes do not bump). The DM is converted, and the problem rebuilt (buffers
-        changed, or baked weights changed), only when they differ. Raises on NaN/Inf weights or
+        """Follow every change of the network's values, however it was made (an optimiser step,
+        ``p.data.copy_`` of a Polyak update, ``load_state_dict``, a replaced Parameter, a changed
+        buffer such as the input normalisation): the values are compared with a copy, not torch's
+        version counters (which ``.data`` writes do not bump). On a change: the weights as float64
+        numpy (:attr:`_theta64`, by name :attr:`_weights64`; the DM is converted when needed), the
+        problem rebuilt if the buffers (or baked weights) changed. Raises on NaN/Inf weights or
         buffers."""
         params, buffers = self._read_weights()
         self._params = params
         last = self._synced
         if last is not None and _same(params, last[0]) and _same(buffers, last[1]):
             return
-        self._check_finite()
-        if last is None or self.bake_weights or not _same(buffers, last[1]):
-            self._build()
         with torch.no_grad():
             theta = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params]).numpy()
+            bufs = [b.detach().to("cpu", torch.float64).numpy() for b in buffers]
+        if not (np.isfinite(theta).all() and all(np.isfinite(b).all() for b in bufs)):
+            self._check_finite()  # names the tensor
+        if last is None or self.bake_weights or not _same(buffers, last[1]):
+            self._build()
         self._synced = (tuple(p.detach().clone() for p in params), tuple(b.detach().clone() for b in buffers), None)
         self._theta64 = np.zeros(0) if self.bake_weights else theta
-        self._weights64 = self._named_arrays(theta, buffers)
+        self._weights64 = self._named_arrays(theta, bufs)
 
     def _theta_dm(self) -> ca.DM:
         """The synced weights as a CasADi DM, converted once per change (~2 ms for 25k weights)."""
@@ -259,15 +267,16 @@ class ArgminLayer(nn.Module):
             self._synced = (*self._synced[:2], ca.DM(self._theta64))
         return self._synced[2]
 
-    def _named_arrays(self, theta: np.ndarray, buffers: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
-        """float64 arrays by ``state_dict`` name: views into ``theta``, copies of the buffers."""
+    def _named_arrays(self, theta: np.ndarray, buffers: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """float64 arrays by ``state_dict`` name: views into ``theta``, and the buffers."""
+        if self._names is None:  # the structure is fixed (shapes are checked at every sync)
+            self._names = ([n for n, _ in self.q.named_parameters()], [n for n, _ in self.q.named_buffers()])
         out, off = {}, 0
-        for (name, _), shape in zip(self.q.named_parameters(), self._shapes, strict=True):
+        for name, shape in zip(self._names[0], self._shapes, strict=True):
             n = int(np.prod(shape))
             out[name] = theta[off : off + n].reshape(shape)
             off += n
-        for (name, _), b in zip(self.q.named_buffers(), buffers, strict=True):
-            out[name] = b.detach().to("cpu", torch.float64).numpy()
+        out.update(zip(self._names[1], buffers, strict=True))
         return out
 
     def _check_finite(self) -> None:
@@ -348,7 +357,9 @@ class ArgminLayer(nn.Module):
         return theta
 
     def _newton_batch(self, batch: int) -> bool:
-        return self.problem.batched and batch >= NEWTON_MIN_BATCH
+        """Whether a batch of this size goes to the batched Newton (see :data:`NEWTON_MIN_BATCH`)."""
+        big = batch >= NEWTON_MIN_BATCH or self.problem.n_theta_q >= NEWTON_MIN_WEIGHTS
+        return self.problem.batched and big
 
     def _solve(
         self, x64: np.ndarray, w0: np.ndarray | None, theta: ca.DM | np.ndarray | None = None
