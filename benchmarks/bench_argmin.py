@@ -115,7 +115,7 @@ def main() -> None:
         print(f"{name:<{w}}  {ms:>9.2f}  {ms / t_torch:>11.1f}  {1e3 * ms / B:>9.1f}")
     fb = dict(rows)["implicit: forward + backward"]
     wr = dict(rows)["cold forward, same layer settings"] / dict(rows)["warm-started forward (same batch)"]
-    print(f"\nimplicit forward+backward = {fb / t_torch:.0f}× torch forward+backward (target ≤ 200×)")
+    print(f"\nimplicit forward+backward = {fb / t_torch:.0f}× torch forward+backward (issue 10 target ≤ 50×)")
     print(f"warm start speed-up on a repeated batch: {wr:.2f}×")
 
 
