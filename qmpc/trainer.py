@@ -76,7 +76,8 @@ class MetricsLogger:
 
             # the checkpoint's own step was logged before the checkpoint was written: keep it
             purge = None if resume_step is None else resume_step + 1
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+            tb_dir = ensure_dir(run_dir / "tb", "the TensorBoard directory")
+            self.tb = SummaryWriter(str(tb_dir), purge_step=purge)
         except ImportError:  # tensorboard is a dependency; keep the CSV if it is missing
             self.tb = None
 

@@ -332,6 +332,16 @@ def test_run_dir_in_the_way(tmp_path, capsys):
         assert str(run_dir) in _one_line_error(capsys)
 
 
+def test_tensorboard_dir_in_the_way(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tb").write_text("x")
+    f = tmp_path / "l.toml"
+    f.write_text(config_to_toml(config_from_dict({"run_dir": str(run), "train": {"steps": 3}})))
+    assert main(["train", str(f), "--no-progress"]) == 2
+    assert "TensorBoard" in _one_line_error(capsys)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_read_only_run_dir(tmp_path, capsys):
     ro = tmp_path / "ro"
