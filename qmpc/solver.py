@@ -39,6 +39,12 @@ definite, else the sample is ``SINGULAR``. With multiple shooting the last ``n_g
 with ``−I`` on its diagonal, so ``Z = [E_F; −G_x⁻¹ G_u E_F]`` (``E_F`` the free actions) is
 explicit (one forward recursion through the model's Jacobians) and ``Zᵀ H Z`` has the size of
 the actions only.
+
+The KKT math (the certificate, the active set, the reduced system and its adjoint) is numpy in
+:mod:`qmpc.kkt`; this module evaluates the problem's functions with CasADi and calls it. For
+horizon 1 with closed-form derivatives of Q (a PICNN), :meth:`BatchedSolver.solve` first solves
+the whole batch by the batched projected Newton of :mod:`qmpc.newton` and sends only the samples
+that fail the certificate to the plugin.
 """
 
 from __future__ import annotations
@@ -56,8 +62,9 @@ from typing import ClassVar, NamedTuple
 import casadi as ca
 import numpy as np
 
-from qmpc import newton
+from qmpc import kkt, newton
 from qmpc.errors import InputError
+from qmpc.kkt import Adjoint
 from qmpc.newton import Oracle
 from qmpc.problem import ControlProblem
 
@@ -198,20 +205,6 @@ class SolveResult(NamedTuple):
     """``(B,)`` max of the projected gradient and constraint residual."""
     solve_ms: float
     """Wall time of the whole batch, retries included, in milliseconds."""
-
-
-class Adjoint(NamedTuple):
-    """Solution of the adjoint reduced KKT system for a batch of seeds."""
-
-    a: np.ndarray
-    """``(B, n_w)``, zero on components at a bound and on unusable samples."""
-    b: np.ndarray
-    """``(B, n_g)``."""
-    singular: np.ndarray
-    """``(B,)`` bool: the reduced KKT matrix was singular, or the reduced Hessian on the null space
-    of the active bounds and the dynamics was not positive definite (not a strict local minimum)."""
-    weak: np.ndarray
-    """``(B,)`` int: number of weakly active bounds in each sample."""
 
 
 class _Deadline(ca.Callback):
@@ -584,69 +577,15 @@ class BatchedSolver:
 
     @staticmethod
     def _kkt_residual(w, grad_L, g, lbw, ubw) -> np.ndarray:
-        """Max of the projected gradient ``|w − clip(w − ∇_w L)|`` and ``|g|``, per sample."""
-        pg = w - np.clip(w - grad_L, lbw, ubw)
-        r = np.abs(pg).max(axis=1)
-        if g.shape[1]:
-            r = np.maximum(r, np.abs(g).max(axis=1))
-        r[~np.isfinite(r) | ~np.isfinite(w).all(axis=1)] = np.inf
-        return r
+        return kkt.kkt_residual(w, grad_L, g, lbw, ubw)
 
     # -- sensitivities ------------------------------------------------------------------
     def at_bounds(
         self, w: np.ndarray, lam_x: np.ndarray, lbw: np.ndarray, ubw: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(fixed, weak)`` masks ``(B, n_w)`` of solutions ``w (B, n_w)`` with bound multipliers
-        ``lam_x (B, n_w)`` (CasADi's sign) and bounds ``lbw, ubw (n_w,)``: the components at a bound
-        (within ``bound_tol · (1 + |bound|)`` of it, or with a multiplier of the bound's sign larger
-        than the distance to it: see the module docstring), and those of them whose multiplier is
-        at most ``multiplier_tol`` (weakly active)."""
-        o = self.options
-        with np.errstate(invalid="ignore"):
-            d_lb, d_ub = w - lbw, ubw - w
-            at_lb = (d_lb <= o.bound_tol * (1 + np.abs(np.where(np.isfinite(lbw), lbw, 0)))) | (-lam_x > d_lb)
-            at_ub = (d_ub <= o.bound_tol * (1 + np.abs(np.where(np.isfinite(ubw), ubw, 0)))) | (lam_x > d_ub)
-        fixed = at_lb | at_ub
-        weak = fixed & (np.abs(lam_x) <= o.multiplier_tol)
-        return fixed, weak
-
-    def _null_space(self, G: np.ndarray, free_u: np.ndarray) -> np.ndarray:
-        """``Z (B, n_w, n_u)``: a basis of the null space of ``G (B, n_g, n_w)`` and of the fixed
-        actions (``free_u (B, n_u)``, 1 where free), ``n_u = n_w − n_g``. Its action rows pick the
-        free actions; its state rows are the states' response ``S_{k+1} = A_k S_k + B_k E`` (the
-        rows of ``g_k = f(x_k, u_k) − x_{k+1}``, ``x_0`` fixed), so ``G Z = 0``."""
-        P = self.problem
-        B, ng = G.shape[0], G.shape[1]
-        nu = P.n_w - ng
-        Z = np.zeros((B, P.n_w, nu))
-        Z[:, np.arange(nu), np.arange(nu)] = free_u
-        S = np.zeros((B, P.nx, nu))
-        for k in range(P.N if ng else 0):
-            rows = slice(k * P.nx, (k + 1) * P.nx)
-            S = G[:, rows, :nu] * free_u[:, None, :] + (G[:, rows, P.x_slice(k)] @ S if k else 0.0)
-            Z[:, P.x_slice(k + 1)] = S
-        return Z
-
-    def _reduced_hessian(self, H: np.ndarray, G: np.ndarray, fixed: np.ndarray) -> np.ndarray:
-        """``(B, n_u, n_u)`` reduced Hessian ``Zᵀ H Z`` (:meth:`_null_space`) with ``1`` on the
-        diagonal of the fixed actions, for ``H (B, n_w, n_w)``, ``G (B, n_g, n_w)`` and
-        ``fixed (B, n_w)``."""
-        nu = fixed.shape[1] - G.shape[1]
-        free_u = (~fixed[:, :nu]).astype(float)
-        with np.errstate(all="ignore"):
-            Z = self._null_space(G, free_u)
-            R = Z.transpose(0, 2, 1) @ H @ Z
-        R[:, np.arange(nu), np.arange(nu)] += 1.0 - free_u
-        return R
-
-    def _not_minimum(self, H: np.ndarray, G: np.ndarray, fixed: np.ndarray) -> np.ndarray:
-        """``(B,)`` bool: the reduced Hessian is not positive definite (a saddle, a maximum or a
-        singular point), relative to its largest eigenvalue."""
-        R = self._reduced_hessian(H, G, fixed)
-        with np.errstate(invalid="ignore"):
-            ev = np.linalg.eigvalsh(np.where(np.isfinite(R), R, 0.0))
-        scale = np.maximum(1.0, np.abs(ev).max(axis=1))
-        return (ev.min(axis=1) <= 1e-12 * scale) | ~np.isfinite(R).all(axis=(1, 2))
+        """``(fixed, weak)`` masks ``(B, n_w)`` of solutions ``w`` with bound multipliers ``lam_x``
+        (:func:`qmpc.kkt.at_bounds` with this solver's ``bound_tol`` and ``multiplier_tol``)."""
+        return kkt.at_bounds(w, lam_x, lbw, ubw, self.options.bound_tol, self.options.multiplier_tol)
 
     def adjoint(
         self,
@@ -657,42 +596,11 @@ class BatchedSolver:
         ubw: np.ndarray,
         seed: np.ndarray,
     ) -> Adjoint:
-        """Solve the reduced KKT system for seeds ``(B, n_w)`` on ``w*`` (see module docstring)."""
-        P = self.problem
-        B, nw, ng = seed.shape[0], P.n_w, P.n_g
+        """Solve the reduced KKT system for seeds ``(B, n_w)`` on ``w*`` (see module docstring):
+        CasADi evaluates the Hessian of the Lagrangian and the constraint Jacobian at the
+        solutions, :func:`qmpc.kkt.adjoint` does the rest."""
         theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
         H, G = self.evaluate("second_order", result.w, x0, theta_dm, result.lam_g)
         fixed, weak = self.at_bounds(result.w, result.lam_x, lbw, ubw)
-        free = (~fixed).astype(float)
-        n = nw + ng
-        K = np.zeros((B, n, n))
-        K[:, :nw, :nw] = H * free[:, :, None] * free[:, None, :]
-        if ng:
-            Gf = G * free[:, None, :]
-            K[:, :nw, nw:] = Gf.transpose(0, 2, 1)
-            K[:, nw:, :nw] = Gf
-        idx = np.arange(nw)
-        K[:, idx, idx] += fixed.astype(float)
-        rhs = np.zeros((B, n))
-        rhs[:, :nw] = seed * free
-        usable = Status.ok(result.status)
-        # strict local minimum <=> reduced Hessian positive definite (with or without dynamics)
-        singular = np.zeros(B, bool)
-        if usable.any():
-            singular[usable] = self._not_minimum(H[usable], G[usable], fixed[usable])
-        sol = np.zeros((B, n))
-        good = usable & ~singular
-        if good.any():
-            try:
-                sol[good] = np.linalg.solve(K[good], rhs[good][..., None])[..., 0]
-            except np.linalg.LinAlgError:
-                for i in np.flatnonzero(good):
-                    try:
-                        sol[i] = np.linalg.solve(K[i], rhs[i])
-                    except np.linalg.LinAlgError:
-                        singular[i] = True
-            resid = np.abs(np.einsum("bij,bj->bi", K, sol) - rhs).max(axis=1)
-            bad = good & (~np.isfinite(sol).all(axis=1) | (resid > 1e-6 * (1 + np.abs(rhs).max(axis=1))))
-            singular |= bad
-        sol[~usable | singular] = 0.0
-        return Adjoint(sol[:, :nw], sol[:, nw:], singular & usable, weak.sum(axis=1))
+        a, b, singular = kkt.adjoint(H, G, fixed, seed, Status.ok(result.status), self.problem.nx)
+        return Adjoint(a, b, singular, weak.sum(axis=1))
