@@ -418,6 +418,7 @@ class BatchedSolver:
         lam_g0: np.ndarray | None = None,
         oracle: Oracle | None = None,
         certificate: Certificate | None = None,
+        newton_tol: float | None = None,
     ) -> SolveResult:
         """Solve for every row of ``x0 (B, nx)``; never raises on a failed sample.
 
@@ -429,7 +430,8 @@ class BatchedSolver:
         batch is then solved by the batched projected Newton (:mod:`qmpc.newton`) and certified
         by an evaluation independent of the oracle (:meth:`_certify`: ``certificate``, else the
         vectorised twin); the samples that fail the certificate go to the plugin, warm-started at
-        the Newton iterate, then to its retries (``RETRIED`` if they pass).
+        the Newton iterate, then to its retries (``RETRIED`` if they pass). ``newton_tol``: the
+        Newton's stopping residual (default ``tol``).
         """
         P, o = self.problem, self.options
         t0 = time.perf_counter()
@@ -442,7 +444,8 @@ class BatchedSolver:
         theta_dm = theta  # converted to a DM only where CasADi needs it (a numpy theta of 25k
         # weights took ~2 ms to convert: as long as the Newton and its certificate)
         u0 = np.clip(np.zeros((x0.shape[0], P.n_w)), lbw, ubw) if w0 is None else w0
-        nr = newton.solve_box(oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter)
+        tol = o.tol if newton_tol is None else newton_tol
+        nr = newton.solve_box(oracle, u0, lbw, ubw, tol=tol, max_iter=o.max_iter)
         w, value, lam_x, res = self._certify(nr.u, x0, theta_dm, lbw, ubw, certificate)
         lam_g = np.zeros((x0.shape[0], 0))
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
