@@ -9,11 +9,12 @@ For each task, qmpc trains its launch file for ``learning_starts + --steps`` env
 (the same code path as ``qmpc train``; no evaluation or checkpoint inside the timed window) and
 SAC learns for its own ``learning_starts + --steps``, once before and once after qmpc's runs
 (this machine's speed drifts by ±20 % over minutes: SAC's rate is the mean of the two).
-Throughput is counted over the learning steps only. qmpc's per-stage times come from the run's ``time/*_ms`` metrics (mean per learning
-step): the TD loss (its solves and forward pass), the solves alone (``solver/solve_ms``), the
-update (backward, Adam, Polyak), the dynamics model's updates, the actor's solve and the
-environment step. ``--variants``: ``newton`` (the batched Newton of the TD target, the default)
-and ``plugin`` (``solver.newton = false``: one CasADi solve per sample).
+Throughput is counted over the learning steps only. qmpc's per-stage times come from the run's
+``time/*_ms`` metrics (mean per learning step): the TD loss (its solves and forward pass), the
+solves alone (``solver/solve_ms``), the update (backward, Adam, Polyak), the dynamics model's
+updates, the actor's solve and the environment step. ``--variants``: ``newton`` (the batched
+Newton of the TD target, the default) and ``plugin`` (``solver.newton = false``: one CasADi
+solve per sample).
 """
 
 from __future__ import annotations
