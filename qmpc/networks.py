@@ -755,21 +755,22 @@ class PICNNActionOracle:
         elementwise product runs along long rows and every product with a weight matrix is one
         GEMM of ``(R·nu) × n`` (measured 3× faster than ``(R, n_k, nu)`` on a batch of 256)."""
         R, nu = u.shape
-        z = Jz = None
+        z = dz = J = None
         tape = []
         for k, L in enumerate(self.layers):
             v = L["v"][rows]
             out = (u * v) @ L["Wy"].T + L["c"][rows]
-            J = v[:, :, None] * L["WyT"][None]  # ∂/∂u of (u ∘ v) W_yᵀ, (R, nu, n)
-            if z is not None:
+            if z is None:
+                J = v[:, :, None] * L["WyT"][None]  # ∂/∂u of (u ∘ v) W_yᵀ, (R, nu, n)
+            else:
                 s = L["s"][rows]
                 out += (z * s) @ L["Wz"].T
-                M = (s[:, None, :] * Jz).reshape(R * nu, -1)
-                J = J + (M @ L["Wz"].T).reshape(R, nu, -1)  # W_z (s ∘ J_z) for every sample
+                M = ((s * dz)[:, None, :] * J).reshape(R * nu, -1)  # s ∘ J_z, J_z = softplus'(out) ∘ J
+                J = (M @ L["Wz"].T).reshape(R, nu, -1)  # W_z (s ∘ J_z) for every sample
+                J += v[:, :, None] * L["WyT"][None]
             if k < len(self.layers) - 1:
                 z, dz, d2z = np_activation("softplus", out)
                 tape.append((J, dz, d2z))
-                Jz = dz[:, None, :] * J
         q = out[:, 0] + 0.5 * self.m * np.einsum("bi,bi->b", u, u)
         grad = J[:, :, 0] + self.m * u
         H = np.broadcast_to(self.m * np.eye(nu), (R, nu, nu)).copy()

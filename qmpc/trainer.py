@@ -366,7 +366,10 @@ def _train(
     )
     online = ArgminLayer(q, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
     target = ArgminLayer(q_target, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
-    actor = ArgminLayer(q, spec.low, spec.high, grad_mode="none", workers=1, **solver_kw)
+    # warm-started at its last action (consecutive states are close)
+    actor = ArgminLayer(
+        q, spec.low, spec.high, grad_mode="none", workers=1, warm_start=cfg.solver.warm_start, **solver_kw
+    )
     q_eval = copy.deepcopy(q).double()
     evaluator = Controller(q_eval, spec.low, spec.high, max_iter=cfg.solver.max_iter, env_id=spec.env_id)
     act_range = spec.high - spec.low
