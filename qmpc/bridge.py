@@ -1,8 +1,10 @@
 """The torch bridge: :class:`ArgminLayer`, a differentiable ``min_u Q_θ(x, u)`` (or MPC plan).
 
 ``u_star, value = layer(x)`` solves the control problem of :mod:`qmpc.problem` for each row of
-``x`` with CasADi and returns the first action and the optimal value. Its backward needs two
-things only (see DESIGN.md):
+``x`` with CasADi and returns the first action and the optimal value (for horizon 1 with a PICNN,
+batches are first solved at once by the batched projected Newton of :mod:`qmpc.newton` on the
+network's closed-form derivatives, and certified by the torch network itself; CasADi takes the
+samples that fail). Its backward needs two things only (see DESIGN.md):
 
 * the **value gradient** (envelope theorem): ``dV/dθ = γ^N ∂Q/∂θ`` at the solution, and
   ``dV/dx = ∂L/∂x``;
