@@ -135,14 +135,20 @@ def test_demo_runs_with_a_tiny_budget(tmp_path, capsys):
     assert (tmp_path / "rollout.png").exists() and (tmp_path / "run" / "learning_curve.png").exists()
 
 
-SHIPPED = [("inverted_pendulum", 900.0), ("inverted_double_pendulum", 9000.0), ("reacher", -15.0)]
+SHIPPED = [
+    ("inverted_pendulum", 900.0),
+    ("inverted_double_pendulum", 9000.0),
+    ("reacher", -15.0),
+    ("half_cheetah", 3000.0),
+]
 
 
 @pytest.mark.parametrize(("name", "floor"), SHIPPED, ids=[n for n, _ in SHIPPED])
 def test_shipped_checkpoint_runs(name, floor, tmp_path, capsys):
     """``qmpc run models/<name>.pt`` works right after install (each trained by ``qmpc train
     launch/<name>.toml``) and does its task: 1000 = the pendulum balanced for the whole episode,
-    ~9350 the double pendulum, about −4 … −9 for Reacher (a random policy gets about −43)."""
+    ~9350 the double pendulum, about −4 … −9 for Reacher (a random policy gets about −43), ~4900
+    for HalfCheetah (100k steps)."""
     plot = tmp_path / "p.png"
     assert (
         main(["run", str(ROOT / "models" / f"{name}.pt"), "--episodes", "1", "--budget-ms", "0", "--plot", str(plot)])
