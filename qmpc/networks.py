@@ -600,7 +600,7 @@ class PICNN(QNetwork):
                 "bx": arr(lay.Wx.bias),
             }
             if lay.nz_in > 0:
-                d.update(Wzx=arr(lay.Wzx.weight), bzx=arr(lay.Wzx.bias), Wz=np.logaddexp(0.0, arr(lay.Wz_raw)))
+                d.update(Wzx=arr(lay.Wzx.weight), bzx=arr(lay.Wzx.bias), Wz=np_softplus(arr(lay.Wz_raw)))
             layers.append(d)
         nz = nx + nu
         Ju = np.zeros((nu, nz))

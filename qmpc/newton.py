@@ -20,7 +20,9 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-__all__ = ["BoxNewtonResult", "Oracle", "projected_residual", "solve_box"]
+from qmpc.kkt import kkt_residual
+
+__all__ = ["BoxNewtonResult", "Oracle", "solve_box"]
 
 
 class Oracle(Protocol):
@@ -46,11 +48,6 @@ class BoxNewtonResult(NamedTuple):
     """``(B,)`` bool: ``residual ≤ tol``."""
     iterations: np.ndarray
     """``(B,)`` Newton iterations taken by each sample."""
-
-
-def projected_residual(u: np.ndarray, grad: np.ndarray, lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
-    """``‖u − clip(u − ∇f, lb, ub)‖_∞`` per sample: zero exactly at a KKT point of the box."""
-    return np.abs(u - np.clip(u - grad, lb, ub)).max(axis=1)
 
 
 def _direction(g: np.ndarray, H: np.ndarray, held: np.ndarray, delta: float) -> np.ndarray:
@@ -110,7 +107,7 @@ def solve_box(
     B = u.shape[0]
     rows = np.arange(B)
     f, g, H = oracle.derivatives(u, rows)
-    r = projected_residual(u, g, lb, ub)
+    r = kkt_residual(u, g, np.zeros((B, 0)), lb, ub)
     its = np.zeros(B, int)
     live = np.flatnonzero(r > tol)
     for _ in range(max_iter):
@@ -140,7 +137,7 @@ def solve_box(
         u[moved] = un[accepted]
         if moved.size:
             f[moved], g[moved], H[moved] = oracle.derivatives(u[moved], moved)
-            r[moved] = projected_residual(u[moved], g[moved], lb, ub)
+            r[moved] = kkt_residual(u[moved], g[moved], np.zeros((moved.size, 0)), lb, ub)
         # done: converged, or stuck (no acceptable step: the caller retries these elsewhere)
         live = moved[r[moved] > tol]
     return BoxNewtonResult(u, f, g, r, r <= tol, its)

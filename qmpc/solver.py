@@ -207,6 +207,11 @@ class SolveResult(NamedTuple):
     """Wall time of the whole batch, retries included, in milliseconds."""
 
 
+def _as_dm(theta: np.ndarray | ca.DM) -> ca.DM:
+    """``theta`` as a CasADi DM (a numpy vector of 25k weights takes ~2 ms to convert)."""
+    return theta if isinstance(theta, ca.DM) else ca.DM(theta)
+
+
 class _Deadline(ca.Callback):
     """An ``iteration_callback`` that asks the plugin to stop once ``time.perf_counter()`` passes
     ``self.at`` (and records that it did). It reads none of the iterates (empty inputs: nothing
@@ -438,7 +443,7 @@ class BatchedSolver:
         if self.deadline is not None:
             self.deadline.at, self.deadline.fired = t0 + o.max_wall_ms * 1e-3, False
         if oracle is None or not P.batched:
-            theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
+            theta_dm = _as_dm(theta)
             out = self._plugin_solve(x0, theta_dm, lbw, ubw, w0, lam_x0, lam_g0)
             return SolveResult(*out, (time.perf_counter() - t0) * 1e3)
         theta_dm = theta  # converted to a DM only where CasADi needs it (a numpy theta of 25k
@@ -451,7 +456,7 @@ class BatchedSolver:
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
         bad = np.flatnonzero(status != Status.SOLVED)
         if bad.size:  # the plugin, from the Newton iterate (then its cold retries)
-            theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
+            theta_dm = _as_dm(theta)
             sub = self._plugin_solve(x0[bad], theta_dm, lbw, ubw, w[bad], None, None)
             w[bad], value[bad], lam_x[bad], lam_g[bad], st, res[bad] = sub
             status[bad] = np.where(st == Status.SOLVED, Status.RETRIED, st)
@@ -477,7 +482,7 @@ class BatchedSolver:
         else:
             q, grad = self.problem.batch_first_order(B)(u.reshape(-1), x0.T, theta_dm)
             value, grad = np.asarray(q).reshape(B), np.asarray(grad).T
-        res = self._kkt_residual(u, grad, np.zeros((B, 0)), lbw, ubw)
+        res = kkt.kkt_residual(u, grad, np.zeros((B, 0)), lbw, ubw)
         res[~np.isfinite(value)] = np.inf
         lam_x = np.where((u <= lbw) | (u >= ubw), -grad, 0.0)
         return u.copy(), value, lam_x, res
@@ -498,7 +503,7 @@ class BatchedSolver:
             w, f, lam_x, lam_g, grad_L, g = self._solve_rows(*args)
         w = np.clip(w, lbw, ubw)
         value = f.reshape(B)
-        res = self._kkt_residual(w, grad_L, g, lbw, ubw)
+        res = kkt.kkt_residual(w, grad_L, g, lbw, ubw)
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
         bad = np.flatnonzero(status != Status.SOLVED)
         if o.retry and bad.size:
@@ -576,10 +581,6 @@ class BatchedSolver:
 
     def _residual(self, w, x0, theta_dm, lam_g, lbw, ubw) -> np.ndarray:
         grad_L, g = self.evaluate("first_order", w, x0, theta_dm, lam_g)
-        return self._kkt_residual(w, grad_L, g, lbw, ubw)
-
-    @staticmethod
-    def _kkt_residual(w, grad_L, g, lbw, ubw) -> np.ndarray:
         return kkt.kkt_residual(w, grad_L, g, lbw, ubw)
 
     # -- sensitivities ------------------------------------------------------------------
@@ -602,7 +603,7 @@ class BatchedSolver:
         """Solve the reduced KKT system for seeds ``(B, n_w)`` on ``w*`` (see module docstring):
         CasADi evaluates the Hessian of the Lagrangian and the constraint Jacobian at the
         solutions, :func:`qmpc.kkt.adjoint` does the rest."""
-        theta_dm = theta if isinstance(theta, ca.DM) else ca.DM(theta)
+        theta_dm = _as_dm(theta)
         H, G = self.evaluate("second_order", result.w, x0, theta_dm, result.lam_g)
         fixed, weak = self.at_bounds(result.w, result.lam_x, lbw, ubw)
         a, b, singular = kkt.adjoint(H, G, fixed, seed, Status.ok(result.status), self.problem.nx)
