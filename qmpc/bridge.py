@@ -18,6 +18,7 @@ solve per sample plus one torch VJP for the whole batch.
 
 from __future__ import annotations
 
+import os
 from typing import Literal, NamedTuple
 
 import casadi as ca
@@ -88,6 +89,18 @@ class LayerResult(NamedTuple):
         return int((self.status == Status.RETRIED).sum())
 
 
+def build_problem(q: QNetwork, problem_kw: dict, bake_weights: bool, newton_path: bool) -> ControlProblem:
+    """The :class:`ControlProblem` of ``q``'s twin as it is now, with the layer's ``problem_kw``
+    (horizon, dynamics…): what an :class:`ArgminLayer` and each of its Ray actors build."""
+    q_function = q.casadi_function(baked=bake_weights)
+    kw = dict(problem_kw)
+    if newton_path:
+        kw["q_batch"] = q.casadi_batch_function
+    if bake_weights and kw["shooting"] == "single" and hasattr(q, "numpy_derivatives"):
+        kw["q_derivatives"] = q.numpy_derivatives()  # the weights are constants here too
+    return ControlProblem(q_function, **kw)
+
+
 def _as_bounds(v, act_dim: int, name: str) -> np.ndarray:
     if isinstance(v, int | float):
         v = np.full(act_dim, float(v))
@@ -132,7 +145,11 @@ class ArgminLayer(nn.Module):
             (``grad_mode="none"`` only; the controller's fast path). The problem is rebuilt
             when the weights change (``load_state_dict``, an optimiser step), so it never acts
             on stale weights.
-        **solver_options: fields of :class:`~qmpc.solver.SolverOptions` (``max_iter``, ``tol``…).
+        backend: where the parts of a batch are solved: ``"threads"`` (``workers`` threads of this
+            process) or ``"ray"`` (``workers`` Ray actors, each with its own solver built from
+            the network's ``state_dict``; :mod:`qmpc.distributed`). The results are the same.
+        **solver_options: fields of :class:`~qmpc.solver.SolverOptions` (``max_iter``, ``tol``,
+            ``workers``…).
 
     Call: ``u_star, value = layer(x)`` with ``x: (B, obs_dim)`` → ``u_star: (B, act_dim)``,
     ``value: (B,)``, in ``x``'s dtype. Solves and sensitivities run in float64.
@@ -156,6 +173,7 @@ class ArgminLayer(nn.Module):
         on_failure: Literal["mask", "raise"] = "mask",
         warm_start: bool = False,
         bake_weights: bool = False,
+        backend: Literal["threads", "ray"] = "threads",
         **solver_options,
     ):
         super().__init__()
@@ -176,6 +194,13 @@ class ArgminLayer(nn.Module):
             self._options = SolverOptions(plugin=solver, **solver_options)
         except TypeError as e:
             raise InputError(f"unknown solver option: {e}") from None
+        if backend not in ("threads", "ray"):
+            raise InputError(f"expected backend in ('threads', 'ray'), got {backend!r}")
+        if backend == "ray" and self._options.max_wall_ms:
+            raise InputError("expected backend='threads' with a wall-time limit (max_wall_ms), got backend='ray'")
+        self.backend = backend
+        self.workers = self._options.workers or min(4, os.cpu_count() or 1)
+        self._runner = None
         self.bake_weights = bool(bake_weights)
         if self.bake_weights and self.grad_mode != "none":
             raise InputError(f"expected grad_mode='none' with bake_weights=True, got {self.grad_mode!r}")
@@ -208,15 +233,21 @@ class ArgminLayer(nn.Module):
 
     def _build(self) -> None:
         """The problem and its solver, from the network's twin as it is now (its buffers are
-        constants of the twin; with ``bake_weights`` its weights too)."""
-        q_function = self.q.casadi_function(baked=self.bake_weights)
-        kw = dict(self._problem_kw)
-        if self._newton_path():
-            kw["q_batch"] = self.q.casadi_batch_function
-        if self.bake_weights and kw["shooting"] == "single" and hasattr(self.q, "numpy_derivatives"):
-            kw["q_derivatives"] = self.q.numpy_derivatives()  # the weights are constants here too
-        self.problem = ControlProblem(q_function, **kw)
-        self.solver = BatchedSolver(self.problem, self._options)
+        constants of the twin; with ``bake_weights`` its weights too). A Ray backend's actors
+        rebuild theirs from the network's ``state_dict``."""
+        self.problem = build_problem(self.q, self._problem_kw, self.bake_weights, self._newton_path())
+        runner = None
+        if self.backend == "ray":
+            if self._runner is None:
+                from qmpc.distributed import RayRunner
+
+                self._runner = RayRunner(
+                    self.workers, self.q, self._problem_kw, self._options, self.bake_weights, self._newton_path()
+                )
+            else:
+                self._runner.rebuild(self.q)
+            runner = self._runner
+        self.solver = BatchedSolver(self.problem, self._options, runner)
 
     def _newton_path(self) -> bool:
         """Horizon 1, weights as a parameter, a network with closed-form derivatives in ``u`` and a

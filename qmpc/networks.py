@@ -278,6 +278,12 @@ class QNetwork(nn.Module):
         (see :meth:`flat_parameters`)."""
         raise NotImplementedError
 
+    def __getstate__(self) -> dict:
+        """Pickles and deep copies carry the weights, not the cached CasADi twins (rebuilt on use)."""
+        state = dict(self.__dict__)
+        state.pop("_casadi_cache", None)
+        return state
+
     def casadi_function(self, kind: str = "MX", baked: bool = False) -> ca.Function:
         """``Function('q', [x, u, theta], [q])``, built once and cached.
 

@@ -57,7 +57,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Protocol
 
 import casadi as ca
 import numpy as np
@@ -183,6 +183,20 @@ class SolverOptions:
             raise InputError(f"expected workers = 1 with a wall-time limit (max_wall_ms), got workers={self.workers}")
 
 
+class ChunkRunner(Protocol):
+    """Evaluates the chunks of one batched evaluation elsewhere, e.g. on Ray actors
+    (:class:`qmpc.distributed.RayRunner`), each holding its own solver built for the same problem.
+
+    ``evaluate(name, chunks)``: ``chunks[k]`` are the arguments of :meth:`BatchedSolver.evaluate`
+    restricted to the ``k``-th part of the batch (the shared ones whole); returns, per chunk,
+    the batch-first outputs of that evaluation, in order; ``None`` if it cannot (the solver then
+    evaluates the batch itself)."""
+
+    workers: int
+
+    def evaluate(self, name: str, chunks: list[list]) -> list[list[np.ndarray]] | None: ...
+
+
 Certificate = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """``u (B, nu) -> (Q (B,), ∂Q/∂u (B, nu))`` at the batch's states: an evaluation of horizon-1
 objectives that the solve does not use (see :meth:`BatchedSolver.solve`)."""
@@ -289,8 +303,14 @@ class BatchedSolver:
     per batch size, built on first use and kept) and the derivative functions are built once.
     """
 
-    def __init__(self, problem: ControlProblem, options: SolverOptions | None = None):
+    def __init__(
+        self, problem: ControlProblem, options: SolverOptions | None = None, runner: ChunkRunner | None = None
+    ):
+        """``runner``: split batches over it (its ``workers`` parts) instead of local threads; the
+        samples that stay here (retries, single rows, batches too small to split) use this
+        solver's own instance."""
         self.problem = problem
+        self.runner = runner
         self.options = options or SolverOptions()
         if self.options.convexify == "auto":
             self.options = dataclasses.replace(self.options, convexify="eigen-clip" if problem.N == 0 else "none")
@@ -305,9 +325,10 @@ class BatchedSolver:
         lb = ca.MX.sym("lbw", P.n_w)
         ub = ca.MX.sym("ubw", P.n_w)
         zg = ca.DM.zeros(P.n_g)
-        self.workers = self.options.workers or min(4, os.cpu_count() or 1)
+        self.workers = runner.workers if runner else self.options.workers or min(4, os.cpu_count() or 1)
         # one solver instance per worker thread: CasADi releases the GIL while it solves
-        self._solvers = [self.nlpsol] + [self._nlpsol(f"qmpc_nlp_{i}", self.options) for i in range(1, self.workers)]
+        threads = 1 if runner else self.workers
+        self._solvers = [self.nlpsol] + [self._nlpsol(f"qmpc_nlp_{i}", self.options) for i in range(1, threads)]
         self._solve_one = []
         for solver in self._solvers:
             r = solver(x0=w0, lam_x0=lx0, lam_g0=lg0, p=ca.vertcat(x0, th), lbx=lb, ubx=ub, lbg=zg, ubg=zg)
@@ -332,7 +353,7 @@ class BatchedSolver:
             else self._nlpsol("qmpc_nlp_retry", dataclasses.replace(o, plugin=p, plugin_options=None), self.deadline)
             for p in plugins
         ]
-        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def _nlpsol(self, name: str, options: SolverOptions, callback: ca.Callback | None = None) -> ca.Function:
         opts = _plugin_options(options, callback)
@@ -374,7 +395,8 @@ class BatchedSolver:
 
     def evaluate(self, name: str, *args) -> list[np.ndarray]:
         """Evaluate ``solve`` or one of the problem's functions over a batch, batch first in
-        and out, split across the worker threads.
+        and out, split across the worker threads (or the :class:`ChunkRunner`'s workers: a
+        batch is split into ``min(workers, B // 8)`` parts either way).
 
         Every argument is a ``(B, n)`` array except the shared ones (``theta`` and, for
         ``solve``, the bounds). Matrix outputs come back as ``(B, rows, cols)``.
@@ -388,8 +410,14 @@ class BatchedSolver:
             return [np.asarray(o) for o in (outs if isinstance(outs, tuple | list) else [outs])]
 
         chunks = self._chunks(B)
+        if self.runner is not None and len(chunks) > 1:  # batch first in and out; None: do it here
+            parts = self.runner.evaluate(
+                name, [[a if i in shared else a[sl] for i, a in enumerate(args)] for sl in chunks]
+            )
+            if parts is not None:
+                return [np.concatenate(outs, axis=0) for outs in zip(*parts, strict=True)]
         if len(chunks) == 1 or self._pool is None:
-            parts = [run(0, chunks[0])] if len(chunks) == 1 else [run(k, c) for k, c in enumerate(chunks)]
+            parts = [run(0, c) for c in chunks]
         else:
             parts = list(self._pool.map(run, range(len(chunks)), chunks))
         base = self._base(name)

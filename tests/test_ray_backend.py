@@ -1,0 +1,122 @@
+"""``backend="ray"``: a batch split over Ray actors gives the threaded backend's results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qmpc
+from qmpc.check import linear_model, make_network, mlp_model
+
+ray = pytest.importorskip("ray")
+
+NX, NU, B = 4, 2, 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    from qmpc.distributed import connect
+
+    connect(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _pair(arch: str, horizon: int, model: str, newton: bool, bounds: str = "mixed"):
+    """The same network and problem with 2 threads and with 2 Ray actors, and 64 states."""
+    q = make_network(arch, NX, NU, 0)
+    n_p = 2 * NX if model == "mlp-tv" else 0
+    f, c = linear_model(NX, NU, 0)[:2] if model == "linear" else mlp_model(NX, NU, 0, n_p)
+    kw = dict(horizon=horizon, dynamics=f, stage_cost=c, discount=0.9, dynamics_params=n_p, newton=newton)
+    x = torch.randn(B, NX, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    wide = qmpc.ArgminLayer(q, -1e3, 1e3, tol=1e-10, workers=1, **kw)
+    wide.model_params = 0.1 * np.random.default_rng(0).normal(size=(horizon - 1) * n_p)
+    wide(x, grad_mode="none")
+    first = wide.last_result.plan[:, 0]  # a box that holds the first action at a bound for ~60 % of x
+    low, high = np.array([np.quantile(first, 0.3), -1e3]), np.array([np.quantile(first, 0.7), 1e3])
+    layers = [qmpc.ArgminLayer(q, low, high, tol=1e-10, workers=2, backend=b, **kw) for b in ("threads", "ray")]
+    p = 0.1 * np.random.default_rng(0).normal(size=(horizon - 1) * n_p)
+    for layer in layers:
+        layer.model_params = p.copy()
+    return layers, x
+
+
+def _run(layer, x, seed: int = 1):
+    """Solution, value, status, residual and the gradients in θ and x of a random functional."""
+    rng = np.random.default_rng(seed)
+    cu, cv = torch.as_tensor(rng.normal(size=(B, NU))), torch.as_tensor(rng.normal(size=B))
+    xg = x.clone().requires_grad_(True)
+    layer.q.zero_grad()
+    u, v = layer(xg)
+    ((cu * u).sum() + (cv * v).sum()).backward()
+    r = layer.last_result
+    g = torch.cat([p.grad.reshape(-1) for p in layer.q.parameters()]).numpy()
+    return {"u": u.detach().numpy(), "v": v.detach().numpy(), "status": r.status, "res": r.kkt_residual,
+            "plan": r.plan, "grad_theta": g, "grad_x": xg.grad.numpy()}  # fmt: skip
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "arch,horizon,model,newton",
+    [
+        ("PICNN", 1, "linear", False),
+        ("PICNN", 1, "linear", True),
+        ("MLPQ", 1, "linear", False),
+        ("PICNN", 3, "linear", False),
+        ("PICNN", 3, "mlp-tv", False),
+    ],
+)
+def test_ray_matches_threads(arch, horizon, model, newton):
+    (threads, on_ray), x = _pair(arch, horizon, model, newton)
+    assert on_ray.solver.runner is not None and len(on_ray.solver._chunks(B)) == 2
+    a, b = _run(threads, x), _run(on_ray, x)
+    _assert_same(a, b)
+    assert qmpc.Status.ok(a["status"]).all()
+    lbw, ubw = threads.lbw[0], threads.ubw[0]
+    assert ((a["plan"][:, 0] <= lbw) | (a["plan"][:, 0] >= ubw)).any()  # bounds are active somewhere
+
+
+def test_ray_follows_weight_and_buffer_changes():
+    """New weights travel as theta, new normalisation buffers as a state_dict (the actors rebuild)."""
+    (threads, on_ray), x = _pair("PICNN", 3, "linear", False)
+    q = threads.q
+    _run(on_ray, x)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _assert_same(_run(threads, x), _run(on_ray, x))
+    q.set_input_normalization(torch.full((NX,), 0.1, dtype=torch.float64), 0.5 * torch.eye(NX, dtype=torch.float64))
+    a, b = _run(threads, x), _run(on_ray, x)
+    _assert_same(a, b)
+    assert np.abs(a["v"] - _run(qmpc.ArgminLayer(q, threads.low, threads.high, **_kw(threads)), x)["v"]).max() < 1e-9
+
+
+def _kw(layer) -> dict:
+    k = layer._problem_kw
+    return dict(horizon=k["horizon"], dynamics=k["dynamics"], stage_cost=k["stage_cost"], discount=k["discount"],
+                tol=1e-10, workers=1, newton=False)  # fmt: skip
+
+
+def test_dead_actor_is_replaced_and_the_batch_solved_here():
+    (threads, on_ray), x = _pair("PICNN", 1, "linear", False)
+    ref = _run(threads, x)
+    ray.kill(on_ray._runner._actors[1])
+    with pytest.warns(RuntimeWarning, match="actor died"):
+        _assert_same(ref, _run(on_ray, x))
+    _assert_same(ref, _run(on_ray, x))  # new actors
+    assert len(on_ray._runner._actors) == 2
+
+
+def test_ray_backend_bad_input():
+    q = make_network("PICNN", NX, NU, 0)
+    with pytest.raises(qmpc.InputError, match="at most 2 solver actors"):
+        qmpc.ArgminLayer(q, -1.0, 1.0, workers=3, backend="ray")
+    with pytest.raises(qmpc.InputError, match="backend in"):
+        qmpc.ArgminLayer(q, -1.0, 1.0, backend="dask")
+    with pytest.raises(qmpc.InputError, match="wall-time"):
+        qmpc.ArgminLayer(q, -1.0, 1.0, workers=1, backend="ray", max_wall_ms=10.0)
