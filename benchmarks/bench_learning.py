@@ -2,21 +2,23 @@
 with the same environment-step budget and seeds, evaluating the deterministic policy every
 ``--eval-every`` steps on the same evaluation seeds.
 
-    pip install -e ".[benchmark]"
-    python benchmarks/bench_learning.py [--tasks inverted_pendulum reacher inverted_double_pendulum]
-                                        [--steps 20000] [--seeds 0] [--out benchmarks/results]
-                                        [--workers 0] [--reuse]
+    pip install -e ".[benchmark,ray]"
+    python benchmarks/bench_learning.py [--tasks inverted_pendulum inverted_double_pendulum reacher]
+                                        [--steps 10000] [--seeds 0 1 2 3 4] [--out benchmarks/results]
+                                        [--set key=value ...] [--num-cpus N | --address HOST:PORT]
 
-Prints one table (final and best evaluation return per task and method, wall time) and writes a
-plot of both learning curves per task. Returns are sums of rewards (= −total cost). qmpc runs live
-in ``--out/<task>-qmpc-seed<seed>`` and are resumed if that holds a checkpoint; SAC results are
-saved as JSON there and, with ``--reuse``, read back instead of retrained.
+Every (task, method, seed) is one trial of the sweep machinery of ``qmpc sweep`` (:mod:`qmpc.sweep`,
+Ray Tune): trials run side by side, one CPU each, and each writes ``--out/<task>-<method>/seed<s>/
+result.json``. A killed benchmark continues where it stopped: finished trials are read back, qmpc
+runs resume from their checkpoints (SAC runs start again). Prints, per task, the mean ± std over
+seeds of the final and best evaluation returns, the seeds solved (IP: 1000, IDP: 9300) in all and
+by every second evaluation, and writes the mean curves with a band across seeds. Returns are sums
+of rewards (= −total cost).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from qmpc.config import load_config
 from qmpc.env import make_env
-from qmpc.trainer import train
+from qmpc.sweep import Trial, format_table, plan_trials, plot_curves, qmpc_trial, run_sweep, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,91 +64,73 @@ def run_sac(env_id: str, steps: int, seed: int, eval_every: int, episodes: int) 
     return xs, ys, time.perf_counter() - t0
 
 
-def run_qmpc(
-    task: str, steps: int, seed: int, eval_every: int, episodes: int, out: Path, workers: int
-) -> tuple[list, list, float]:
-    """Train from the task's launch file; a run directory with a checkpoint is resumed (a finished
-    run returns at once), so a killed benchmark continues where it stopped."""
-    sets = [
-        f"solver.workers={workers}",
-        f"train.steps={steps}",
-        f"seed={seed}",
-        f"train.eval_every={eval_every}",
-        f"train.eval_episodes={episodes}",
-        f'run_dir="{out / f"{task}-qmpc-seed{seed}"}"',
-    ]
-    cfg = load_config(ROOT / "launch" / f"{task}.toml", sets)
-    s = train(cfg, resume=(cfg.resolved_run_dir() / "checkpoint.pt").exists(), progress=True)
-    return s.eval_steps, s.eval_returns, s.seconds
+def sac_trial(trial: Trial) -> dict:
+    """One SAC run as a sweep trial (the same ``result.json`` as a qmpc trial)."""
+    import torch
+
+    torch.set_num_threads(1)
+    p = trial.params
+    xs, ys, sec = run_sac(p["env_id"], p["steps"], trial.seed, p["eval_every"], p["episodes"])
+    return {"eval_steps": xs, "eval_returns": ys, "steps": p["steps"], "seconds": sec, "fail_frac": 0.0}
+
+
+def trial_fn(trial: Trial) -> dict:
+    return qmpc_trial(trial) if "launch" in trial.params else sac_trial(trial)
+
+
+SOLVED = {"InvertedPendulum-v5": 1000.0, "InvertedDoublePendulum-v5": 9300.0}
+"""Returns at which a run counts as solved (the tasks' maxima: 1000, and ~9350 for IDP)."""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=["inverted_pendulum", "reacher", "inverted_double_pendulum"])
-    ap.add_argument("--steps", type=int, default=20000)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--eval-every", type=int, default=2000)
+    ap.add_argument("--tasks", nargs="+", default=["inverted_pendulum", "inverted_double_pendulum", "reacher"])
+    ap.add_argument("--steps", type=int, default=10000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--eval-episodes", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--methods", nargs="+", default=["qmpc", "SAC"], choices=["qmpc", "SAC"])
-    ap.add_argument("--workers", type=int, default=0, help="qmpc solver threads (0: up to 4, one per core)")
-    ap.add_argument("--reuse", action="store_true", help="reuse SAC results saved by an earlier run in --out")
+    ap.add_argument("--set", action="append", default=[], help="qmpc config override (every qmpc trial)")
+    ap.add_argument("--workers", type=int, default=1, help="qmpc solver threads per trial")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    ap.add_argument("--address", default=None, help="Ray cluster HOST:PORT or 'auto' (default: a local Ray)")
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(1)  # as qmpc's train.torch_threads: small networks, no spinning threads
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, curves = [], {}
+    out = Path(args.out).resolve()
+    sets = [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}"]
+    sets += [f"train.eval_episodes={args.eval_episodes}", f"solver.workers={args.workers}", *args.set]
+    trials: dict[tuple[str, str], list[Trial]] = {}
     for task in args.tasks:
-        env_id = load_config(ROOT / "launch" / f"{task}.toml").env.id
-        for seed in args.seeds:
-            for method in args.methods:
-                saved = out / f"{task}-{method}-seed{seed}-{args.steps}.json"
-                if method == "qmpc":
-                    xs, ys, sec = run_qmpc(
-                        task, args.steps, seed, args.eval_every, args.eval_episodes, out, args.workers
-                    )
-                elif args.reuse and saved.exists():
-                    xs, ys, sec = json.loads(saved.read_text())
-                else:
-                    xs, ys, sec = run_sac(env_id, args.steps, seed, args.eval_every, args.eval_episodes)
-                    saved.write_text(json.dumps([xs, ys, sec]))
-                curves[(env_id, method, seed)] = (xs, ys)
-                rows.append((env_id, method, seed, ys[-1] if ys else float("nan"), max(ys, default=float("nan")), sec))
-                curve = ", ".join(f"{x}: {y:.1f}" for x, y in zip(xs, ys, strict=True))
-                print(
-                    f"{env_id} {method} seed {seed}: final {rows[-1][3]:.1f}, best {rows[-1][4]:.1f}, "
-                    f"{sec:.0f} s; evaluations {{{curve}}}",
-                    flush=True,
-                )
-    head = f"{'task':<28} {'method':<6} {'seed':>4} {'final return':>12} {'best return':>12} {'wall s':>8}"
-    print(
-        f"\n{args.steps} environment steps per run; evaluation every {args.eval_every} steps, "
-        f"{args.eval_episodes} episodes, deterministic policy\n{head}\n{'-' * len(head)}"
-    )
-    for r in rows:
-        print(f"{r[0]:<28} {r[1]:<6} {r[2]:>4} {r[3]:>12.1f} {r[4]:>12.1f} {r[5]:>8.0f}")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    envs = sorted({k[0] for k in curves})
-    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.5), squeeze=False)
-    for ax, env_id in zip(axes[0], envs, strict=True):
-        for (e, method, seed), (xs, ys) in curves.items():
-            if e == env_id:
-                ax.plot(xs, ys, marker="o", ms=3, label=f"{method} seed {seed}")
-        ax.set_title(env_id, fontsize=9)
-        ax.set_xlabel("environment steps")
-        ax.set_ylabel("evaluation return")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=90)
-    print(f"plot: {out / 'learning_curves.png'}")
+        launch = ROOT / "launch" / f"{task}.toml"
+        env_id = load_config(launch).env.id
+        for method in args.methods:
+            d = out / f"{task}-{method}"
+            if method == "qmpc":
+                ts = plan_trials(launch, args.seeds, sets, [], d)
+            else:
+                params = {"env_id": env_id, "steps": args.steps, "eval_every": args.eval_every}
+                ts = [
+                    Trial(f"seed{s}", s, {}, d / f"seed{s}", {**params, "episodes": args.eval_episodes})
+                    for s in args.seeds
+                ]
+            for t in ts:
+                t.grid = {"method": method}
+            trials[(env_id, method)] = ts
+    # every trial at once, on Ray Tune (finished ones are read back, unfinished ones resumed)
+    every = [t for ts in trials.values() for t in ts]
+    outcomes = run_sweep(every, out, trial_fn, address=args.address, num_cpus=args.num_cpus, resume=True)
+    by_trial = {id(o.trial): o for o in outcomes}
+    milestones = list(range(2 * args.eval_every, args.steps + 1, 2 * args.eval_every))
+    print(f"\n{args.steps} environment steps per run, seeds {args.seeds}; evaluation every {args.eval_every} steps,")
+    print(f"{args.eval_episodes} episodes, deterministic policy; mean ± std over seeds")
+    for env_id in dict.fromkeys(e for e, _ in trials):
+        group = [by_trial[id(t)] for (e, _), ts in trials.items() if e == env_id for t in ts]
+        print(f"\n{env_id}")
+        print(format_table(group, SOLVED.get(env_id), milestones if env_id in SOLVED else None))
+        name = env_id.split("-")[0].lower()
+        print(f"curves: {plot_curves(group, out / f'curves_{name}.png', title=f'{env_id}, {len(args.seeds)} seeds')}")
+    write_results(outcomes, out / "results.csv")
+    print(f"results: {out / 'results.csv'}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     qmpc check [--full]                     sensitivity checks of this installation (pass/fail table)
     qmpc collect --env ID --steps N --out DIR [--policy random|CHECKPOINT]
     qmpc train LAUNCH.toml [--set key=value ...] [--resume]
+    qmpc sweep LAUNCH.toml --seeds 0 1 2 [--grid key=v1,v2 ...] [--set ...] [--out DIR] [--resume]
     qmpc run CHECKPOINT [--episodes N] [--horizon H] [--video out.mp4] [--plot out.png]
 
 Costs, not rewards: Q is a cost-to-go (``c = −reward``) and the controller minimises it; the
@@ -111,6 +112,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from qmpc.sweep import format_table, plan_trials, plot_curves, run_sweep, write_results
+
+    _check_args(args, {"--cpus-per-trial": (0, False), "--num-cpus": (1, True)})
+    out = Path(args.out or f"runs/sweep-{Path(args.launch).stem}")
+    trials = plan_trials(args.launch, args.seeds, args.set, args.grid, out)
+    print(f"qmpc sweep: {len(trials)} trials of {args.launch} in {out}")
+    outcomes = run_sweep(
+        trials,
+        out,
+        address=args.address,
+        cpus_per_trial=args.cpus_per_trial,
+        num_cpus=args.num_cpus,
+        resume=args.resume,
+    )
+    csv_path = write_results(outcomes, out / "results.csv", args.solved_at)
+    curves = plot_curves(outcomes, out / "curves.png", title=f"{Path(args.launch).name}: {len(args.seeds)} seeds")
+    print(format_table(outcomes, args.solved_at))
+    print(f"results: {csv_path}  curves: {curves}")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from qmpc.checkpoint import load_checkpoint
     from qmpc.controller import Controller
@@ -190,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
+
+    w = sub.add_parser("sweep", help="seeds x a grid of config values, each trial a training run, on Ray Tune")
+    w.add_argument("launch", help="TOML launch file")
+    w.add_argument("--seeds", type=int, nargs="*", default=[0], help="one trial per seed and grid point")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every trial")
+    w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="one trial group per value")
+    w.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<launch>)")
+    w.add_argument("--address", default=None, help="Ray cluster: HOST:PORT or 'auto' (default: a local Ray)")
+    w.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    w.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs Ray reserves for each trial")
+    w.add_argument("--solved-at", type=float, default=None, help="return at which a trial counts as solved")
+    w.add_argument("--resume", action="store_true", help="finish the unfinished trials of an earlier sweep")
+    w.set_defaults(func=_cmd_sweep)
 
     r = sub.add_parser("run", help="run the controller of a checkpoint in closed loop")
     r.add_argument("checkpoint")

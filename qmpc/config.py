@@ -68,7 +68,11 @@ class SolverConfig:
     tol: float = field(default=1e-8, metadata={"min_exclusive": 0.0})
     """The plugin's convergence tolerance."""
     workers: int = field(default=0, metadata={"min": 0})
-    """Threads that split each batch (0: up to 4, one per core)."""
+    """Threads (or Ray actors) that split each batch (0: up to 4, one per core)."""
+    backend: str = field(default="threads", metadata={"choices": ("threads", "ray")})
+    """Where the parts of a TD-target batch are solved: ``threads`` of the training process, or
+    ``ray`` actors (``pip install -e ".[ray]"``; a local Ray, or the cluster of ``$RAY_ADDRESS``):
+    the same results, see :mod:`qmpc.distributed`."""
     warm_start: bool = True
     """Start each TD-target solve at the argmin last found at the same ``x⁺`` (kept with the
     replay buffer and its checkpoint); the target network moves slowly, so it is nearly optimal."""

@@ -66,11 +66,11 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
     with ``num_cpus`` (default: all cores). Returns the ``ray`` module. An unreachable address
     is an :class:`InputError` before Ray tries to connect."""
     ray = import_ray()
-    if ray.is_initialized():
-        return ray
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto":
         _check_reachable(address.removeprefix("ray://"))
+    if ray.is_initialized():
+        return ray
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     try:
         if address:

@@ -395,8 +395,9 @@ class BatchedSolver:
 
     def evaluate(self, name: str, *args) -> list[np.ndarray]:
         """Evaluate ``solve`` or one of the problem's functions over a batch, batch first in
-        and out, split across the worker threads (or the :class:`ChunkRunner`'s workers: a
-        batch is split into ``min(workers, B // 8)`` parts either way).
+        and out, split across the worker threads (or sent to the :class:`ChunkRunner`'s workers,
+        from 8 samples on: single rows and retries stay here); a batch is split into
+        ``min(workers, B // 8)`` parts either way.
 
         Every argument is a ``(B, n)`` array except the shared ones (``theta`` and, for
         ``solve``, the bounds). Matrix outputs come back as ``(B, rows, cols)``.
@@ -410,7 +411,7 @@ class BatchedSolver:
             return [np.asarray(o) for o in (outs if isinstance(outs, tuple | list) else [outs])]
 
         chunks = self._chunks(B)
-        if self.runner is not None and len(chunks) > 1:  # batch first in and out; None: do it here
+        if self.runner is not None and B >= 8:  # batch first in and out; None: do it here
             parts = self.runner.evaluate(
                 name, [[a if i in shared else a[sl] for i, a in enumerate(args)] for sl in chunks]
             )

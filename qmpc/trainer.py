@@ -364,8 +364,9 @@ def _train(
     solver_kw = dict(
         solver=cfg.solver.plugin, max_iter=cfg.solver.max_iter, tol=cfg.solver.tol, newton=cfg.solver.newton
     )
-    online = ArgminLayer(q, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
-    target = ArgminLayer(q_target, spec.low, spec.high, workers=cfg.solver.workers, **solver_kw)
+    batched = dict(workers=cfg.solver.workers, backend=cfg.solver.backend)
+    online = ArgminLayer(q, spec.low, spec.high, **batched, **solver_kw)
+    target = ArgminLayer(q_target, spec.low, spec.high, **batched, **solver_kw)
     # warm-started at its last action (consecutive states are close)
     actor = ArgminLayer(
         q, spec.low, spec.high, grad_mode="none", workers=1, warm_start=cfg.solver.warm_start, **solver_kw
