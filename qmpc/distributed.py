@@ -109,6 +109,12 @@ class _SolverActor:
     def remove(self, key: int) -> None:
         self.layers.pop(key, None)
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def evaluate(self, key: int, name: str, args: list, theta_key: int, theta_box: list) -> list[np.ndarray]:
         s = self.layers[key]
         if theta_key != s["theta_key"]:  # the weights changed: one read from the object store
@@ -127,9 +133,17 @@ _ACTORS: list = []
 """This process's solver actors, shared by its layers (two layers with 2 workers use 2 CPUs)."""
 
 
+_SESSION: list = [None]
+"""The Ray session the actors of :data:`_ACTORS` belong to."""
+
+
 def _actors(n: int) -> list:
-    """The first ``n`` of this process's actors, started if needed."""
+    """The first ``n`` of this process's actors, started if needed (in the current Ray session)."""
     ray = import_ray()
+    session = ray.get_runtime_context().get_job_id()
+    if session != _SESSION[0]:  # Ray was shut down and started again: the old actors are gone
+        _ACTORS.clear()
+        _SESSION[0] = session
     cls = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_SolverActor)
     while len(_ACTORS) < n:
         _ACTORS.append(cls.remote())

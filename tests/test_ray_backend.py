@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,64 @@ def test_ray_backend_bad_input():
         qmpc.ArgminLayer(q, -1.0, 1.0, backend="dask")
     with pytest.raises(qmpc.InputError, match="wall-time"):
         qmpc.ArgminLayer(q, -1.0, 1.0, workers=1, backend="ray", max_wall_ms=10.0)
+
+
+_TWO_NODES = """
+import sys
+import time
+import ray
+sys.path.insert(0, {tests!r})
+from test_ray_backend import _assert_same, _pair, _run
+from qmpc.distributed import connect
+
+connect("127.0.0.1:{port}")
+for _ in range(120):  # the second node joins
+    if len([n for n in ray.nodes() if n["Alive"]]) == 2:
+        break
+    time.sleep(1)
+(threads, on_ray), x = _pair("PICNN", 3, "linear", False)
+_assert_same(_run(threads, x), _run(on_ray, x))
+nodes = {{ray.get(a.node_id.remote()) for a in on_ray._runner._actors}}
+assert len(nodes) == 2, nodes
+print("two nodes, same results")
+"""
+
+
+def test_two_ray_nodes_on_this_machine():
+    """The multi-node path: ``ray start --head`` + ``ray start --address`` (one CPU each; ``--block``
+    so that this test stops exactly these nodes) and a process that connects to them: the two
+    actors land on different nodes and the results are still the threaded backend's."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qmpc.distributed import _check_reachable
+
+    ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    port, common = "6391", ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    nodes = []
+
+    def start(*args):
+        nodes.append(subprocess.Popen([ray_cli, "start", *args, *common], env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+
+    try:
+        start("--head", "--port", port, "--include-dashboard", "false")
+        for _ in range(120):
+            try:
+                _check_reachable(f"127.0.0.1:{port}")
+                break
+            except qmpc.InputError:
+                time.sleep(1)
+        start("--address", f"127.0.0.1:{port}")
+        script = _TWO_NODES.format(tests=str(Path(__file__).parent), port=port)
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and "two nodes, same results" in r.stdout, r.stderr[-3000:]
+    finally:
+        for p in reversed(nodes):
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=60)
