@@ -77,7 +77,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
         if address:
             ray.init(address=address, **kw)
         else:
-            ray.init(num_cpus=num_cpus, **kw)
+            ray.init(address="local", num_cpus=num_cpus, **kw)  # never a cluster left by `ray start`
     except ConnectionError as e:
         raise InputError(f"expected a running Ray cluster at {address!r}, got: {e}") from None
     return ray
