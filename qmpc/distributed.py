@@ -2,10 +2,12 @@
 
 A batch of 8 samples or more is split as the threaded backend splits it (``min(workers, B // 8)``
 parts) and each part is evaluated by one of ``workers`` Ray actors (shared by the layers of the
-process; smaller evaluations, single rows and cold retries stay in the calling process). CasADi objects are never sent (and CasADi callbacks
-do not pickle): each actor receives the network (architecture and ``state_dict``) and the layer's
-problem description once, builds its own twin, problem and solver (:func:`qmpc.bridge.build_problem`,
-the same code as the layer), and then receives
+process; smaller evaluations, single rows and cold retries stay in the calling process).
+
+CasADi objects are never sent (and CasADi callbacks do not pickle): each actor receives the
+network (architecture and ``state_dict``) and the layer's problem description once, builds its
+own twin, problem and solver (:func:`qmpc.bridge.build_problem`, the same code as the layer), and
+then receives
 
 * the flat weights ``theta`` (one float64 vector in Ray's object store) when they change, since
   they are a parameter of the problem, and
