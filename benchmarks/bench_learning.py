@@ -113,8 +113,8 @@ def main() -> None:
                     Trial(f"seed{s}", s, {}, d / f"seed{s}", {**params, "episodes": args.eval_episodes})
                     for s in args.seeds
                 ]
-            for t in ts:
-                t.grid = {"method": method}
+            for t in ts:  # names unique across tasks and methods; the table groups by method
+                t.name, t.grid = f"{task}-{method}-{t.name}", {"method": method}
             trials[(env_id, method)] = ts
     # every trial at once, on Ray Tune (finished ones are read back, unfinished ones resumed)
     every = [t for ts in trials.values() for t in ts]

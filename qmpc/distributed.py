@@ -4,10 +4,11 @@ A batch of 8 samples or more is split as the threaded backend splits it (``min(w
 parts) and each part is evaluated by one of ``workers`` Ray actors (shared by the layers of the
 process; smaller evaluations, single rows and cold retries stay in the calling process).
 
-CasADi objects are never sent (and CasADi callbacks do not pickle): each actor receives the
-network (architecture and ``state_dict``) and the layer's problem description once, builds its
-own twin, problem and solver (:func:`qmpc.bridge.build_problem`, the same code as the layer), and
-then receives
+No solver and no twin of the network is sent (CasADi callbacks do not pickle): each actor
+receives the network (architecture and ``state_dict``) and the layer's problem description once
+(horizon, bounds, and the model's ``dynamics`` and ``stage_cost``, CasADi SX/MX functions, which
+pickle), builds its own twin, problem and solver (:func:`qmpc.bridge.build_problem`, the same code
+as the layer), and then receives
 
 * the flat weights ``theta`` (one float64 vector in Ray's object store) when they change, since
   they are a parameter of the problem, and
@@ -15,7 +16,9 @@ then receives
   the weights are baked in).
 
 Each sample is evaluated by the same CasADi function on the same inputs as with threads, so the
-results (solutions, values, statuses, sensitivities) are the same to the bit.
+results (solutions, values, statuses, sensitivities) are the same (tested to 1e-12; identical to
+the bit in every case measured). An actor (or node) that is lost is replaced: the batch at hand is
+solved in the calling process, with a warning.
 
 Cluster: with no Ray running, the first layer starts a local one (all cores of this machine).
 To use a cluster, start it (``ray start --head`` on one machine, ``ray start --address HEAD:6379``
@@ -120,7 +123,7 @@ class _SolverActor:
 
     def evaluate(self, key: int, name: str, args: list, theta_key: int, theta_box: list) -> list[np.ndarray]:
         s = self.layers[key]
-        if theta_key != s["theta_key"]:  # the weights changed: one read from the object store
+        if theta_key != s["theta_key"] and any(isinstance(a, _Theta) for a in args):  # new weights
             import ray
 
             s["theta"], s["theta_key"] = ca.DM(ray.get(theta_box[0])), theta_key
@@ -143,7 +146,8 @@ _SESSION: list = [None]
 def _actors(n: int) -> list:
     """The first ``n`` of this process's actors, started if needed (in the current Ray session)."""
     ray = import_ray()
-    session = ray.get_runtime_context().get_job_id()
+    ctx = ray.get_runtime_context()
+    session = (ctx.get_job_id(), ctx.get_node_id())  # job ids start again in a new local Ray
     if session != _SESSION[0]:  # Ray was shut down and started again: the old actors are gone
         _ACTORS.clear()
         _SESSION[0] = session
@@ -151,6 +155,11 @@ def _actors(n: int) -> list:
     while len(_ACTORS) < n:
         _ACTORS.append(cls.remote())
     return _ACTORS[:n]
+
+
+START_TIMEOUT_S = 120.0
+"""How long the actors may take to start (a cluster whose CPUs are all held, e.g. by the trials of
+a sweep, would never place them)."""
 
 
 class RayRunner:
@@ -178,15 +187,33 @@ class RayRunner:
         self._spec = (problem_kw, options, bake_weights, newton)
         self._q = q
         self._actors: list | None = None
-        self._theta_obj, self._theta_key, self._theta_box = None, 0, None
-        self._start()
+        self._theta_obj, self._theta_arr, self._theta_key, self._theta_box = None, None, 0, None
+        self.calls = 0
+        """Batched evaluations done on the actors."""
+        try:
+            self._start()
+        except ray.exceptions.GetTimeoutError:
+            self._drop()
+            raise InputError(
+                f"expected {workers} free CPUs in the Ray cluster for the solver actors, got none within "
+                f"{START_TIMEOUT_S:g} s (held by other tasks, e.g. sweep trials: lower solver.workers, raise "
+                f"--cpus-per-trial, or use backend='threads')"
+            ) from None
 
     def _start(self) -> None:
         """Register this layer's problem with the actors (each builds it from the network)."""
         ray = import_ray()
         self._actors = _actors(self.workers)
-        ray.get([a.add.remote(self.key, self._q, *self._spec) for a in self._actors])
-        self._theta_obj = None  # the actors hold no weights for it yet
+        ray.get([a.add.remote(self.key, self._q, *self._spec) for a in self._actors], timeout=START_TIMEOUT_S)
+        self._theta_obj, self._theta_arr = None, None  # the actors hold no weights for it yet
+
+    def _drop(self) -> None:
+        """Stop this runner's actors (after a failure; they are replaced together on the next call)."""
+        ray = import_ray()
+        for a in self._actors or []:
+            ray.kill(a)
+        _ACTORS[:] = [a for a in _ACTORS if not any(a is b for b in self._actors or [])]
+        self._actors = None
 
     def rebuild(self, q: QNetwork) -> None:
         """The layer rebuilt its problem (buffers or baked weights changed): so do the actors."""
@@ -195,11 +222,14 @@ class RayRunner:
         if self._actors is None:
             return
         state = ray.put({k: v.detach().cpu() for k, v in q.state_dict().items()})
-        ray.get([a.load.remote(self.key, state) for a in self._actors])
+        try:
+            ray.get([a.load.remote(self.key, state) for a in self._actors])
+        except ray.exceptions.RayError:  # a lost actor: new ones get the network as it is now
+            self._drop()
 
     def evaluate(self, name: str, chunks: list[list]) -> list[list[np.ndarray]] | None:
-        """Each chunk on its own actor; ``None`` if an actor died (the solver then evaluates the
-        batch itself, and new actors are started for the next call)."""
+        """Each chunk on its own actor; ``None`` if an actor or its node was lost (the solver then
+        evaluates the batch itself, and new actors are started for the next call)."""
         ray = import_ray()
         try:
             if self._actors is None:
@@ -213,25 +243,31 @@ class RayRunner:
                 sent = [_Theta() if i in theta_pos else a for i, a in enumerate(args)]
                 actor = self._actors[k % self.workers]
                 refs.append(actor.evaluate.remote(self.key, name, sent, self._theta_key, self._theta_box))
-            return ray.get(refs)
-        except ray.exceptions.RayActorError as e:
-            warnings.warn(f"a Ray solver actor died ({e}); this batch is solved locally", RuntimeWarning, stacklevel=2)
-            for a in self._actors:  # replaced all together: the survivors are stopped
-                ray.kill(a)
-            _ACTORS[:] = [a for a in _ACTORS if not any(a is b for b in self._actors)]
-            self._actors = None
+            parts = ray.get(refs)
+            self.calls += 1
+            return parts
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, RuntimeError):  # an evaluation inside CasADi raised, as it would here
+                raise RuntimeError(str(e.cause)) from None
+            raise
+        except ray.exceptions.RayError as e:  # the actor, its worker or its node died; a timeout
+            warnings.warn(f"Ray solver actors lost ({type(e).__name__}); this batch is solved locally",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+            self._drop()
             return None
-        except ray.exceptions.RayTaskError as e:  # an evaluation inside CasADi raised there
-            raise RuntimeError(str(e)) from None
 
     def _put_theta(self, theta: ca.DM) -> None:
-        """Send the weights once per change (the layer keeps one DM per change of its weights)."""
+        """Send the weights when they change: the layer keeps one DM per change of its weights, so
+        identity settles most calls; a new DM with the same values is not sent again either."""
         if theta is self._theta_obj:
             return
         ray = import_ray()
+        arr = np.asarray(theta, dtype=float).reshape(-1)
         self._theta_obj = theta
-        self._theta_key += 1
-        self._theta_box = [ray.put(np.asarray(theta, dtype=float).reshape(-1))]
+        if self._theta_arr is not None and np.array_equal(arr, self._theta_arr):
+            return
+        self._theta_arr, self._theta_key = arr, self._theta_key + 1
+        self._theta_box = [ray.put(arr)]
 
     def close(self) -> None:
         """Drop this layer's problem from the actors."""

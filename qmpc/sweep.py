@@ -19,6 +19,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -133,7 +134,8 @@ def plan_trials(
             full = [*sets, *(f"{k}={_literal(v)}" for k, v in point.items())]
             full += [f"seed={seed}", f"run_dir={_literal(str(run_dir))}"]
             load_config(launch, full)  # validates every key and value of this trial
-            trials.append(Trial(name, seed, point, run_dir, {"launch": str(launch), "sets": full}))
+            params = {"launch": str(launch), "sets": full, "cwd": str(Path.cwd())}
+            trials.append(Trial(name, seed, point, run_dir, params))
     return trials
 
 
@@ -143,6 +145,8 @@ def qmpc_trial(trial: Trial) -> dict[str, Any]:
     from its checkpoint if it has one."""
     from qmpc.trainer import train
 
+    if trial.params.get("cwd"):  # relative paths (train.dataset) as from where the sweep was run
+        os.chdir(trial.params["cwd"])
     cfg = load_config(trial.params["launch"], trial.params["sets"])
     resume = (trial.run_dir / "checkpoint.pt").exists()
     s = train(cfg, resume=resume, progress=False, overrides=trial.params["sets"] if resume else ())
@@ -162,6 +166,7 @@ def _run_trial(config: dict, trials: dict[str, Trial], fn: Callable[[Trial], dic
     trial.run_dir.mkdir(parents=True, exist_ok=True)
     result = fn(trial)
     result.setdefault("seconds", time.perf_counter() - t0)
+    result["params"] = trial.params  # what it was run with: a trial with other params is not finished
     atomic_write(trial.run_dir / RESULT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(result)))
     return {"final_return": result["eval_returns"][-1] if result["eval_returns"] else math.nan}
 
@@ -173,8 +178,10 @@ def read_outcome(trial: Trial) -> TrialOutcome | None:
         return None
     try:
         r = json.loads(path.read_text())
+        if r.get("params") != json.loads(json.dumps(trial.params)):
+            return None  # run with other settings (e.g. fewer steps): to be resumed
         return TrialOutcome(trial, r["eval_steps"], r["eval_returns"], r["steps"], r["seconds"], r["fail_frac"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         return TrialOutcome(trial, error=f"unreadable {path}: {e}")
 
 
@@ -199,9 +206,15 @@ def run_sweep(
     out = Path(out).resolve()
     if not (isinstance(cpus_per_trial, int | float) and cpus_per_trial > 0):
         raise InputError(f"expected --cpus-per-trial > 0, got {cpus_per_trial!r}")
+    for what, keys in (("names", [t.name for t in trials]), ("run directories", [str(t.run_dir) for t in trials])):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise InputError(f"expected distinct trial {what}, got {dup[0]!r} more than once")
     existing = [t.run_dir for t in trials if t.run_dir.exists()]
     if existing and not resume:
         raise InputError(f"expected a new sweep directory, got existing trials in {out} (use --resume)")
+    for t in trials:
+        _check_resumable(t)
     ray = connect(address, num_cpus)
     total = ray.cluster_resources().get("CPU", 0)
     if cpus_per_trial > total:
@@ -215,6 +228,27 @@ def run_sweep(
         o = read_outcome(t) if t.name not in errors else None
         outcomes.append(o or TrialOutcome(t, error=errors.get(t.name, "no result (interrupted)")))
     return outcomes
+
+
+def _check_resumable(trial: Trial) -> None:
+    """A qmpc trial whose run directory holds a run must be able to resume it with the trial's
+    settings (only :data:`~qmpc.config.RESUMABLE_KEYS` may differ): a :class:`ConfigError`
+    naming the key, before any trial starts."""
+    import tomllib
+
+    from qmpc.config import resumed_config
+
+    saved = trial.run_dir / "config.toml"
+    if "sets" not in trial.params or not saved.exists() or not (trial.run_dir / "checkpoint.pt").exists():
+        return
+    try:
+        data = tomllib.loads(saved.read_text())
+    except (tomllib.TOMLDecodeError, OSError) as e:
+        raise ConfigError(f"expected a readable {saved}, got: {e}") from None
+    try:
+        resumed_config(data, trial.params["sets"])
+    except ConfigError as e:
+        raise ConfigError(f"trial {trial.name} cannot resume its run: {e}") from None
 
 
 def _tune(todo: list[Trial], trial_fn: Callable, out: Path, cpus: float) -> dict[str, str]:

@@ -70,6 +70,15 @@ def test_tiny_sweep_resumes_only_what_is_unfinished(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob(f"*/{RESULT_FILE}")} == stamps
     assert _rows(out)[0]["final_return"] == rows[0]["final_return"]
 
+    # a setting a run cannot resume with is refused by name before any trial starts
+    assert _sweep(out, "--resume", "--set", "train.batch_size=64") == 2
+    assert "train.batch_size" in capsys.readouterr().err
+    # more steps: every trial continues from its checkpoint
+    assert _sweep(out, "--resume", "--set", "train.steps=300") == 0
+    assert all(r["steps"] == "300" for r in _rows(out))
+    evals = [r for r in csv.DictReader(open(t1.run_dir / "metrics.csv")) if r["tag"] == "eval/return"]
+    assert [r["step"] for r in evals] == ["100", "200", "300"]
+
 
 def test_a_crashing_trial_is_reported_and_the_others_finish(tmp_path, capsys):
     out = tmp_path / "sweep"
@@ -100,6 +109,15 @@ def test_bad_input_is_one_line_before_any_trial(tmp_path, capsys, args, message)
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not any(out.glob("seed*"))
+
+
+def test_trials_must_have_distinct_names(tmp_path):
+    from qmpc.errors import InputError
+    from qmpc.sweep import run_sweep
+
+    a, b = plan_trials(LAUNCH, [0], TINY, [], tmp_path / "a") + plan_trials(LAUNCH, [0], TINY, [], tmp_path / "b")
+    with pytest.raises(InputError, match="distinct trial names"):
+        run_sweep([a, b], tmp_path)
 
 
 def test_empty_seed_list_is_refused(tmp_path, capsys):
