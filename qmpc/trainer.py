@@ -35,9 +35,9 @@ from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError, OutputError
 from qmpc.losses import td_loss
 from qmpc.networks import QNetwork, build_network
-from qmpc.runner import run_episodes
+from qmpc.runner import discounted_costs, run_episodes
 
-__all__ = ["MetricsLogger", "RunSummary", "evaluate", "plot_learning_curve", "train"]
+__all__ = ["Evaluation", "MetricsLogger", "RunSummary", "evaluate", "plot_learning_curve", "train"]
 
 
 class RunSummary(NamedTuple):
@@ -157,15 +157,41 @@ def build_q(cfg: Config, spec: EnvSpec) -> QNetwork:
     return q.to(getattr(torch, cfg.train.dtype))
 
 
-def evaluate(controller: Controller, env, episodes: int, seed: int) -> tuple[float, float, float]:
-    """Mean return (sum of rewards, i.e. −cost), mean length and fraction of fallback steps of
-    the greedy controller over ``episodes`` episodes."""
+class Evaluation(NamedTuple):
+    """What :func:`evaluate` measured, means over the episodes."""
+
+    ret: float
+    """Return (sum of rewards, i.e. −cost)."""
+    length: float
+    fallback_frac: float
+    """Fraction of steps that fell back to the shifted plan."""
+    q_bias: float
+    """Mean of ``Q(x_t, u_t) − G_t`` over the visited state–action pairs whose Monte-Carlo cost
+    ``G_t`` (discounted, in the trained units) is known (:func:`~qmpc.runner.discounted_costs`):
+    negative when Q is optimistic (predicts less cost than the policy incurs). NaN if none."""
+
+
+def evaluate(
+    controller: Controller, env, episodes: int, seed: int, gamma: float = 0.99, cost_scale: float = 1.0
+) -> Evaluation:
+    """The greedy controller over ``episodes`` episodes, and its Q against Monte-Carlo costs."""
     eps, _ = run_episodes(controller, env, episodes, seed=seed)
     steps = sum(e.length for e in eps)
-    return (
+    gaps = []
+    q = controller.q
+    p = next(q.parameters())
+    for e in eps:
+        g, valid = discounted_costs(cost_scale * e.costs, gamma, e.terminated)
+        if valid.any():
+            with torch.no_grad():
+                x = torch.as_tensor(e.observations[:-1][valid], dtype=p.dtype, device=p.device)
+                u = torch.as_tensor(e.actions[valid], dtype=p.dtype, device=p.device)
+                gaps.append(q(x, u).double().cpu().numpy().reshape(-1) - g[valid])
+    return Evaluation(
         float(np.mean([e.ret for e in eps])),
         float(np.mean([e.length for e in eps])),
         sum(e.fallback for e in eps) / max(1, steps),
+        float(np.mean(np.concatenate(gaps))) if gaps else float("nan"),
     )
 
 
@@ -533,7 +559,8 @@ def _train(
         if step % tc.eval_every == 0 or step == tc.steps:
             t_eval = time.perf_counter()
             q_eval.load_state_dict(q.state_dict())
-            ret, length, fallback = evaluate(evaluator, eval_env, tc.eval_episodes, cfg.seed + 10_000)
+            ev = evaluate(evaluator, eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale)
+            ret = ev.ret
             eval_ms = (time.perf_counter() - t_eval) * 1e3
             eval_steps.append(step)
             eval_returns.append(ret)
@@ -541,8 +568,9 @@ def _train(
                 step,
                 {
                     "eval/return": ret,
-                    "eval/length": length,
-                    "eval/fallback_frac": fallback,
+                    "eval/length": ev.length,
+                    "eval/fallback_frac": ev.fallback_frac,
+                    "eval/q_bias": ev.q_bias,
                     "time/eval_ms": eval_ms,
                 },
             )

@@ -237,3 +237,42 @@ def test_results_do_not_depend_on_the_solver_thread_count(tmp_path):
         runs.append(load_checkpoint(tmp_path / f"w{workers}" / "checkpoint.pt")["q"])
     for k in runs[0]:
         torch.testing.assert_close(runs[0][k], runs[1][k], rtol=0, atol=0)
+
+
+def test_discounted_costs_closed_form():
+    """A constant cost c for T steps: G_t = c (1 − γ^{T−t}) / (1 − γ); after a termination every
+    step counts, after the time limit only those whose unseen tail weighs ≤ 1 %."""
+    from qmpc.runner import discounted_costs
+
+    c, gamma, T = -0.1, 0.9, 100
+    g, valid = discounted_costs(np.full(T, c), gamma, terminated=True)
+    np.testing.assert_allclose(g, c * (1 - gamma ** (T - np.arange(T))) / (1 - gamma), rtol=1e-12)
+    assert valid.all()
+    _, valid = discounted_costs(np.full(T, c), gamma, terminated=False)
+    k = int(np.ceil(np.log(0.01) / np.log(gamma)))  # the tail γ^{T−t} ≤ 0.01 for t ≤ T − k
+    assert valid.sum() == T - k + 1 and valid[: T - k + 1].all()
+
+
+def test_evaluation_logs_the_bias_of_q_against_monte_carlo(tmp_path):
+    """``eval/q_bias`` = mean Q(x, u) − G over the evaluation's steps, in the trained units."""
+    from qmpc.controller import Controller
+    from qmpc.env import env_spec, make_env
+    from qmpc.runner import discounted_costs, run_episodes
+    from qmpc.trainer import evaluate, read_metrics
+
+    train(_online_cfg(tmp_path / "r", steps=40, gamma=0.9), progress=False)  # 100-step episodes: γ^44 < 1 %
+    m = read_metrics(tmp_path / "r" / "metrics.csv")
+    assert np.isfinite(m["eval/q_bias"][1]).all() and len(m["eval/q_bias"][0]) == 2
+    # the same number by hand on a fresh evaluation
+    ctrl = Controller.from_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    env = make_env(ctrl.env_id, seed=5)
+    ev = evaluate(ctrl, env, 2, seed=7, gamma=0.9, cost_scale=2.0)
+    eps, _ = run_episodes(ctrl, make_env(ctrl.env_id, seed=5), 2, seed=7)
+    gaps = []
+    for e in eps:
+        g, valid = discounted_costs(2.0 * e.costs, 0.9, e.terminated)
+        x = torch.as_tensor(e.observations[:-1][valid], dtype=torch.float64)
+        with torch.no_grad():
+            gaps.append(ctrl.q.double()(x, torch.as_tensor(e.actions[valid])).numpy().reshape(-1) - g[valid])
+    assert ev.q_bias == pytest.approx(np.mean(np.concatenate(gaps)), rel=1e-9)
+    assert env_spec(env).env_id == ctrl.env_id
