@@ -18,7 +18,6 @@ solve per sample plus one torch VJP for the whole batch.
 
 from __future__ import annotations
 
-import os
 from typing import Literal, NamedTuple
 
 import casadi as ca
@@ -199,7 +198,7 @@ class ArgminLayer(nn.Module):
         if backend == "ray" and self._options.max_wall_ms:
             raise InputError("expected backend='threads' with a wall-time limit (max_wall_ms), got backend='ray'")
         self.backend = backend
-        self.workers = self._options.workers or min(4, os.cpu_count() or 1)
+        self.workers = self._options.worker_count
         self._runner = None
         self.bake_weights = bool(bake_weights)
         if self.bake_weights and self.grad_mode != "none":
@@ -235,14 +234,15 @@ class ArgminLayer(nn.Module):
         """The problem and its solver, from the network's twin as it is now (its buffers are
         constants of the twin; with ``bake_weights`` its weights too). A Ray backend's actors
         rebuild theirs from the network's ``state_dict``."""
-        self.problem = build_problem(self.q, self._problem_kw, self.bake_weights, self._newton_path())
+        newton = self._newton_path()
+        self.problem = build_problem(self.q, self._problem_kw, self.bake_weights, newton)
         runner = None
         if self.backend == "ray":
             if self._runner is None:
                 from qmpc.distributed import RayRunner
 
                 self._runner = RayRunner(
-                    self.workers, self.q, self._problem_kw, self._options, self.bake_weights, self._newton_path()
+                    self.workers, self.q, self._problem_kw, self._options, self.bake_weights, newton
                 )
             else:
                 self._runner.rebuild(self.q)

@@ -160,6 +160,11 @@ class SolverOptions:
     samples that have not converged by then are ``TIMEOUT``. Needs ``workers == 1`` (a Python
     callback from several solver threads would serialise on the GIL)."""
 
+    @property
+    def worker_count(self) -> int:
+        """``workers``, with 0 resolved to ``min(4, cpu_count)``."""
+        return self.workers or min(4, os.cpu_count() or 1)
+
     def __post_init__(self) -> None:
         if self.plugin not in PLUGINS:
             raise InputError(f"expected solver plugin in {PLUGINS}, got {self.plugin!r}")
@@ -325,7 +330,7 @@ class BatchedSolver:
         lb = ca.MX.sym("lbw", P.n_w)
         ub = ca.MX.sym("ubw", P.n_w)
         zg = ca.DM.zeros(P.n_g)
-        self.workers = runner.workers if runner else self.options.workers or min(4, os.cpu_count() or 1)
+        self.workers = runner.workers if runner else self.options.worker_count
         # one solver instance per worker thread: CasADi releases the GIL while it solves
         threads = 1 if runner else self.workers
         self._solvers = [self.nlpsol] + [self._nlpsol(f"qmpc_nlp_{i}", self.options) for i in range(1, threads)]

@@ -267,7 +267,7 @@ def _tune(todo: list[Trial], trial_fn: Callable, out: Path, cpus: float) -> dict
             storage_path=str(out / ".tune"),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[_Progress(len(todo))],
+            callbacks=[_progress(len(todo))],
         ),
     )
     errors = {}
@@ -278,29 +278,24 @@ def _tune(todo: list[Trial], trial_fn: Callable, out: Path, cpus: float) -> dict
     return errors
 
 
-def _progress_class():
+def _progress(total: int):
+    """A tune.Callback (defined on use: ray is optional) printing one line per trial that ends."""
     from ray import tune
 
     class Progress(tune.Callback):
-        """One line per trial that ends."""
-
-        def __init__(self, total: int):
-            self.total, self.done = total, 0
+        def __init__(self):
+            self.done = 0
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             final = (trial.last_result or {}).get("final_return", math.nan)
-            print(f"[{self.done}/{self.total}] {trial.config['trial']}: final return {final:.1f}", flush=True)
+            print(f"[{self.done}/{total}] {trial.config['trial']}: final return {final:.1f}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            print(f"[{self.done}/{self.total}] {trial.config['trial']}: FAILED", flush=True)
+            print(f"[{self.done}/{total}] {trial.config['trial']}: FAILED", flush=True)
 
-    return Progress
-
-
-def _Progress(total: int):  # a class made on first use: ray is optional
-    return _progress_class()(total)
+    return Progress()
 
 
 # -- reporting --------------------------------------------------------------------------------
