@@ -121,9 +121,10 @@ class TrainConfig:
     """Discount ``γ``."""
     tau: float = field(default=0.005, metadata={"min_exclusive": 0.0, "max": 1.0})
     """Polyak rate of the target network: ``θ' ← (1 − τ) θ' + τ θ``."""
-    target: str = field(default="semi", metadata={"choices": ("semi", "residual", "double")})
+    target: str = field(default="semi", metadata={"choices": ("semi", "residual", "double", "double_detached")})
     """TD target mode: ``semi`` (detached target network), ``residual`` (through the min),
-    ``double`` (online argmin scored by the target network, through ``u*``)."""
+    ``double`` (online argmin scored by the target network, through ``u*``), ``double_detached``
+    (the same target with ``u*`` detached, as Double DQN)."""
     learning_starts: int = field(default=1000, metadata={"min": 0})
     """Online: random actions for this many steps before learning starts."""
     updates_per_step: int = field(default=1, metadata={"min": 1})

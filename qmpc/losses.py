@@ -11,6 +11,8 @@
 * ``double``: ``u* = argmin_v Q(x⁺, v)`` of the online network, evaluated by the target network,
   ``Q_target(x⁺, u*)``; the gradient flows into the online network through ``u*``
   (``implicit`` mode), because here ``∂Q_target/∂u · ∂u*/∂θ`` does not vanish.
+* ``double_detached``: the same target ``Q_target(x⁺, u*)`` with ``u*`` detached (Double DQN's
+  target for a continuous action): the ablation that tells what the gradient through ``u*`` adds.
 
 Samples whose solve failed are masked out of the mean and counted; they never reach the loss.
 """
@@ -30,8 +32,8 @@ from qmpc.solver import Status
 
 __all__ = ["TD_MODES", "TDMode", "TDResult", "td_loss"]
 
-TDMode = Literal["semi", "residual", "double"]
-TD_MODES = ("semi", "residual", "double")
+TDMode = Literal["semi", "residual", "double", "double_detached"]
+TD_MODES = ("semi", "residual", "double", "double_detached")
 
 
 class TDResult(NamedTuple):
@@ -76,8 +78,10 @@ def td_loss(
         _, v = online_layer(xn, grad_mode="envelope", w0=w0)
         res = online_layer.last_result
     else:
-        u_star, _ = online_layer(xn, grad_mode="implicit", w0=w0)
-        v = q_target(xn, u_star)
+        detached = mode == "double_detached"
+        with torch.set_grad_enabled(not detached):
+            u_star, _ = online_layer(xn, grad_mode="none" if detached else "implicit", w0=w0)
+            v = q_target(xn, u_star)
         res = online_layer.last_result
     ok = torch.as_tensor(Status.ok(res.status), device=x.device)
     y = c + gamma * (1.0 - term) * v

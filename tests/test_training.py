@@ -58,6 +58,32 @@ def test_td_gradient_matches_finite_differences(mode):
         assert abs(g @ d - fd) <= 1e-6 * (1 + abs(fd))
 
 
+def test_double_detached_is_double_without_the_path_through_u_star():
+    """``double_detached`` has ``double``'s loss and target, and the gradient of ``(Q(x, u) − y)²``
+    with ``y = c + γ Q_target(x⁺, u*)`` held fixed; ``double`` adds a term through ``∂u*/∂θ``."""
+    q, q_t = make_network("PICNN", 3, 2, seed=1), make_network("PICNN", 3, 2, seed=2)
+    online, target = (qmpc.ArgminLayer(n, -0.5, 0.5, tol=1e-12) for n in (q, q_t))
+    b = _tiny_batch()
+    out = {}
+    for mode in ("double_detached", "double"):
+        q.zero_grad()
+        res = td_loss(q, q_t, online, target, b, 0.9, mode)
+        res.loss.backward()
+        out[mode] = res, _flat_grad(q)
+        if mode == "double_detached":
+            assert all(p.grad is None for p in q_t.parameters())
+    (r_d, g_d), (r_dd, g_dd) = out["double"], out["double_detached"]
+    assert r_dd.loss.item() == pytest.approx(r_d.loss.item(), rel=1e-12)
+    assert r_dd.target_mean == pytest.approx(r_d.target_mean, rel=1e-12)
+    with torch.no_grad():
+        u_star, _ = online(b.next_obs)
+        y = b.cost + 0.9 * (1 - b.terminated) * q_t(b.next_obs, u_star)
+    q.zero_grad()
+    ((q(b.obs, b.act) - y) ** 2).mean().backward()
+    np.testing.assert_allclose(g_dd, _flat_grad(q), rtol=1e-5, atol=1e-10)  # float32 costs in the batch
+    assert np.linalg.norm(g_d - g_dd) > 1e-3 * np.linalg.norm(g_dd)  # the term through u* is there
+
+
 def test_semi_target_is_detached_and_terminated_does_not_bootstrap():
     q, q_t = make_network("PICNN", 3, 2, seed=1), make_network("PICNN", 3, 2, seed=2)
     online = qmpc.ArgminLayer(q, -1, 1)
@@ -73,7 +99,7 @@ def test_semi_target_is_detached_and_terminated_does_not_bootstrap():
     assert y[1] == b.cost[1]  # the terminated sample
 
 
-@pytest.mark.parametrize("mode", ["semi", "residual", "double"])
+@pytest.mark.parametrize("mode", ["semi", "residual", "double", "double_detached"])
 def test_failed_solves_are_masked_and_counted(mode):
     """Some samples fail (one SQP iteration, no retry): the loss and its gradient are those of
     the usable samples alone, as if the failed ones were not in the batch."""
