@@ -54,9 +54,10 @@ class NetworkConfig:
     state_dependent_curvature: bool = True
     """QuadraticQ only: the curvature in u depends on x (False: a constant matrix)."""
     obs_normalization: str = field(default="none", metadata={"choices": ("none", "standardize", "whiten")})
-    """Fixed input normalisation from the offline dataset's states: ``standardize`` (per-dimension
-    mean and std) or ``whiten`` (mean and covariance; decorrelates, e.g., positions and velocities).
-    Offline mode only."""
+    """Fixed input normalisation of the states: ``standardize`` (per-dimension mean and std) or
+    ``whiten`` (mean and covariance; decorrelates, e.g., positions and velocities). Its statistics
+    come from the offline dataset, or online from the states of the random-action phase
+    (``train.learning_starts``), fixed from then on."""
 
 
 @dataclass

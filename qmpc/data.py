@@ -329,13 +329,15 @@ def _stored_episodes(data_dir: Path) -> int | None:
 
 def input_normalization(obs: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """``(shift, transform)`` with ``x̃ = transform @ (x − shift)`` from states ``obs (N, nx)``:
-    ``standardize`` (mean, 1/std) or ``whiten`` (mean, inverse Cholesky factor of the covariance)."""
+    ``standardize`` (mean, 1/std; a dimension that does not vary, std ≤ 1e-6, is left unscaled) or
+    ``whiten`` (mean, inverse Cholesky factor of the covariance)."""
     obs = np.asarray(obs, np.float64)
     if obs.ndim != 2 or obs.shape[0] < 2:
         raise InputError(f"expected at least 2 states to normalise with, got shape {obs.shape}")
     mean = obs.mean(axis=0)
     if kind == "standardize":
-        return mean, np.diag(1.0 / np.maximum(obs.std(axis=0), 1e-6))
+        std = obs.std(axis=0)
+        return mean, np.diag(np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 1.0))
     if kind == "whiten":
         cov = np.cov(obs.T).reshape(obs.shape[1], obs.shape[1])
         cov += 1e-9 * max(1.0, np.trace(cov)) * np.eye(obs.shape[1])

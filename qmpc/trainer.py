@@ -372,10 +372,11 @@ def _train(
         )
         if cfg.network.obs_normalization != "none":
             q.set_input_normalization(*input_normalization(data["obs"][:n], cfg.network.obs_normalization))
-    elif cfg.network.obs_normalization != "none":
+    elif cfg.network.obs_normalization != "none" and tc.learning_starts < 2:
         raise ConfigError(
-            f"expected network.obs_normalization = 'none' in online mode (its statistics come from the "
-            f"offline dataset), got {cfg.network.obs_normalization!r}"
+            f"expected train.learning_starts >= 2 with network.obs_normalization = "
+            f"{cfg.network.obs_normalization!r} online (its statistics come from the states of the random-action "
+            f"phase), got {tc.learning_starts}"
         )
     q_target = copy.deepcopy(q)
     dyn, dyn_opt, dyn_ready = None, None, False
@@ -487,6 +488,11 @@ def _train(
     )
     while step < tc.steps:
         t_step = time.perf_counter()
+        if tc.mode == "online" and step == tc.learning_starts and cfg.network.obs_normalization != "none":
+            # fixed from the states of the random-action phase (before Q acts or learns)
+            norm = input_normalization(buffer.obs[: len(buffer)], cfg.network.obs_normalization)
+            for net in (q, q_target):
+                net.set_input_normalization(*norm)
         # 1. act and store (online)
         if tc.mode == "online":
             if step < tc.learning_starts:
