@@ -1,10 +1,10 @@
 """Learning quality, side by side: qmpc (online, from its launch file) and Stable-Baselines3 SAC
-with the same environment-step budget and seeds, evaluating the deterministic policy every
-``--eval-every`` steps on the same evaluation seeds.
+with the same environment-step budget (each launch file's ``train.steps`` unless ``--steps``) and
+seeds, evaluating the deterministic policy every ``--eval-every`` steps on the same evaluation seeds.
 
     pip install -e ".[benchmark,ray]"
     python benchmarks/bench_learning.py [--tasks inverted_pendulum inverted_double_pendulum reacher]
-                                        [--steps 10000] [--seeds 0 1 2 3 4] [--out benchmarks/results]
+                                        [--steps N] [--seeds 0 1 2 3 4] [--out benchmarks/results]
                                         [--set key=value ...] [--num-cpus N | --address HOST:PORT]
 
 Every (task, method, seed) is one trial of the sweep machinery of ``qmpc sweep`` (:mod:`qmpc.sweep`,
@@ -85,7 +85,7 @@ SOLVED = {"InvertedPendulum-v5": 1000.0, "InvertedDoublePendulum-v5": 9300.0}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["inverted_pendulum", "inverted_double_pendulum", "reacher"])
-    ap.add_argument("--steps", type=int, default=10000)
+    ap.add_argument("--steps", type=int, default=None, help="every task's budget (default: its launch file's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--eval-episodes", type=int, default=5)
@@ -97,18 +97,21 @@ def main() -> None:
     ap.add_argument("--address", default=None, help="Ray cluster HOST:PORT or 'auto' (default: a local Ray)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
-    sets = [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}"]
-    sets += [f"train.eval_episodes={args.eval_episodes}", f"solver.workers={args.workers}", *args.set]
+    sets = [f"train.eval_every={args.eval_every}", f"train.eval_episodes={args.eval_episodes}"]
+    sets += [f"solver.workers={args.workers}", *args.set]
     trials: dict[tuple[str, str], list[Trial]] = {}
+    budget: dict[str, int] = {}
     for task in args.tasks:
         launch = ROOT / "launch" / f"{task}.toml"
-        env_id = load_config(launch).env.id
+        cfg = load_config(launch)
+        env_id, steps = cfg.env.id, args.steps or cfg.train.steps
+        budget[env_id] = steps
         for method in args.methods:
             d = out / f"{task}-{method}"
             if method == "qmpc":
-                ts = plan_trials(launch, args.seeds, sets, [], d)
+                ts = plan_trials(launch, args.seeds, [f"train.steps={steps}", *sets], [], d)
             else:
-                params = {"env_id": env_id, "steps": args.steps, "eval_every": args.eval_every}
+                params = {"env_id": env_id, "steps": steps, "eval_every": args.eval_every}
                 ts = [
                     Trial(f"seed{s}", s, {}, d / f"seed{s}", {**params, "episodes": args.eval_episodes})
                     for s in args.seeds
@@ -120,14 +123,14 @@ def main() -> None:
     every = [t for ts in trials.values() for t in ts]
     outcomes = run_sweep(every, out, trial_fn, address=args.address, num_cpus=args.num_cpus, resume=True)
     by_trial = {id(o.trial): o for o in outcomes}
-    milestones = list(range(2 * args.eval_every, args.steps + 1, 2 * args.eval_every))
-    print(f"\n{args.steps} environment steps per run, seeds {args.seeds}; evaluation every {args.eval_every} steps,")
-    print(f"{args.eval_episodes} episodes, deterministic policy; mean ± std over seeds")
+    print(f"\nseeds {args.seeds}; evaluation every {args.eval_every} steps, {args.eval_episodes} episodes,")
+    print("deterministic policy; mean ± std over seeds")
     for env_id in dict.fromkeys(e for e, _ in trials):
         group = [by_trial[id(t)] for (e, _), ts in trials.items() if e == env_id for t in ts]
-        print(f"\n{env_id}")
+        milestones = list(range(2 * args.eval_every, budget[env_id] + 1, 2 * args.eval_every))
+        print(f"\n{env_id}, {budget[env_id]} environment steps per run")
         print(format_table(group, SOLVED.get(env_id), milestones if env_id in SOLVED else None))
-        name = env_id.split("-")[0].lower()
+        name = env_id.split("-")[0].split("/")[-1].lower()
         print(f"curves: {plot_curves(group, out / f'curves_{name}.png', title=f'{env_id}, {len(args.seeds)} seeds')}")
     write_results(outcomes, out / "results.csv")
     print(f"results: {out / 'results.csv'}")

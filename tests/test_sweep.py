@@ -123,3 +123,21 @@ def test_trials_must_have_distinct_names(tmp_path):
 def test_empty_seed_list_is_refused(tmp_path, capsys):
     assert _sweep(tmp_path / "s", seeds=()) == 2
     assert "at least one seed" in capsys.readouterr().err
+
+
+def test_learning_benchmark_runs_with_a_tiny_budget(tmp_path):
+    """``benchmarks/bench_learning.py`` end to end (qmpc only: SAC needs the benchmark extra) on
+    qmpc's own task, whose id holds a slash."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_learning.py"
+    sets = [a for s in TINY if not s.startswith(("train.steps", "train.eval")) for a in ("--set", s)]
+    args = ["--tasks", "point_mass", "--seeds", "0", "--methods", "qmpc", "--steps", "200", "--eval-every", "100"]
+    args += ["--eval-episodes", "1", "--out", str(tmp_path), "--num-cpus", "1", *sets]
+    out = subprocess.run([sys.executable, str(bench), *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "qmpc/PointMass-v0, 200 environment steps per run" in out.stdout
+    assert (tmp_path / "curves_pointmass.png").exists()
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 1 and int(rows[0]["steps"]) == 200
