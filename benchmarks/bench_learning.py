@@ -12,7 +12,8 @@ Ray Tune): trials run side by side, one CPU each, and each writes ``--out/<task>
 result.json``. A killed benchmark continues where it stopped: finished trials are read back, qmpc
 runs resume from their checkpoints (SAC runs start again). Prints, per task, the mean ± std over
 seeds of the final and best evaluation returns, the seeds solved (IP: 1000, IDP: 9300) in all and
-by every second evaluation, and writes the mean curves with a band across seeds. Returns are sums
+by every second evaluation, and writes, per task, the mean curves with a band across seeds
+(``curves_<task>.png``) and one row per trial (``results_<task>.csv``). Returns are sums
 of rewards (= −total cost).
 """
 
@@ -132,8 +133,7 @@ def main() -> None:
         print(format_table(group, SOLVED.get(env_id), milestones if env_id in SOLVED else None))
         name = env_id.split("-")[0].split("/")[-1].lower()
         print(f"curves: {plot_curves(group, out / f'curves_{name}.png', title=f'{env_id}, {len(args.seeds)} seeds')}")
-    write_results(outcomes, out / "results.csv")
-    print(f"results: {out / 'results.csv'}")
+        print(f"results: {write_results(group, out / f'results_{name}.csv', SOLVED.get(env_id))}")
 
 
 if __name__ == "__main__":

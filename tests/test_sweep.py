@@ -139,5 +139,5 @@ def test_learning_benchmark_runs_with_a_tiny_budget(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "qmpc/PointMass-v0, 200 environment steps per run" in out.stdout
     assert (tmp_path / "curves_pointmass.png").exists()
-    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "results_pointmass.csv").open()))
     assert len(rows) == 1 and int(rows[0]["steps"]) == 200
