@@ -234,7 +234,8 @@ def collect(env, policy, steps: int, out: str | Path, seed: int = 0, algorithm: 
             )
         )
         ep += 1
-    root = Path(tempfile.mkdtemp(prefix=".minari-", dir=out.parent))
+    # absolute: Minari 0.5.4 joins a relative root with itself when it sizes the written file
+    root = Path(tempfile.mkdtemp(prefix=".minari-", dir=out.parent)).resolve()
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(root)
     try:

@@ -232,6 +232,16 @@ def test_checkpoint_errors(tmp_path):
         ctrl.check_task("InvertedPendulum-v5", 4, 1)
 
 
+def test_dataset_at_a_relative_path(tmp_path, monkeypatch):
+    """``qmpc collect --out data/x`` and ``qmpc demo`` (``runs/demo``) pass relative paths: Minari
+    0.5.4 joined a relative dataset root with itself and could not find the file it wrote."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    collect(make_env("qmpc/PointMass-v0", seed=0), lambda o: rng.uniform(-2, 2, 2), 60, Path("runs/ds"), seed=0)
+    assert load_minari("runs/ds", 4, 2, "qmpc/PointMass-v0")["obs"].shape == (60, 4)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ds"]  # no temporary root left
+
+
 def test_dataset_roundtrip_and_errors(tmp_path):
     env = make_env("qmpc/PointMass-v0", seed=0)
     rng = np.random.default_rng(0)
