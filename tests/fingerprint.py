@@ -1,0 +1,72 @@
+"""Fingerprint of a training run: a SHA-256 of every tensor of its final checkpoint's networks
+(Q, target, dynamics model, optimisers) and its evaluation returns, to prove a refactor
+bit-identical (``tests/test_bit_identical.py``; the full launch-file runs in the closing notes).
+
+    python tests/fingerprint.py launch/inverted_pendulum.toml [--set key=value ...] --out FP.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qmpc.checkpoint import load_checkpoint
+from qmpc.config import load_config
+from qmpc.trainer import read_metrics, train
+
+
+def digest(obj) -> str:
+    """SHA-256 of the raw bytes of every tensor/array in ``obj`` (nested dicts/lists, key order)."""
+    h = hashlib.sha256()
+
+    def walk(o, key=""):
+        if isinstance(o, dict):
+            for k in sorted(o, key=str):
+                walk(o[k], f"{key}/{k}")
+        elif isinstance(o, list | tuple):
+            for i, v in enumerate(o):
+                walk(v, f"{key}/{i}")
+        elif isinstance(o, torch.Tensor):
+            h.update(key.encode())
+            h.update(o.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(o, np.ndarray):
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(o).tobytes())
+        elif isinstance(o, int | float | bool | str) or o is None:
+            h.update(f"{key}={o!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def fingerprint(launch: str, overrides: list[str]) -> dict:
+    cfg = load_config(launch, overrides)
+    s = train(cfg, progress=False)
+    ck = load_checkpoint(s.run_dir / "checkpoint.pt")
+    m = read_metrics(s.run_dir / "metrics.csv")
+    out = {
+        "eval_steps": [int(v) for v in s.eval_steps],
+        "eval_returns": [float(v) for v in s.eval_returns],
+        "q": digest(ck["q"]),
+        "q_target": digest(ck["q_target"]),
+        "optimizer": digest(ck["optimizer"]["state"]),
+        "model": digest(ck["model"]["state"]) if "model" in ck else None,
+        "td_loss": [float(v) for v in m["train/td_loss"][1]] if "train/td_loss" in m else [],
+    }
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("launch")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    fp = fingerprint(a.launch, a.set)
+    Path(a.out).write_text(json.dumps(fp, indent=1))
+    print(json.dumps({k: v for k, v in fp.items() if k != "td_loss"}, indent=1))
