@@ -168,8 +168,9 @@ def main() -> None:
                 flush=True,
             )
             if args.codegen and model_name != "linear" and shooting != "single":  # no callbacks in C
-                L = ctrl.layer
-                codegen_rows(L.problem, L._problem_theta(), L.lbw, L.ubw, xs, f"  {env_id} H={horizon} {model_name}")
+                P = ctrl.planner.problem
+                theta = ctrl.planner.problem_theta()
+                codegen_rows(P, theta, P.lbw, P.ubw, xs, f"  {env_id} H={horizon} {model_name}")
         for model_name in (f"learned MLP {mh}", "linear"):
             r = p50s[(model_name, "multiple")] / p50s[(model_name, "single")]
             print(f"  {env_id} H=10 {model_name}: single shooting is {r:.1f}x faster than multiple (p50)")
@@ -191,7 +192,7 @@ def main() -> None:
                     continue
                 p50, p99, mx = percentiles(time_controller(ctrl, xs))
                 model_name = "-" if horizon == 1 else "learned (trained)"
-                shooting = "-" if horizon == 1 else ctrl.layer.problem.shooting
+                shooting = "-" if horizon == 1 else ctrl.problem.shooting
                 print(
                     f"{env_id:<20} {'models/' + shipped.name:<22} {horizon:>3} {model_name:<22} {shooting:<9} "
                     f"{p50:>7.2f} {p99:>7.2f} {mx:>7.2f} {ctrl.stats['fallback']:>8}   "

@@ -47,7 +47,7 @@ def main() -> None:
         for h, shooting in [(hh, s) for hh in args.horizons for s in (args.shooting if hh > 1 else ["-"])]:
             kw = {"shooting": shooting} if h > 1 else {}
             ctrl = Controller.from_checkpoint(path, horizon=h, model=args.model, **kw)
-            shooting = ctrl.layer.problem.shooting if h > 1 else "-"
+            shooting = ctrl.problem.shooting if h > 1 else "-"
             eps, _ = run_episodes(ctrl, make_env(env_id), args.episodes, seed=args.seed)
             rets = np.array([e.ret for e in eps])
             ms = np.concatenate([e.solve_ms for e in eps])

@@ -79,13 +79,13 @@ def main() -> None:
             on_ray = ArgminLayer(q, -1.0, 1.0, workers=w, backend="ray", **kw)
             t_threads = time_layer(threads, x, args.reps)
             t_ray = time_layer(on_ray, x, args.reps)
-            used = len({ray.get(a.node_id.remote()) for a in on_ray._runner._actors})
+            used = len({ray.get(a.node_id.remote()) for a in on_ray.solver.runner._actors})
             print(
                 f"{name:<28} {w:>7} {t_threads:>11.1f} {t_ray:>9.1f} {t_ray - t_threads:>+14.1f} "
                 f"{t_ray / t_threads:>6.2f} {used:>6}",
                 flush=True,
             )
-            on_ray._runner.close()
+            on_ray.planner.close()
 
 
 if __name__ == "__main__":

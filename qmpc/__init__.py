@@ -16,7 +16,8 @@ from qmpc.bridge import ArgminLayer, LayerResult
 from qmpc.controller import Controller
 from qmpc.errors import ConfigError, InputError, QmpcError, SolverError, UnsupportedLayerError
 from qmpc.networks import MLPQ, PICNN, QNetwork, QuadraticQ
-from qmpc.problem import ControlProblem
+from qmpc.planner import Planner
+from qmpc.problem import ControlProblem, MPCSpec
 from qmpc.solver import BatchedSolver, SolveResult, SolverOptions, Status
 
 __version__ = "0.1.0"
@@ -31,6 +32,8 @@ __all__ = [
     "Controller",
     "InputError",
     "LayerResult",
+    "MPCSpec",
+    "Planner",
     "QNetwork",
     "QmpcError",
     "QuadraticQ",

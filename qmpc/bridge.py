@@ -4,7 +4,7 @@
 ``x`` with CasADi and returns the first action and the optimal value (for horizon 1 with a PICNN,
 batches are first solved at once by the batched projected Newton of :mod:`qmpc.newton` on the
 network's closed-form derivatives, and certified by the torch network itself; CasADi takes the
-samples that fail). Its backward needs two things only (see DESIGN.md):
+samples that fail). Its backward needs two things only (the math is in the docs' sensitivity guide):
 
 * the **value gradient** (envelope theorem): ``dV/dθ = γ^N ∂Q/∂θ`` at the solution, and
   ``dV/dx = ∂L/∂x``;
@@ -18,43 +18,56 @@ solve per sample plus one torch VJP for the whole batch.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import casadi as ca
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 from qmpc.errors import InputError, SolverError
 from qmpc.networks import QNetwork
-from qmpc.problem import ControlProblem
+from qmpc.planner import Planner, as_bounds
+from qmpc.problem import ControlProblem, MPCSpec
 from qmpc.solver import Adjoint, BatchedSolver, SolveResult, SolverOptions, Status
 
-__all__ = ["ArgminLayer", "GradMode", "LayerResult"]
-
-NEWTON_MIN_BATCH = 8
-"""Batches of at least this many states go to the batched Newton (when it applies): measured on an
-InvertedPendulum-sized PICNN, one plugin solve per sample was faster up to 4 states (1.7 against
-2.1 ms for one), the Newton from 8 (3.4 against 6.5 ms; 16: 3.4 against 10.1 ms)."""
-NEWTON_MIN_WEIGHTS = 16384
-"""Networks with at least this many weights use the batched Newton for any batch: with weights
-that change between calls (the actor of a training run) one state took 5.2 ms by the Newton
-against 7.7 ms by the plugin on a HalfCheetah-sized PICNN (24831 weights: the plugin needs them
-as a CasADi DM, ~2 ms to convert), and 3.8 against 2.8 ms on an InvertedPendulum-sized one."""
-
-NEWTON_VALUE_TOL = 0.1
-"""Without gradients (``grad_mode="none"``, a TD target's value) the batched Newton stops at a
-residual of this fraction of ``kkt_tol`` (the certificate's threshold; the value is then exact to
-about residual² / curvature) instead of ``tol``: measured on a HalfCheetah-sized batch of 256
-warm-started after a small change of the weights, 8.0 → 6.1 ms."""
+__all__ = ["ArgminLayer", "GradMode", "LayerResult", "Tally"]
 
 GradMode = Literal["implicit", "envelope", "none"]
-_GRAD_MODES = ("implicit", "envelope", "none")
+GRAD_MODES = ("implicit", "envelope", "none")
+_SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(MPCSpec)) - {"low", "high"}
 
 
-class LayerResult(NamedTuple):
-    """What the last call of an :class:`ArgminLayer` did (numpy, batch first)."""
+class Tally:
+    """Counts of a layer's samples, safe to add to from several threads: ``solves``, ``failed``,
+    ``retried`` (by the forward), ``singular`` and ``weakly_active`` (by the implicit backward,
+    through the call's :meth:`LayerResult.set_adjoint`)."""
+
+    KEYS = ("solves", "failed", "retried", "singular", "weakly_active")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(self.KEYS, 0)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                self._counts[k] += int(v)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+@dataclass
+class LayerResult:
+    """What one call of an :class:`ArgminLayer` did (numpy, batch first). Returned by
+    ``layer(x, return_result=True)``; :attr:`ArgminLayer.last_result` is the latest call's."""
 
     plan: np.ndarray
     """``(B, n_w)``: the whole solution ``w*`` (actions ``u_0..u_N``, then, with multiple shooting,
@@ -71,6 +84,18 @@ class LayerResult(NamedTuple):
     """``(B, n_g)`` dynamics multipliers."""
     x0: np.ndarray | None = None
     """``(B, obs_dim)`` the states that were solved for."""
+    adjoint: Adjoint | None = None
+    """Set by the implicit backward of this call: its ``singular`` mask and ``weak`` counts say
+    which samples had no ``∂u*`` (zero) and how many weakly active bounds each had."""
+    tally: Tally | None = dataclasses.field(default=None, repr=False)
+    """The layer's counts, which :meth:`set_adjoint` adds to."""
+
+    def set_adjoint(self, adjoint: Adjoint) -> None:
+        """Record the adjoint of this call's backward (and count its singular and weakly active
+        samples in the layer's :class:`Tally`)."""
+        self.adjoint = adjoint
+        if self.tally is not None:
+            self.tally.add(singular=adjoint.singular.sum(), weakly_active=(adjoint.weak > 0).sum())
 
     @property
     def status_tensor(self) -> torch.Tensor:
@@ -88,251 +113,133 @@ class LayerResult(NamedTuple):
         return int((self.status == Status.RETRIED).sum())
 
 
-def build_problem(q: QNetwork, problem_kw: dict, bake_weights: bool, newton_path: bool) -> ControlProblem:
-    """The :class:`ControlProblem` of ``q``'s twin as it is now, with the layer's ``problem_kw``
-    (horizon, dynamics…): what an :class:`ArgminLayer` and each of its Ray actors build."""
-    q_function = q.casadi_function(baked=bake_weights)
-    kw = dict(problem_kw)
-    if newton_path:
-        kw["q_batch"] = q.casadi_batch_function
-    if bake_weights and kw["shooting"] == "single" and hasattr(q, "numpy_derivatives"):
-        kw["q_derivatives"] = q.numpy_derivatives()  # the weights are constants here too
-    return ControlProblem(q_function, **kw)
+@dataclass(frozen=True)
+class _Solved:
+    """Everything the backward of one call needs, fixed at the forward: the problem and solver
+    the solve used (a later rebuild does not change them), its solution and parameters, and the
+    network's structure and buffers (its weights are the Function's inputs)."""
 
-
-def _as_bounds(v, act_dim: int, name: str) -> np.ndarray:
-    if isinstance(v, int | float):
-        v = np.full(act_dim, float(v))
-    a = v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=float)
-    if a.shape != (act_dim,):
-        raise InputError(f"expected {name} of shape ({act_dim},), got {a.shape}")
-    if np.isnan(a).any():
-        raise InputError(f"expected {name} without NaN, got {a}")
-    return a
+    problem: ControlProblem
+    solver: BatchedSolver
+    lock: Any
+    q: nn.Module
+    theta: ca.DM | np.ndarray
+    x64: np.ndarray
+    res: SolveResult
+    result: LayerResult
+    mode: str
+    param_names: tuple[str, ...]
+    buffer_names: tuple[str, ...]
+    buffers: tuple[torch.Tensor, ...]
 
 
 class ArgminLayer(nn.Module):
-    """Differentiable ``u*(x), V(x) = argmin / min_u Q_θ(x, u)`` subject to ``low ≤ u ≤ high``.
+    """Differentiable ``u*(x), V(x) = argmin / min_u Q_θ(x, u)`` subject to ``low ≤ u ≤ high``,
+    or, with a horizon ``H > 1``, the MPC plan of an :class:`~qmpc.problem.MPCSpec` (``H`` actions,
+    ``H − 1`` steps of its ``dynamics`` with its ``stage_cost``, Q as the cost-to-go of the last
+    state–action pair, discounted); it returns the first action and the optimal value.
 
-    With ``horizon=H > 1`` it solves the MPC problem with ``H`` actions, ``H − 1`` steps of
-    ``dynamics`` with ``stage_cost`` (a cost: ``−reward``) and ``Q`` as the cost-to-go of the
-    last state–action pair, discounted by ``discount``; it returns the first action and the
-    optimal value. ``horizon=1`` is the same code with no model steps.
+    ``ArgminLayer(q, spec)`` with an :class:`~qmpc.problem.MPCSpec`, or ``ArgminLayer(q, low,
+    high, horizon=…, dynamics=…, …)`` with the spec's fields as keywords.
 
     Args:
         q: a :class:`~qmpc.networks.QNetwork` (its CasADi twin is built once, here).
-        low, high: action bounds, shape ``(act_dim,)`` (±inf allowed, ``low ≤ high``).
-        horizon: number of actions in the plan.
-        dynamics: CasADi ``Function(x, u) -> x⁺`` (``horizon > 1``).
-        stage_cost: CasADi ``Function(x, u) -> c`` (``horizon > 1``).
-        discount: ``γ ∈ (0, 1]``.
-        dynamics_params: ``n_p > 0`` for a time-varying ``dynamics(x, u, p)``; the controller
-            sets the ``(N · n_p,)`` vector :attr:`model_params` before each call (no gradient
-            flows to it).
+        low: an :class:`~qmpc.problem.MPCSpec`, or the lower action bounds ``(act_dim,)`` (a
+            number, array or tensor; ``−inf`` allowed).
+        high: the upper action bounds (with ``low`` as bounds), ``low ≤ high``.
         grad_mode: ``"implicit"`` (∂u*/∂θ, ∂u*/∂x and ∂V), ``"envelope"`` (value gradient only;
             ``u_star`` is detached) or ``"none"``. Can be overridden per call.
-        solver: NLP plugin, ``"sqpmethod"`` (default) or ``"ipopt"``.
-        on_failure: ``"mask"`` (failed samples get zero gradient and are counted in
-            :attr:`last_result`) or ``"raise"`` (:class:`~qmpc.errors.SolverError`).
+        on_failure: ``"mask"`` (failed samples get zero gradient and are counted in the call's
+            :class:`LayerResult`) or ``"raise"`` (:class:`~qmpc.errors.SolverError`).
         warm_start: start each solve from the previous call's solution when the batch size
             matches (useful for repeated solves on the same batch, e.g. in MPC).
-        shooting: ``multiple`` (default; the predicted states are variables) or ``single`` (they
-            are eliminated; solves only, ``grad_mode="none"``): see :mod:`qmpc.problem`.
-        dynamics_derivatives: a :class:`~qmpc.problem.StageDerivatives` of ``dynamics`` for
-            single shooting (default: CasADi's automatic differentiation).
         bake_weights: build the problem with the network's weights as constants
             (``grad_mode="none"`` only; the controller's fast path). The problem is rebuilt
-            when the weights change (``load_state_dict``, an optimiser step), so it never acts
-            on stale weights.
+            when the weights change, so it never acts on stale weights.
         backend: where the parts of a batch are solved: ``"threads"`` (``workers`` threads of this
-            process) or ``"ray"`` (``workers`` Ray actors, each with its own solver built from
-            the network's ``state_dict``; :mod:`qmpc.distributed`). The results are the same.
-        **solver_options: fields of :class:`~qmpc.solver.SolverOptions` (``max_iter``, ``tol``,
-            ``workers``…).
+            process) or ``"ray"`` (``workers`` Ray actors; :mod:`qmpc.distributed`).
+        **options: the :class:`~qmpc.problem.MPCSpec` fields (``horizon``, ``dynamics``,
+            ``stage_cost``, ``discount``, ``dynamics_params``, ``shooting``,
+            ``dynamics_derivatives``) when ``low`` is not a spec, and the fields of
+            :class:`~qmpc.solver.SolverOptions` (``solver`` names its ``plugin``; ``max_iter``,
+            ``tol``, ``workers``…).
 
     Call: ``u_star, value = layer(x)`` with ``x: (B, obs_dim)`` → ``u_star: (B, act_dim)``,
-    ``value: (B,)``, in ``x``'s dtype. Solves and sensitivities run in float64.
+    ``value: (B,)``, in ``x``'s dtype. Solves and sensitivities run in float64. A layer may be
+    called from several threads (the solves run one at a time).
     """
 
     def __init__(
         self,
         q: QNetwork,
-        low: torch.Tensor | np.ndarray | float,
-        high: torch.Tensor | np.ndarray | float,
+        low: MPCSpec | torch.Tensor | np.ndarray | float,
+        high: torch.Tensor | np.ndarray | float | None = None,
         *,
-        horizon: int = 1,
-        dynamics: ca.Function | None = None,
-        stage_cost: ca.Function | None = None,
-        discount: float = 1.0,
-        dynamics_params: int = 0,
-        shooting: str = "multiple",
-        dynamics_derivatives=None,
         grad_mode: GradMode = "implicit",
-        solver: str = "sqpmethod",
         on_failure: Literal["mask", "raise"] = "mask",
         warm_start: bool = False,
         bake_weights: bool = False,
         backend: Literal["threads", "ray"] = "threads",
-        **solver_options,
+        **options: Any,
     ):
         super().__init__()
         if not isinstance(q, QNetwork):
             raise InputError(f"expected q to be a qmpc QNetwork (QuadraticQ, PICNN, MLPQ…), got {type(q).__name__}")
         self.q = q
-        self.low = _as_bounds(low, q.act_dim, "low")
-        self.high = _as_bounds(high, q.act_dim, "high")
-        if (self.low > self.high).any():
-            i = int(np.flatnonzero(self.low > self.high)[0])
-            raise InputError(f"expected low <= high, got low[{i}]={self.low[i]} > high[{i}]={self.high[i]}")
-        self.grad_mode = self._check_mode(grad_mode)
+        spec = _spec_of(q, low, high, {k: options.pop(k) for k in list(options) if k in _SPEC_FIELDS})
+        self.grad_mode = _check_mode(grad_mode)
         if on_failure not in ("mask", "raise"):
             raise InputError(f"expected on_failure in ('mask', 'raise'), got {on_failure!r}")
         self.on_failure = on_failure
         self.warm_start = bool(warm_start)
         try:
-            self._options = SolverOptions(plugin=solver, **solver_options)
+            opts = SolverOptions(plugin=options.pop("solver", "sqpmethod"), **options)
         except TypeError as e:
             raise InputError(f"unknown solver option: {e}") from None
-        if backend not in ("threads", "ray"):
-            raise InputError(f"expected backend in ('threads', 'ray'), got {backend!r}")
-        if backend == "ray" and self._options.max_wall_ms:
-            raise InputError("expected backend='threads' with a wall-time limit (max_wall_ms), got backend='ray'")
-        self.backend = backend
-        self.workers = self._options.worker_count
-        self._runner = None
-        self.bake_weights = bool(bake_weights)
-        if self.bake_weights and self.grad_mode != "none":
+        if bake_weights and self.grad_mode != "none":
             raise InputError(f"expected grad_mode='none' with bake_weights=True, got {self.grad_mode!r}")
-        self._problem_kw = {
-            "horizon": horizon,
-            "dynamics": dynamics,
-            "stage_cost": stage_cost,
-            "discount": discount,
-            "dynamics_params": dynamics_params,
-            "shooting": shooting,
-            "dynamics_derivatives": dynamics_derivatives,
-        }
-        self._params = tuple(q.parameters())
-        self._shapes = tuple(p.shape for p in self._params)  # the structure the twin is built for
-        self._synced: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], ca.DM | None] | None = None
-        self._names: tuple[list[str], list[str]] | None = None
-        self._sync()  # builds the problem and its solver
+        self.planner = Planner(q, spec, opts, bake_weights=bake_weights, backend=backend)
         if self.problem.shooting == "single" and self.grad_mode != "none":
             raise InputError(
                 f"expected grad_mode='none' with shooting='single' (sensitivities need shooting='multiple'), "
                 f"got {self.grad_mode!r}"
             )
-        self.model_params = np.zeros(self.problem.n_theta - self.problem.n_theta_q)
-        self.lbw, self.ubw = self.problem.bounds(self.low, self.high)
         self.last_result: LayerResult | None = None
-        self.last_adjoint: Adjoint | None = None
-        """The adjoint of the last implicit backward: its ``singular`` mask and ``weak`` counts say
-        which samples had no ``∂u*`` (zero) and how many weakly active bounds each had."""
-        self.counters = {"solves": 0, "failed": 0, "retried": 0, "singular": 0, "weakly_active": 0}
+        """The result of the latest call (from any thread): :class:`LayerResult`."""
+        self.tally = Tally()
 
-    def _build(self) -> None:
-        """The problem and its solver, from the network's twin as it is now (its buffers are
-        constants of the twin; with ``bake_weights`` its weights too). A Ray backend's actors
-        rebuild theirs from the network's ``state_dict``."""
-        newton = self._newton_path()
-        self.problem = build_problem(self.q, self._problem_kw, self.bake_weights, newton)
-        runner = None
-        if self.backend == "ray":
-            if self._runner is None:
-                from qmpc.distributed import RayRunner
-
-                self._runner = RayRunner(
-                    self.workers, self.q, self._problem_kw, self._options, self.bake_weights, newton
-                )
-            else:
-                self._runner.rebuild(self.q)
-            runner = self._runner
-        self.solver = BatchedSolver(self.problem, self._options, runner)
-
-    def _newton_path(self) -> bool:
-        """Horizon 1, weights as a parameter, a network with closed-form derivatives in ``u`` and a
-        vectorised twin (PICNN), and ``SolverOptions.newton``: solve by the batched Newton."""
-        return (
-            self._options.newton
-            and self._problem_kw["horizon"] == 1
-            and not self.bake_weights
-            and getattr(self.q, "vectorized_twin", False)
-            and hasattr(self.q, "action_oracle")
-        )
-
-    def _read_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """The network's parameters and buffers, re-read in one walk over its modules (a replaced
-        Parameter or submodule is picked up), with the shapes the layer was built for."""
-        params: list[torch.Tensor] = []
-        buffers: list[torch.Tensor] = []
-        for m in self.q.modules():
-            params.extend(p for p in m._parameters.values() if p is not None)
-            buffers.extend(b for b in m._buffers.values() if b is not None)
-        shapes = tuple(p.shape for p in params)
-        if shapes != self._shapes:
-            raise InputError(
-                f"expected the parameter shapes the layer was built for, {[tuple(s) for s in self._shapes]}, "
-                f"got {[tuple(s) for s in shapes]}"
-            )
-        return tuple(params), tuple(buffers)
-
-    def _sync(self) -> None:
-        """Follow every change of the network's values, however it was made (an optimiser step,
-        ``p.data.copy_`` of a Polyak update, ``load_state_dict``, a replaced Parameter, a changed
-        buffer such as the input normalisation): the values are compared with a copy, not torch's
-        version counters (which ``.data`` writes do not bump). On a change: the weights as float64
-        numpy (:attr:`_theta64`, by name :attr:`_weights64`; the DM is converted when needed), the
-        problem rebuilt if the buffers (or baked weights) changed. Raises on NaN/Inf weights or
-        buffers."""
-        params, buffers = self._read_weights()
-        self._params = params
-        last = self._synced
-        if last is not None and _same(params, last[0]) and _same(buffers, last[1]):
-            return
-        with torch.no_grad():
-            theta = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params]).numpy()
-            bufs = [b.detach().to("cpu", torch.float64).numpy() for b in buffers]
-        if not (np.isfinite(theta).all() and all(np.isfinite(b).all() for b in bufs)):
-            self._check_finite()  # names the tensor
-        if last is None or self.bake_weights or not _same(buffers, last[1]):
-            self._build()
-        self._synced = (tuple(p.detach().clone() for p in params), tuple(b.detach().clone() for b in buffers), None)
-        self._theta64 = np.zeros(0) if self.bake_weights else theta
-        self._weights64 = self._named_arrays(theta, bufs)
-
-    def _theta_dm(self) -> ca.DM:
-        """The synced weights as a CasADi DM, converted once per change (~2 ms for 25k weights)."""
-        if self._synced[2] is None:
-            self._synced = (*self._synced[:2], ca.DM(self._theta64))
-        return self._synced[2]
-
-    def _named_arrays(self, theta: np.ndarray, buffers: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """float64 arrays by ``state_dict`` name: views into ``theta``, and the buffers."""
-        if self._names is None:  # the structure is fixed (shapes are checked at every sync)
-            self._names = ([n for n, _ in self.q.named_parameters()], [n for n, _ in self.q.named_buffers()])
-        out, off = {}, 0
-        for name, shape in zip(self._names[0], self._shapes, strict=True):
-            n = int(np.prod(shape))
-            out[name] = theta[off : off + n].reshape(shape)
-            off += n
-        out.update(zip(self._names[1], buffers, strict=True))
-        return out
-
-    def _check_finite(self) -> None:
-        for kind, named in (("weights", self.q.named_parameters()), ("buffers", self.q.named_buffers())):
-            for name, t in named:
-                if not torch.isfinite(t).all():
-                    raise InputError(f"expected finite network {kind}, got NaN/Inf in {name!r}")
-
-    @staticmethod
-    def _check_mode(mode: str) -> str:
-        if mode not in _GRAD_MODES:
-            raise InputError(f"expected grad_mode in {_GRAD_MODES}, got {mode!r}")
-        return mode
+    # -- what the layer solves (the planner's) -------------------------------------------------
+    spec = property(lambda self: self.planner.spec, doc="The :class:`~qmpc.problem.MPCSpec`.")
+    problem = property(lambda self: self.planner.problem, doc="The current :class:`~qmpc.problem.ControlProblem`.")
+    solver = property(lambda self: self.planner.solver, doc="The current :class:`~qmpc.solver.BatchedSolver`.")
+    low = property(lambda self: self.planner.spec.low, doc="``(act_dim,)`` lower action bounds.")
+    high = property(lambda self: self.planner.spec.high, doc="``(act_dim,)`` upper action bounds.")
+    lbw = property(lambda self: self.planner.problem.lbw, doc="``(n_w,)`` lower bounds of the plan.")
+    ubw = property(lambda self: self.planner.problem.ubw, doc="``(n_w,)`` upper bounds of the plan.")
+    horizon = property(lambda self: self.planner.spec.horizon, doc="Actions in the plan.")
+    backend = property(lambda self: self.planner.backend, doc="``threads`` or ``ray``.")
+    workers = property(lambda self: self.planner.workers, doc="Threads or Ray actors per batch.")
+    bake_weights = property(lambda self: self.planner.bake_weights, doc="Whether the weights are baked.")
 
     @property
-    def horizon(self) -> int:
-        return self.problem.horizon
+    def counters(self) -> dict[str, int]:
+        """Samples solved, failed and retried by this layer's calls, and found singular or with
+        weakly active bounds by their backwards (a snapshot of :attr:`tally`)."""
+        return self.tally.snapshot()
+
+    @property
+    def last_adjoint(self) -> Adjoint | None:
+        """The adjoint of the latest call's implicit backward (``last_result.adjoint``)."""
+        return None if self.last_result is None else self.last_result.adjoint
+
+    @property
+    def model_params(self) -> np.ndarray:
+        """``(N · n_p,)`` parameters of a time-varying model (no gradient flows to them)."""
+        return self.planner.model_params
+
+    @model_params.setter
+    def model_params(self, value: np.ndarray) -> None:
+        self.planner.model_params = value
 
     # -- validation ---------------------------------------------------------------------
     def _validate(self, x: torch.Tensor) -> None:
@@ -348,201 +255,194 @@ class ArgminLayer(nn.Module):
             rows = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().tolist()
             raise InputError(f"expected finite x, got NaN/Inf in rows {rows[:10]}")
 
-    # -- forward ------------------------------------------------------------------------
-    def solve(self, x: np.ndarray, w0: np.ndarray | None = None) -> SolveResult:
-        """Solve without torch or autograd: ``x (B, obs_dim)`` and ``w0 (B, n_w)`` float64 numpy,
-        already validated by the caller (the controller's per-step path); updates
-        :attr:`last_result` and the counters like a call."""
-        return self._solve(x, w0)[0]
+    def _check_w0(self, w0, B: int) -> np.ndarray | None:
+        if w0 is None:
+            return None
+        w0 = w0.detach().cpu().double().numpy() if isinstance(w0, torch.Tensor) else np.asarray(w0, float)
+        if w0.shape != (B, self.problem.n_w) or not np.isfinite(w0).all():
+            raise InputError(f"expected finite w0 of shape ({B}, {self.problem.n_w}), got {w0.shape}")
+        return w0
 
+    # -- forward ------------------------------------------------------------------------
     def forward(
-        self, x: torch.Tensor, *, grad_mode: GradMode | None = None, w0: torch.Tensor | np.ndarray | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Solve for every row of ``x (B, obs_dim)``; returns ``(u_star (B, act_dim), value (B,))``.
+        self,
+        x: torch.Tensor,
+        *,
+        grad_mode: GradMode | None = None,
+        w0: torch.Tensor | np.ndarray | None = None,
+        return_result: bool = False,
+    ):
+        """Solve for every row of ``x (B, obs_dim)``; returns ``(u_star (B, act_dim), value (B,))``,
+        and with ``return_result`` this call's :class:`LayerResult` as a third element.
 
         ``w0 (B, n_w)`` is an optional initial guess for the whole plan (for ``horizon=1``:
         the action).
         """
-        mode = self._check_mode(grad_mode or self.grad_mode)
+        mode = _check_mode(grad_mode or self.grad_mode)
         self._validate(x)
-        theta = self._problem_theta(x.shape[0])  # follows the network's current values; checks them
-        if w0 is not None:
-            w0 = w0.detach().cpu().double().numpy() if isinstance(w0, torch.Tensor) else np.asarray(w0, float)
-            if w0.shape != (x.shape[0], self.problem.n_w) or not np.isfinite(w0).all():
-                raise InputError(f"expected finite w0 of shape ({x.shape[0]}, {self.problem.n_w}), got {w0.shape}")
-        params = self._params
-        if mode != "none" and torch.is_grad_enabled() and self.problem.shooting == "single":
+        w0 = self._check_w0(w0, x.shape[0])
+        grads = mode != "none" and torch.is_grad_enabled()
+        if grads and self.problem.shooting == "single":
             raise InputError(f"expected grad_mode='none' with shooting='single', got {mode!r}")
-        if mode == "none" or not torch.is_grad_enabled():
-            with torch.no_grad():  # values only
-                u, v = _ArgminFunction.apply(self, "none", w0, theta, x, *params)
-            return u, v
-        u, v = _ArgminFunction.apply(self, mode, w0, theta, x, *params)
-        return (u.detach() if mode == "envelope" else u), v
+        x64 = x.detach().cpu().double().numpy()
+        with self.planner.lock:  # the solve and the state the backward reads, consistently
+            res, theta, result = self._solve(x64, w0, values_only=not grads)
+            params = self.planner.params
+            problem, solver = self.planner.problem, self.planner.solver
+        u = torch.as_tensor(res.w[:, problem.u_slice(0)], dtype=x.dtype, device=x.device)
+        v = torch.as_tensor(res.value, dtype=x.dtype, device=x.device)
+        if grads:
+            solved = _Solved(
+                problem,
+                solver,
+                self.planner.lock,
+                self.q,
+                theta,
+                x64,
+                res,
+                result,
+                mode,
+                tuple(n for n, _ in self.q.named_parameters()),
+                tuple(n for n, _ in self.q.named_buffers()),
+                tuple(b for _, b in self.q.named_buffers()),
+            )
+            u, v = _ArgminFunction.apply(solved, x, *params)
+            u = u.detach() if mode == "envelope" else u
+        return (u, v, result) if return_result else (u, v)
 
-    def _problem_theta(self, batch: int = 0) -> ca.DM | np.ndarray:
-        """The problem's parameter vector: the network's weights (none when baked), then
-        :attr:`model_params`. For a ``batch`` that the batched Newton solves, a numpy vector: the
-        solver converts it to a DM only if a sample falls back to the plugin."""
-        self._sync()
-        if self._newton_batch(batch):
-            return self._theta64
-        theta = self._theta_dm()
-        if self.model_params.size:
-            p = np.asarray(self.model_params, dtype=np.float64)
-            if p.shape != (self.problem.n_theta - self.problem.n_theta_q,) or not np.isfinite(p).all():
-                raise InputError(f"expected finite model_params of shape {self.model_params.shape}, got {p.shape}")
-            theta = ca.vertcat(theta, ca.DM(p))
-        return theta
+    def solve(self, x: np.ndarray, w0: np.ndarray | None = None) -> SolveResult:
+        """Solve without torch or autograd: ``x (B, obs_dim)`` and ``w0 (B, n_w)`` float64 numpy,
+        already validated by the caller; updates :attr:`last_result` and the counters like a call."""
+        with self.planner.lock:
+            return self._solve(x, w0, values_only=True)[0]
 
-    def _newton_batch(self, batch: int) -> bool:
-        """Whether a batch of this size goes to the batched Newton (see :data:`NEWTON_MIN_BATCH`)."""
-        big = batch >= NEWTON_MIN_BATCH or self.problem.n_theta_q >= NEWTON_MIN_WEIGHTS
-        return self.problem.batched and big
-
-    def _solve(
-        self,
-        x64: np.ndarray,
-        w0: np.ndarray | None,
-        theta: ca.DM | np.ndarray | None = None,
-        mode: str = "none",
-    ) -> tuple[SolveResult, ca.DM | np.ndarray]:
-        theta = self._problem_theta(x64.shape[0]) if theta is None else theta
+    def _solve(self, x64: np.ndarray, w0: np.ndarray | None, values_only: bool):
         lam_x0 = lam_g0 = None
         last = self.last_result
         if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
             w0, lam_x0, lam_g0 = last.plan, last.lam_x, last.lam_g
-        fast = {}
-        if self._newton_batch(x64.shape[0]):  # the closed form proposes, the network itself certifies
-            fast = {"oracle": self.q.action_oracle(x64, self._weights64), "certificate": self._certificate(x64)}
-            if mode == "none":  # values only (a TD target): the certificate's threshold decides
-                fast["newton_tol"] = max(self._options.tol, NEWTON_VALUE_TOL * self._options.kkt_tol)
-        res = self.solver.solve(x64, theta, self.lbw, self.ubw, w0=w0, lam_x0=lam_x0, lam_g0=lam_g0, **fast)
-        self.last_result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g, x64)
-        self.counters["solves"] += x64.shape[0]
-        self.counters["failed"] += self.last_result.num_failed
-        self.counters["retried"] += self.last_result.num_retried
-        if self.on_failure == "raise" and self.last_result.num_failed:
+        res, theta = self.planner.solve(x64, w0, lam_x0, lam_g0, values_only=values_only)
+        result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g, x64)
+        result.tally = self.tally
+        self.last_result = result
+        self.tally.add(solves=x64.shape[0], failed=result.num_failed, retried=result.num_retried)
+        if self.on_failure == "raise" and result.num_failed:
             bad = np.flatnonzero(~Status.ok(res.status))
             names = [Status(int(s)).name for s in res.status[bad[:5]]]
             raise SolverError(
                 f"{bad.size} of {x64.shape[0]} solves failed (samples {bad[:5].tolist()}: {names}; "
                 f"KKT residuals {res.kkt_residual[bad[:5]].tolist()})"
             )
-        return res, theta
-
-    def _certificate(self, x64: np.ndarray):
-        """``u -> (Q(x, u), ∂Q/∂u)`` by the torch network itself in float64 on the CPU, with the
-        weights of the solve: the independent evaluation that certifies the batched Newton's
-        solutions (measured on a HalfCheetah-sized batch of 256: ~2 ms; the vectorised CasADi
-        twin took ~33 ms)."""
-        weights = {n: torch.from_numpy(a) for n, a in self._weights64.items()}
-        x = torch.from_numpy(x64)
-
-        def value_grad(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            ut = torch.from_numpy(u).requires_grad_(True)
-            with torch.enable_grad():
-                qv = functional_call(self.q, weights, (x, ut))
-                (g,) = torch.autograd.grad(qv.sum(), ut)
-            return qv.detach().numpy(), g.numpy()
-
-        return value_grad
+        return res, theta, result
 
     def plan(self) -> dict[str, np.ndarray]:
-        """The last solution split into ``actions (B, H, nu)`` and ``states (B, H − 1, nx)``."""
+        """The latest solution split into ``actions (B, H, nu)`` and ``states (B, H − 1, nx)``."""
         if self.last_result is None:
             raise InputError("expected a solve before plan(), got none")
-        P, w = self.problem, self.last_result.plan
-        B = w.shape[0]
-        acts = w[:, : (P.N + 1) * P.nu].reshape(B, P.N + 1, P.nu)
-        if P.shooting == "single":  # the states are the model's rollout of the actions
-            theta = self._problem_theta()  # with the model parameters of a time-varying model
-            x0 = self.last_result.x0
-            states = np.stack([np.asarray(P.states(w[i], x0[i], theta)).reshape(P.N, P.nx) for i in range(B)])
-        else:
-            states = w[:, (P.N + 1) * P.nu :].reshape(B, P.N, P.nx)
-        return {"actions": acts, "states": states}
+        return self.planner.plan(self.last_result.plan, self.last_result.x0)
 
 
-def _same(now: tuple[torch.Tensor, ...], copies: tuple[torch.Tensor, ...]) -> bool:
-    """Whether tensors hold the same values as their copies (False on NaN)."""
-    return len(now) == len(copies) and all(torch.equal(a, b) for a, b in zip(now, copies, strict=True))
+def _check_mode(mode: str) -> str:
+    if mode not in GRAD_MODES:
+        raise InputError(f"expected grad_mode in {GRAD_MODES}, got {mode!r}")
+    return mode
+
+
+def _spec_of(q: QNetwork, low, high, fields: dict) -> MPCSpec:
+    """The layer's :class:`MPCSpec`: ``low`` itself, or built from the bounds and ``fields``."""
+    if isinstance(low, MPCSpec):
+        if high is not None or fields:
+            raise InputError(f"expected an MPCSpec alone, got high and/or {sorted(fields)} with it")
+        as_bounds(low.low, q.act_dim, "low")  # the network's action size
+        return low
+    if high is None:
+        raise InputError("expected low and high (or an MPCSpec), got no high")
+    return MPCSpec(as_bounds(low, q.act_dim, "low"), as_bounds(high, q.act_dim, "high"), **fields)
 
 
 class _ArgminFunction(torch.autograd.Function):
+    """Tensors in (``x`` and the network's parameters) and a frozen :class:`_Solved` context,
+    tensors out (the first action and the value). Once differentiable: a double backward raises."""
+
     @staticmethod
-    def forward(ctx, layer: ArgminLayer, mode: str, w0, theta: ca.DM, x: torch.Tensor, *params: torch.Tensor):
-        x64 = x.detach().cpu().double().numpy()
-        res, theta = layer._solve(x64, w0, theta, mode)
-        ctx.layer, ctx.mode, ctx.res, ctx.theta, ctx.x64, ctx.x_dtype = layer, mode, res, theta, x64, x.dtype
+    def forward(ctx, solved: _Solved, x: torch.Tensor, *params: torch.Tensor):
+        ctx.solved, ctx.x_dtype = solved, x.dtype
         if any(ctx.needs_input_grad):  # the parameters and buffers the solve used (checked by torch)
-            ctx.names = [n for n, _ in layer.q.named_parameters()]
-            named_buffers = list(layer.q.named_buffers())
-            ctx.buffer_names = [n for n, _ in named_buffers]
-            ctx.save_for_backward(*params, *(b for _, b in named_buffers))
-        P = layer.problem
-        u = torch.as_tensor(res.w[:, P.u_slice(0)], dtype=x.dtype, device=x.device)
-        v = torch.as_tensor(res.value, dtype=x.dtype, device=x.device)
+            ctx.save_for_backward(*params, *solved.buffers)
+        u = torch.as_tensor(solved.res.w[:, solved.problem.u_slice(0)], dtype=x.dtype, device=x.device)
+        v = torch.as_tensor(solved.res.value, dtype=x.dtype, device=x.device)
         return u, v
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gu: torch.Tensor, gv: torch.Tensor):
-        """No side effects on the result (``last_result`` keeps the solver's statuses); the
-        layer's counters add the singular and weakly active samples of this backward. A NaN/Inf
-        in the incoming gradient of a usable sample propagates as NaN (as through any torch
-        op); it never silently drops the batch's implicit gradient."""
-        layer, res, P = ctx.layer, ctx.res, ctx.layer.problem
+        """A NaN/Inf in the incoming gradient of a usable sample propagates as NaN (as through any
+        torch op); it never silently drops the batch's implicit gradient. The adjoint goes on the
+        call's :class:`LayerResult` (``adjoint``)."""
+        s, P = ctx.solved, ctx.solved.problem
         saved = ctx.saved_tensors
-        params, buffers = saved[: len(ctx.names)], saved[len(ctx.names) :]
-        usable = Status.ok(res.status)
-        a, b = _adjoint(ctx, gu, usable)
+        params, buffers = saved[: len(s.param_names)], saved[len(s.param_names) :]
+        usable = Status.ok(s.res.status)
+        a, b = _adjoint(s, gu, usable)
         vbar = np.where(usable, gv.detach().cpu().double().numpy(), 0.0) if gv is not None else np.zeros(len(usable))
-        need_x = ctx.needs_input_grad[4]
+        need_x = ctx.needs_input_grad[1]
         dev = params[0].device if params else (gv if gv is not None else gu).device
-        # Q term: s = γ^N Σ_b [ v̄_b Q(z_b) − a_zbᵀ ∇_z Q(z_b) ],  z = (x_N, u_N) at the solution.
-        with torch.enable_grad():
-            uq = torch.as_tensor(res.w[:, P.u_slice(P.N)], dtype=torch.float64, device=dev).requires_grad_(True)
-            if P.N == 0:
-                xq = torch.as_tensor(ctx.x64, device=dev).requires_grad_(need_x)
-            else:
-                xq = torch.as_tensor(res.w[:, P.x_slice(P.N)], device=dev).requires_grad_(True)
-            p64 = {n: t.to(torch.float64) for n, t in zip(ctx.buffer_names, buffers, strict=True)}
-            p64.update({n: t.to(torch.float64) for n, t in zip(ctx.names, params, strict=True)})
-            qv = functional_call(layer.q, p64, (xq, uq))
-            s = (torch.as_tensor(vbar, device=dev) * qv).sum()
-            if np.any(a != 0):  # NaN != 0: a NaN seed is not dropped
-                zs = [uq] if P.N == 0 else [xq, uq]
-                az = [a[:, P.u_slice(P.N)]] if P.N == 0 else [a[:, P.x_slice(P.N)], a[:, P.u_slice(P.N)]]
-                grads = torch.autograd.grad(qv.sum(), zs, create_graph=True)
-                for gz, ai in zip(grads, az, strict=True):
-                    s = s - (gz * torch.as_tensor(ai, device=dev)).sum()
-            s = P.discount**P.N * s
-            wrt = [p for p in params if p.requires_grad]
-            if need_x and P.N == 0:
-                wrt = [*wrt, xq]
-            g = torch.autograd.grad(s, wrt, allow_unused=True) if wrt and s.requires_grad else [None] * len(wrt)
-        it = iter(g)
-        pgrads = [(next(it) if p.requires_grad else None) for p in params]
-        pgrads = [gr if gr is None else gr.to(p.dtype) for gr, p in zip(pgrads, params, strict=True)]
+        pgrads, xq_grad = _q_term_grads(s, params, buffers, a, vbar, need_x, dev)
         xgrad = None
         if need_x:
             if P.N == 0:
-                xgrad = next(it)
-                xgrad = torch.zeros_like(xq) if xgrad is None else xgrad
+                xgrad = xq_grad
             else:
-                (xb,) = layer.solver.evaluate("x_adjoint", res.w, ctx.x64, ctx.theta, res.lam_g, a, b, vbar[:, None])
+                with s.lock:
+                    xb = s.solver.x_adjoint(s.res.w, s.x64, s.theta, s.res.lam_g, a, b, vbar[:, None])
                 xgrad = torch.as_tensor(xb, device=dev)
             xgrad = xgrad.to(ctx.x_dtype)
-        return (None, None, None, None, xgrad, *pgrads)
+        return (None, xgrad, *pgrads)
 
 
-def _adjoint(ctx, gu: torch.Tensor | None, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _q_term_grads(s: _Solved, params, buffers, a: np.ndarray, vbar: np.ndarray, need_x: bool, dev):
+    """The gradients of the Q term ``γ^N Σ_b [v̄_b Q(z_b) − a_zbᵀ ∇_z Q(z_b)]``, ``z = (x_N, u_N)``
+    at the solution: one batched double-backward through the torch network. Returns the
+    parameters' gradients (None where not needed) and, for horizon 1, ``x̄``."""
+    P, res = s.problem, s.res
+    with torch.enable_grad():
+        uq = torch.as_tensor(res.w[:, P.u_slice(P.N)], dtype=torch.float64, device=dev).requires_grad_(True)
+        if P.N == 0:
+            xq = torch.as_tensor(s.x64, device=dev).requires_grad_(need_x)
+        else:
+            xq = torch.as_tensor(res.w[:, P.x_slice(P.N)], device=dev).requires_grad_(True)
+        p64 = {n: t.to(torch.float64) for n, t in zip(s.buffer_names, buffers, strict=True)}
+        p64.update({n: t.to(torch.float64) for n, t in zip(s.param_names, params, strict=True)})
+        qv = functional_call(s.q, p64, (xq, uq))
+        total = (torch.as_tensor(vbar, device=dev) * qv).sum()
+        if np.any(a != 0):  # NaN != 0: a NaN seed is not dropped
+            zs = [uq] if P.N == 0 else [xq, uq]
+            az = [a[:, P.u_slice(P.N)]] if P.N == 0 else [a[:, P.x_slice(P.N)], a[:, P.u_slice(P.N)]]
+            grads = torch.autograd.grad(qv.sum(), zs, create_graph=True)
+            for gz, ai in zip(grads, az, strict=True):
+                total = total - (gz * torch.as_tensor(ai, device=dev)).sum()
+        total = P.discount**P.N * total
+        wrt = [p for p in params if p.requires_grad]
+        if need_x and P.N == 0:
+            wrt = [*wrt, xq]
+        g = torch.autograd.grad(total, wrt, allow_unused=True) if wrt and total.requires_grad else [None] * len(wrt)
+    it = iter(g)
+    pgrads = [(next(it) if p.requires_grad else None) for p in params]
+    pgrads = [gr if gr is None else gr.to(p.dtype) for gr, p in zip(pgrads, params, strict=True)]
+    xgrad = None
+    if need_x and P.N == 0:
+        xgrad = next(it)
+        xgrad = torch.zeros_like(xq) if xgrad is None else xgrad
+    return pgrads, xgrad
+
+
+def _adjoint(s: _Solved, gu: torch.Tensor | None, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The adjoint ``(a (B, n_w), b (B, n_g))`` of the reduced KKT system for the seed ``gu`` on
     ``u*`` (zero unless ``implicit``). Usable samples whose seed is not finite get NaN."""
-    layer, res, P = ctx.layer, ctx.res, ctx.layer.problem
+    P, res = s.problem, s.res
     B = res.w.shape[0]
     a, b = np.zeros((B, P.n_w)), np.zeros((B, P.n_g))
-    if ctx.mode != "implicit" or gu is None:
+    if s.mode != "implicit" or gu is None:
         return a, b
     g = gu.detach().cpu().double().numpy()
     finite = np.isfinite(g).all(axis=1)
@@ -550,10 +450,9 @@ def _adjoint(ctx, gu: torch.Tensor | None, usable: np.ndarray) -> tuple[np.ndarr
         return a, b
     seed = np.zeros((B, P.n_w))
     seed[:, P.u_slice(0)] = np.where(finite[:, None], g, 0.0)
-    adj = layer.solver.adjoint(res, ctx.x64, ctx.theta, layer.lbw, layer.ubw, seed)
-    layer.last_adjoint = adj
-    layer.counters["singular"] += int(adj.singular.sum())
-    layer.counters["weakly_active"] += int((adj.weak > 0).sum())
+    with s.lock:
+        adj = s.solver.adjoint(res, s.x64, s.theta, P.lbw, P.ubw, seed)
+    s.result.set_adjoint(adj)
     a, b = adj.a.copy(), adj.b.copy()
     poisoned = usable & ~finite
     a[poisoned], b[poisoned] = np.nan, np.nan

@@ -5,6 +5,7 @@ back to the shifted previous plan, then to a safe default (the bounds' midpoint)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,6 @@ from typing import Any
 import casadi as ca
 import numpy as np
 
-from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import (
     CheckpointError,
     dynamics_from_checkpoint,
@@ -25,10 +25,13 @@ from qmpc.env import make_env
 from qmpc.errors import InputError
 from qmpc.linearize import MujocoLinearization
 from qmpc.networks import QNetwork
-from qmpc.problem import StageDerivatives
-from qmpc.solver import Status
+from qmpc.planner import Planner, as_bounds
+from qmpc.problem import MPCSpec
+from qmpc.solver import SolveResult, SolverOptions, Status
 
 __all__ = ["MODELS", "Controller", "model_functions", "trained_units"]
+
+_SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(MPCSpec)) - {"low", "high"}
 
 MODELS = ("auto", "exact", "learned", "mujoco")
 """Model sources for horizons > 1: ``exact`` (a qmpc task's own model), ``learned`` (the
@@ -80,108 +83,117 @@ def scaled(cost: ca.Function, scale: float) -> ca.Function:
 class Controller:
     """Acts on single observations with warm starts from the previous plan.
 
+    ``Controller(q, spec)`` with an :class:`~qmpc.problem.MPCSpec`, or ``Controller(q, low, high,
+    horizon=…, dynamics=…, stage_cost=…, discount=…)`` with the spec's fields as keywords.
+
     Args:
         q: the cost-to-go network.
-        low, high: action bounds ``(act_dim,)``.
-        horizon: ``1`` for the greedy controller, ``H > 1`` to plan through ``dynamics``.
-        dynamics, stage_cost, discount: the model for ``H > 1`` (CasADi functions); ``discount``
-            must be the ``γ`` that Q was trained with (``from_checkpoint`` takes it from the
-            checkpoint).
+        low: an :class:`~qmpc.problem.MPCSpec`, or the lower action bounds ``(act_dim,)``.
+        high: the upper action bounds (with ``low`` as bounds).
         cost_scale: stage costs are multiplied by this before they are added to Q: the units Q
             was trained in (``train.cost_scale``: Q learned ``c = −reward × cost_scale``; 0.1 in
             the balancing and HalfCheetah launch files). ``from_checkpoint`` takes it from the
-            checkpoint.
-        max_iter: iteration budget of each solve.
-        tol: the solver's own tolerance; default 1e-8 for horizon 1 and 1e-6 for longer horizons
-            (an SQP iteration at H = 10 costs ~3 ms at HalfCheetah size and the last one only
-            moves the plan by ~1e-6; measured: 3.1 → 2.6 iterations per step). A solution is
-            accepted by the same certificate either way (``kkt_tol``, 1e-6).
+            checkpoint, and the ``discount`` (which must be the ``γ`` Q was trained with) too.
         env_id: the task the network was trained on (checked against observations' size only).
-        retry: retry a failed solve cold with the other plugin before falling back to the shifted
-            plan. Measured on the shipped InvertedPendulum-v5 controller over 10 episodes: with the
-            retry 1000 ± 0 and no fallback (p99 ≈ 10 ms: the retries); without it 78 ± 46 (3–30
-            fallbacks per episode, the pendulum falls). Turn it off only for a hard latency budget.
-        linearization: a :class:`~qmpc.linearize.MujocoLinearization` to use instead of
-            ``dynamics``: the model is MuJoCo's linearisation along the previous plan, renewed at
-            every step.
-        shooting: ``single`` eliminates the predicted states through the model, so each SQP
-            iteration solves a small dense QP in the actions and the exact Hessian is assembled
-            from per-step model derivatives (``dynamics_derivatives``: closed form for a learned
-            MLP, else automatic differentiation); ``multiple`` keeps the states as variables
-            (:mod:`qmpc.problem`). ``auto`` (default): single when ``dynamics_derivatives`` is
-            given or the plan has more than 64 state entries (``(H − 1) · nx``), else multiple.
-            Measured p50 per step at H = 10 (``benchmarks/bench_controller.py``): HalfCheetah-v5
-            with a learned 64×64 model 9.4 ms single vs 32 ms multiple; a linear model of its size
-            12 vs 32 ms; a linear model of InvertedPendulum-v5's size 1.6 vs 0.8 ms (a tiny
-            problem, where the Python callback's overhead dominates).
-        dynamics_derivatives: a :class:`~qmpc.problem.StageDerivatives` of ``dynamics`` for single
-            shooting (default: CasADi's automatic differentiation).
-        **solver_options: further fields of :class:`~qmpc.solver.SolverOptions` (``plugin``,
-            ``qpsol``, ``plugin_options``…).
         budget_ms: wall-time budget of one control step in milliseconds (0: none). The solver is
             stopped between iterations when it runs out (retries included); a step that overruns
             falls back to the shifted previous plan and is counted in ``stats["overrun"]``.
+        linearization: a :class:`~qmpc.linearize.MujocoLinearization` to use instead of
+            ``dynamics``: the model is MuJoCo's linearisation along the previous plan, renewed at
+            every step.
+        **options: the :class:`~qmpc.problem.MPCSpec` fields when ``low`` is not a spec
+            (``horizon`` 1 by default, ``dynamics``, ``stage_cost``, ``discount`` 0.99 by default,
+            ``shooting``, ``dynamics_derivatives``), and :class:`~qmpc.solver.SolverOptions`
+            fields (``solver`` names the plugin):
+
+            * ``max_iter`` (default 50): iteration budget of each solve;
+            * ``tol``: the solver's own tolerance; default 1e-8 for horizon 1 and 1e-6 for longer
+              horizons (an SQP iteration at H = 10 costs ~3 ms at HalfCheetah size and the last one
+              only moves the plan by ~1e-6; measured: 3.1 → 2.6 iterations per step). A solution
+              is accepted by the same certificate either way (``kkt_tol``, 1e-6);
+            * ``retry`` (default True): retry a failed solve cold with the other plugin before
+              falling back to the shifted plan. Measured on the shipped InvertedPendulum-v5
+              controller over 10 episodes: with the retry 1000 ± 0 and no fallback (p99 ≈ 10 ms:
+              the retries); without it 78 ± 46 (3–30 fallbacks per episode). Turn it off only for a
+              hard latency budget;
+            * ``shooting`` ``auto`` (default): single when ``dynamics_derivatives`` is given or the
+              plan has more than 64 state entries (``(H − 1) · nx``), else multiple. Measured p50
+              per step at H = 10 (``benchmarks/bench_controller.py``): HalfCheetah-v5 with a learned
+              64×64 model 9.4 ms single vs 32 ms multiple; a linear model of its size 12 vs 32 ms;
+              a linear model of InvertedPendulum-v5's size 1.6 vs 0.8 ms.
     """
 
     def __init__(
         self,
         q: QNetwork,
-        low,
-        high,
-        horizon: int = 1,
-        dynamics: ca.Function | None = None,
-        stage_cost: ca.Function | None = None,
-        discount: float = 0.99,
+        low: MPCSpec | np.ndarray,
+        high: np.ndarray | None = None,
+        *,
         cost_scale: float = 1.0,
-        max_iter: int = 50,
-        tol: float | None = None,
         env_id: str = "",
-        retry: bool = True,
         budget_ms: float = 0.0,
         linearization: MujocoLinearization | None = None,
-        shooting: str = "auto",
-        dynamics_derivatives: StageDerivatives | None = None,
-        **solver_options: Any,
+        **options: Any,
     ):
         if not (isinstance(cost_scale, int | float) and np.isfinite(cost_scale) and cost_scale > 0):
             raise InputError(f"expected a finite cost_scale > 0, got {cost_scale!r}")
         self.cost_scale = float(cost_scale)
-        if stage_cost is not None:
-            stage_cost = scaled(stage_cost, self.cost_scale)
-        self.q = q  # not converted: the solver reads its values as float64 whenever they change
+        self.q = q  # not converted: the planner reads its values as float64 whenever they change
         self.linearization = linearization
-        if linearization is not None:
-            dynamics = linearization.dynamics
         self.env_id = env_id
-        if shooting == "auto":
-            big = (horizon - 1) * q.obs_dim > 64
-            shooting = "single" if dynamics_derivatives is not None or big else "multiple"
-        self.layer = ArgminLayer(
-            self.q,
-            low,
-            high,
-            horizon=horizon,
-            dynamics=dynamics,
-            stage_cost=stage_cost,
-            discount=discount,
-            grad_mode="none",
-            max_iter=max_iter,
-            tol=tol if tol is not None else (1e-8 if horizon == 1 else 1e-6),
-            workers=1,
-            retry=retry,
-            max_wall_ms=budget_ms,
-            dynamics_params=linearization.n_p if linearization is not None and horizon > 1 else 0,
-            shooting=shooting,
-            dynamics_derivatives=dynamics_derivatives,
-            bake_weights=True,
-            **solver_options,
-        )
+        spec = self._spec(q, low, high, options)
+        options.setdefault("max_iter", 50)
+        options.setdefault("tol", 1e-8 if spec.horizon == 1 else 1e-6)
+        try:
+            opts = SolverOptions(plugin=options.pop("solver", "sqpmethod"), workers=1, max_wall_ms=budget_ms, **options)
+        except TypeError as e:
+            raise InputError(f"unknown solver option: {e}") from None
+        self.planner = Planner(q, spec, opts, bake_weights=True)
         self.budget_ms = float(budget_ms)
-        self.low, self.high = self.layer.low, self.layer.high
+        self.low, self.high = spec.low, spec.high
         both = np.isfinite(self.low) & np.isfinite(self.high)
         mid = 0.5 * (np.where(both, self.low, 0.0) + np.where(both, self.high, 0.0))
         self.safe_action = np.clip(mid, self.low, self.high)  # the bounds' midpoint, else 0 clipped
+        self.last_result: SolveResult | None = None
+        """The latest step's solve (``w`` is the whole plan)."""
+        self._last_x: np.ndarray | None = None
         self.reset()
+
+    def _spec(self, q: QNetwork, low, high, options: dict) -> MPCSpec:
+        """The controller's :class:`MPCSpec` (its stage cost in Q's units); takes the spec's fields
+        out of ``options``."""
+        fields = {k: options.pop(k) for k in list(options) if k in _SPEC_FIELDS}
+        shooting = fields.pop("shooting", "auto")
+        if isinstance(low, MPCSpec):
+            if high is not None or fields or shooting != "auto":
+                raise InputError(f"expected an MPCSpec alone, got high and/or {sorted(fields)} with it")
+            spec, shooting = low, low.shooting
+        else:
+            if high is None:
+                raise InputError("expected low and high (or an MPCSpec), got no high")
+            fields.setdefault("discount", 0.99)
+            if self.linearization is not None:
+                fields["dynamics"] = self.linearization.dynamics
+                fields["dynamics_params"] = self.linearization.n_p if fields.get("horizon", 1) > 1 else 0
+            spec = MPCSpec(as_bounds(low, q.act_dim, "low"), as_bounds(high, q.act_dim, "high"), **fields)
+        if shooting == "auto":
+            big = (spec.horizon - 1) * q.obs_dim > 64
+            shooting = "single" if spec.dynamics_derivatives is not None or big else "multiple"
+        changes: dict[str, Any] = {"shooting": shooting}
+        if spec.stage_cost is not None and self.cost_scale != 1.0:
+            changes["stage_cost"] = scaled(spec.stage_cost, self.cost_scale)
+        return spec.replace(**changes)
+
+    @property
+    def problem(self):
+        """The planner's current :class:`~qmpc.problem.ControlProblem`."""
+        return self.planner.problem
+
+    def plan(self) -> dict[str, np.ndarray]:
+        """The latest step's plan: ``actions (1, H, nu)`` and ``states (1, H − 1, nx)``."""
+        if self.last_result is None:
+            raise InputError("expected a step before plan(), got none")
+        return self.planner.plan(self.last_result.w, self._last_x)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, horizon: int = 1, model: str = "auto", **kw: Any) -> Controller:
@@ -222,7 +234,7 @@ class Controller:
             raise InputError(f"expected an observation of shape ({self.q.obs_dim},), got {x.shape}")
         if not np.isfinite(x).all():
             raise InputError(f"expected a finite observation, got {x}")
-        P = self.layer.problem
+        P = self.planner.problem
         w0 = None
         if self._plan is not None:  # shift the previous plan by one step
             w0 = self._plan.copy()
@@ -231,12 +243,13 @@ class Controller:
             if P.N and P.shooting == "multiple":
                 st = w0[(P.N + 1) * P.nu :].reshape(P.N, P.nx)
                 st[:-1] = st[1:].copy()
-            w0 = np.clip(w0, self.layer.lbw, self.layer.ubw)[None]
+            w0 = np.clip(w0, P.lbw, P.ubw)[None]
         t0 = time.perf_counter()
         if self.linearization is not None and P.N:  # linearise along the shifted plan (zeros at first)
             nominal = w0[0, : P.N * P.nu] if w0 is not None else np.tile(self.safe_action, P.N)
-            self.layer.model_params = self.linearization.params(x, nominal)
-        res = self.layer.solve(x[None], w0)  # x is checked above, w0 comes from our own plan
+            self.planner.model_params = self.linearization.params(x, nominal)
+        res, _ = self.planner.solve(x[None], w0, values_only=True)  # x is checked above, w0 is our own plan
+        self.last_result, self._last_x = res, x[None]
         solve_ms = (time.perf_counter() - t0) * 1e3
         status = int(res.status[0])
         self.stats["steps"] += 1

@@ -5,10 +5,10 @@ parts) and each part is evaluated by one of ``workers`` Ray actors (shared by th
 process; smaller evaluations, single rows and cold retries stay in the calling process).
 
 No solver and no twin of the network is sent (CasADi callbacks do not pickle): each actor
-receives the network (architecture and ``state_dict``) and the layer's problem description once
-(horizon, bounds, and the model's ``dynamics`` and ``stage_cost``, CasADi SX/MX functions, which
-pickle), builds its own twin, problem and solver (:func:`qmpc.bridge.build_problem`, the same code
-as the layer), and then receives
+receives the network (architecture and ``state_dict``) and the layer's
+:class:`~qmpc.problem.MPCSpec` once (bounds, horizon, and the model's ``dynamics`` and
+``stage_cost``, CasADi SX/MX functions, which pickle), builds its own twin, problem and solver
+(:meth:`qmpc.problem.ControlProblem.of_network`, the same code as the layer), and then receives
 
 * the flat weights ``theta`` (one float64 vector in Ray's object store) when they change, since
   they are a parameter of the problem, and
@@ -41,6 +41,7 @@ import torch
 
 from qmpc.errors import InputError
 from qmpc.networks import QNetwork
+from qmpc.problem import ControlProblem, MPCSpec
 from qmpc.solver import BatchedSolver, SolverOptions
 
 __all__ = ["RayRunner", "connect", "import_ray"]
@@ -96,16 +97,15 @@ class _SolverActor:
         torch.set_num_threads(1)
         self.layers: dict[int, dict] = {}
 
-    def add(self, key: int, q: QNetwork, problem_kw: dict, options: SolverOptions, bake: bool, newton: bool) -> None:
-        spec = {"q": q, "problem_kw": problem_kw, "bake": bake, "newton": newton}
-        self.layers[key] = {**spec, "options": dataclasses.replace(options, workers=1), "theta_key": -1}
+    def add(self, key: int, q: QNetwork, spec: MPCSpec, options: SolverOptions, bake: bool, newton: bool) -> None:
+        layer = {"q": q, "spec": spec, "bake": bake, "newton": newton}
+        self.layers[key] = {**layer, "options": dataclasses.replace(options, workers=1), "theta_key": -1}
         self._build(key)
 
     def _build(self, key: int) -> None:
-        from qmpc.bridge import build_problem
-
         s = self.layers[key]
-        s["solver"] = BatchedSolver(build_problem(s["q"], s["problem_kw"], s["bake"], s["newton"]), s["options"])
+        problem = ControlProblem.of_network(s["q"], s["spec"], s["bake"], s["newton"])
+        s["solver"] = BatchedSolver(problem, s["options"])
 
     def load(self, key: int, state_dict: dict) -> None:
         """New buffers (or baked weights): rebuild the twin and the solver."""
@@ -121,14 +121,18 @@ class _SolverActor:
 
         return ray.get_runtime_context().get_node_id()
 
-    def evaluate(self, key: int, name: str, args: list, theta_key: int, theta_box: list) -> list[np.ndarray]:
+    def run(self, key: int, method: str, args: list, theta_key: int, theta_box: list) -> list[np.ndarray]:
+        """``BatchedSolver.<method>(*args)`` on this actor's solver of layer ``key``."""
+        if method not in BatchedSolver.CHUNK_METHODS:
+            raise ValueError(f"expected one of {sorted(BatchedSolver.CHUNK_METHODS)}, got {method!r}")
         s = self.layers[key]
         if theta_key != s["theta_key"] and any(isinstance(a, _Theta) for a in args):  # new weights
             import ray
 
             s["theta"], s["theta_key"] = ca.DM(ray.get(theta_box[0])), theta_key
         args = [s["theta"] if isinstance(a, _Theta) else a for a in args]
-        return s["solver"].evaluate(name, *args)
+        out = getattr(s["solver"], method)(*args)
+        return list(out) if isinstance(out, tuple) else [out]
 
 
 class _Theta:
@@ -168,14 +172,14 @@ class RayRunner:
     Args:
         workers: number of actors (each reserves one CPU of the cluster; the actors are shared
             by the layers of this process).
-        q, problem_kw, options, bake_weights, newton: what the layer builds its problem from
-            (:func:`qmpc.bridge.build_problem`).
+        q, spec, options, bake_weights, newton: what the layer builds its problem from
+            (:meth:`qmpc.problem.ControlProblem.of_network`).
     """
 
     _next_key = 0
 
     def __init__(
-        self, workers: int, q: QNetwork, problem_kw: dict, options: SolverOptions, bake_weights: bool, newton: bool
+        self, workers: int, q: QNetwork, spec: MPCSpec, options: SolverOptions, bake_weights: bool, newton: bool
     ):
         ray = connect()
         total = int(ray.cluster_resources().get("CPU", 0))
@@ -184,7 +188,7 @@ class RayRunner:
         self.workers = workers
         self.key = RayRunner._next_key
         RayRunner._next_key += 1
-        self._spec = (problem_kw, options, bake_weights, newton)
+        self._spec = (spec, options, bake_weights, newton)
         self._q = q
         self._actors: list | None = None
         self._theta_obj, self._theta_arr, self._theta_key, self._theta_box = None, None, 0, None
@@ -227,22 +231,21 @@ class RayRunner:
         except ray.exceptions.RayError:  # a lost actor: new ones get the network as it is now
             self._drop()
 
-    def evaluate(self, name: str, chunks: list[list]) -> list[list[np.ndarray]] | None:
+    def run(self, method: str, chunks: list[list]) -> list[list[np.ndarray]] | None:
         """Each chunk on its own actor; ``None`` if an actor or its node was lost (the solver then
         evaluates the batch itself, and new actors are started for the next call)."""
         ray = import_ray()
         try:
             if self._actors is None:
                 self._start()
-            shared = BatchedSolver._SHARED[name]
-            theta_pos = [i for i in shared if isinstance(chunks[0][i], ca.DM)]
+            theta_pos = [i for i, a in enumerate(chunks[0]) if isinstance(a, ca.DM)]
             for i in theta_pos:
                 self._put_theta(chunks[0][i])
             refs = []
             for k, args in enumerate(chunks):
                 sent = [_Theta() if i in theta_pos else a for i, a in enumerate(args)]
                 actor = self._actors[k % self.workers]
-                refs.append(actor.evaluate.remote(self.key, name, sent, self._theta_key, self._theta_box))
+                refs.append(actor.run.remote(self.key, method, sent, self._theta_key, self._theta_box))
             parts = ray.get(refs)
             self.calls += 1
             return parts

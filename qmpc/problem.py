@@ -32,7 +32,9 @@ This module never imports torch. Every CasADi function is built once, in the con
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import casadi as ca
@@ -40,7 +42,7 @@ import numpy as np
 
 from qmpc.errors import InputError
 
-__all__ = ["SHOOTING", "CasadiStageDerivatives", "ControlProblem", "StageDerivatives"]
+__all__ = ["SHOOTING", "CasadiStageDerivatives", "ControlProblem", "MPCSpec", "StageDerivatives"]
 
 SHOOTING = ("multiple", "single")
 """How a horizon > 1 treats the predicted states: decision variables tied by equality
@@ -196,24 +198,78 @@ def _check_function(f: ca.Function, name: str, n_in: list[tuple[int, int]], n_ou
             raise InputError(f"expected output {i} of {name} to have shape {s}, got {f.size_out(i)}")
 
 
+@dataclass(frozen=True, eq=False)
+class MPCSpec:
+    """What one control step solves, apart from Q: the action bounds, the horizon, the model, the
+    stage cost and the discount. One frozen description shared by :class:`ControlProblem`, the
+    torch layer (:class:`~qmpc.bridge.ArgminLayer`), the controller's planner
+    (:class:`~qmpc.planner.Planner`) and the Ray actors (:mod:`qmpc.distributed`).
+
+    ``horizon=1`` (the default) is ``min_u Q(x, u)`` within the bounds: no model, no stage cost.
+    """
+
+    low: np.ndarray
+    """``(nu,)`` lower action bounds (``−inf`` allowed), float64."""
+    high: np.ndarray
+    """``(nu,)`` upper action bounds (``+inf`` allowed), float64, ``low ≤ high``."""
+    horizon: int = 1
+    """Number of actions ``H ≥ 1`` in the plan (``H − 1`` model steps)."""
+    dynamics: ca.Function | None = None
+    """``Function(x, u[, p]) -> x⁺``; required when ``horizon > 1``."""
+    stage_cost: ca.Function | None = None
+    """``Function(x, u[, x⁺]) -> c``, a cost (``−reward``, in Q's units); required when ``horizon > 1``."""
+    discount: float = 1.0
+    """``γ ∈ (0, 1]``: stage ``k`` is weighted by ``γ^k`` and Q by ``γ^(H−1)``."""
+    dynamics_params: int = 0
+    """``n_p > 0``: a time-varying ``dynamics(x, u, p)`` whose ``(N · n_p,)`` parameters follow the
+    network's weights in ``theta`` (no gradient flows to them)."""
+    shooting: str = "multiple"
+    """``multiple`` (the predicted states are variables) or ``single`` (eliminated; solves only)."""
+    dynamics_derivatives: StageDerivatives | None = None
+    """Single shooting: closed-form derivatives of ``dynamics`` (default: CasADi's AD)."""
+
+    def __post_init__(self) -> None:
+        for name in ("low", "high"):
+            a = np.array(getattr(self, name), dtype=np.float64).reshape(-1)
+            if np.isnan(a).any():
+                raise InputError(f"expected {name} without NaN, got {a}")
+            a.setflags(write=False)
+            object.__setattr__(self, name, a)
+        if self.low.shape != self.high.shape:
+            raise InputError(f"expected low and high of the same shape, got {self.low.shape} and {self.high.shape}")
+        if (self.low > self.high).any():
+            i = int(np.flatnonzero(self.low > self.high)[0])
+            raise InputError(f"expected low <= high, got low[{i}]={self.low[i]} > high[{i}]={self.high[i]}")
+        if self.shooting not in SHOOTING:
+            raise InputError(f"expected shooting in {SHOOTING}, got {self.shooting!r}")
+        h = self.horizon
+        if not isinstance(h, int | np.integer) or isinstance(h, bool) or h < 1:
+            raise InputError(f"expected horizon to be an int >= 1, got {h!r}")
+        if not (0.0 < float(self.discount) <= 1.0):
+            raise InputError(f"expected discount in (0, 1], got {self.discount}")
+        n_p = self.dynamics_params
+        if not isinstance(n_p, int | np.integer) or isinstance(n_p, bool) or n_p < 0:
+            raise InputError(f"expected dynamics_params to be an int >= 0, got {n_p!r}")
+        if h > 1 and (self.dynamics is None or self.stage_cost is None):
+            raise InputError(f"expected dynamics and stage_cost for horizon={h} > 1, got None")
+
+    @property
+    def nu(self) -> int:
+        """Action dimension (the bounds' size)."""
+        return int(self.low.shape[0])
+
+    def replace(self, **changes) -> MPCSpec:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
 class ControlProblem:
     """The NLP of one control step and its derivative functions, all built once.
 
     Args:
         q_function: ``Function(x (nx), u (nu), theta (n_theta)) -> q (1)``, the CasADi twin of Q.
-        horizon: number of actions ``H ≥ 1`` in the plan.
-        dynamics: ``Function(x, u) -> x⁺``; required when ``horizon > 1``.
-        stage_cost: ``Function(x, u) -> c`` or ``Function(x, u, x_next) -> c`` (a cost, i.e.
-            ``−reward``); required when ``horizon > 1``.
-        discount: ``γ`` in ``(0, 1]``.
-        dynamics_params: ``n_p > 0`` makes the model time-varying: ``dynamics`` is then
-            ``Function(x, u, p) -> x⁺`` and the parameters ``p_0 … p_{N−1}`` of the ``N`` steps
-            are stacked after the network weights in ``theta`` (e.g. a linearisation along the
-            previous plan, :mod:`qmpc.linearize`). Nothing is differentiated with respect to them.
-        shooting: ``multiple`` (the states are variables) or ``single`` (eliminated; see the
-            module docstring).
-        dynamics_derivatives: single shooting: a :class:`StageDerivatives` of ``dynamics``
-            (default: :class:`CasadiStageDerivatives`).
+        spec: the :class:`MPCSpec` (horizon, model, stage cost, discount, shooting; its bounds
+            give :attr:`lbw`, :attr:`ubw`).
         q_derivatives: single shooting: ``(x, u) -> (q, ∇q, ∇²q)`` in numpy, for a ``q_function``
             whose weights are constants (e.g. :meth:`qmpc.networks.PICNN.numpy_derivatives`);
             default: CasADi's Hessian of ``q_function``.
@@ -225,6 +281,7 @@ class ControlProblem:
         nx, nu, n_theta, n_w, n_g: sizes of the state, action, parameters (``n_theta_q`` of the
             network, then ``N · dynamics_params`` of the model), decision vector and equality
             constraints.
+        lbw, ubw: ``(n_w,)`` bounds on ``w`` from the spec's action bounds (states are free).
         nlp: the dict handed to ``casadi.nlpsol`` (``p = [x0; theta]``).
         hess_lag: single shooting: the condensed exact Hessian in the signature of ``nlpsol``'s
             ``hess_lag`` option; ``None`` for multiple shooting (the plugin differentiates).
@@ -241,66 +298,39 @@ class ControlProblem:
     def __init__(
         self,
         q_function: ca.Function,
-        horizon: int = 1,
-        dynamics: ca.Function | None = None,
-        stage_cost: ca.Function | None = None,
-        discount: float = 1.0,
-        dynamics_params: int = 0,
-        shooting: str = "multiple",
-        dynamics_derivatives: StageDerivatives | None = None,
+        spec: MPCSpec,
+        *,
         q_derivatives: Callable | None = None,
         q_batch: Callable[[int], ca.Function] | None = None,
     ):
-        if shooting not in SHOOTING:
-            raise InputError(f"expected shooting in {SHOOTING}, got {shooting!r}")
-        if not isinstance(horizon, int | np.integer) or isinstance(horizon, bool) or horizon < 1:
-            raise InputError(f"expected horizon to be an int >= 1, got {horizon!r}")
-        if not (0.0 < float(discount) <= 1.0):
-            raise InputError(f"expected discount in (0, 1], got {discount}")
+        if not isinstance(spec, MPCSpec):
+            raise InputError(f"expected spec to be an MPCSpec, got {type(spec).__name__}")
         nx, nu, n_q = q_function.size1_in(0), q_function.size1_in(1), q_function.size1_in(2)
         _check_function(q_function, "q_function", [(nx, 1), (nu, 1), (n_q, 1)], [(1, 1)])
-        if not isinstance(dynamics_params, int | np.integer) or dynamics_params < 0:
-            raise InputError(f"expected dynamics_params to be an int >= 0, got {dynamics_params!r}")
-        n_p = int(dynamics_params)
-        N = int(horizon) - 1
+        n_p, N = int(spec.dynamics_params), int(spec.horizon) - 1
         if N > 0:
-            if dynamics is None or stage_cost is None:
-                raise InputError(f"expected dynamics and stage_cost for horizon={horizon} > 1, got None")
-            _check_function(dynamics, "dynamics", [(nx, 1), (nu, 1), (n_p, 1)][: 3 if n_p else 2], [(nx, 1)])
-            n_c = stage_cost.n_in() if isinstance(stage_cost, ca.Function) else 2
-            _check_function(stage_cost, "stage_cost", [(nx, 1), (nu, 1), (nx, 1)][: max(2, min(3, n_c))], [(1, 1)])
-        n_theta = n_q + N * n_p
-        self.nx, self.nu, self.n_theta, self.n_theta_q, self.dynamics_params, self.N = nx, nu, n_theta, n_q, n_p, N
+            _check_function(spec.dynamics, "dynamics", [(nx, 1), (nu, 1), (n_p, 1)][: 3 if n_p else 2], [(nx, 1)])
+            c = spec.stage_cost
+            n_c = c.n_in() if isinstance(c, ca.Function) else 2
+            _check_function(c, "stage_cost", [(nx, 1), (nu, 1), (nx, 1)][: max(2, min(3, n_c))], [(1, 1)])
+        if spec.nu != nu:
+            raise InputError(f"expected bounds of shape ({nu},) (the network's actions), got {spec.low.shape}")
+        self.spec = spec
+        self.nx, self.nu, self.n_theta_q, self.dynamics_params, self.N = nx, nu, n_q, n_p, N
+        self.n_theta = n_q + N * n_p
         self.horizon = N + 1
-        self.discount = float(discount)
-        self.shooting = shooting if N else "multiple"  # horizon 1 has no states to eliminate
+        self.discount = float(spec.discount)
+        self.shooting = spec.shooting if N else "multiple"  # horizon 1 has no states to eliminate
         single = self.shooting == "single"
         self.n_w = (N + 1) * nu + (0 if single else N * nx)
         self.n_g = 0 if single else N * nx
+        self.lbw, self.ubw = self.bounds(spec.low, spec.high)
 
-        w = ca.MX.sym("w", self.n_w)
-        x0 = ca.MX.sym("x0", nx)
-        theta = ca.MX.sym("theta", n_theta)
-        lam_g = ca.MX.sym("lam_g", self.n_g)
-        us = [w[k * nu : (k + 1) * nu] for k in range(N + 1)]
-        params = [[theta[n_q + k * n_p : n_q + (k + 1) * n_p]] if n_p else [] for k in range(N)]
-        if single:  # the states are the model rolled out from x0
-            xs = [x0]
-            for k in range(N):
-                xs.append(dynamics(xs[k], us[k], *params[k]))
-        else:
-            xs = [x0] + [w[(N + 1) * nu + k * nx : (N + 1) * nu + (k + 1) * nx] for k in range(N)]
-        gamma = self.discount
-        J_stage = ca.MX(0)
-        g = []
-        for k in range(N):
-            J_stage += gamma**k * stage_cost(*[xs[k], us[k], xs[k + 1]][: stage_cost.n_in()])
-            if not single:
-                g.append(dynamics(xs[k], us[k], *params[k]) - xs[k + 1])
-        g = ca.vertcat(*g) if g else ca.MX(0, 1)
+        w, x0 = ca.MX.sym("w", self.n_w), ca.MX.sym("x0", nx)
+        theta, lam_g = ca.MX.sym("theta", self.n_theta), ca.MX.sym("lam_g", self.n_g)
+        us, xs, params, J_stage, g = self._graph(w, x0, theta)
         # inlined, not a call node: MX derivatives through a call node cost ~10x more here
-        J_q = gamma**N * q_function.call([xs[N], us[N], theta[:n_q]], True, False)[0]
-        J = J_stage + J_q
+        J = J_stage + self.discount**N * q_function.call([xs[N], us[N], theta[:n_q]], True, False)[0]
         L = J + ca.dot(lam_g, g) if self.n_g else J
 
         self.nlp = {"x": w, "p": ca.vertcat(x0, theta), "f": J, "g": g}
@@ -312,74 +342,111 @@ class ControlProblem:
         )
         self.hess_lag: ca.Function | None = None
         if single:
-            derivs = dynamics_derivatives or CasadiStageDerivatives(dynamics, N, n_p)
-            self._condensed = _CondensedHessian(nx, nu, N, n_p, derivs, q_derivatives, gamma**N)  # kept alive
-            n3 = 2 * nx + nu
-            c3 = ca.MX.sym("z3", n3)
-            c_in = [c3[:nx], c3[nx : nx + nu], c3[nx + nu :]][: stage_cost.n_in()]
-            c_expr = stage_cost.call(c_in, True, False)[0]
-            c_h, c_g = ca.hessian(c_expr, c3)
-            cost_d = ca.Function("cost_derivatives", [c3], [ca.densify(c_g), ca.densify(c_h)])
-            Gc, Hc = [], []
-            for k in range(N):
-                gk, hk = cost_d(ca.vertcat(xs[k], us[k], xs[k + 1]))
-                Gc.append(gamma**k * gk)
-                Hc.append(gamma**k * hk)
-            if q_derivatives is None:  # Q's gradient and Hessian at (x_N, u_N) by CasADi
-                zs = ca.MX.sym("zq", nx + nu)
-                q_e = gamma**N * q_function.call([zs[:nx], zs[nx:], theta[:n_q]], True, False)[0]
-                q_h, q_g = ca.hessian(q_e, zs)
-                q_d = ca.Function("q_derivatives", [zs, theta], [ca.densify(q_g), ca.densify(q_h)])
-                gq, Hq = q_d(ca.vertcat(xs[N], us[N]), theta)
-            else:  # computed by the callback
-                gq, Hq = ca.DM.zeros(nx + nu), ca.DM.zeros(nx + nu, nx + nu)
-            P = ca.horzcat(*[pk[0] for pk in params]) if n_p else ca.MX(0, N)
-            lam_f = ca.MX.sym("lam_f")
-            H = self._condensed(ca.horzcat(*xs), ca.horzcat(*us), ca.horzcat(*Gc), ca.horzcat(*Hc), gq, Hq, P, lam_f)
-            p_sym = ca.vertcat(x0, theta)
-            # sqpmethod's / IPOPT's signature of a user Hessian (its inputs are named x, p, lam_f, lam_g)
-            self.hess_lag = ca.Function(
-                "hess_lag",
-                [w, p_sym, lam_f, lam_g],
-                [H],
-                ["x", "p", "lam_f", "lam_g"],
-                ["hess_gamma_x_x"],
-            )
-            hess_L = self.hess_lag(w, p_sym, 1.0, lam_g)
+            self.hess_lag = self._condensed_hessian(w, x0, theta, lam_g, us, xs, params, q_function, q_derivatives)
+            hess_L = self.hess_lag(w, ca.vertcat(x0, theta), 1.0, lam_g)
         else:
             hess_L = ca.hessian(L, w)[0]
         jac_g = ca.jacobian(g, w) if self.n_g else ca.MX(0, self.n_w)
         self.second_order = ca.Function(
             "second_order", [w, x0, theta, lam_g], [ca.densify(hess_L), ca.densify(jac_g)], names, ["hess_L", "jac_g"]
         )
-
         # The bridge's sensitivities read Q's state out of w: they need multiple shooting.
-        self.x_adjoint: ca.Function | None = None
-        if not single:
-            a = ca.MX.sym("a", self.n_w)
-            b = ca.MX.sym("b", self.n_g)
-            vbar = ca.MX.sym("vbar")
-            L_c = J_stage + (ca.dot(lam_g, g) if self.n_g else 0)
-            phi = vbar * L_c - ca.dot(a, ca.gradient(L_c, w)) - (ca.dot(b, g) if self.n_g else 0)
-            self.x_adjoint = ca.Function(
-                "x_adjoint",
-                [w, x0, theta, lam_g, a, b, vbar],
-                [ca.densify(ca.gradient(phi, x0))],
-                ["w", "x0", "theta", "lam_g", "a", "b", "vbar"],
-                ["xbar"],
-            )
-
-        # Cold start: zero actions and (multiple shooting) the model rolled out with them.
-        xc = ca.MX.sym("x0", nx)
-        roll, xk = [], xc
-        for k in range(0 if single else N):
-            xk = dynamics(xk, ca.DM.zeros(nu), *params[k])
-            roll.append(xk)
-        self.cold_start = ca.Function(
-            "cold_start", [xc, theta], [ca.vertcat(ca.DM.zeros((N + 1) * nu), *roll)], ["x0", "theta"], ["w0"]
-        )
+        self.x_adjoint = None if single else self._x_adjoint(w, x0, theta, lam_g, J_stage, g)
+        self.cold_start = self._cold_start(theta, params)
         self._q_batch = q_batch if N == 0 else None
         self._batch_first_order: dict[int, ca.Function] = {}
+
+    def _graph(self, w: ca.MX, x0: ca.MX, theta: ca.MX) -> tuple[list, list, list, ca.MX, ca.MX]:
+        """``(us, xs, params, J_stage, g)``: the actions and states of the plan in ``w`` (single
+        shooting: the states rolled out through the model), each step's model parameters, the
+        discounted stage costs and the dynamics constraints."""
+        nx, nu, N, n_q, n_p = self.nx, self.nu, self.N, self.n_theta_q, self.dynamics_params
+        dynamics, stage_cost, single = self.spec.dynamics, self.spec.stage_cost, self.shooting == "single"
+        us = [w[k * nu : (k + 1) * nu] for k in range(N + 1)]
+        params = [[theta[n_q + k * n_p : n_q + (k + 1) * n_p]] if n_p else [] for k in range(N)]
+        if single:  # the states are the model rolled out from x0
+            xs = [x0]
+            for k in range(N):
+                xs.append(dynamics(xs[k], us[k], *params[k]))
+        else:
+            xs = [x0] + [w[(N + 1) * nu + k * nx : (N + 1) * nu + (k + 1) * nx] for k in range(N)]
+        J_stage = ca.MX(0)
+        g = []
+        for k in range(N):
+            J_stage += self.discount**k * stage_cost(*[xs[k], us[k], xs[k + 1]][: stage_cost.n_in()])
+            if not single:
+                g.append(dynamics(xs[k], us[k], *params[k]) - xs[k + 1])
+        g = ca.vertcat(*g) if g else ca.MX(0, 1)
+        return us, xs, params, J_stage, g
+
+    def _condensed_hessian(self, w, x0, theta, lam_g, us, xs, params, q_function, q_derivatives) -> ca.Function:
+        """Single shooting: the exact Hessian of ``J(u_0..u_N)`` as ``nlpsol``'s ``hess_lag``."""
+        nx, nu, N, n_q, n_p, gamma = self.nx, self.nu, self.N, self.n_theta_q, self.dynamics_params, self.discount
+        spec = self.spec
+        derivs = spec.dynamics_derivatives or CasadiStageDerivatives(spec.dynamics, N, n_p)
+        self._condensed = _CondensedHessian(nx, nu, N, n_p, derivs, q_derivatives, gamma**N)  # kept alive
+        n3 = 2 * nx + nu
+        c3 = ca.MX.sym("z3", n3)
+        c_in = [c3[:nx], c3[nx : nx + nu], c3[nx + nu :]][: spec.stage_cost.n_in()]
+        c_expr = spec.stage_cost.call(c_in, True, False)[0]
+        c_h, c_g = ca.hessian(c_expr, c3)
+        cost_d = ca.Function("cost_derivatives", [c3], [ca.densify(c_g), ca.densify(c_h)])
+        Gc, Hc = [], []
+        for k in range(N):
+            gk, hk = cost_d(ca.vertcat(xs[k], us[k], xs[k + 1]))
+            Gc.append(gamma**k * gk)
+            Hc.append(gamma**k * hk)
+        if q_derivatives is None:  # Q's gradient and Hessian at (x_N, u_N) by CasADi
+            zs = ca.MX.sym("zq", nx + nu)
+            q_e = gamma**N * q_function.call([zs[:nx], zs[nx:], theta[:n_q]], True, False)[0]
+            q_h, q_g = ca.hessian(q_e, zs)
+            q_d = ca.Function("q_derivatives", [zs, theta], [ca.densify(q_g), ca.densify(q_h)])
+            gq, Hq = q_d(ca.vertcat(xs[N], us[N]), theta)
+        else:  # computed by the callback
+            gq, Hq = ca.DM.zeros(nx + nu), ca.DM.zeros(nx + nu, nx + nu)
+        P = ca.horzcat(*[pk[0] for pk in params]) if n_p else ca.MX(0, N)
+        lam_f = ca.MX.sym("lam_f")
+        H = self._condensed(ca.horzcat(*xs), ca.horzcat(*us), ca.horzcat(*Gc), ca.horzcat(*Hc), gq, Hq, P, lam_f)
+        # sqpmethod's / IPOPT's signature of a user Hessian (its inputs are named x, p, lam_f, lam_g)
+        return ca.Function(
+            "hess_lag", [w, ca.vertcat(x0, theta), lam_f, lam_g], [H], ["x", "p", "lam_f", "lam_g"], ["hess_gamma_x_x"]
+        )
+
+    def _x_adjoint(self, w, x0, theta, lam_g, J_stage, g) -> ca.Function:
+        a, b, vbar = ca.MX.sym("a", self.n_w), ca.MX.sym("b", self.n_g), ca.MX.sym("vbar")
+        L_c = J_stage + (ca.dot(lam_g, g) if self.n_g else 0)
+        phi = vbar * L_c - ca.dot(a, ca.gradient(L_c, w)) - (ca.dot(b, g) if self.n_g else 0)
+        return ca.Function(
+            "x_adjoint",
+            [w, x0, theta, lam_g, a, b, vbar],
+            [ca.densify(ca.gradient(phi, x0))],
+            ["w", "x0", "theta", "lam_g", "a", "b", "vbar"],
+            ["xbar"],
+        )
+
+    def _cold_start(self, theta: ca.MX, params: list) -> ca.Function:
+        """Zero actions and (multiple shooting) the model rolled out with them."""
+        xc = ca.MX.sym("x0", self.nx)
+        roll, xk = [], xc
+        for k in range(0 if self.shooting == "single" else self.N):
+            xk = self.spec.dynamics(xk, ca.DM.zeros(self.nu), *params[k])
+            roll.append(xk)
+        w0 = ca.vertcat(ca.DM.zeros((self.N + 1) * self.nu), *roll)
+        return ca.Function("cold_start", [xc, theta], [w0], ["x0", "theta"], ["w0"])
+
+    @classmethod
+    def of_network(cls, q, spec: MPCSpec, bake_weights: bool = False, newton_path: bool = False) -> ControlProblem:
+        """The problem of a :class:`~qmpc.networks.QNetwork`'s CasADi twin as it is now (read by
+        duck typing: this module never imports torch). ``bake_weights``: the weights are constants
+        of the twin (and, for single shooting, Q's closed-form derivatives are used where the
+        network has them); ``newton_path``: give the problem the vectorised twin (``q_batch``) for
+        the batched Newton. What the layer, the planner and each Ray actor build."""
+        kw = {}
+        if newton_path:
+            kw["q_batch"] = q.casadi_batch_function
+        if bake_weights and spec.shooting == "single" and hasattr(q, "numpy_derivatives"):
+            kw["q_derivatives"] = q.numpy_derivatives()  # the weights are constants here too
+        return cls(q.casadi_function(baked=bake_weights), spec, **kw)
 
     @property
     def batched(self) -> bool:

@@ -53,6 +53,7 @@ import dataclasses
 import itertools
 import os
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,7 +69,19 @@ from qmpc.kkt import Adjoint
 from qmpc.newton import Oracle
 from qmpc.problem import ControlProblem
 
-__all__ = ["PLUGINS", "QPSOLS", "Adjoint", "BatchedSolver", "SolveResult", "SolverOptions", "Status"]
+__all__ = [
+    "PLUGINS",
+    "QPSOLS",
+    "Adjoint",
+    "BatchedSolver",
+    "ChunkRunner",
+    "FirstOrder",
+    "PluginOutput",
+    "SecondOrder",
+    "SolveResult",
+    "SolverOptions",
+    "Status",
+]
 
 PLUGINS = ("sqpmethod", "ipopt")
 """NLP solver plugins whose solutions the sensitivity suite checks."""
@@ -98,8 +111,8 @@ class Status(IntEnum):
     """Converged, but the reduced KKT matrix is singular or not positive definite (not a strict
     local minimum): ``∂w*`` does not exist and is zero; the value gradient (envelope) is kept.
     Found by the sensitivity computation, not by the solve: :meth:`BatchedSolver.adjoint`
-    reports it per sample (``Adjoint.singular``; the layer keeps it as ``last_adjoint`` and
-    counts it), and leaves the solve's statuses as they were."""
+    reports it per sample (``Adjoint.singular``; the layer puts it on that call's result,
+    ``LayerResult.adjoint``), and leaves the solve's statuses as they were."""
     TIMEOUT = 5
     """Stopped by the wall-time limit (``SolverOptions.max_wall_ms``) before converging: masked."""
 
@@ -192,19 +205,54 @@ class ChunkRunner(Protocol):
     """Evaluates the chunks of one batched evaluation elsewhere, e.g. on Ray actors
     (:class:`qmpc.distributed.RayRunner`), each holding its own solver built for the same problem.
 
-    ``evaluate(name, chunks)``: ``chunks[k]`` are the arguments of :meth:`BatchedSolver.evaluate`
-    restricted to the ``k``-th part of the batch (the shared ones whole); returns, per chunk,
-    the batch-first outputs of that evaluation, in order; ``None`` if it cannot (the solver then
-    evaluates the batch itself)."""
+    ``run(method, chunks)``: ``method`` is one of :data:`BatchedSolver.CHUNK_METHODS`;
+    ``chunks[k]`` are its arguments restricted to the ``k``-th part of the batch (the shared ones
+    whole). Returns, per chunk, the batch-first outputs of ``BatchedSolver.<method>`` on that
+    chunk, in order; ``None`` if it cannot (the solver then evaluates the batch itself)."""
 
     workers: int
 
-    def evaluate(self, name: str, chunks: list[list]) -> list[list[np.ndarray]] | None: ...
+    def run(self, method: str, chunks: list[list]) -> list[list[np.ndarray]] | None: ...
 
 
 Certificate = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """``u (B, nu) -> (Q (B,), ∂Q/∂u (B, nu))`` at the batch's states: an evaluation of horizon-1
 objectives that the solve does not use (see :meth:`BatchedSolver.solve`)."""
+
+
+class PluginOutput(NamedTuple):
+    """What :meth:`BatchedSolver.run_plugin` returns, batch first (float64)."""
+
+    w: np.ndarray
+    """``(B, n_w)`` the plugin's solutions (not clipped)."""
+    f: np.ndarray
+    """``(B, 1)`` objective values."""
+    lam_x: np.ndarray
+    """``(B, n_w)`` bound multipliers."""
+    lam_g: np.ndarray
+    """``(B, n_g)`` constraint multipliers."""
+    grad_L: np.ndarray
+    """``(B, n_w)`` gradient of the Lagrangian at the solution."""
+    g: np.ndarray
+    """``(B, n_g)`` constraint values at the solution."""
+
+
+class FirstOrder(NamedTuple):
+    """What :meth:`BatchedSolver.first_order` returns."""
+
+    grad_L: np.ndarray
+    """``(B, n_w)`` ``∇_w L``."""
+    g: np.ndarray
+    """``(B, n_g)`` the constraints."""
+
+
+class SecondOrder(NamedTuple):
+    """What :meth:`BatchedSolver.second_order` returns."""
+
+    hess_L: np.ndarray
+    """``(B, n_w, n_w)`` ``∇²_ww L``."""
+    jac_g: np.ndarray
+    """``(B, n_g, n_w)`` ``∂g/∂w``."""
 
 
 class SolveResult(NamedTuple):
@@ -308,6 +356,11 @@ class BatchedSolver:
     per batch size, built on first use and kept) and the derivative functions are built once.
     """
 
+    CHUNK_METHODS: ClassVar[frozenset[str]] = frozenset(
+        {"run_plugin", "first_order", "second_order", "x_adjoint", "cold_start"}
+    )
+    """The batched evaluations a :class:`ChunkRunner` may be asked to run."""
+
     def __init__(
         self, problem: ControlProblem, options: SolverOptions | None = None, runner: ChunkRunner | None = None
     ):
@@ -359,6 +412,8 @@ class BatchedSolver:
             for p in plugins
         ]
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        if self._pool is not None:  # its threads end with the solver (a layer rebuilds it often)
+            weakref.finalize(self, self._pool.shutdown, wait=False)
 
     def _nlpsol(self, name: str, options: SolverOptions, callback: ca.Callback | None = None) -> ca.Function:
         opts = _plugin_options(options, callback)
@@ -370,25 +425,15 @@ class BatchedSolver:
             opts["hess_lag"] = h
         return ca.nlpsol(name, options.plugin, self.problem.nlp, opts)
 
-    # -- batching -----------------------------------------------------------------------
-    _SHARED: ClassVar[dict[str, list[int]]] = {
-        "solve": [4, 5, 6],
-        "first_order": [2],
-        "second_order": [2],
-        "x_adjoint": [2],
-        "cold_start": [1],
-    }
-    _MATRIX_OUT: ClassVar[set[str]] = {"second_order"}
+    # -- batched evaluations ------------------------------------------------------------
+    def _base(self, method: str, worker: int = 0) -> ca.Function:
+        return self._solve_one[worker] if method == "run_plugin" else getattr(self.problem, method)
 
-    def _base(self, name: str, worker: int = 0) -> ca.Function:
-        if name == "solve":
-            return self._solve_one[worker]
-        return getattr(self.problem, name)
-
-    def _mapped(self, name: str, B: int, worker: int) -> ca.Function:
-        key = (name, B, worker)
+    def _mapped(self, method: str, B: int, worker: int, shared: tuple[int, ...]) -> ca.Function:
+        key = (method, B, worker, shared)
         if key not in self._maps:
-            self._maps[key] = self._base(name, worker).map(f"{name}_{B}_{worker}", "serial", B, self._SHARED[name], [])
+            base = self._base(method, worker)
+            self._maps[key] = base.map(f"{method}_{B}_{worker}", "serial", B, list(shared), [])
         return self._maps[key]
 
     def _chunks(self, B: int) -> list[slice]:
@@ -398,27 +443,27 @@ class BatchedSolver:
         edges = np.linspace(0, B, n + 1).astype(int)
         return [slice(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
-    def evaluate(self, name: str, *args) -> list[np.ndarray]:
-        """Evaluate ``solve`` or one of the problem's functions over a batch, batch first in
-        and out, split across the worker threads (or sent to the :class:`ChunkRunner`'s workers,
-        from 8 samples on: single rows and retries stay here); a batch is split into
+    def _batched(self, method: str, args: tuple, matrix_out: bool = False) -> list[np.ndarray]:
+        """Evaluate the CasADi function behind ``method`` over a batch, batch first in and out,
+        split across the worker threads (or sent to the :class:`ChunkRunner`'s workers, from 8
+        samples on: single rows and retries stay here); a batch is split into
         ``min(workers, B // 8)`` parts either way.
 
-        Every argument is a ``(B, n)`` array except the shared ones (``theta`` and, for
-        ``solve``, the bounds). Matrix outputs come back as ``(B, rows, cols)``.
-        """
+        The ``(B, n)`` arrays among ``args`` are split by rows; the others (``theta``, the
+        bounds) are shared by the batch. ``matrix_out``: the outputs are matrices, returned as
+        ``(B, rows, cols)``."""
         B = args[0].shape[0]
-        shared = self._SHARED[name]
+        shared = tuple(i for i, a in enumerate(args) if not (isinstance(a, np.ndarray) and a.ndim == 2))
 
         def run(k: int, sl: slice) -> list[np.ndarray]:
             ins = [a if i in shared else np.asarray(a[sl]).T for i, a in enumerate(args)]
-            outs = self._mapped(name, sl.stop - sl.start, k)(*ins)
+            outs = self._mapped(method, sl.stop - sl.start, k, shared)(*ins)
             return [np.asarray(o) for o in (outs if isinstance(outs, tuple | list) else [outs])]
 
         chunks = self._chunks(B)
         if self.runner is not None and B >= 8:  # batch first in and out; None: do it here
-            parts = self.runner.evaluate(
-                name, [[a if i in shared else a[sl] for i, a in enumerate(args)] for sl in chunks]
+            parts = self.runner.run(
+                method, [[a if i in shared else a[sl] for i, a in enumerate(args)] for sl in chunks]
             )
             if parts is not None:
                 return [np.concatenate(outs, axis=0) for outs in zip(*parts, strict=True)]
@@ -426,24 +471,44 @@ class BatchedSolver:
             parts = [run(0, c) for c in chunks]
         else:
             parts = list(self._pool.map(run, range(len(chunks)), chunks))
-        base = self._base(name)
+        base = self._base(method)
         res = []
         for k in range(base.n_out()):
             r, c = base.size_out(k)
             blocks = []
             for sl, part in zip(chunks, parts, strict=True):
                 o, b = part[k], sl.stop - sl.start
-                if name in self._MATRIX_OUT:  # horzcat of b (r × c) blocks
+                if matrix_out:  # horzcat of b (r × c) blocks
                     blocks.append(o.reshape(r, b, c).transpose(1, 0, 2))
                 else:
                     blocks.append(o.T.reshape(b, r))
             res.append(np.concatenate(blocks, axis=0))
         return res
 
-    def cold_start(self, x0: np.ndarray, theta: ca.DM, lbw: np.ndarray, ubw: np.ndarray) -> np.ndarray:
-        """``(B, n_w)`` initial guess: zero actions clipped to the bounds, model rolled out."""
-        (w,) = self.evaluate("cold_start", x0, theta)
-        return np.clip(w, lbw, ubw)
+    def run_plugin(self, w0, lam_x0, lam_g0, x0, theta: ca.DM, lbw, ubw) -> PluginOutput:
+        """One call of the NLP plugin per row of ``x0 (B, nx)``, from ``w0, lam_x0, lam_g0``
+        (``(B, n_w)``, ``(B, n_w)``, ``(B, n_g)``), no certificate and no retry (see :meth:`solve`)."""
+        return PluginOutput(*self._batched("run_plugin", (w0, lam_x0, lam_g0, x0, theta, lbw, ubw)))
+
+    def first_order(self, w: np.ndarray, x0: np.ndarray, theta: ca.DM, lam_g: np.ndarray) -> FirstOrder:
+        """``∇_w L (B, n_w)`` and ``g (B, n_g)`` at ``w (B, n_w)``, ``lam_g (B, n_g)``."""
+        return FirstOrder(*self._batched("first_order", (w, x0, theta, lam_g)))
+
+    def second_order(self, w: np.ndarray, x0: np.ndarray, theta: ca.DM, lam_g: np.ndarray) -> SecondOrder:
+        """``∇²_ww L (B, n_w, n_w)`` and ``∂g/∂w (B, n_g, n_w)``."""
+        return SecondOrder(*self._batched("second_order", (w, x0, theta, lam_g), matrix_out=True))
+
+    def x_adjoint(self, w, x0, theta: ca.DM, lam_g, a: np.ndarray, b: np.ndarray, vbar: np.ndarray) -> np.ndarray:
+        """``x̄ (B, nx)`` from the stage costs and the dynamics (:attr:`ControlProblem.x_adjoint`)
+        for adjoints ``a (B, n_w)``, ``b (B, n_g)`` and value seeds ``vbar (B, 1)``."""
+        return self._batched("x_adjoint", (w, x0, theta, lam_g, a, b, vbar))[0]
+
+    def cold_start(
+        self, x0: np.ndarray, theta: ca.DM, lbw: np.ndarray | None = None, ubw: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``(B, n_w)`` initial guess: zero actions (clipped to ``lbw, ubw`` when given), model rolled out."""
+        (w,) = self._batched("cold_start", (x0, theta))
+        return w if lbw is None else np.clip(w, lbw, ubw)
 
     # -- solving ------------------------------------------------------------------------
     def solve(
@@ -532,7 +597,7 @@ class BatchedSolver:
         lam_g0 = np.zeros((B, P.n_g)) if lam_g0 is None else lam_g0
         args = (w0, lam_x0, lam_g0, x0, theta_dm, lbw, ubw)
         try:
-            w, f, lam_x, lam_g, grad_L, g = self.evaluate("solve", *args)
+            w, f, lam_x, lam_g, grad_L, g = self.run_plugin(*args)
         except RuntimeError:  # an evaluation inside CasADi raised: solve row by row, keep the others
             w, f, lam_x, lam_g, grad_L, g = self._solve_rows(*args)
         w = np.clip(w, lbw, ubw)
@@ -606,7 +671,7 @@ class BatchedSolver:
         for i in range(B):
             row = (w0[i : i + 1], lam_x0[i : i + 1], lam_g0[i : i + 1], x0[i : i + 1], theta_dm, lbw, ubw)
             try:
-                res = self.evaluate("solve", *row)
+                res = self.run_plugin(*row)
             except RuntimeError:
                 continue
             for k, v in enumerate(res):
@@ -614,7 +679,7 @@ class BatchedSolver:
         return out
 
     def _residual(self, w, x0, theta_dm, lam_g, lbw, ubw) -> np.ndarray:
-        grad_L, g = self.evaluate("first_order", w, x0, theta_dm, lam_g)
+        grad_L, g = self.first_order(w, x0, theta_dm, lam_g)
         return kkt.kkt_residual(w, grad_L, g, lbw, ubw)
 
     # -- sensitivities ------------------------------------------------------------------
@@ -638,7 +703,7 @@ class BatchedSolver:
         CasADi evaluates the Hessian of the Lagrangian and the constraint Jacobian at the
         solutions, :func:`qmpc.kkt.adjoint` does the rest."""
         theta_dm = _as_dm(theta)
-        H, G = self.evaluate("second_order", result.w, x0, theta_dm, result.lam_g)
+        H, G = self.second_order(result.w, x0, theta_dm, result.lam_g)
         fixed, weak = self.at_bounds(result.w, result.lam_x, lbw, ubw)
         a, b, singular = kkt.adjoint(H, G, fixed, seed, Status.ok(result.status), self.problem.nx)
         return Adjoint(a, b, singular, weak.sum(axis=1))

@@ -17,7 +17,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 def _plan_value(ctrl: qmpc.Controller, x: np.ndarray, cost_fn, scale: float, gamma: float) -> float:
     """``Σ_k γ^k · scale · c(x_k, u_k, x_{k+1}) + γ^N Q(x_N, u_N)`` along the controller's last plan."""
-    plan = ctrl.layer.plan()
+    plan = ctrl.plan()
     us, xs = plan["actions"][0], np.vstack([x[None], plan["states"][0]])
     N = us.shape[0] - 1
     v = sum(gamma**k * scale * float(cost_fn(xs[k], us[k], xs[k + 1])) for k in range(N))
@@ -48,7 +48,7 @@ def test_a_different_discount_or_cost_scale_is_refused():
     with pytest.raises(qmpc.InputError, match=r"cost_scale = 1\.0"):
         qmpc.Controller.from_checkpoint(path, horizon=3, model="learned", cost_scale=0.1)
     ctrl = qmpc.Controller.from_checkpoint(path, horizon=3, model="learned", discount=0.95)
-    assert ctrl.layer.problem.discount == 0.95 and ctrl.cost_scale == 1.0
+    assert ctrl.problem.discount == 0.95 and ctrl.cost_scale == 1.0
 
 
 def test_trained_units_read_the_checkpoint_then_its_config():

@@ -133,7 +133,7 @@ def test_controller_plans_through_the_learned_model(tmp_path):
         assert ctrl.low[0] <= a[0] <= ctrl.high[0] and np.isfinite(info["value"])
         obs, *_ = env.step(a)
     # the plan's predicted states are the model's rollout of its actions
-    plan = ctrl.layer.plan()
+    plan = ctrl.plan()
     acts, states = plan["actions"][0], plan["states"][0]
     assert states.shape == (3, 4)
     f = model_functions(ckpt, "learned")["dynamics"]

@@ -48,13 +48,13 @@ def _pair(arch: str, horizon: int, model: str, newton: bool, bounds: str = "mixe
 def _run(layer, x, seed: int = 1):
     """Solution, value, status, residual and the gradients in θ and x of a random functional; on
     Ray, the forward and the backward must have used the actors (no local fallback)."""
-    calls = layer._runner.calls if layer.backend == "ray" else 0
+    calls = layer.solver.runner.calls if layer.backend == "ray" else 0
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="Ray solver actors lost")
         out = _solve_and_differentiate(layer, x, seed)
     if layer.backend == "ray":
         # the adjoint's Hessians, and the plugin's solves unless the batched Newton solved it here
-        assert layer._runner.calls >= calls + (1 if layer._newton_path() else 2)
+        assert layer.solver.runner.calls >= calls + (1 if layer.planner.newton_path else 2)
     return out
 
 
@@ -112,19 +112,19 @@ def test_ray_follows_weight_and_buffer_changes():
 
 
 def _kw(layer) -> dict:
-    k = layer._problem_kw
-    return dict(horizon=k["horizon"], dynamics=k["dynamics"], stage_cost=k["stage_cost"], discount=k["discount"],
+    k = layer.spec
+    return dict(horizon=k.horizon, dynamics=k.dynamics, stage_cost=k.stage_cost, discount=k.discount,
                 tol=1e-10, workers=1, newton=False)  # fmt: skip
 
 
 def test_dead_actor_is_replaced_and_the_batch_solved_here():
     (threads, on_ray), x = _pair("PICNN", 1, "linear", False)
     ref = _run(threads, x)
-    ray.kill(on_ray._runner._actors[1])
+    ray.kill(on_ray.solver.runner._actors[1])
     with pytest.warns(RuntimeWarning, match="actors lost"):
         _assert_same(ref, _solve_and_differentiate(on_ray, x, 1))
     _assert_same(ref, _run(on_ray, x))  # on new actors, without a fallback
-    assert len(on_ray._runner._actors) == 2
+    assert len(on_ray.solver.runner._actors) == 2
 
 
 def test_ray_backend_bad_input():
@@ -152,7 +152,7 @@ for _ in range(120):  # the second node joins
     time.sleep(1)
 (threads, on_ray), x = _pair("PICNN", 3, "linear", False)
 _assert_same(_run(threads, x), _run(on_ray, x))
-nodes = {{ray.get(a.node_id.remote()) for a in on_ray._runner._actors}}
+nodes = {{ray.get(a.node_id.remote()) for a in on_ray.solver.runner._actors}}
 assert len(nodes) == 2, nodes
 print("two nodes, same results")
 """

@@ -247,8 +247,8 @@ def test_warm_start_reproduces_solution():
 
 
 def _model_kw(layer):
-    P = layer._problem_kw
-    return {k: P[k] for k in ("horizon", "dynamics", "stage_cost", "discount")}
+    P = layer.spec
+    return {k: getattr(P, k) for k in ("horizon", "dynamics", "stage_cost", "discount")}
 
 
 def test_plan_layout_for_mpc():

@@ -10,7 +10,7 @@ import torch
 import qmpc
 from qmpc.dynamics import DynamicsModel
 from qmpc.networks import ACTIVATIONS
-from qmpc.problem import CasadiStageDerivatives, ControlProblem
+from qmpc.problem import CasadiStageDerivatives, ControlProblem, MPCSpec
 
 NX, NU = 4, 2
 
@@ -62,13 +62,17 @@ def _problem(derivs: str, n_p: int = 0, discount: float = 0.9, horizon: int = 4)
         dyn = m.casadi_function()
     return ControlProblem(
         q.double().casadi_function(),
-        horizon=horizon,
-        dynamics=dyn,
-        stage_cost=_stage_cost(),
-        discount=discount,
-        dynamics_params=n_p,
-        shooting="single",
-        dynamics_derivatives=m.stage_derivatives() if derivs == "closed form" else None,
+        MPCSpec(
+            -np.ones(NU),
+            np.ones(NU),
+            horizon=horizon,
+            dynamics=dyn,
+            stage_cost=_stage_cost(),
+            discount=discount,
+            dynamics_params=n_p,
+            shooting="single",
+            dynamics_derivatives=m.stage_derivatives() if derivs == "closed form" else None,
+        ),
     ), q
 
 
@@ -112,8 +116,9 @@ def test_condensed_hessian_with_the_closed_form_q():
     m = _model()
     kw = {"horizon": 4, "dynamics": m.casadi_function(), "stage_cost": _stage_cost(), "discount": 0.9}
     kw.update(shooting="single", dynamics_derivatives=m.stage_derivatives())
-    P = ControlProblem(q.casadi_function(), **kw)
-    Pb = ControlProblem(q.casadi_function(baked=True), q_derivatives=q.numpy_derivatives(), **kw)
+    spec = MPCSpec(-np.ones(NU), np.ones(NU), **kw)
+    P = ControlProblem(q.casadi_function(), spec)
+    Pb = ControlProblem(q.casadi_function(baked=True), spec, q_derivatives=q.numpy_derivatives())
     rng = np.random.default_rng(4)
     x0, w = rng.normal(size=NX), rng.uniform(-1, 1, P.n_w)
     H = np.array(P.hess_lag(w, np.concatenate([x0, q.flat_parameters()]), 1.0, ca.DM(0, 1)))
@@ -130,7 +135,7 @@ def test_single_and_multiple_shooting_find_the_same_plan():
     kw = {"dynamics": m.casadi_function(), "stage_cost": cost, "horizon": 4, "discount": 0.9, "tol": 1e-10}
     single = qmpc.Controller(q, -np.ones(NU), np.ones(NU), dynamics_derivatives=m.stage_derivatives(), **kw)
     multiple = qmpc.Controller(q, -np.ones(NU), np.ones(NU), shooting="multiple", **kw)
-    assert single.layer.problem.shooting == "single"
+    assert single.problem.shooting == "single"
     rng = np.random.default_rng(3)
     for _ in range(5):
         x = rng.normal(size=NX)
@@ -140,7 +145,7 @@ def test_single_and_multiple_shooting_find_the_same_plan():
         assert not i1["fallback"] and not i2["fallback"]
         np.testing.assert_allclose(a1, a2, atol=1e-7)
         np.testing.assert_allclose(i1["value"], i2["value"], rtol=1e-10)
-    plan = single.layer.plan()
+    plan = single.plan()
     assert plan["actions"].shape == (1, 4, NU) and plan["states"].shape == (1, 3, NX)
 
 

@@ -62,7 +62,7 @@ def test_controller_with_riccati_q_gives_the_lqr_action(horizon, model, shooting
     assert ctrl.stats["fallback"] == 0
     if horizon > 1:  # the plan's states, whichever shooting (and with the linearisation's parameters)
         A, B = env.unwrapped.linear_dynamics()
-        plan = ctrl.layer.plan()
+        plan = ctrl.plan()
         acts, states = plan["actions"][0], plan["states"][0]
         assert states.shape == (horizon - 1, 4)
         np.testing.assert_allclose(states[1], A @ states[0] + B @ acts[1], atol=1e-8)

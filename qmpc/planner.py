@@ -1,0 +1,285 @@
+"""The plan solver of a Q network: its CasADi twin, an :class:`~qmpc.problem.MPCSpec` and a
+:class:`~qmpc.solver.BatchedSolver`, kept in step with the network's weights. Numpy in, numpy
+out, no autograd: the controller owns one (:class:`~qmpc.controller.Controller`), and the torch
+layer (:class:`~qmpc.bridge.ArgminLayer`) wraps one with its gradients.
+
+For horizon 1 with a PICNN, batches are first solved at once by the batched projected Newton of
+:mod:`qmpc.newton` on the network's closed-form derivatives and certified by the torch network
+itself; CasADi takes the samples that fail.
+
+Thread safety: every solve (and every evaluation of a solve's sensitivities) holds the
+planner's :attr:`~Planner.lock`, so one planner may be called from several threads; the calls
+run one at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+import casadi as ca
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from qmpc.errors import InputError
+from qmpc.networks import QNetwork
+from qmpc.problem import ControlProblem, MPCSpec
+from qmpc.solver import BatchedSolver, SolveResult, SolverOptions
+
+__all__ = ["NEWTON_MIN_BATCH", "NEWTON_MIN_WEIGHTS", "NEWTON_VALUE_TOL", "Planner", "as_bounds", "split_plan"]
+
+NEWTON_MIN_BATCH = 8
+"""Batches of at least this many states go to the batched Newton (when it applies): measured on an
+InvertedPendulum-sized PICNN, one plugin solve per sample was faster up to 4 states (1.7 against
+2.1 ms for one), the Newton from 8 (3.4 against 6.5 ms; 16: 3.4 against 10.1 ms)."""
+NEWTON_MIN_WEIGHTS = 16384
+"""Networks with at least this many weights use the batched Newton for any batch: with weights
+that change between calls (the actor of a training run) one state took 5.2 ms by the Newton
+against 7.7 ms by the plugin on a HalfCheetah-sized PICNN (24831 weights: the plugin needs them
+as a CasADi DM, ~2 ms to convert), and 3.8 against 2.8 ms on an InvertedPendulum-sized one."""
+
+NEWTON_VALUE_TOL = 0.1
+"""Without gradients (``grad_mode="none"``, a TD target's value) the batched Newton stops at a
+residual of this fraction of ``kkt_tol`` (the certificate's threshold; the value is then exact to
+about residual² / curvature) instead of ``tol``: measured on a HalfCheetah-sized batch of 256
+warm-started after a small change of the weights, 8.0 → 6.1 ms."""
+
+
+def as_bounds(v, act_dim: int, name: str) -> np.ndarray:
+    """Action bounds ``low`` or ``high`` (a number, array or tensor) as float64 ``(act_dim,)``."""
+    if isinstance(v, int | float):
+        v = np.full(act_dim, float(v))
+    a = v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=float)
+    if a.shape != (act_dim,):
+        raise InputError(f"expected {name} of shape ({act_dim},), got {a.shape}")
+    if np.isnan(a).any():
+        raise InputError(f"expected {name} without NaN, got {a}")
+    return a
+
+
+def split_plan(problem: ControlProblem, w: np.ndarray, x0: np.ndarray, theta) -> dict[str, np.ndarray]:
+    """Solutions ``w (B, n_w)`` for states ``x0 (B, nx)`` split into ``actions (B, H, nu)`` and
+    ``states (B, H − 1, nx)`` (single shooting: the model's rollout of the actions)."""
+    P, B = problem, w.shape[0]
+    acts = w[:, : (P.N + 1) * P.nu].reshape(B, P.N + 1, P.nu)
+    if P.shooting == "single":
+        states = np.stack([np.asarray(P.states(w[i], x0[i], theta)).reshape(P.N, P.nx) for i in range(B)])
+    else:
+        states = w[:, (P.N + 1) * P.nu :].reshape(B, P.N, P.nx)
+    return {"actions": acts, "states": states}
+
+
+class Planner:
+    """Solves ``spec``'s problem for ``q`` as it is now, for batches of states.
+
+    Args:
+        q: a :class:`~qmpc.networks.QNetwork`.
+        spec: the :class:`~qmpc.problem.MPCSpec` (bounds ``(act_dim,)``, horizon, model…).
+        options: the :class:`~qmpc.solver.SolverOptions`.
+        bake_weights: build the twin with the weights as constants (the controller's fast path:
+            no gradients). The problem is rebuilt whenever the weights change.
+        backend: ``"threads"`` (``options.workers`` threads of this process) or ``"ray"``
+            (``options.workers`` Ray actors, :mod:`qmpc.distributed`). The results are the same.
+
+    Every solve follows the network's current values, however they were changed (an optimiser
+    step, a Polyak update through ``.data``, ``load_state_dict``, a new input normalisation):
+    they are compared with a copy, not torch's version counters.
+    """
+
+    def __init__(
+        self,
+        q: QNetwork,
+        spec: MPCSpec,
+        options: SolverOptions,
+        bake_weights: bool = False,
+        backend: Literal["threads", "ray"] = "threads",
+    ):
+        if backend not in ("threads", "ray"):
+            raise InputError(f"expected backend in ('threads', 'ray'), got {backend!r}")
+        if backend == "ray" and options.max_wall_ms:
+            raise InputError("expected backend='threads' with a wall-time limit (max_wall_ms), got backend='ray'")
+        self.q, self.spec, self.options = q, spec, options
+        self.bake_weights, self.backend = bool(bake_weights), backend
+        self.workers = options.worker_count
+        self.lock = threading.RLock()
+        self._runner = None
+        self._params = tuple(q.parameters())
+        self._shapes = tuple(p.shape for p in self._params)  # the structure the twin is built for
+        self._synced: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], ca.DM | None] | None = None
+        self._names = ([n for n, _ in q.named_parameters()], [n for n, _ in q.named_buffers()])
+        self.sync()  # builds the problem and its solver
+        self.model_params = np.zeros(self.problem.n_theta - self.problem.n_theta_q)
+        """``(N · n_p,)`` parameters of a time-varying model, set before each solve."""
+
+    # -- following the network ------------------------------------------------------------
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        """The network's parameters as of the last :meth:`sync`."""
+        return self._params
+
+    @property
+    def newton_path(self) -> bool:
+        """Horizon 1, weights as a parameter, a network with closed-form derivatives in ``u`` and a
+        vectorised twin (PICNN), and ``SolverOptions.newton``: solve by the batched Newton."""
+        return bool(
+            self.options.newton
+            and self.spec.horizon == 1
+            and not self.bake_weights
+            and getattr(self.q, "vectorized_twin", False)
+            and hasattr(self.q, "action_oracle")
+        )
+
+    def _build(self) -> None:
+        """The problem and its solver, from the network's twin as it is now (its buffers are
+        constants of the twin; with ``bake_weights`` its weights too). A Ray backend's actors
+        rebuild theirs from the network's ``state_dict``."""
+        newton = self.newton_path
+        self.problem = ControlProblem.of_network(self.q, self.spec, self.bake_weights, newton)
+        runner = None
+        if self.backend == "ray":
+            if self._runner is None:
+                from qmpc.distributed import RayRunner
+
+                self._runner = RayRunner(self.workers, self.q, self.spec, self.options, self.bake_weights, newton)
+            else:
+                self._runner.rebuild(self.q)
+            runner = self._runner
+        self.solver = BatchedSolver(self.problem, self.options, runner)
+
+    def _read_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The network's parameters and buffers, re-read in one walk over its modules (a replaced
+        Parameter or submodule is picked up), with the shapes the planner was built for."""
+        params: list[torch.Tensor] = []
+        buffers: list[torch.Tensor] = []
+        for m in self.q.modules():
+            params.extend(p for p in m._parameters.values() if p is not None)
+            buffers.extend(b for b in m._buffers.values() if b is not None)
+        shapes = tuple(p.shape for p in params)
+        if shapes != self._shapes:
+            raise InputError(
+                f"expected the parameter shapes the layer was built for, {[tuple(s) for s in self._shapes]}, "
+                f"got {[tuple(s) for s in shapes]}"
+            )
+        return tuple(params), tuple(buffers)
+
+    def sync(self) -> None:
+        """Follow every change of the network's values. On a change: the weights as float64
+        numpy (:attr:`theta64`, by name :attr:`weights64`; the DM is converted when needed), the
+        problem rebuilt if the buffers (or baked weights) changed. Raises on NaN/Inf weights or
+        buffers."""
+        params, buffers = self._read_weights()
+        self._params = params
+        last = self._synced
+        if last is not None and _same(params, last[0]) and _same(buffers, last[1]):
+            return
+        with torch.no_grad():
+            theta = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params]).numpy()
+            bufs = [b.detach().to("cpu", torch.float64).numpy() for b in buffers]
+        if not (np.isfinite(theta).all() and all(np.isfinite(b).all() for b in bufs)):
+            self._check_finite()  # names the tensor
+        if last is None or self.bake_weights or not _same(buffers, last[1]):
+            self._build()
+        self._synced = (tuple(p.detach().clone() for p in params), tuple(b.detach().clone() for b in buffers), None)
+        self.theta64 = np.zeros(0) if self.bake_weights else theta
+        self.weights64 = self._named_arrays(theta, bufs)
+
+    def _theta_dm(self) -> ca.DM:
+        """The synced weights as a CasADi DM, converted once per change (~2 ms for 25k weights)."""
+        if self._synced[2] is None:
+            self._synced = (*self._synced[:2], ca.DM(self.theta64))
+        return self._synced[2]
+
+    def _named_arrays(self, theta: np.ndarray, buffers: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """float64 arrays by ``state_dict`` name: views into ``theta``, and the buffers."""
+        out, off = {}, 0
+        for name, shape in zip(self._names[0], self._shapes, strict=True):
+            n = int(np.prod(shape))
+            out[name] = theta[off : off + n].reshape(shape)
+            off += n
+        out.update(zip(self._names[1], buffers, strict=True))
+        return out
+
+    def _check_finite(self) -> None:
+        for kind, named in (("weights", self.q.named_parameters()), ("buffers", self.q.named_buffers())):
+            for name, t in named:
+                if not torch.isfinite(t).all():
+                    raise InputError(f"expected finite network {kind}, got NaN/Inf in {name!r}")
+
+    # -- solving ----------------------------------------------------------------------------
+    def problem_theta(self, batch: int = 0) -> ca.DM | np.ndarray:
+        """The problem's parameter vector after a :meth:`sync`: the network's weights (none when
+        baked), then :attr:`model_params`. For the batched Newton, a numpy vector: the solver
+        converts it to a DM only if a sample falls back to the plugin."""
+        if self.newton_batch(batch):
+            return self.theta64
+        theta = self._theta_dm()
+        if self.model_params.size:
+            p = np.asarray(self.model_params, dtype=np.float64)
+            if p.shape != (self.problem.n_theta - self.problem.n_theta_q,) or not np.isfinite(p).all():
+                raise InputError(f"expected finite model_params of shape {self.model_params.shape}, got {p.shape}")
+            theta = ca.vertcat(theta, ca.DM(p))
+        return theta
+
+    def newton_batch(self, batch: int) -> bool:
+        """Whether a batch of this size goes to the batched Newton (see :data:`NEWTON_MIN_BATCH`)."""
+        big = batch >= NEWTON_MIN_BATCH or self.problem.n_theta_q >= NEWTON_MIN_WEIGHTS
+        return self.problem.batched and big
+
+    def solve(
+        self,
+        x64: np.ndarray,
+        w0: np.ndarray | None = None,
+        lam_x0: np.ndarray | None = None,
+        lam_g0: np.ndarray | None = None,
+        values_only: bool = False,
+    ) -> tuple[SolveResult, ca.DM | np.ndarray]:
+        """Solve for every row of ``x64 (B, nx)`` (float64, validated by the caller) from the
+        optional warm start ``w0 (B, n_w)`` (and multipliers); returns the result and the
+        parameter vector it was solved with. ``values_only``: no sensitivities will be asked of
+        this solve (the batched Newton may stop at a looser residual, :data:`NEWTON_VALUE_TOL`).
+        Call with :attr:`lock` held when the result's sensitivities follow."""
+        with self.lock:
+            self.sync()
+            theta = self.problem_theta(x64.shape[0])
+            fast = {}
+            if self.newton_batch(x64.shape[0]):  # the closed form proposes, the network itself certifies
+                fast = {"oracle": self.q.action_oracle(x64, self.weights64), "certificate": self._certificate(x64)}
+                if values_only:  # values only (a TD target): the certificate's threshold decides
+                    fast["newton_tol"] = max(self.options.tol, NEWTON_VALUE_TOL * self.options.kkt_tol)
+            lbw, ubw = self.problem.lbw, self.problem.ubw
+            res = self.solver.solve(x64, theta, lbw, ubw, w0=w0, lam_x0=lam_x0, lam_g0=lam_g0, **fast)
+            return res, theta
+
+    def _certificate(self, x64: np.ndarray):
+        """``u -> (Q(x, u), ∂Q/∂u)`` by the torch network itself in float64 on the CPU, with the
+        weights of the solve: the independent evaluation that certifies the batched Newton's
+        solutions (measured on a HalfCheetah-sized batch of 256: ~2 ms; the vectorised CasADi
+        twin took ~33 ms)."""
+        weights = {n: torch.from_numpy(a) for n, a in self.weights64.items()}
+        x = torch.from_numpy(x64)
+
+        def value_grad(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            ut = torch.from_numpy(u).requires_grad_(True)
+            with torch.enable_grad():
+                qv = functional_call(self.q, weights, (x, ut))
+                (g,) = torch.autograd.grad(qv.sum(), ut)
+            return qv.detach().numpy(), g.numpy()
+
+        return value_grad
+
+    def plan(self, w: np.ndarray, x0: np.ndarray) -> dict[str, np.ndarray]:
+        """Solutions ``w (B, n_w)`` of states ``x0 (B, nx)`` as ``actions (B, H, nu)`` and
+        ``states (B, H − 1, nx)`` (:func:`split_plan`)."""
+        with self.lock:
+            return split_plan(self.problem, w, x0, self.problem_theta())
+
+    def close(self) -> None:
+        """Release the Ray actors' copies of this problem (nothing to do with threads)."""
+        if self._runner is not None:
+            self._runner.close()
+
+
+def _same(now: tuple[torch.Tensor, ...], copies: tuple[torch.Tensor, ...]) -> bool:
+    """Whether tensors hold the same values as their copies (False on NaN)."""
+    return len(now) == len(copies) and all(torch.equal(a, b) for a, b in zip(now, copies, strict=True))
