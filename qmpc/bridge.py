@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from qmpc.errors import InputError, SolverError
-from qmpc.networks import QNetwork
+from qmpc.networks import ARCHITECTURES, QNetwork
 from qmpc.problem import ControlProblem
 from qmpc.solver import Adjoint, BatchedSolver, SolveResult, SolverOptions, Status
 
@@ -177,7 +177,7 @@ class ArgminLayer(nn.Module):
     ):
         super().__init__()
         if not isinstance(q, QNetwork):
-            raise InputError(f"expected q to be a qmpc QNetwork (QuadraticQ, PICNN, MLPQ…), got {type(q).__name__}")
+            raise InputError(f"expected q to be a qmpc QNetwork ({', '.join(ARCHITECTURES)}…), got {type(q).__name__}")
         self.q = q
         self.low = _as_bounds(low, q.act_dim, "low")
         self.high = _as_bounds(high, q.act_dim, "high")
