@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 from qmpc.errors import InputError, SolverError
-from qmpc.networks import QNetwork
+from qmpc.networks import ARCHITECTURES, QNetwork
 from qmpc.planner import Planner, as_bounds
 from qmpc.problem import ControlProblem, MPCSpec
 from qmpc.solver import Adjoint, BatchedSolver, SolveResult, SolverOptions, Status
@@ -184,7 +184,7 @@ class ArgminLayer(nn.Module):
     ):
         super().__init__()
         if not isinstance(q, QNetwork):
-            raise InputError(f"expected q to be a qmpc QNetwork (QuadraticQ, PICNN, MLPQ…), got {type(q).__name__}")
+            raise InputError(f"expected q to be a qmpc QNetwork ({', '.join(ARCHITECTURES)}…), got {type(q).__name__}")
         self.q = q
         spec = _spec_of(q, low, high, {k: options.pop(k) for k in list(options) if k in _SPEC_FIELDS})
         self.grad_mode = _check_mode(grad_mode)

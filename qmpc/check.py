@@ -24,7 +24,7 @@ from torch.func import functional_call
 from qmpc.bridge import ArgminLayer
 from qmpc.dynamics import DynamicsModel
 from qmpc.lqr import dare, lqr_q_matrix
-from qmpc.networks import ARCHITECTURES, QNetwork, QuadraticQ
+from qmpc.networks import ARCHITECTURES, REGISTRY, QNetwork, QuadraticQ
 
 __all__ = [
     "CheckRow",
@@ -63,7 +63,7 @@ class CheckRow:
 def make_network(arch: str, nx: int, nu: int, seed: int, hidden=(8, 8)) -> QNetwork:
     """A small float64 network of a given architecture, seeded."""
     torch.manual_seed(seed)
-    kw = {"action_curvature": 0.5} if arch in ("PICNN", "MLPQ") else {}
+    kw = {"action_curvature": 0.5} if "action_curvature" in REGISTRY[arch].options else {}
     return ARCHITECTURES[arch](nx, nu, hidden=hidden, **kw).double()
 
 
@@ -361,7 +361,7 @@ def golden_cases() -> list[dict]:
 def _golden_layer(case: dict) -> tuple[ArgminLayer, torch.Tensor]:
     nx, nu = case["obs_dim"], case["act_dim"]
     torch.manual_seed(0)
-    kw = {"action_curvature": case["action_curvature"]} if case["arch"] in ("PICNN", "MLPQ") else {}
+    kw = {"action_curvature": case["action_curvature"]} if "action_curvature" in REGISTRY[case["arch"]].options else {}
     q = ARCHITECTURES[case["arch"]](nx, nu, hidden=tuple(case["hidden"]), **kw).double()
     q.load_flat_parameters(np.array(case["theta"]))
     model = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qmpc.errors import ConfigError
+from qmpc.networks.registry import ARCH_NAMES
 
 __all__ = [
     "RESUMABLE_KEYS",
@@ -43,7 +44,7 @@ class EnvConfig:
 
 @dataclass
 class NetworkConfig:
-    arch: str = field(default="QuadraticQ", metadata={"choices": ("QuadraticQ", "PICNN", "MLPQ")})
+    arch: str = field(default="QuadraticQ", metadata={"choices": ARCH_NAMES})
     """Q network architecture: ``QuadraticQ`` (convex, NAF), ``PICNN`` (convex in u), ``MLPQ`` (general)."""
     hidden: list[int] = field(default_factory=lambda: [64, 64], metadata={"item_min": 1})
     """Hidden layer widths (each >= 1)."""

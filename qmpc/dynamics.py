@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qmpc.errors import InputError
-from qmpc.networks import ThetaView, _mlp, _seq_twin, np64, np_activation
+from qmpc.networks.base import ThetaView, make_mlp, mlp_twin, np64, np_activation
 
 __all__ = ["DynamicsModel", "MLPStageDerivatives", "rollout_error"]
 
@@ -89,7 +89,9 @@ class DynamicsModel(nn.Module):
         super().__init__()
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.hidden, self.activation = [int(h) for h in hidden], activation
-        self.net = _mlp([self.obs_dim + self.act_dim, *self.hidden, self.obs_dim], activation, last_activation=False)
+        self.net = make_mlp(
+            [self.obs_dim + self.act_dim, *self.hidden, self.obs_dim], activation, last_activation=False
+        )
         for name in ("x_shift", "delta_shift"):
             self.register_buffer(name, torch.zeros(self.obs_dim))
         for name in ("x_scale", "delta_scale"):
@@ -133,7 +135,7 @@ class DynamicsModel(nn.Module):
         b = {k: ca.DM(getattr(self, k).detach().double().numpy()) for k in ("x_shift", "x_scale")}
         d = {k: ca.DM(getattr(self, k).detach().double().numpy()) for k in ("delta_shift", "delta_scale")}
         z = ca.vertcat((x - b["x_shift"]) / b["x_scale"], u)
-        out = _seq_twin(self.net, z, view)
+        out = mlp_twin(self.net, z, view)
         x_next = x + d["delta_shift"] + d["delta_scale"] * out
         return ca.Function("dynamics", [x, u], [x_next], ["x", "u"], ["x_next"])
 

@@ -1,6 +1,7 @@
 """Fingerprint of a training run: a SHA-256 of every tensor of its final checkpoint's networks
 (Q, target, dynamics model, optimisers) and its evaluation returns, to prove a refactor
-bit-identical (``tests/test_bit_identical.py``; the full launch-file runs in the closing notes).
+bit-identical: run it with the same launch file and overrides on the code before and after the
+change (each with its own ``run_dir``) and compare the two JSON files, which must be identical.
 
     python tests/fingerprint.py launch/inverted_pendulum.toml [--set key=value ...] --out FP.json
 """

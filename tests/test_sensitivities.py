@@ -20,9 +20,10 @@ from qmpc.check import (
     make_scenario,
     run_checks,
 )
+from qmpc.networks import ARCHITECTURES
 from qmpc.solver import PLUGINS
 
-ARCHS = ["QuadraticQ", "PICNN", "MLPQ"]
+ARCHS = list(ARCHITECTURES)
 
 
 TOLS = (1e-13, 1e-8, 1e-6)

@@ -15,6 +15,7 @@ import torch
 import qmpc
 from qmpc.check import linear_model, make_network
 from qmpc.dynamics import DynamicsModel
+from qmpc.networks import ARCHITECTURES
 
 NX, NU = 4, 2
 PLUGINS = ("sqpmethod", "ipopt")
@@ -110,7 +111,7 @@ def _fd_error(layer, ref, x, n_dirs=2, eps=1e-5) -> float:
 
 @pytest.mark.parametrize("horizon", [1, 3])
 @pytest.mark.parametrize("bounds", ["active", "mixed"])
-@pytest.mark.parametrize("arch", ["QuadraticQ", "PICNN", "MLPQ"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_ipopt_active_bounds_at_tol_1e8(arch, bounds, horizon):
     """IPOPT stops 1e-9..1e-6 inside an active bound; before the fix such a component counted
     as free and ∂u*/∂θ was off by 1e-4..0.3 at tol=1e-8 (every sample SOLVED). (Every plugin at

@@ -1,0 +1,364 @@
+"""The partially input-convex Q network :class:`PICNN` (Amos, Xu & Kolter 2017) in all its forms:
+the torch module, its CasADi twin, its closed-form numpy derivatives in ``(x, u)``
+(:meth:`PICNN.numpy_derivatives`, for the controller's single-shooting Hessian) and the batched
+closed-form oracle in ``u`` of :class:`PICNNActionOracle` (for the Newton solver of the TD targets).
+
+Convex in u for every x, by construction (non-negative weights on the convex path, convex
+non-decreasing activations), plus ``½ m ‖u‖²`` so that the minimiser is unique.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import casadi as ca
+import numpy as np
+import torch
+from torch import nn
+
+from qmpc.errors import InputError
+from qmpc.networks.base import (
+    QNetwork,
+    ThetaView,
+    activation_twins,
+    linear_twin,
+    np64,
+    np_activation,
+    np_softplus,
+    softplus_c,
+    softplus_t,
+)
+
+__all__ = ["PICNN", "PICNNActionOracle"]
+
+
+class _PICNNLayer(nn.Module):
+    """One layer of the convex path: ``z⁺ = g(Wz (z ∘ s(Wzx x̃ + bz)) + Wy (u ∘ (Wyx x̃ + by)) + Wx x̃ + b)``.
+
+    ``Wz = softplus(Wz_raw) ≥ 0``; ``s`` is softplus (a smooth, positive gate).
+    """
+
+    def __init__(self, nx_in: int, nz_in: int, nu: int, n_out: int):
+        super().__init__()
+        self.nz_in = nz_in
+        if nz_in > 0:
+            self.Wzx = nn.Linear(nx_in, nz_in)
+            self.Wz_raw = nn.Parameter(torch.empty(n_out, nz_in))
+        self.Wyx = nn.Linear(nx_in, nu)
+        self.Wy = nn.Linear(nu, n_out, bias=False)
+        self.Wx = nn.Linear(nx_in, n_out)
+        if nz_in > 0:
+            # softplus(raw) ~ U(0, 2/nz_in): keeps the scale of z roughly constant with depth.
+            with torch.no_grad():
+                s = torch.rand(n_out, nz_in) * (2.0 / nz_in) + 1e-4
+                self.Wz_raw.copy_(torch.log(torch.expm1(s)))
+
+    def forward(self, xt: torch.Tensor, z: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+        out = self.Wy(u * self.Wyx(xt)) + self.Wx(xt)
+        if self.nz_in > 0:
+            out = out + (z * softplus_t(self.Wzx(xt))) @ softplus_t(self.Wz_raw).T
+        return out
+
+    def twin(self, view: ThetaView, xt, z, u):
+        out = view.matvec(self.Wy.weight, u * linear_twin(view, self.Wyx, xt)) + linear_twin(view, self.Wx, xt)
+        if self.nz_in > 0:
+            gate = softplus_c(linear_twin(view, self.Wzx, xt))
+            out = out + ca.mtimes(softplus_c(view(self.Wz_raw)), z * gate)
+        return out
+
+
+class PICNN(QNetwork):
+    """Partially input-convex Q network (Amos, Xu & Kolter 2017), convex in u for every x.
+
+    The state path ``x̃_{k+1} = act(W̃_k x̃_k + b̃_k)`` is unconstrained; the convex path uses
+    non-negative weights (softplus of free parameters) on ``z`` and softplus activations, so
+    ``Q`` is convex in ``u``. ``½ action_curvature ‖u‖²`` is added so that ``argmin_u Q`` is
+    unique and the KKT matrix the sensitivities need is non-singular.
+
+    Args:
+        obs_dim: state dimension ``nx``.
+        act_dim: action dimension ``nu``.
+        hidden: widths of the convex path (the state path has the same widths).
+        activation: smooth activation of the state path.
+        action_curvature: ``m ≥ 0`` of the ``½ m ‖u‖²`` term (``m > 0``: strongly convex).
+    """
+
+    convex_in_u = True
+    vectorized_twin = True
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "softplus",
+        action_curvature: float = 1e-2,
+    ):
+        super().__init__(obs_dim, act_dim)
+        if action_curvature < 0:
+            raise InputError(f"expected action_curvature >= 0, got {action_curvature}")
+        self.hidden = tuple(int(h) for h in hidden)
+        if not self.hidden:
+            raise InputError("expected at least one hidden layer for PICNN, got hidden=()")
+        self.action_curvature = float(action_curvature)
+        self.act_t, self.act_c = activation_twins(activation)
+        self.activation = activation
+        xs = (obs_dim, *self.hidden)
+        self.x_path = nn.ModuleList(nn.Linear(xs[i], xs[i + 1]) for i in range(len(self.hidden)))
+        zs = (0, *self.hidden, 1)
+        self.layers = nn.ModuleList(_PICNNLayer(xs[k], zs[k], act_dim, zs[k + 1]) for k in range(len(zs) - 1))
+
+    def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        xt, z = self._prepare(x, u), None
+        for k, layer in enumerate(self.layers):
+            z = layer(xt, z, u)
+            if k < len(self.layers) - 1:
+                z = softplus_t(z)
+                xt = self.act_t(self.x_path[k](xt))
+        return z.squeeze(-1) + 0.5 * self.action_curvature * (u**2).sum(-1)
+
+    def numpy_derivatives(self) -> Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray, np.ndarray]]:
+        """``(x (nx,), u (nu,)) -> (q, ∇q (nx+nu,), ∇²q (nx+nu, nx+nu))`` in closed form with numpy,
+        with the current weights as constants (for the controller's single-shooting Hessian).
+
+        Forward: the Jacobian ``J`` of every intermediate vector with respect to ``(x, u)`` (matrix
+        products); reverse: the adjoint ``ḡ`` of each; the Hessian is the sum of the second-order
+        terms of the nonlinear nodes: ``J_aᵀ diag(ḡ σ''(a)) J_a`` for an activation ``σ(a)`` and
+        ``J_aᵀ diag(ḡ) J_b + J_bᵀ diag(ḡ) J_a`` for a product ``a ∘ b``. Measured on a 64×64
+        PICNN (HalfCheetah sizes): ~0.1 ms against ~1.2 ms for CasADi's Hessian of the twin."""
+        nx, nu, m, act = self.obs_dim, self.act_dim, self.action_curvature, self.activation
+        T, shift, path, layers = _numpy_weights(self)
+        nz = nx + nu
+        Ju = np.zeros((nu, nz))
+        Ju[:, nx:] = np.eye(nu)
+        Jx0 = np.zeros((nx, nz))
+        Jx0[:, :nx] = T
+
+        def derivatives(x: np.ndarray, u: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+            out, Jout, tape = _forward_tape(layers, path, act, T @ (x - shift), Jx0, u, Ju)
+            q = float(out[0] + 0.5 * m * u @ u)
+            grad = Jout[0] + m * np.concatenate([np.zeros(nx), u])
+            H = np.zeros((nz, nz))
+            H[nx:, nx:] += m * np.eye(nu)
+            _add_second_order_terms(H, layers, path, tape, u, Ju)
+            return q, grad, H
+
+        return derivatives
+
+    def action_oracle(self, x: np.ndarray, weights: dict[str, np.ndarray] | None = None) -> PICNNActionOracle:
+        """Closed-form ``Q``, ``∇_u Q`` and ``∇²_u Q`` for a batch of fixed states ``x (B, nx)``
+        (numpy): see :class:`PICNNActionOracle`. ``weights``: float64 arrays by the names of
+        ``state_dict()`` (parameters and buffers); default: the network's current values."""
+        if weights is None:
+            weights = {n: np64(t) for n, t in (*self.named_parameters(), *self.named_buffers())}
+        return PICNNActionOracle(self, x, weights)
+
+    def casadi_expr(self, x, u, theta):
+        view = ThetaView(self, theta)
+        xt, z = x, None
+        for k, layer in enumerate(self.layers):
+            z = layer.twin(view, xt, z, u)
+            if k < len(self.layers) - 1:
+                z = softplus_c(z)
+                xt = self.act_c(linear_twin(view, self.x_path[k], xt))
+        return z + 0.5 * self.action_curvature * ca.sum1(u * u)
+
+
+# --------------------------------------------------------------------------------------
+# PICNN.numpy_derivatives: closed-form value, gradient and Hessian in (x, u) of one sample.
+# --------------------------------------------------------------------------------------
+
+
+def _numpy_weights(q: PICNN) -> tuple[np.ndarray, np.ndarray, list, list[dict[str, np.ndarray]]]:
+    """float64 copies of the weights of ``q`` for :meth:`PICNN.numpy_derivatives`: the input
+    normalisation ``T (nx, nx)`` and ``shift (nx,)``, the state path ``[(W, b), …]`` and, per layer
+    of the convex path, its matrices by name (``Wz`` already the non-negative ``softplus(Wz_raw)``)."""
+    arr = np64
+    T, shift = arr(q.obs_transform), arr(q.obs_shift)
+    path = [(arr(lin.weight), arr(lin.bias)) for lin in q.x_path]
+    layers = []
+    for lay in q.layers:
+        d = {
+            "Wyx": arr(lay.Wyx.weight),
+            "byx": arr(lay.Wyx.bias),
+            "Wy": arr(lay.Wy.weight),
+            "Wx": arr(lay.Wx.weight),
+            "bx": arr(lay.Wx.bias),
+        }
+        if lay.nz_in > 0:
+            d.update(Wzx=arr(lay.Wzx.weight), bzx=arr(lay.Wzx.bias), Wz=np_softplus(arr(lay.Wz_raw)))
+        layers.append(d)
+    return T, shift, path, layers
+
+
+def _forward_tape(
+    layers: list[dict[str, np.ndarray]],
+    path: list,
+    act: str,
+    xt: np.ndarray,
+    Jxt: np.ndarray,
+    u: np.ndarray,
+    Ju: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, np.ndarray]]]:
+    """The forward pass of :meth:`PICNN.numpy_derivatives` from the normalised state ``xt (nx,)``
+    (its Jacobian ``Jxt (nx, nx+nu)``) and ``u (nu,)`` (``Ju (nu, nx+nu)``): the last layer's output
+    ``(1,)``, its Jacobian ``(1, nx+nu)`` in ``(x, u)``, and per layer what the reverse pass and the
+    second-order terms need."""
+    z = Jz = None
+    tape = []
+    for k, L in enumerate(layers):
+        v1 = L["Wyx"] @ xt + L["byx"]
+        Jv1 = L["Wyx"] @ Jxt
+        p1 = u * v1
+        Jp1 = v1[:, None] * Ju + u[:, None] * Jv1
+        out = L["Wy"] @ p1 + L["Wx"] @ xt + L["bx"]
+        Jout = L["Wy"] @ Jp1 + L["Wx"] @ Jxt
+        rec = {"Jv1": Jv1}
+        if z is not None:
+            gpre = L["Wzx"] @ xt + L["bzx"]
+            Jgpre = L["Wzx"] @ Jxt
+            gate, dg, d2g = np_activation("softplus", gpre)
+            Jgate = dg[:, None] * Jgpre
+            out = out + L["Wz"] @ (z * gate)
+            Jout = Jout + L["Wz"] @ (gate[:, None] * Jz + z[:, None] * Jgate)
+            rec.update(z=z, Jz=Jz, gate=gate, dg=dg, d2g=d2g, Jgpre=Jgpre, Jgate=Jgate)
+        if k < len(layers) - 1:
+            z, dz, d2z = np_activation("softplus", out)
+            rec.update(dz=dz, d2z=d2z, Jout=Jout)
+            Jz = dz[:, None] * Jout
+            W, b = path[k]
+            pre = W @ xt + b
+            xt, da, d2a = np_activation(act, pre)
+            Jpre = W @ Jxt
+            rec.update(da=da, d2a=d2a, Jpre=Jpre)
+            Jxt = da[:, None] * Jpre
+        tape.append(rec)
+    return out, Jout, tape
+
+
+def _quad(J: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``Jᵀ diag(w) J``."""
+    return J.T @ (w[:, None] * J)
+
+
+def _cross(Ja: np.ndarray, w: np.ndarray, Jb: np.ndarray) -> np.ndarray:
+    """``Jaᵀ diag(w) Jb + Jbᵀ diag(w) Ja``."""
+    C = Ja.T @ (w[:, None] * Jb)
+    return C + C.T
+
+
+def _add_second_order_terms(
+    H: np.ndarray, layers: list[dict[str, np.ndarray]], path: list, tape: list, u: np.ndarray, Ju: np.ndarray
+) -> None:
+    """The reverse pass of :meth:`PICNN.numpy_derivatives`: adds to ``H (nx+nu, nx+nu)``, in place,
+    the second-order terms of every nonlinear node of the tape of :func:`_forward_tape`."""
+    g_out = np.ones(1)  # adjoint of the last layer's output
+    g_xt_next = None  # adjoint of xt_{k+1}
+    for k in reversed(range(len(layers))):
+        L, r = layers[k], tape[k]
+        g_xt = L["Wx"].T @ g_out
+        g_p1 = L["Wy"].T @ g_out
+        H += _cross(Ju, g_p1, r["Jv1"])
+        g_xt += L["Wyx"].T @ (u * g_p1)
+        if g_xt_next is not None:  # xt_{k+1} = act(W xt_k + b)
+            g_pre = g_xt_next * r["da"]
+            H += _quad(r["Jpre"], g_xt_next * r["d2a"])
+            g_xt += path[k][0].T @ g_pre
+        g_z = None
+        if "z" in r:
+            g_p2 = L["Wz"].T @ g_out
+            H += _cross(r["Jz"], g_p2, r["Jgate"])
+            g_gate = r["z"] * g_p2
+            H += _quad(r["Jgpre"], g_gate * r["d2g"])
+            g_xt += L["Wzx"].T @ (g_gate * r["dg"])
+            g_z = r["gate"] * g_p2
+        if k > 0:  # z_k = softplus(out_{k−1})
+            rp = tape[k - 1]
+            H += _quad(rp["Jout"], g_z * rp["d2z"])
+            g_out = g_z * rp["dz"]
+        g_xt_next = g_xt
+
+
+class PICNNActionOracle:
+    """``Q(x_b, ·)`` of a :class:`PICNN` for a batch of fixed states, in closed form with numpy.
+
+    With the states fixed, every state-path quantity is a constant of the batch, and each layer
+    of the convex path is affine in ``u`` and in the previous ``z``:
+    ``out_k = (u ∘ v_k) W_yᵀ + (z_k ∘ s_k) W_zᵀ + c_k`` with ``v_k = W_yx x̃_k + b_yx``, the gate
+    ``s_k = softplus(W_zx x̃_k + b_zx)`` and ``c_k = W_x x̃_k + b_x`` computed once here. The
+    Jacobians ``∂out_k/∂u (B, n_k, nu)`` go forward, the adjoints backward, and
+    ``∇²_u Q = Σ_k J_kᵀ diag(ḡ_{k+1} ∘ softplus''(out_k)) J_k + m I`` (the products ``u ∘ v_k`` are
+    linear in ``u``: no other second-order terms). Every product with a weight matrix is one GEMM
+    over the whole batch. Framework-free: what the batched solver (:mod:`qmpc.newton`) calls.
+    """
+
+    def __init__(self, q: PICNN, x: np.ndarray, weights: dict[str, np.ndarray]):
+        x = np.asarray(x, np.float64)
+        if x.ndim != 2 or x.shape[1] != q.obs_dim:
+            raise InputError(f"expected x of shape (B, {q.obs_dim}), got {x.shape}")
+        self.m, self.nu = q.action_curvature, q.act_dim
+        w = weights
+        xt = (x - w["obs_shift"]) @ w["obs_transform"].T
+        self.layers = []
+        for k, lay in enumerate(q.layers):
+            p = f"layers.{k}."
+            rec = {
+                "v": xt @ w[p + "Wyx.weight"].T + w[p + "Wyx.bias"],
+                "Wy": w[p + "Wy.weight"],
+                "WyT": np.ascontiguousarray(w[p + "Wy.weight"].T),
+                "c": xt @ w[p + "Wx.weight"].T + w[p + "Wx.bias"],
+            }
+            if lay.nz_in > 0:
+                rec["s"] = np_softplus(xt @ w[p + "Wzx.weight"].T + w[p + "Wzx.bias"])
+                rec["Wz"] = np_softplus(w[p + "Wz_raw"])
+            self.layers.append(rec)
+            if k < len(q.layers) - 1:
+                xt = np_activation(q.activation, xt @ w[f"x_path.{k}.weight"].T + w[f"x_path.{k}.bias"])[0]
+
+    def value(self, u: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """``Q (R,)`` at actions ``u (R, nu)`` for the states ``rows`` of the batch."""
+        z = None
+        for k, L in enumerate(self.layers):
+            out = (u * L["v"][rows]) @ L["Wy"].T + L["c"][rows]
+            if z is not None:
+                out += (z * L["s"][rows]) @ L["Wz"].T
+            if k < len(self.layers) - 1:
+                z = np_softplus(out)
+        return out[:, 0] + 0.5 * self.m * np.einsum("bi,bi->b", u, u)
+
+    def derivatives(
+        self, u: np.ndarray, rows: np.ndarray | slice = slice(None)
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(Q (R,), ∇_u Q (R, nu), ∇²_u Q (R, nu, nu))`` at ``u (R, nu)`` for the states ``rows``.
+
+        The Jacobians are kept transposed, ``(R, nu, n_k)`` with the layer's width last, so every
+        elementwise product runs along long rows and every product with a weight matrix is one
+        GEMM of ``(R·nu) × n`` (measured 3× faster than ``(R, n_k, nu)`` on a batch of 256)."""
+        R, nu = u.shape
+        z = dz = J = None
+        tape = []
+        for k, L in enumerate(self.layers):
+            v = L["v"][rows]
+            out = (u * v) @ L["Wy"].T + L["c"][rows]
+            if z is None:
+                J = v[:, :, None] * L["WyT"][None]  # ∂/∂u of (u ∘ v) W_yᵀ, (R, nu, n)
+            else:
+                s = L["s"][rows]
+                out += (z * s) @ L["Wz"].T
+                M = ((s * dz)[:, None, :] * J).reshape(R * nu, -1)  # s ∘ J_z, J_z = softplus'(out) ∘ J
+                J = (M @ L["Wz"].T).reshape(R, nu, -1)  # W_z (s ∘ J_z) for every sample
+                J += v[:, :, None] * L["WyT"][None]
+            if k < len(self.layers) - 1:
+                z, dz, d2z = np_activation("softplus", out)
+                tape.append((J, dz, d2z))
+        q = out[:, 0] + 0.5 * self.m * np.einsum("bi,bi->b", u, u)
+        grad = J[:, :, 0] + self.m * u
+        H = np.broadcast_to(self.m * np.eye(nu), (R, nu, nu)).copy()
+        g_out = np.ones((R, 1))
+        for k in range(len(self.layers) - 1, 0, -1):
+            L = self.layers[k]
+            g_z = (g_out @ L["Wz"]) * L["s"][rows]  # adjoint of z_k
+            J, dz, d2z = tape[k - 1]
+            H += np.matmul(J * (g_z * d2z)[:, None, :], J.transpose(0, 2, 1))
+            g_out = g_z * dz
+        return q, grad, H
