@@ -123,6 +123,7 @@ class _Solved:
     solver: BatchedSolver
     lock: Any
     q: nn.Module
+    """A copy of the network's structure for ``functional_call`` (the planner's)."""
     theta: ca.DM | np.ndarray
     x64: np.ndarray
     res: SolveResult
@@ -296,7 +297,7 @@ class ArgminLayer(nn.Module):
                 problem,
                 solver,
                 self.planner.lock,
-                self.q,
+                self.planner.functional_q,
                 theta,
                 x64,
                 res,
@@ -413,7 +414,8 @@ def _q_term_grads(s: _Solved, params, buffers, a: np.ndarray, vbar: np.ndarray, 
             xq = torch.as_tensor(res.w[:, P.x_slice(P.N)], device=dev).requires_grad_(True)
         p64 = {n: t.to(torch.float64) for n, t in zip(s.buffer_names, buffers, strict=True)}
         p64.update({n: t.to(torch.float64) for n, t in zip(s.param_names, params, strict=True)})
-        qv = functional_call(s.q, p64, (xq, uq))
+        with s.lock:  # the structure's tensors are swapped while it runs
+            qv = functional_call(s.q, p64, (xq, uq))
         total = (torch.as_tensor(vbar, device=dev) * qv).sum()
         if np.any(a != 0):  # NaN != 0: a NaN seed is not dropped
             zs = [uq] if P.N == 0 else [xq, uq]

@@ -9,11 +9,13 @@ itself; CasADi takes the samples that fail.
 
 Thread safety: every solve (and every evaluation of a solve's sensitivities) holds the
 planner's :attr:`~Planner.lock`, so one planner may be called from several threads; the calls
-run one at a time.
+run one at a time. Functional evaluations of the network (``torch.func.functional_call``) use a
+private copy of its structure (:attr:`Planner.functional_q`), never the user's module.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Literal
 
@@ -136,6 +138,9 @@ class Planner:
         rebuild theirs from the network's ``state_dict``."""
         newton = self.newton_path
         self.problem = ControlProblem.of_network(self.q, self.spec, self.bake_weights, newton)
+        # the network's structure for torch.func.functional_call, which swaps a module's tensors
+        # while it runs: never the user's module, which another thread may be using meanwhile
+        self.functional_q = copy.deepcopy(self.q).requires_grad_(False)
         runner = None
         if self.backend == "ray":
             if self._runner is None:
@@ -262,7 +267,7 @@ class Planner:
         def value_grad(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             ut = torch.from_numpy(u).requires_grad_(True)
             with torch.enable_grad():
-                qv = functional_call(self.q, weights, (x, ut))
+                qv = functional_call(self.functional_q, weights, (x, ut))
                 (g,) = torch.autograd.grad(qv.sum(), ut)
             return qv.detach().numpy(), g.numpy()
 
