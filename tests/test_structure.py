@@ -42,7 +42,7 @@ def test_double_backward_is_an_error_not_a_truncation():
 
 def test_the_backward_reports_on_the_call_result_not_the_layer():
     layer, x = _layer()
-    u, v, result = layer(x, return_result=True)
+    u, _, result = layer(x, return_result=True)
     assert result.adjoint is None
     torch.autograd.grad((u**2).sum(), list(layer.q.parameters()))
     assert result.adjoint is not None and result.adjoint.a.shape == (16, 2)
