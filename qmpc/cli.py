@@ -1,6 +1,6 @@
 """The ``qmpc`` command line.
 
-    qmpc demo [--out DIR]                   collect, train and run on the built-in point mass
+    qmpc demo [--out DIR] [--overwrite]     collect, train and run on the built-in point mass
     qmpc check [--full]                     sensitivity checks of this installation (pass/fail table)
     qmpc collect --env ID --steps N --out DIR [--policy random|CHECKPOINT]
     qmpc train LAUNCH.toml [--set key=value ...] [--resume]
@@ -179,7 +179,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from qmpc.demo import run_demo
 
-    return run_demo(Path(args.out), steps=args.steps, data_steps=args.data_steps, progress=not args.no_progress)
+    return run_demo(
+        Path(args.out),
+        steps=args.steps,
+        data_steps=args.data_steps,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the built-in default: collect, train and run on the point mass")
-    d.add_argument("--out", default="runs/demo", help="output directory")
+    d.add_argument(
+        "--out",
+        default="runs/demo",
+        help="output directory: DIR/data, DIR/run, DIR/rollout.png (an earlier demo's are replaced)",
+    )
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete DIR/data, DIR/run and DIR/rollout.png even if no qmpc demo wrote them",
+    )
     d.add_argument("--steps", type=int, default=3000, help="gradient steps")
     d.add_argument("--data-steps", type=int, default=10000, help="random transitions to collect")
     d.add_argument("--no-progress", action="store_true")
