@@ -6,6 +6,7 @@
     qmpc train LAUNCH.toml [--set key=value ...] [--resume]
     qmpc sweep LAUNCH.toml --seeds 0 1 2 [--grid key=v1,v2 ...] [--set ...] [--out DIR] [--resume]
     qmpc run CHECKPOINT [--episodes N] [--horizon H] [--video out.mp4] [--plot out.png]
+                                            (the plot defaults to ./rollout_<checkpoint name>_h<H>.png)
 
 Costs, not rewards: Q is a cost-to-go (``c = −reward``) and the controller minimises it; the
 returns printed are sums of rewards (``−total cost``), higher is better.
@@ -145,7 +146,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args, {"--episodes": (1, True), "--horizon": (1, True), "--budget-ms": (0, True), "--max-iter": (1, True)}
     )
     ckpt = load_checkpoint(args.checkpoint)
-    default_plot = Path(args.checkpoint).with_name(f"rollout_h{args.horizon}.png")
+    # in the working directory: never next to the checkpoint (models/ of the repository, a run directory)
+    default_plot = Path.cwd() / f"rollout_{Path(args.checkpoint).stem}_h{args.horizon}.png"
     what = "--plot" if args.plot else "the plot (set its path with --plot)"
     plot = ensure_output_file(args.plot or default_plot, what)
     if args.video:
@@ -270,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--env", default=None, help="override the checkpoint's task id")
     r.add_argument("--video", default=None, help="MP4 path (MuJoCo offscreen rendering)")
-    r.add_argument("--plot", default=None, help="PNG path (default: next to the checkpoint)")
+    r.add_argument(
+        "--plot",
+        default=None,
+        help="PNG path (default: rollout_<checkpoint name>_h<horizon>.png in the working directory)",
+    )
     r.add_argument("--seed", type=int, default=100)
     r.set_defaults(func=_cmd_run)
     return p

@@ -63,3 +63,21 @@ def test_demo_out_that_is_a_file_is_one_line(tmp_path, capsys):
     assert main(["demo", "--out", str(blocker), "--no-progress"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert blocker.read_text() == "x"
+
+
+def test_run_writes_its_default_plot_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    """``qmpc run models/X.pt`` used to write ``models/rollout_h1.png`` (into the repository)."""
+    models = ROOT / "models"
+    before = set(models.iterdir())
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["run", str(models / "inverted_pendulum.pt"), "--episodes", "1", "--budget-ms", "0"]) == 0
+        new = set(models.iterdir()) - before
+        assert not new, f"qmpc run wrote {sorted(p.name for p in new)} into models/"
+    finally:
+        for p in set(models.iterdir()) - before:  # the unfixed code's stray plot
+            p.unlink()
+    plot = tmp_path / "rollout_inverted_pendulum_h1.png"
+    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = [line[len("plot: ") :] for line in capsys.readouterr().out.splitlines() if line.startswith("plot: ")]
+    assert [Path(p).resolve() for p in printed] == [plot.resolve()]
