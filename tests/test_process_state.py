@@ -1,0 +1,73 @@
+"""Issue 17, item 2: library code leaves process-wide state alone: the environment variables
+(``MUJOCO_GL``)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPS = ["numpy", "torch", "casadi", "mujoco", "gymnasium", "matplotlib", "minari", "tqdm", "imageio"]
+"""Third-party packages qmpc imports, imported first: some set variables of their own at import
+(gymnasium sets ``PYGAME_HIDE_SUPPORT_PROMPT``), which is not qmpc's doing."""
+
+
+def _python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter on a headless machine whose user did not set ``MUJOCO_GL``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "DISPLAY", "PYOPENGL_PLATFORM")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+
+
+def test_importing_qmpc_leaves_the_environment_alone(tmp_path):
+    """``import qmpc`` used to set ``MUJOCO_GL=egl`` for the whole process."""
+    code = f"""
+import importlib, json, os, pkgutil
+for m in {DEPS!r}:
+    importlib.import_module(m)
+before = dict(os.environ)
+import qmpc
+for m in pkgutil.walk_packages(qmpc.__path__, "qmpc."):
+    importlib.import_module(m.name)
+after = dict(os.environ)
+changed = {{k: [before.get(k), after.get(k)] for k in before.keys() | after.keys() if before.get(k) != after.get(k)}}
+print(json.dumps(changed))
+"""
+    r = _python(code, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == {}, "importing qmpc changed os.environ"
+
+
+def test_videos_render_headless_without_mujoco_gl(tmp_path):
+    """Rendering picks an offscreen OpenGL backend itself (qmpc's own task through gymnasium's
+    renderer, and a gymnasium task), and gives ``MUJOCO_GL`` back as it found it."""
+    code = """
+import os
+from qmpc.env import make_env
+from qmpc.runner import run_episodes, write_video
+
+class Zero:
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+        self.reset()
+    def reset(self):
+        self.stats = {"steps": 0, "failed": 0, "overrun": 0, "fallback": 0}
+    def act(self, obs):
+        return np.zeros_like(self.low), {"solve_ms": 0.0}
+
+for i, env_id in enumerate(["qmpc/PointMass-v0", "InvertedPendulum-v5"]):
+    env = make_env(env_id, seed=0, render_mode="rgb_array")
+    ctrl = Zero(env.action_space.low.astype(float), env.action_space.high.astype(float))
+    eps, frames = run_episodes(ctrl, env, 1, render=True)
+    assert "MUJOCO_GL" not in os.environ, os.environ["MUJOCO_GL"]
+    assert len(frames) == eps[0].length and frames[0].ndim == 3 and np.std(frames[0]) > 0, env_id
+    path = write_video(frames[:20], f"v{i}.mp4", fps=20)
+    print(env_id, path.stat().st_size)
+"""
+    r = _python(code, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for i in range(2):
+        assert (tmp_path / f"v{i}.mp4").stat().st_size > 1000
