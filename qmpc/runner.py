@@ -120,13 +120,12 @@ def format_episodes(eps: list[Episode]) -> str:
 
 
 def plot_rollout(ep: Episode, low: np.ndarray, high: np.ndarray, path: str | Path, title: str = "") -> Path:
-    """States, actions with their bounds, and per-step solve time of one episode, as a PNG."""
-    import matplotlib
+    """States, actions with their bounds, and per-step solve time of one episode, as a PNG
+    (drawn on a :class:`matplotlib.figure.Figure` of its own: pyplot and its backend are left alone)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig = Figure(figsize=(13, 3.4))
+    axes = fig.subplots(1, 3)
     axes[0].plot(ep.observations)
     axes[0].set_title("states", fontsize=9)
     for j in range(ep.actions.shape[1]):
@@ -144,7 +143,6 @@ def plot_rollout(ep: Episode, low: np.ndarray, high: np.ndarray, path: str | Pat
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
     return path
 
 

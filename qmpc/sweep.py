@@ -369,13 +369,12 @@ def format_table(
 
 def plot_curves(outcomes: list[TrialOutcome], path: str | Path, title: str = "") -> Path:
     """Mean evaluation return per grid point against steps, with a band of ± one std across seeds
-    (and the min–max range, lighter)."""
-    import matplotlib
+    (and the min–max range, lighter). Drawn on a :class:`matplotlib.figure.Figure` of its own:
+    pyplot and its backend are left alone."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for label, group in _groups(outcomes).items():
         ok = [o for o in group if o.ok]
         if not ok:
@@ -394,7 +393,6 @@ def plot_curves(outcomes: list[TrialOutcome], path: str | Path, title: str = "")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    ensure = Path(path)
-    fig.savefig(ensure, dpi=120)
-    plt.close(fig)
-    return ensure
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path

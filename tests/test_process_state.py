@@ -1,11 +1,13 @@
 """Issue 17, item 2: library code leaves process-wide state alone: the environment variables
-(``MUJOCO_GL``)."""
+(``MUJOCO_GL``) and matplotlib's backend."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPS = ["numpy", "torch", "casadi", "mujoco", "gymnasium", "matplotlib", "minari", "tqdm", "imageio"]
@@ -46,6 +48,7 @@ def test_videos_render_headless_without_mujoco_gl(tmp_path):
     renderer, and a gymnasium task), and gives ``MUJOCO_GL`` back as it found it."""
     code = """
 import os
+import numpy as np
 from qmpc.env import make_env
 from qmpc.runner import run_episodes, write_video
 
@@ -71,3 +74,29 @@ for i, env_id in enumerate(["qmpc/PointMass-v0", "InvertedPendulum-v5"]):
     assert r.returncode == 0, r.stderr[-3000:]
     for i in range(2):
         assert (tmp_path / f"v{i}.mp4").stat().st_size > 1000
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    """``plot_rollout`` and ``plot_curves`` used to call ``matplotlib.use("Agg")``."""
+    import matplotlib
+
+    from qmpc.runner import Episode, plot_rollout
+    from qmpc.sweep import Trial, TrialOutcome, plot_curves
+
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        T = 30
+        ep = Episode(-3.0, T, np.zeros((T + 1, 4)), np.zeros((T, 2)), np.ones(T), np.ones(T), 0, 0)
+        r = plot_rollout(ep, np.array([-1.0, -np.inf]), np.array([1.0, 2.0]), tmp_path / "r.png", title="t")
+        assert matplotlib.get_backend() == "svg"
+        outcomes = [
+            TrialOutcome(Trial(f"seed{s}", s, {}, tmp_path / f"seed{s}"), [100, 200], [1.0 + s, 2.0], 200, 1.0, 0.0)
+            for s in (0, 1)
+        ]
+        c = plot_curves(outcomes, tmp_path / "c.png", title="t")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(old)
+    for p in (r, c):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
