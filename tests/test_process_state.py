@@ -1,11 +1,12 @@
 """Issue 17, item 2: library code leaves process-wide state alone: the environment variables
-(``MUJOCO_GL``) and matplotlib's backend."""
+(``MUJOCO_GL``), matplotlib's backend and the working directory."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -100,3 +101,37 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
         matplotlib.use(old)
     for p in (r, c):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_trial_keeps_the_working_directory(tmp_path, monkeypatch):
+    """``qmpc_trial`` used to ``os.chdir`` to where the sweep was planned (for relative paths in
+    the config); the paths are made absolute when the trials are planned instead."""
+    import qmpc.trainer
+    from qmpc.sweep import plan_trials, qmpc_trial
+
+    planned, elsewhere = tmp_path / "planned", tmp_path / "ray-trial-dir"
+    planned.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(planned)
+    launch = ROOT / "launch" / "point_mass_offline.toml"  # train.dataset = "data/point-mass-random", relative
+    (trial,) = plan_trials(launch, [0], [], [], "sweep")
+    seen = {}
+
+    def fake_train(cfg, resume=False, progress=True, overrides=(), **kw):
+        seen.update(cwd=Path.cwd(), dataset=cfg.train.dataset, run_dir=cfg.run_dir, overrides=list(overrides))
+        return SimpleNamespace(eval_steps=[1], eval_returns=[0.0], steps=1, seconds=0.0, fail_frac=0.0)
+
+    monkeypatch.setattr(qmpc.trainer, "train", fake_train)
+    monkeypatch.chdir(elsewhere)  # Ray runs each trial in a directory of its own
+    qmpc_trial(trial)
+    assert Path.cwd().resolve() == elsewhere.resolve(), "the trial changed the process's working directory"
+    assert seen["cwd"].resolve() == elsewhere.resolve()
+    assert Path(seen["dataset"]) == planned.resolve() / "data" / "point-mass-random"
+    assert Path(seen["run_dir"]) == planned.resolve() / "sweep" / "seed0"
+
+    # resumed from its checkpoint: the same absolute paths, so the resume check accepts them
+    (trial.run_dir / "checkpoint.pt").parent.mkdir(parents=True)
+    (trial.run_dir / "checkpoint.pt").write_bytes(b"")
+    qmpc_trial(trial)
+    assert f'train.dataset="{planned.resolve() / "data" / "point-mass-random"}"' in seen["overrides"]
+    assert Path.cwd().resolve() == elsewhere.resolve()
