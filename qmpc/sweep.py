@@ -9,8 +9,8 @@ finished ones alone. After the trials: ``OUT/results.csv`` (one row per trial), 
 of mean ± std per grid point and ``OUT/curves.png`` (mean and band across seeds).
 
 The machinery is not tied to qmpc's trainer: :func:`run_sweep` takes any ``trial_fn`` that maps
-a :class:`Trial` to a :class:`TrialResult`-like dict (``benchmarks/bench_learning.py`` runs SAC
-through it).
+a :class:`Trial` to a dict like :func:`qmpc_trial`'s (``eval_steps``, ``eval_returns``, ``steps``,
+``seconds``, ``fail_frac``; ``benchmarks/bench_learning.py`` runs SAC through it).
 """
 
 from __future__ import annotations
