@@ -1,11 +1,12 @@
 """The ``qmpc`` command line.
 
-    qmpc demo [--out DIR]                   collect, train and run on the built-in point mass
+    qmpc demo [--out DIR] [--overwrite]     collect, train and run on the built-in point mass
     qmpc check [--full]                     sensitivity checks of this installation (pass/fail table)
     qmpc collect --env ID --steps N --out DIR [--policy random|CHECKPOINT]
     qmpc train LAUNCH.toml [--set key=value ...] [--resume]
     qmpc sweep LAUNCH.toml --seeds 0 1 2 [--grid key=v1,v2 ...] [--set ...] [--out DIR] [--resume]
     qmpc run CHECKPOINT [--episodes N] [--horizon H] [--video out.mp4] [--plot out.png]
+                                            (the plot defaults to ./rollout_<checkpoint name>_h<H>.png)
 
 Costs, not rewards: Q is a cost-to-go (``c = −reward``) and the controller minimises it; the
 returns printed are sums of rewards (``−total cost``), higher is better.
@@ -145,7 +146,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args, {"--episodes": (1, True), "--horizon": (1, True), "--budget-ms": (0, True), "--max-iter": (1, True)}
     )
     ckpt = load_checkpoint(args.checkpoint)
-    default_plot = Path(args.checkpoint).with_name(f"rollout_h{args.horizon}.png")
+    # in the working directory: never next to the checkpoint (models/ of the repository, a run directory)
+    default_plot = Path.cwd() / f"rollout_{Path(args.checkpoint).stem}_h{args.horizon}.png"
     what = "--plot" if args.plot else "the plot (set its path with --plot)"
     plot = ensure_output_file(args.plot or default_plot, what)
     if args.video:
@@ -179,7 +181,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from qmpc.demo import run_demo
 
-    return run_demo(Path(args.out), steps=args.steps, data_steps=args.data_steps, progress=not args.no_progress)
+    return run_demo(
+        Path(args.out),
+        steps=args.steps,
+        data_steps=args.data_steps,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the built-in default: collect, train and run on the point mass")
-    d.add_argument("--out", default="runs/demo", help="output directory")
+    d.add_argument(
+        "--out",
+        default="runs/demo",
+        help="output directory: DIR/data, DIR/run, DIR/rollout.png (an earlier demo's are replaced)",
+    )
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete DIR/data, DIR/run and DIR/rollout.png even if no qmpc demo wrote them",
+    )
     d.add_argument("--steps", type=int, default=3000, help="gradient steps")
     d.add_argument("--data-steps", type=int, default=10000, help="random transitions to collect")
     d.add_argument("--no-progress", action="store_true")
@@ -255,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--env", default=None, help="override the checkpoint's task id")
     r.add_argument("--video", default=None, help="MP4 path (MuJoCo offscreen rendering)")
-    r.add_argument("--plot", default=None, help="PNG path (default: next to the checkpoint)")
+    r.add_argument(
+        "--plot",
+        default=None,
+        help="PNG path (default: rollout_<checkpoint name>_h<horizon>.png in the working directory)",
+    )
     r.add_argument("--seed", type=int, default=100)
     r.set_defaults(func=_cmd_run)
     return p

@@ -1,6 +1,6 @@
 """Symbolic stage costs ``c(x, u, x⁺) = −reward`` of the gymnasium tasks qmpc ships launch files
 for, written from the observations (gymnasium computes these rewards after the physics step, so
-the cost reads ``x⁺``). ``tests/test_costs.py`` checks each against the simulator's rewards.
+the cost reads ``x⁺``). ``tests/test_models.py`` checks each against the simulator's rewards.
 
 * ``InvertedPendulum-v5``: ``−1`` (the reward is 1 per step alive; termination is Q's business).
 * ``InvertedDoublePendulum-v5``: ``−10 + 0.01 x_tip² + (y_tip − 2)² + 10⁻³ ω₁² + 5·10⁻³ ω₂²``,

@@ -6,10 +6,15 @@ random data, compare it with the Riccati ground truth, and run it in closed loop
 3. report the relative error of its Hessian in ``(x, u)`` against the exact LQR Q-function;
 4. run the learned controller (horizon 1, and horizon 5 through the exact model) next to the
    LQR controller ``u = clip(−K x)``, print a table and write plots.
+
+Its outputs are ``OUT/data``, ``OUT/run`` and ``OUT/rollout.png``; ``OUT/.qmpc-demo`` marks the
+directory as the demo's, whose outputs a later demo replaces. Outputs in a directory without the
+mark (a user's dataset or run) are never deleted unless asked (``--overwrite``).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,12 +26,18 @@ from qmpc.config import config_from_dict
 from qmpc.controller import Controller
 from qmpc.data import collect
 from qmpc.env import make_env
+from qmpc.errors import InputError
 from qmpc.lqr import dare, lqr_q_matrix
 from qmpc.networks import QNetwork
 from qmpc.runner import format_episodes, plot_rollout, run_episodes
 from qmpc.trainer import train
 
-__all__ = ["DEMO_CONFIG", "riccati_hessian_error", "run_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_MARKER", "DEMO_OUTPUTS", "prepare_out_dir", "riccati_hessian_error", "run_demo"]
+
+DEMO_OUTPUTS = ("data", "run", "rollout.png")
+"""What the demo writes in its output directory (and replaces when it runs again)."""
+DEMO_MARKER = ".qmpc-demo"
+"""The file that marks an output directory as the demo's."""
 
 DEMO_CONFIG = {
     "seed": 0,
@@ -92,8 +103,43 @@ class _LQR:
         return np.clip(-self.K @ obs, self.low, self.high), {"solve_ms": 0.0}
 
 
-def run_demo(out: Path, steps: int = 3000, data_steps: int = 10000, progress: bool = True, episodes: int = 5) -> int:
+def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Make ``out`` the demo's output directory: remove the :data:`DEMO_OUTPUTS` that an earlier
+    demo wrote there (the directory holds :data:`DEMO_MARKER`), or with ``overwrite`` whatever
+    is at those names, and mark the directory. Anything else in ``out`` is left alone. Outputs
+    that no demo wrote are an :class:`InputError` (nothing is deleted)."""
+    from qmpc.data import ensure_dir
+
     out = Path(out)
+    marker = out / DEMO_MARKER
+    found = [out / name for name in DEMO_OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    if found and not overwrite and not marker.is_file():
+        names = ", ".join(str(p) for p in found)
+        raise InputError(
+            f"expected --out {out} to be a new directory or an earlier qmpc demo's (marked by {marker}), "
+            f"got {names} not written by qmpc demo; choose another --out, or pass --overwrite to delete them"
+        )
+    ensure_dir(out, "the demo's output directory (--out)")
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    marker.write_text(json.dumps({"written_by": "qmpc demo", "outputs": list(DEMO_OUTPUTS)}) + "\n")
+    return out
+
+
+def run_demo(
+    out: Path,
+    steps: int = 3000,
+    data_steps: int = 10000,
+    progress: bool = True,
+    episodes: int = 5,
+    overwrite: bool = False,
+) -> int:
+    """Run the demo in ``out`` (see the module docstring); ``overwrite``: replace ``out/data``,
+    ``out/run`` and ``out/rollout.png`` even when no demo wrote them."""
+    out = prepare_out_dir(out, overwrite)
     cfg_dict = {
         **DEMO_CONFIG,
         "run_dir": str(out / "run"),
@@ -102,10 +148,6 @@ def run_demo(out: Path, steps: int = 3000, data_steps: int = 10000, progress: bo
     cfg = config_from_dict(cfg_dict)
     env = make_env(cfg.env.id, seed=cfg.seed)
     print("qmpc demo: learn the cost-to-go of a point mass (cost = −reward, minimised) from random data")
-    if (out / "data").exists():
-        shutil.rmtree(out / "data")
-    if (out / "run").exists():
-        shutil.rmtree(out / "run")
     rng = np.random.default_rng(cfg.seed)
     low, high = env.action_space.low.astype(float), env.action_space.high.astype(float)
     collect(env, lambda o: rng.uniform(low, high), data_steps, out / "data", seed=cfg.seed)

@@ -5,6 +5,11 @@ qmpc's tasks are registered with gymnasium under ``qmpc/…`` ids when this modu
 
 from __future__ import annotations
 
+import contextlib
+import ctypes.util
+import functools
+import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import gymnasium as gym
@@ -12,7 +17,7 @@ import numpy as np
 
 from qmpc.errors import ConfigError, InputError
 
-__all__ = ["QMPC_TASKS", "EnvSpec", "env_spec", "make_env"]
+__all__ = ["QMPC_TASKS", "EnvSpec", "env_spec", "make_env", "offscreen_gl"]
 
 QMPC_TASKS = {"qmpc/PointMass-v0": ("qmpc.tasks.point_mass:PointMassEnv", 100)}
 for _id, (_entry, _steps) in QMPC_TASKS.items():
@@ -64,3 +69,25 @@ def env_spec(env: gym.Env) -> EnvSpec:
         np.asarray(env.action_space.low, dtype=np.float64),
         np.asarray(env.action_space.high, dtype=np.float64),
     )
+
+
+@functools.cache
+def _has_egl() -> bool:
+    return ctypes.util.find_library("EGL") is not None
+
+
+@contextlib.contextmanager
+def offscreen_gl() -> Iterator[None]:
+    """Render MuJoCo offscreen on a headless machine: around ``env.render()``, ``MUJOCO_GL=egl``
+    when the user has not set ``MUJOCO_GL``, there is no ``DISPLAY`` and EGL is installed
+    (gymnasium's MuJoCo renderer, which qmpc's tasks use too, reads it when it creates its
+    OpenGL context, at the first render); the environment variable is removed again afterwards,
+    so the process's environment is left as it was."""
+    if "MUJOCO_GL" in os.environ or os.environ.get("DISPLAY") or not _has_egl():
+        yield
+        return
+    os.environ["MUJOCO_GL"] = "egl"
+    try:
+        yield
+    finally:
+        os.environ.pop("MUJOCO_GL", None)

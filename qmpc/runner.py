@@ -13,6 +13,7 @@ import numpy as np
 
 from qmpc.controller import Controller
 from qmpc.data import atomic_write
+from qmpc.env import offscreen_gl
 from qmpc.errors import QmpcError
 
 __all__ = ["Episode", "discounted_costs", "format_episodes", "plot_rollout", "run_episodes", "write_video"]
@@ -63,7 +64,7 @@ def run_episodes(
     controller: Controller, env, episodes: int, seed: int = 0, render: bool = False
 ) -> tuple[list[Episode], list[np.ndarray]]:
     """Run ``episodes`` episodes (seeds ``seed, seed+1, …``); returns them and, with
-    ``render``, the frames of the first one."""
+    ``render``, the frames of the first one (rendered offscreen: :func:`qmpc.env.offscreen_gl`)."""
     out, frames = [], []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
@@ -77,7 +78,8 @@ def run_episodes(
             obs, r, term, trunc, _ = env.step(a)
             O.append(obs), A.append(a), C.append(-float(r)), T.append(info["solve_ms"])
             if render and i == 0:
-                frames.append(env.render())
+                with offscreen_gl():
+                    frames.append(env.render())
             done = term or trunc
         out.append(
             Episode(
@@ -118,13 +120,12 @@ def format_episodes(eps: list[Episode]) -> str:
 
 
 def plot_rollout(ep: Episode, low: np.ndarray, high: np.ndarray, path: str | Path, title: str = "") -> Path:
-    """States, actions with their bounds, and per-step solve time of one episode, as a PNG."""
-    import matplotlib
+    """States, actions with their bounds, and per-step solve time of one episode, as a PNG
+    (drawn on a :class:`matplotlib.figure.Figure` of its own: pyplot and its backend are left alone)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig = Figure(figsize=(13, 3.4))
+    axes = fig.subplots(1, 3)
     axes[0].plot(ep.observations)
     axes[0].set_title("states", fontsize=9)
     for j in range(ep.actions.shape[1]):
@@ -142,7 +143,6 @@ def plot_rollout(ep: Episode, low: np.ndarray, high: np.ndarray, path: str | Pat
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
     return path
 
 

@@ -9,8 +9,8 @@ finished ones alone. After the trials: ``OUT/results.csv`` (one row per trial), 
 of mean ± std per grid point and ``OUT/curves.png`` (mean and band across seeds).
 
 The machinery is not tied to qmpc's trainer: :func:`run_sweep` takes any ``trial_fn`` that maps
-a :class:`Trial` to a :class:`TrialResult`-like dict (``benchmarks/bench_learning.py`` runs SAC
-through it).
+a :class:`Trial` to a dict like :func:`qmpc_trial`'s (``eval_steps``, ``eval_returns``, ``steps``,
+``seconds``, ``fail_frac``; ``benchmarks/bench_learning.py`` runs SAC through it).
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ def plan_trials(
     launch: str | Path, seeds: Sequence[int], sets: Sequence[str], grid: Sequence[str], out: str | Path
 ) -> list[Trial]:
     """The trials of ``qmpc sweep``: every grid point × seed. Every trial's config is loaded here
-    (unknown keys, bad values: a :class:`ConfigError` before any trial starts)."""
+    (unknown keys, bad values: a :class:`ConfigError` before any trial starts). Its paths are made
+    absolute, relative ones as from the working directory here: Ray runs each trial in a
+    directory of its own."""
     seeds, points = _check_seeds(seeds), parse_grid(grid)
     for item in sets:
         if item.partition("=")[0].strip() in _OWNED:
@@ -133,8 +135,10 @@ def plan_trials(
             run_dir = out / name
             full = [*sets, *(f"{k}={_literal(v)}" for k, v in point.items())]
             full += [f"seed={seed}", f"run_dir={_literal(str(run_dir))}"]
-            load_config(launch, full)  # validates every key and value of this trial
-            params = {"launch": str(launch), "sets": full, "cwd": str(Path.cwd())}
+            cfg = load_config(launch, full)  # validates every key and value of this trial
+            if cfg.train.dataset and not Path(cfg.train.dataset).is_absolute():
+                full.append(f"train.dataset={_literal(os.path.abspath(cfg.train.dataset))}")
+            params = {"launch": str(launch), "sets": full}
             trials.append(Trial(name, seed, point, run_dir, params))
     return trials
 
@@ -142,11 +146,10 @@ def plan_trials(
 # -- running ----------------------------------------------------------------------------------
 def qmpc_trial(trial: Trial) -> dict[str, Any]:
     """One trial of ``qmpc sweep``: ``qmpc train LAUNCH --set ...`` in ``trial.run_dir``, resumed
-    from its checkpoint if it has one."""
+    from its checkpoint if it has one. Its paths are absolute (:func:`plan_trials`), so it runs
+    in any working directory, and leaves the process's as it is."""
     from qmpc.trainer import train
 
-    if trial.params.get("cwd"):  # relative paths (train.dataset) as from where the sweep was run
-        os.chdir(trial.params["cwd"])
     cfg = load_config(trial.params["launch"], trial.params["sets"])
     resume = (trial.run_dir / "checkpoint.pt").exists()
     s = train(cfg, resume=resume, progress=False, overrides=trial.params["sets"] if resume else ())
@@ -369,13 +372,12 @@ def format_table(
 
 def plot_curves(outcomes: list[TrialOutcome], path: str | Path, title: str = "") -> Path:
     """Mean evaluation return per grid point against steps, with a band of ± one std across seeds
-    (and the min–max range, lighter)."""
-    import matplotlib
+    (and the min–max range, lighter). Drawn on a :class:`matplotlib.figure.Figure` of its own:
+    pyplot and its backend are left alone."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for label, group in _groups(outcomes).items():
         ok = [o for o in group if o.ok]
         if not ok:
@@ -394,7 +396,6 @@ def plot_curves(outcomes: list[TrialOutcome], path: str | Path, title: str = "")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    ensure = Path(path)
-    fig.savefig(ensure, dpi=120)
-    plt.close(fig)
-    return ensure
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path

@@ -98,7 +98,8 @@ def test_launch_file_trains_with_a_tiny_budget(launch, tmp_path, datasets, capsy
         assert (a >= ctrl.low).all() and (a <= ctrl.high).all()
 
 
-def test_train_resume_and_run_cli(tmp_path, capsys):
+def test_train_resume_and_run_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # qmpc run writes its plot in the working directory
     launch = ROOT / "launch" / "point_mass.toml"
     sets = [x for t in [*TINY, f'run_dir="{tmp_path / "pm"}"'] for x in ("--set", t)]
     assert main(["train", str(launch), "--no-progress", *sets]) == 0
@@ -109,7 +110,8 @@ def test_train_resume_and_run_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "budget 50 ms per step" in out  # real time by default: the point mass's control period
     assert "solve p50" in out and "mean" in out
-    assert (tmp_path / "pm" / "rollout_h3.png").exists() and video.stat().st_size > 1000
+    assert (tmp_path / "rollout_checkpoint_h3.png").exists() and video.stat().st_size > 1000
+    assert not (tmp_path / "pm" / "rollout_h3.png").exists()
     assert main(["run", str(ckpt), "--episodes", "1", "--horizon", "3", "--model", "mujoco", "--budget-ms", "1e3"]) == 0
     assert "budget 1000 ms per step" in capsys.readouterr().out
     for shooting in ("single", "multiple"):

@@ -106,9 +106,16 @@ class PointMassEnv(gym.Env):
         if self.render_mode != "rgb_array":
             return None
         if self._renderer is None:
-            self._renderer = mujoco.Renderer(self.model, 240, 320)
-        self._renderer.update_scene(self.data)
-        return self._renderer.render()
+            # gymnasium's renderer picks its OpenGL backend (MUJOCO_GL) when it first renders;
+            # mujoco.Renderer's is fixed when mujoco is imported
+            from gymnasium.envs.mujoco.mujoco_rendering import MujocoRenderer
+
+            cam = mujoco.MjvCamera()
+            mujoco.mjv_defaultFreeCamera(self.model, cam)  # the whole plane, centred on the target
+            view = {"lookat": np.array(cam.lookat), "distance": cam.distance}
+            view |= {"azimuth": cam.azimuth, "elevation": cam.elevation}
+            self._renderer = MujocoRenderer(self.model, self.data, default_cam_config=view, width=320, height=240)
+        return self._renderer.render("rgb_array")
 
     def close(self):
         if self._renderer is not None:
