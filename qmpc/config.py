@@ -306,13 +306,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """``v`` as a TOML literal (the launch files' and ``--set``'s syntax)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
 
 
@@ -322,9 +323,9 @@ def config_to_toml(cfg: Config) -> str:
     top = dataclasses.asdict(cfg)
     for k, v in top.items():
         if not isinstance(v, dict):
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{k} = {toml_value(v)}")
     for k, v in top.items():
         if isinstance(v, dict):
             lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+            lines += [f"{kk} = {toml_value(vv)}" for kk, vv in v.items()]
     return "\n".join(lines) + "\n"

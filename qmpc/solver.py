@@ -8,7 +8,7 @@ success at points with a projected gradient of 2); samples that fail it are retr
 cold start, one by one, by default with the other plugin, then reported as ``MAX_ITER`` or
 ``FAILED``.
 
-Sensitivities (the tilt trick of DESIGN.md). For a seed ``ū`` on ``w*``, the adjoint
+Sensitivities (the tilt trick; the docs' sensitivity guide has the math). For a seed ``ū`` on ``w*``, the adjoint
 ``(a, b)`` solves the reduced KKT system
 
     [H_FF  G_Fᵀ] [a_F]   [ū_F]

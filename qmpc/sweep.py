@@ -103,9 +103,9 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
 
 def _literal(v: Any) -> str:
     """``v`` as a ``--set`` value (a TOML literal)."""
-    from qmpc.config import _toml_value
+    from qmpc.config import toml_value
 
-    return _toml_value(v)
+    return toml_value(v)
 
 
 def _label(v: Any) -> str:

@@ -99,10 +99,7 @@ EXCLUDED = {
 }
 """Modules edited on other branches while this test was written; only they may hold exceptions."""
 
-KNOWN_BROKEN = {
-    ("qmpc/bridge.py", "DESIGN.md"),  # the README's "How the backward works"
-    ("qmpc/solver.py", "DESIGN.md"),
-}
+KNOWN_BROKEN: set[tuple[str, str]] = set()
 """References to fix in :data:`EXCLUDED` modules (reported in issue 17); a fixed one may stay here."""
 
 REF = re.compile(
