@@ -208,11 +208,16 @@ def train(
 
     With ``resume`` the config comes from the checkpoint, changed only by ``overrides``
     (``key=value`` as ``--set``) of :data:`~qmpc.config.RESUMABLE_KEYS`. The run directory is
-    locked for the whole run (:class:`RunLock`): a second run on it is refused."""
+    locked for the whole run (:class:`RunLock`): a second run on it is refused. torch's thread
+    count is ``train.torch_threads`` during the run and the caller's again after it, errors too."""
     run_dir = ensure_dir(cfg.resolved_run_dir(), "the run directory")
-    with RunLock(run_dir):
-        remove_stale_temps(run_dir)
-        return _train(cfg, run_dir, resume, progress, stop_at, overrides)
+    threads = torch.get_num_threads()
+    try:
+        with RunLock(run_dir):
+            remove_stale_temps(run_dir)
+            return _train(cfg, run_dir, resume, progress, stop_at, overrides)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Run(NamedTuple):

@@ -1,0 +1,45 @@
+"""Issue 17: what training must leave as it found it (the process's thread count, matplotlib's
+backend) and what it must not touch (the target network's gradients)."""
+
+import pytest
+import torch
+
+from qmpc.config import config_from_dict
+from qmpc.errors import ConfigError
+from qmpc.trainer import train
+
+
+def _cfg(run_dir, **train_kw):
+    return config_from_dict(
+        {
+            "seed": 0,
+            "run_dir": str(run_dir),
+            "network": {"arch": "QuadraticQ", "hidden": [8]},
+            "train": {
+                "steps": 12,
+                "batch_size": 8,
+                "learning_starts": 6,
+                "eval_every": 100,
+                "eval_episodes": 1,
+                "checkpoint_every": 100,
+                "log_every": 4,
+                "torch_threads": 1,
+                **train_kw,
+            },
+        }
+    )
+
+
+def test_train_restores_the_torch_thread_count(tmp_path):
+    """``train.torch_threads`` holds for the run only: the caller's thread count comes back when
+    ``train`` returns, and when it raises."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(_cfg(tmp_path / "a"), progress=False)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ConfigError, match=r"train\.dataset"):  # raised after the run set its threads
+            train(_cfg(tmp_path / "b", mode="offline"), progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
