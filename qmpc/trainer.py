@@ -296,7 +296,7 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, tc.buffer_size)
     q = build_q(cfg, spec)
     _prepare_data(cfg, spec, buffer, q)
-    q_target = copy.deepcopy(q)
+    q_target = copy.deepcopy(q).requires_grad_(False)  # moved by Polyak averaging only, never by a gradient
     model_rng = np.random.default_rng([cfg.seed, 1])  # the model's batches: Q's stay the same
     model, model_opt = None, None
     if cfg.model.learn:

@@ -4,6 +4,7 @@ backend) and what it must not touch (the target network's gradients)."""
 import pytest
 import torch
 
+from qmpc import trainer
 from qmpc.config import config_from_dict
 from qmpc.errors import ConfigError
 from qmpc.trainer import train
@@ -43,3 +44,19 @@ def test_train_restores_the_torch_thread_count(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_double_mode_leaves_no_gradient_on_the_target_network(tmp_path, monkeypatch):
+    """``double`` scores the online argmin with Q_target, the gradient flowing through ``u*``
+    into Q only: Q_target (moved by Polyak averaging alone) must not accumulate ``.grad``."""
+    targets = []
+
+    def spy(q, q_target, *args, **kw):
+        targets.append(q_target)
+        return td_loss(q, q_target, *args, **kw)
+
+    td_loss = trainer.td_loss
+    monkeypatch.setattr(trainer, "td_loss", spy)
+    train(_cfg(tmp_path / "r", target="double"), progress=False)
+    assert len(targets) == 6 and all(t is targets[0] for t in targets)
+    assert [n for n, p in targets[0].named_parameters() if p.grad is not None] == []
