@@ -69,11 +69,12 @@ def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def plot_learning_curve(run_dir: Path) -> Path:
-    """``learning_curve.png``: evaluation return, TD loss and solver statistics against steps."""
-    import matplotlib
+    """``learning_curve.png``: evaluation return, TD loss and solver statistics against steps.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a :class:`matplotlib.figure.Figure` with its own Agg canvas, without pyplot: the
+    process's matplotlib backend (the user's, in a notebook) stays as it was."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     m = read_metrics(run_dir / "metrics.csv")
     panels = [
@@ -84,7 +85,9 @@ def plot_learning_curve(run_dir: Path) -> Path:
     ]
     if "model/loss" in m:
         panels.append(("model/loss", "dynamics model loss (normalised MSE)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    fig = Figure(figsize=(4 * len(panels), 3.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels))
     for ax, (tag, title) in zip(axes, panels, strict=True):
         if tag in m:
             ax.plot(*m[tag], marker="o" if tag == "eval/return" else None, ms=3)
@@ -96,5 +99,4 @@ def plot_learning_curve(run_dir: Path) -> Path:
     fig.tight_layout()
     out = run_dir / "learning_curve.png"
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
     return out

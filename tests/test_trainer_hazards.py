@@ -1,13 +1,14 @@
 """Issue 17: what training must leave as it found it (the process's thread count, matplotlib's
 backend) and what it must not touch (the target network's gradients)."""
 
+import matplotlib
 import pytest
 import torch
 
 from qmpc import trainer
 from qmpc.config import config_from_dict
 from qmpc.errors import ConfigError
-from qmpc.trainer import train
+from qmpc.trainer import plot_learning_curve, train
 
 
 def _cfg(run_dir, **train_kw):
@@ -60,3 +61,18 @@ def test_double_mode_leaves_no_gradient_on_the_target_network(tmp_path, monkeypa
     train(_cfg(tmp_path / "r", target="double"), progress=False)
     assert len(targets) == 6 and all(t is targets[0] for t in targets)
     assert [n for n, p in targets[0].named_parameters() if p.grad is not None] == []
+
+
+def test_plot_learning_curve_keeps_the_matplotlib_backend(tmp_path):
+    """The learning curve is drawn without switching the user's backend (e.g. a notebook's)."""
+    before = matplotlib.get_backend()
+    (tmp_path / "metrics.csv").write_text(
+        "step,tag,value\n10,train/td_loss,0.5\n20,train/td_loss,0.25\n20,eval/return,-3\n20,solver/fail_frac,0\n"
+    )
+    try:
+        matplotlib.use("svg")
+        out = plot_learning_curve(tmp_path)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
