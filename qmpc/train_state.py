@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +28,52 @@ from qmpc.dynamics import DynamicsModel
 from qmpc.env import EnvSpec
 from qmpc.errors import ConfigError
 from qmpc.networks import QNetwork
+from qmpc.solver import Status
 
-__all__ = ["TrainState"]
+__all__ = ["SolveWindow", "TrainState"]
 
 RESUME_KEYS = ("q_target", "optimizer", "scheduler", "buffer", "rng", "env_state", "loop")
 """What a checkpoint needs beyond a policy's keys to resume training from."""
+
+
+class SolveWindow:
+    """The TD-target solves of the last ``size`` updates (the solver alarm's window): each
+    update's failed fraction and how many of its samples ended in each :class:`~qmpc.solver.Status`."""
+
+    def __init__(self, size: int):
+        self.fail_fracs: deque[float] = deque(maxlen=size)
+        self.counts: deque[dict[str, int]] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self.fail_fracs)
+
+    @property
+    def full(self) -> bool:
+        return len(self.fail_fracs) == self.fail_fracs.maxlen
+
+    def add(self, fail_frac: float, status: np.ndarray | None) -> None:
+        """One update: its failed fraction and its solves' ``status`` codes (None: unknown)."""
+        self.fail_fracs.append(float(fail_frac))
+        codes = np.bincount(np.asarray(status, dtype=np.int64), minlength=len(Status)) if status is not None else []
+        self.counts.append({Status(s).name: int(n) for s, n in enumerate(codes) if n})
+
+    def fail_frac(self) -> float:
+        """Mean failed fraction over the window."""
+        return float(np.mean(self.fail_fracs)) if self.fail_fracs else 0.0
+
+    def status_counts(self) -> dict[str, int]:
+        """Samples of each status over the window, in :class:`~qmpc.solver.Status` order."""
+        total = {s.name: sum(c.get(s.name, 0) for c in self.counts) for s in Status}
+        return {k: n for k, n in total.items() if n}
+
+    def state_dict(self) -> dict[str, list]:
+        return {"fail_frac": list(self.fail_fracs), "status": [dict(c) for c in self.counts]}
+
+    def load_state_dict(self, s: dict[str, list]) -> None:
+        self.fail_fracs.clear()
+        self.counts.clear()
+        self.fail_fracs.extend(s.get("fail_frac", []))
+        self.counts.extend(dict(c) for c in s.get("status", []))
 
 
 @dataclass(eq=False)
@@ -56,6 +98,8 @@ class TrainState:
     model_optimizer: torch.optim.Optimizer | None = None
     model_ready: bool = False
     """The model's normalisation has been fitted (from the buffer, when learning starts)."""
+    solve_window: SolveWindow | None = None
+    """The solver alarm's window (``solver.fail_window`` updates; made from the config if None)."""
     acc: dict[str, list[float]] = field(default_factory=dict)
     """Training metrics of the current logging window (a checkpoint can fall inside one)."""
     step: int = 0
@@ -74,6 +118,10 @@ class TrainState:
     """Wall time of the run's earlier launches (up to the checkpoint this one resumed from)."""
     started: float = field(default_factory=time.perf_counter)
     """``time.perf_counter()`` when this launch started."""
+
+    def __post_init__(self) -> None:
+        if self.solve_window is None:
+            self.solve_window = SolveWindow(self.cfg.solver.fail_window)
 
     def wall_s(self) -> float:
         """Wall time of the whole run so far, resumes included."""
@@ -118,6 +166,7 @@ class TrainState:
                 "model_ready": self.model_ready,
                 "acc": {k: list(v) for k, v in self.acc.items()},
                 "wall_s": self.wall_s(),
+                "solve_window": self.solve_window.state_dict(),
             },
         }
         if self.model is not None:
@@ -143,6 +192,7 @@ class TrainState:
         self.obs, self.ep_return, self.ep_len = as_numpy(s["obs"]), s["ep_return"], s["ep_len"]
         self.eval_steps, self.eval_returns = s["eval_steps"], s["eval_returns"]
         self.acc = {k: list(v) for k, v in s.get("acc", {}).items()}  # older checkpoints: window lost
+        self.solve_window.load_state_dict(s.get("solve_window", {}))  # older checkpoints: an empty one
         if self.cfg.train.steps < self.step:
             raise ConfigError(
                 f"expected train.steps >= {self.step} (the checkpoint's step) on --resume, got {self.cfg.train.steps}"

@@ -35,11 +35,12 @@ from qmpc.controller import Controller
 from qmpc.data import ReplayBuffer, atomic_write, ensure_dir, input_normalization, load_minari
 from qmpc.dynamics import DynamicsModel
 from qmpc.env import EnvSpec, env_spec, make_env
-from qmpc.errors import ConfigError, OutputError
+from qmpc.errors import ConfigError, OutputError, SolverError
 from qmpc.losses import TDResult, td_loss
 from qmpc.metrics import MetricsLogger, plot_learning_curve, read_metrics
 from qmpc.networks import QNetwork, build_network
 from qmpc.runner import discounted_costs, run_episodes
+from qmpc.solver import Status
 from qmpc.train_state import TrainState
 
 __all__ = [
@@ -371,6 +372,7 @@ def _step(st: TrainState, run: _Run) -> None:
             if st.model is not None:
                 _fit_model(st)
             _record(st, res)
+            _solver_alarm(st, res)
     st.step += 1
     run.bar.update(1)
     st.acc.setdefault("time/step_ms", []).append((time.perf_counter() - t_step) * 1e3)
@@ -466,6 +468,28 @@ def _record(st: TrainState, res: TDResult) -> None:
         ("solver/solve_ms", res.solve_ms),
     ):
         st.acc.setdefault(k, []).append(float(v))
+    st.solve_window.add(res.fail_frac, res.status)
+
+
+def _solver_alarm(st: TrainState, res: TDResult) -> None:
+    """Stop with a :class:`SolverError` when more than ``solver.max_fail_frac`` of the TD-target
+    solves of the last ``solver.fail_window`` updates failed. Raised before anything of this step
+    is written: the last checkpoint stays as it was."""
+    window, sc = st.solve_window, st.cfg.solver
+    if not window.full or window.fail_frac() <= sc.max_fail_frac:
+        return
+    counts = window.status_counts()
+    last = ""
+    if res.status is not None and res.kkt_residual is not None:
+        bad = ~Status.ok(res.status)
+        worst = float(np.max(res.kkt_residual[bad])) if bad.any() else float("nan")
+        last = f"; last update: {int(bad.sum())} of {bad.size} failed, KKT residual up to {worst:.3g}"
+    raise SolverError(
+        f"expected at most {sc.max_fail_frac:g} of the TD-target solves to fail (solver.max_fail_frac), got "
+        f"{window.fail_frac():.3f} over the last {len(window)} updates (solver.fail_window) at step {st.step + 1}: "
+        f"{', '.join(f'{k} {n}' for k, n in counts.items())} of {sum(counts.values())} samples{last}. Training "
+        "stopped; the last checkpoint is intact (resume it with --set solver.max_fail_frac=1.0 to go on regardless)"
+    )
 
 
 def _evaluate(st: TrainState, run: _Run) -> None:
