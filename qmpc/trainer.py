@@ -3,7 +3,8 @@
 :func:`train` runs :func:`_step` until ``train.steps``: act and step the environment (online),
 learn (a TD update, and the dynamics model's fit), then log, evaluate and checkpoint as they fall
 due. Everything the loop changes lives in a :class:`~qmpc.train_state.TrainState`, whose
-``state_dict`` is the checkpoint.
+``state_dict`` is the checkpoint. The solver alarm (``solver.max_fail_frac``) stops a run whose
+TD-target solves keep failing, with a :class:`~qmpc.errors.SolverError`.
 
 A run directory holds ``config.toml`` (the resolved config), ``checkpoint.pt`` (written
 atomically every ``checkpoint_every`` steps; ``resume=True`` continues exactly where it stopped:
@@ -308,8 +309,9 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
     obs, _ = env.reset(seed=cfg.seed)
-    st = TrainState(cfg, spec, env, q, q_target, opt, sched, buffer, rng, model_rng, model, model_opt, obs=obs)
-    st.started = started
+    st = TrainState(
+        cfg, spec, env, q, q_target, opt, sched, buffer, rng, model_rng, model, model_opt, obs=obs, started=started
+    )
     return st, eval_env
 
 
