@@ -83,6 +83,14 @@ class SolverConfig:
     (PICNN; every solution is certified by the CasADi twin, the plugin takes those that fail).
     Measured on HalfCheetah-sized batches of 256: ~20 ms against ~2.3 s for one plugin call per
     sample."""
+    max_fail_frac: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    """The solver alarm: training stops with a :class:`~qmpc.errors.SolverError` (naming the
+    fraction and the solves' statuses) when more than this fraction of the TD-target solves failed
+    (masked samples) over the last ``fail_window`` updates; 1.0 never stops. Nothing is written at
+    the alarm: the last checkpoint stays, and ``--resume --set`` may raise this value."""
+    fail_window: int = field(default=100, metadata={"min": 1})
+    """Consecutive TD updates over which ``max_fail_frac`` is measured (kept by the checkpoint:
+    a resumed run counts on); the alarm waits until this many updates have run."""
 
 
 @dataclass
@@ -265,9 +273,11 @@ RESUMABLE_KEYS = (
     "train.eval_episodes",
     "train.checkpoint_every",
     "train.log_every",
+    "solver.max_fail_frac",
 )
-"""Fields that ``--set`` may change when a run resumes (where it lives, how long it trains and how
-often it logs, evaluates and checkpoints); any other field must keep the checkpoint's value."""
+"""Fields that ``--set`` may change when a run resumes (where it lives, how long it trains, how
+often it logs, evaluates and checkpoints, and the solver alarm's threshold, e.g. to go on past
+an alarm); any other field must keep the checkpoint's value."""
 
 
 def resumed_config(saved: dict, overrides: list[str]) -> Config:

@@ -50,7 +50,16 @@ DEMO_CONFIG = {
         "state_dependent_curvature": False,
         "obs_normalization": "whiten",
     },
-    "solver": {"plugin": "sqpmethod", "max_iter": 50, "tol": 1e-8, "workers": 0, "warm_start": True, "newton": True},
+    "solver": {
+        "plugin": "sqpmethod",
+        "max_iter": 50,
+        "tol": 1e-8,
+        "workers": 0,
+        "warm_start": True,
+        "newton": True,
+        "max_fail_frac": 0.5,
+        "fail_window": 100,
+    },
     "train": {
         "mode": "offline",
         "steps": 3000,

@@ -51,6 +51,10 @@ class TDResult(NamedTuple):
     """``(B, act_dim)`` float64: the argmins found at ``x⁺`` (warm starts for the next solves there)."""
     next_ok: np.ndarray | None = None
     """``(B,)`` bool: which of them are usable (their solve passed the certificate)."""
+    status: np.ndarray | None = None
+    """``(B,)`` int8 :class:`~qmpc.solver.Status` of those solves."""
+    kkt_residual: np.ndarray | None = None
+    """``(B,)`` KKT residual of each of those solutions (what the certificate checked)."""
 
 
 def td_loss(
@@ -97,4 +101,6 @@ def td_loss(
         float(res.solve_ms),
         res.plan[:, : q.act_dim],
         Status.ok(res.status),
+        res.status,
+        res.kkt_residual,
     )

@@ -1,16 +1,21 @@
 """Training the cost-to-go with TD learning, online or offline, in one loop that reads top to bottom.
 
+:func:`train` runs :func:`_step` until ``train.steps``: act and step the environment (online),
+learn (a TD update, and the dynamics model's fit), then log, evaluate and checkpoint as they fall
+due. Everything the loop changes lives in a :class:`~qmpc.train_state.TrainState`, whose
+``state_dict`` is the checkpoint. The solver alarm (``solver.max_fail_frac``) stops a run whose
+TD-target solves keep failing, with a :class:`~qmpc.errors.SolverError`.
+
 A run directory holds ``config.toml`` (the resolved config), ``checkpoint.pt`` (written
 atomically every ``checkpoint_every`` steps; ``resume=True`` continues exactly where it stopped:
 network, target, optimiser, replay buffer, RNGs and the environment's MuJoCo state),
-``metrics.csv`` (``step,tag,value``), TensorBoard events in ``tb/`` and ``learning_curve.png``.
+``metrics.csv`` (``step,tag,value``), TensorBoard events in ``tb/`` and ``learning_curve.png``
+(:mod:`qmpc.metrics`).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import dataclasses
 import json
 import os
 import socket
@@ -20,7 +25,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import mujoco
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -29,15 +33,26 @@ from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import CheckpointError, load_checkpoint, policy_of, save_checkpoint
 from qmpc.config import Config, config_to_toml, resumed_config
 from qmpc.controller import Controller
-from qmpc.data import ReplayBuffer, as_numpy, atomic_write, ensure_dir, input_normalization, load_minari
+from qmpc.data import ReplayBuffer, atomic_write, ensure_dir, input_normalization, load_minari
 from qmpc.dynamics import DynamicsModel
 from qmpc.env import EnvSpec, env_spec, make_env
-from qmpc.errors import ConfigError, OutputError
-from qmpc.losses import td_loss
+from qmpc.errors import ConfigError, OutputError, SolverError
+from qmpc.losses import TDResult, td_loss
+from qmpc.metrics import MetricsLogger, plot_learning_curve, read_metrics
 from qmpc.networks import QNetwork, build_network
 from qmpc.runner import discounted_costs, run_episodes
+from qmpc.solver import Status
+from qmpc.train_state import TrainState
 
-__all__ = ["Evaluation", "MetricsLogger", "RunSummary", "evaluate", "plot_learning_curve", "train"]
+__all__ = [
+    "Evaluation",
+    "MetricsLogger",
+    "RunSummary",
+    "evaluate",
+    "plot_learning_curve",
+    "read_metrics",
+    "train",
+]
 
 
 class RunSummary(NamedTuple):
@@ -50,98 +65,6 @@ class RunSummary(NamedTuple):
     seconds: float
     """Wall time of the whole run, resumes included (time after the last checkpoint before a kill
     is not counted)."""
-
-
-# ---------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------
-
-
-class MetricsLogger:
-    """Scalars to ``metrics.csv`` (``step,tag,value``) and TensorBoard (``tb/``)."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
-        self.path = run_dir / "metrics.csv"
-        if resume_step is not None and self.path.exists():  # drop what was logged after the checkpoint
-            with open(self.path) as f:
-                rows = [r for r in csv.reader(f)][1:]
-            keep = [r for r in rows if int(r[0]) <= resume_step]
-            atomic_write(self.path, lambda tmp: _write_rows(tmp, keep))
-        elif not self.path.exists() or resume_step is None:
-            atomic_write(self.path, lambda tmp: _write_rows(tmp, []))
-        self._f = open(self.path, "a", newline="")
-        self._csv = csv.writer(self._f)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # the checkpoint's own step was logged before the checkpoint was written: keep it
-            purge = None if resume_step is None else resume_step + 1
-            tb_dir = ensure_dir(run_dir / "tb", "the TensorBoard directory")
-            self.tb = SummaryWriter(str(tb_dir), purge_step=purge)
-        except ImportError:  # tensorboard is a dependency; keep the CSV if it is missing
-            self.tb = None
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        for tag, v in values.items():
-            self._csv.writerow([step, tag, f"{float(v):.8g}"])
-            if self.tb is not None:
-                self.tb.add_scalar(tag, float(v), step)
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _write_rows(path: str, rows: list[list[str]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "tag", "value"])
-        w.writerows(rows)
-
-
-def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{tag: (steps, values)}`` from a ``metrics.csv``."""
-    out: dict[str, tuple[list, list]] = {}
-    with open(path) as f:
-        for row in list(csv.reader(f))[1:]:
-            s, v = out.setdefault(row[1], ([], []))
-            s.append(int(row[0]))
-            v.append(float(row[2]))
-    return {k: (np.array(s), np.array(v)) for k, (s, v) in out.items()}
-
-
-def plot_learning_curve(run_dir: Path) -> Path:
-    """``learning_curve.png``: evaluation return, TD loss and solver statistics against steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = read_metrics(run_dir / "metrics.csv")
-    panels = [
-        ("eval/return", "evaluation return (= −cost)"),
-        ("train/td_loss", "TD loss"),
-        ("solver/fail_frac", "failed solves (fraction)"),
-        ("solver/solve_ms", "batch solve time (ms)"),
-    ]
-    if "model/loss" in m:
-        panels.append(("model/loss", "dynamics model loss (normalised MSE)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (tag, title) in zip(axes, panels, strict=True):
-        if tag in m:
-            ax.plot(*m[tag], marker="o" if tag == "eval/return" else None, ms=3)
-        if tag in ("train/td_loss", "model/loss") and tag in m and (m[tag][1] > 0).all():
-            ax.set_yscale("log")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = run_dir / "learning_curve.png"
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,46 +116,6 @@ def evaluate(
         sum(e.fallback for e in eps) / max(1, steps),
         float(np.mean(np.concatenate(gaps))) if gaps else float("nan"),
     )
-
-
-def _env_state(env) -> dict[str, Any]:
-    u = env.unwrapped
-    st: dict[str, Any] = {"np_random": u.np_random.bit_generator.state}
-    try:
-        st["elapsed"] = env.get_wrapper_attr("_elapsed_steps")
-    except AttributeError:
-        pass
-    if hasattr(u, "data") and isinstance(u.data, mujoco.MjData):
-        d = u.data
-        st["mujoco"] = {k: torch.tensor(getattr(d, k)) for k in ("qpos", "qvel", "act", "ctrl", "qacc_warmstart")}
-        st["mujoco"]["time"] = float(d.time)
-    return st
-
-
-def _set_env_state(env, st: dict[str, Any]) -> None:
-    u = env.unwrapped
-    u.np_random.bit_generator.state = st["np_random"]
-    if "elapsed" in st:
-        env.set_wrapper_attr("_elapsed_steps", st["elapsed"])
-    if "mujoco" in st:
-        d = u.data
-        for k, v in st["mujoco"].items():
-            if k == "time":
-                d.time = v
-            else:
-                getattr(d, k)[:] = as_numpy(v)
-        mujoco.mj_forward(u.model, d)
-
-
-def _check_resumable(ckpt: dict, cfg: Config, spec: EnvSpec) -> None:
-    missing = [k for k in ("q_target", "optimizer", "scheduler", "buffer", "rng", "env_state", "loop") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"expected a full training checkpoint to resume from, got one without {missing}")
-    if ckpt["spec"]["env_id"] != spec.env_id or ckpt["network"]["arch"] != cfg.network.arch:
-        raise CheckpointError(
-            f"expected a checkpoint of {spec.env_id} / {cfg.network.arch}, got {ckpt['spec']['env_id']} / "
-            f"{ckpt['network']['arch']}"
-        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,31 +210,86 @@ def train(
 
     With ``resume`` the config comes from the checkpoint, changed only by ``overrides``
     (``key=value`` as ``--set``) of :data:`~qmpc.config.RESUMABLE_KEYS`. The run directory is
-    locked for the whole run (:class:`RunLock`): a second run on it is refused."""
+    locked for the whole run (:class:`RunLock`): a second run on it is refused. torch's thread
+    count is ``train.torch_threads`` during the run and the caller's again after it, errors too."""
     run_dir = ensure_dir(cfg.resolved_run_dir(), "the run directory")
-    with RunLock(run_dir):
-        remove_stale_temps(run_dir)
-        return _train(cfg, run_dir, resume, progress, stop_at, overrides)
+    threads = torch.get_num_threads()
+    try:
+        with RunLock(run_dir):
+            remove_stale_temps(run_dir)
+            return _train(cfg, run_dir, resume, progress, stop_at, overrides)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Run(NamedTuple):
+    """What the steps of one launch work with besides the :class:`TrainState` (nothing here is saved)."""
+
+    run_dir: Path
+    online: ArgminLayer
+    """``argmin_u Q``: the TD targets of ``residual`` and the ``double`` modes (batched)."""
+    target: ArgminLayer
+    """``argmin_u Q_target``: the TD targets of ``semi`` (batched)."""
+    actor: ArgminLayer
+    """``argmin_u Q`` at the current state, warm-started at its last action."""
+    evaluator: Controller
+    """The greedy controller of the evaluations (on a float64 copy of Q)."""
+    eval_env: Any
+    logger: MetricsLogger
+    bar: tqdm
 
 
 def _train(
     cfg: Config, run_dir: Path, resume: bool, progress: bool, stop_at: int | None, overrides: Sequence[str]
 ) -> RunSummary:
     t_start = time.perf_counter()
+    cfg, ckpt = _open_run(cfg, run_dir, resume, overrides)
+    torch.set_num_threads(cfg.train.torch_threads)
+    st, eval_env = _new_state(cfg, t_start)
+    solvers = _build_solvers(cfg, st.spec, st.q, st.q_target)
+    if ckpt is not None:
+        st.load_state_dict(ckpt)
+    logger = MetricsLogger(run_dir, resume_step=st.step if resume else None)
     tc = cfg.train
+    bar = tqdm(
+        total=tc.steps,
+        initial=st.step,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc=f"{st.spec.env_id} {tc.mode} {tc.target}",
+    )
+    run = _Run(run_dir, *solvers, eval_env, logger, bar)
+    try:
+        while st.step < tc.steps:
+            _step(st, run)
+            if stop_at is not None and st.step >= stop_at:
+                break
+    finally:
+        bar.close()
+        logger.close()
+    return RunSummary(run_dir, st.step, st.eval_steps, st.eval_returns, st.fails / max(1, st.solves), st.wall_s())
+
+
+def _open_run(cfg: Config, run_dir: Path, resume: bool, overrides: Sequence[str]) -> tuple[Config, dict | None]:
+    """The run's config (on ``resume``, the checkpoint's with ``overrides``), written to
+    ``config.toml``, and the checkpoint to resume from (None for a new run)."""
     ckpt_path = run_dir / "checkpoint.pt"
+    ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         if not isinstance(ckpt.get("config"), dict):
             raise CheckpointError(f"expected a training checkpoint with its config at {ckpt_path}, got none")
         cfg = resumed_config(ckpt["config"], list(overrides))
-        tc = cfg.train
     elif ckpt_path.exists():
         raise ConfigError(f"expected a new run directory, got an existing checkpoint in {run_dir} (use --resume)")
     atomic_write(run_dir / "config.toml", lambda tmp: Path(tmp).write_text(config_to_toml(cfg)))
+    return cfg, ckpt
 
-    # -- seeding, environments, networks ------------------------------------------------
-    torch.set_num_threads(tc.torch_threads)
+
+def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
+    """The state of a new run (seeded; an offline run's buffer filled) and the evaluation environment."""
+    tc = cfg.train
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     env = make_env(cfg.env.id, seed=cfg.seed)
@@ -359,6 +297,28 @@ def _train(
     spec = env_spec(env)
     buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, tc.buffer_size)
     q = build_q(cfg, spec)
+    _prepare_data(cfg, spec, buffer, q)
+    q_target = copy.deepcopy(q).requires_grad_(False)  # moved by Polyak averaging only, never by a gradient
+    model_rng = np.random.default_rng([cfg.seed, 1])  # the model's batches: Q's stay the same
+    model, model_opt = None, None
+    if cfg.model.learn:
+        model = DynamicsModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
+        model = model.to(getattr(torch, tc.dtype))
+        model_opt = torch.optim.Adam(model.parameters(), lr=cfg.model.lr)
+    opt = torch.optim.Adam(q.parameters(), lr=tc.lr)
+    decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
+    obs, _ = env.reset(seed=cfg.seed)
+    st = TrainState(
+        cfg, spec, env, q, q_target, opt, sched, buffer, rng, model_rng, model, model_opt, obs=obs, started=started
+    )
+    return st, eval_env
+
+
+def _prepare_data(cfg: Config, spec: EnvSpec, buffer: ReplayBuffer, q: QNetwork) -> None:
+    """Offline: the dataset into the buffer and Q's input normalisation from its states. Online:
+    check that the random-action phase can give that normalisation."""
+    tc = cfg.train
     if tc.mode == "offline":
         if not tc.dataset:
             raise ConfigError("expected train.dataset (a Minari dataset path) in offline mode, got ''")
@@ -378,16 +338,13 @@ def _train(
             f"{cfg.network.obs_normalization!r} online (its statistics come from the states of the random-action "
             f"phase), got {tc.learning_starts}"
         )
-    q_target = copy.deepcopy(q)
-    dyn, dyn_opt, dyn_ready = None, None, False
-    model_rng = np.random.default_rng([cfg.seed, 1])  # the model's batches: Q's stay the same
-    if cfg.model.learn:
-        dyn = DynamicsModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
-        dyn = dyn.to(getattr(torch, tc.dtype))
-        dyn_opt = torch.optim.Adam(dyn.parameters(), lr=cfg.model.lr)
-    opt = torch.optim.Adam(q.parameters(), lr=tc.lr)
-    decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
+
+
+def _build_solvers(
+    cfg: Config, spec: EnvSpec, q: QNetwork, q_target: QNetwork
+) -> tuple[ArgminLayer, ArgminLayer, ArgminLayer, Controller]:
+    """The argmin layers of the TD targets (``online`` on Q, ``target`` on Q_target), the
+    ``actor`` that collects data, and the ``evaluator``: the one place that builds them."""
     solver_kw = dict(
         solver=cfg.solver.plugin, max_iter=cfg.solver.max_iter, tol=cfg.solver.tol, newton=cfg.solver.newton
     )
@@ -398,198 +355,174 @@ def _train(
     actor = ArgminLayer(
         q, spec.low, spec.high, grad_mode="none", workers=1, warm_start=cfg.solver.warm_start, **solver_kw
     )
-    q_eval = copy.deepcopy(q).double()
+    q_eval = copy.deepcopy(q).double()  # each evaluation loads Q's weights into it
     evaluator = Controller(q_eval, spec.low, spec.high, max_iter=cfg.solver.max_iter, env_id=spec.env_id)
-    act_range = spec.high - spec.low
+    return online, target, actor, evaluator
 
-    step, episode, fails, solves, wall_before = 0, 0, 0.0, 0, 0.0
-    eval_steps: list[int] = []
-    eval_returns: list[float] = []
-    obs, _ = env.reset(seed=cfg.seed)
-    ep_return, ep_len = 0.0, 0
-    acc: dict[str, list[float]] = {}  # training metrics of the current logging window
-    if resume:
-        _check_resumable(ckpt, cfg, spec)
-        q.load_state_dict(ckpt["q"])
-        q_target.load_state_dict(ckpt["q_target"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        buffer.load_state_dict(ckpt["buffer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        rng.bit_generator.state = ckpt["rng"]["numpy"]
-        _set_env_state(env, ckpt["env_state"])
-        s = ckpt["loop"]
-        step, episode, fails, solves = s["step"], s["episode"], s["fails"], s["solves"]
-        wall_before = s.get("wall_s", 0.0)
-        obs, ep_return, ep_len = as_numpy(s["obs"]), s["ep_return"], s["ep_len"]
-        eval_steps, eval_returns = s["eval_steps"], s["eval_returns"]
-        acc = {k: list(v) for k, v in s.get("acc", {}).items()}  # older checkpoints: window lost
-        if tc.steps < step:
-            raise ConfigError(f"expected train.steps >= {step} (the checkpoint's step) on --resume, got {tc.steps}")
-        if dyn is not None:
-            dyn.load_state_dict(ckpt["model"]["state"])
-            dyn_opt.load_state_dict(ckpt["model_optimizer"])
-            dyn_ready = s["model_ready"]
-            model_rng.bit_generator.state = ckpt["rng"]["model"]
-    logger = MetricsLogger(run_dir, resume_step=step if resume else None)
 
-    def checkpoint() -> None:
-        full = {
-            "config": dataclasses.asdict(cfg),
-            "spec": {
-                "env_id": spec.env_id,
-                "obs_dim": spec.obs_dim,
-                "act_dim": spec.act_dim,
-                "low": spec.low.tolist(),
-                "high": spec.high.tolist(),
-            },
-            "network": _network_kwargs(cfg),
-            "gamma": tc.gamma,
-            "cost_scale": tc.cost_scale,
-            "q": q.state_dict(),
-            "q_target": q_target.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "buffer": buffer.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": rng.bit_generator.state,
-                "model": model_rng.bit_generator.state,
-            },
-            "env_state": _env_state(env),
-            "loop": {
-                "step": step,
-                "episode": episode,
-                "fails": fails,
-                "solves": solves,
-                "obs": torch.tensor(obs),
-                "ep_return": ep_return,
-                "ep_len": ep_len,
-                "eval_steps": eval_steps,
-                "eval_returns": eval_returns,
-                "model_ready": dyn_ready,
-                "acc": {k: list(v) for k, v in acc.items()},
-                "wall_s": wall_before + time.perf_counter() - t_start,
-            },
-        }
-        if dyn is not None:
-            full["model"] = {"kwargs": dyn.kwargs(), "state": dyn.state_dict()}
-            full["model_optimizer"] = dyn_opt.state_dict()
-        save_checkpoint(ckpt_path, full)
-        save_checkpoint(run_dir / "policy.pt", policy_of(full))  # what a controller needs: small, to ship
+def _step(st: TrainState, run: _Run) -> None:
+    """One step of the loop: act and store (online), learn, then log, evaluate and checkpoint as due."""
+    cfg, tc = st.cfg, st.cfg.train
+    t_step = time.perf_counter()
+    if tc.mode == "online":
+        if st.step == tc.learning_starts and cfg.network.obs_normalization != "none":
+            _fix_normalization(st)
+        _step_env(st, _act(st, run.actor), run.logger)
+    if tc.mode == "offline" or st.step >= tc.learning_starts:
+        for _ in range(tc.updates_per_step):
+            res = _learn(st, run.online, run.target)
+            if st.model is not None:
+                _fit_model(st)
+            _record(st, res)
+            _solver_alarm(st, res)
+    st.step += 1
+    run.bar.update(1)
+    st.acc.setdefault("time/step_ms", []).append((time.perf_counter() - t_step) * 1e3)
+    if st.step % tc.log_every == 0 and st.acc:
+        run.logger.log(st.step, {k: float(np.mean(v)) for k, v in st.acc.items()})
+        st.acc.clear()
+    if st.step % tc.eval_every == 0 or st.step == tc.steps:
+        _evaluate(st, run)
+    if st.step % tc.checkpoint_every == 0 or st.step == tc.steps:
+        _checkpoint(st, run.run_dir)
 
-    bar = tqdm(
-        total=tc.steps,
-        initial=step,
-        disable=not progress,
-        unit="step",
-        dynamic_ncols=True,
-        desc=f"{spec.env_id} {tc.mode} {tc.target}",
+
+def _fix_normalization(st: TrainState) -> None:
+    """Online: Q's input normalisation, fixed from the states of the random-action phase (before Q
+    acts or learns)."""
+    norm = input_normalization(st.buffer.obs[: len(st.buffer)], st.cfg.network.obs_normalization)
+    for net in (st.q, st.q_target):
+        net.set_input_normalization(*norm)
+
+
+def _act(st: TrainState, actor: ArgminLayer) -> np.ndarray:
+    """The action at ``st.obs``: uniform before ``learning_starts``, then Q's argmin plus Gaussian noise."""
+    tc, spec = st.cfg.train, st.spec
+    if st.step < tc.learning_starts:
+        return st.rng.uniform(spec.low, spec.high)
+    with _timed(st.acc, "time/act_ms"):
+        u, _ = actor(torch.as_tensor(st.obs, dtype=torch.float64)[None])
+    a = u[0].numpy() + tc.exploration_noise * (spec.high - spec.low) * st.rng.normal(size=spec.act_dim)
+    return np.clip(a, spec.low, spec.high)
+
+
+def _step_env(st: TrainState, a: np.ndarray, logger: MetricsLogger) -> None:
+    """Step the training environment, store the transition; at an episode's end log it and reset."""
+    with _timed(st.acc, "time/env_ms"):
+        next_obs, r, term, trunc, _ = st.env.step(a)
+    st.buffer.add(st.obs, a, -float(r) * st.cfg.train.cost_scale, next_obs, term)
+    st.obs, st.ep_return, st.ep_len = next_obs, st.ep_return + float(r), st.ep_len + 1
+    if term or trunc:
+        # at step + 1, like every row logged in this iteration (all before its checkpoint)
+        logger.log(st.step + 1, {"train/episode_return": st.ep_return, "train/episode_length": st.ep_len})
+        st.obs, _ = st.env.reset()
+        st.ep_return, st.ep_len, st.episode = 0.0, 0, st.episode + 1
+
+
+def _learn(st: TrainState, online: ArgminLayer, target: ArgminLayer) -> TDResult:
+    """One TD update of Q on a batch from the buffer, then the Polyak step of the target network."""
+    tc, acc = st.cfg.train, st.acc
+    batch = st.buffer.sample(tc.batch_size, st.rng)
+    with _timed(acc, "time/td_loss_ms"):  # the TD-target solves and the forward pass
+        w0 = st.buffer.warm_starts(batch.index, st.spec.low, st.spec.high) if st.cfg.solver.warm_start else None
+        res = td_loss(st.q, st.q_target, online, target, batch, tc.gamma, tc.target, w0=w0)
+        st.buffer.store_argmins(batch.index, res.next_argmin, res.next_ok)
+    with _timed(acc, "time/update_ms"):  # backward (through the solves), Adam, Polyak
+        st.optimizer.zero_grad()
+        res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(st.q.parameters(), tc.grad_clip)
+        st.optimizer.step()
+        st.scheduler.step()
+        with torch.no_grad():
+            for p, pt in zip(st.q.parameters(), st.q_target.parameters(), strict=True):
+                pt.lerp_(p, tc.tau)
+    return res
+
+
+def _fit_model(st: TrainState) -> None:
+    """The dynamics model's gradient steps of one update, on batches of its own RNG."""
+    t_model = time.perf_counter()
+    mc, buffer, model = st.cfg.model, st.buffer, st.model
+    if not st.model_ready:  # normalisation from the data in the buffer when learning starts
+        n = len(buffer)
+        model.fit_normalization(*(torch.from_numpy(a[:n]) for a in (buffer.obs, buffer.next_obs)))
+        st.model_ready = True
+    for _ in range(mc.updates_per_step):
+        mb = buffer.sample(mc.batch_size, st.model_rng)
+        m_loss = model.loss(*(t.to(model.x_shift.dtype) for t in (mb.obs, mb.act, mb.next_obs)))
+        st.model_optimizer.zero_grad()
+        m_loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), st.cfg.train.grad_clip)
+        st.model_optimizer.step()
+    st.acc.setdefault("model/loss", []).append(float(m_loss.detach()))
+    st.acc.setdefault("time/model_ms", []).append((time.perf_counter() - t_model) * 1e3)
+
+
+def _record(st: TrainState, res: TDResult) -> None:
+    """Count an update's solves and add its metrics to the logging window."""
+    st.fails += res.fail_frac * st.cfg.train.batch_size
+    st.solves += st.cfg.train.batch_size
+    for k, v in (
+        ("train/td_loss", float(res.loss.detach())),
+        ("train/q_mean", res.q_mean),
+        ("train/target_mean", res.target_mean),
+        ("solver/fail_frac", res.fail_frac),
+        ("solver/solve_ms", res.solve_ms),
+    ):
+        st.acc.setdefault(k, []).append(float(v))
+    st.solve_window.add(res.fail_frac, res.status)
+
+
+def _solver_alarm(st: TrainState, res: TDResult) -> None:
+    """Stop with a :class:`SolverError` when more than ``solver.max_fail_frac`` of the TD-target
+    solves of the last ``solver.fail_window`` updates failed. Raised before anything of this step
+    is written: the last checkpoint stays as it was."""
+    window, sc = st.solve_window, st.cfg.solver
+    if not window.full or window.fail_frac() <= sc.max_fail_frac:
+        return
+    counts = window.status_counts()
+    last = ""
+    if res.status is not None and res.kkt_residual is not None:
+        bad = ~Status.ok(res.status)
+        worst = float(np.max(res.kkt_residual[bad])) if bad.any() else float("nan")
+        last = f"; last update: {int(bad.sum())} of {bad.size} failed, KKT residual up to {worst:.3g}"
+    raise SolverError(
+        f"expected at most {sc.max_fail_frac:g} of the TD-target solves to fail (solver.max_fail_frac), got "
+        f"{window.fail_frac():.3f} over the last {len(window)} updates (solver.fail_window) at step {st.step + 1}: "
+        f"{', '.join(f'{k} {n}' for k, n in counts.items())} of {sum(counts.values())} samples{last}. Training "
+        "stopped; the last checkpoint is intact (resume it with --set solver.max_fail_frac=1.0 to go on regardless)"
     )
-    while step < tc.steps:
-        t_step = time.perf_counter()
-        if tc.mode == "online" and step == tc.learning_starts and cfg.network.obs_normalization != "none":
-            # fixed from the states of the random-action phase (before Q acts or learns)
-            norm = input_normalization(buffer.obs[: len(buffer)], cfg.network.obs_normalization)
-            for net in (q, q_target):
-                net.set_input_normalization(*norm)
-        # 1. act and store (online)
-        if tc.mode == "online":
-            if step < tc.learning_starts:
-                a = rng.uniform(spec.low, spec.high)
-            else:
-                with _timed(acc, "time/act_ms"):
-                    u, _ = actor(torch.as_tensor(obs, dtype=torch.float64)[None])
-                a = u[0].numpy() + tc.exploration_noise * act_range * rng.normal(size=spec.act_dim)
-                a = np.clip(a, spec.low, spec.high)
-            with _timed(acc, "time/env_ms"):
-                next_obs, r, term, trunc, _ = env.step(a)
-            buffer.add(obs, a, -float(r) * tc.cost_scale, next_obs, term)
-            obs, ep_return, ep_len = next_obs, ep_return + float(r), ep_len + 1
-            if term or trunc:
-                # at step + 1, like every row logged in this iteration (all before its checkpoint)
-                logger.log(step + 1, {"train/episode_return": ep_return, "train/episode_length": ep_len})
-                obs, _ = env.reset()
-                ep_return, ep_len, episode = 0.0, 0, episode + 1
 
-        # 2. learn
-        if tc.mode == "offline" or step >= tc.learning_starts:
-            for _ in range(tc.updates_per_step):
-                batch = buffer.sample(tc.batch_size, rng)
-                with _timed(acc, "time/td_loss_ms"):  # the TD-target solves and the forward pass
-                    w0 = buffer.warm_starts(batch.index, spec.low, spec.high) if cfg.solver.warm_start else None
-                    res = td_loss(q, q_target, online, target, batch, tc.gamma, tc.target, w0=w0)
-                    buffer.store_argmins(batch.index, res.next_argmin, res.next_ok)
-                with _timed(acc, "time/update_ms"):  # backward (through the solves), Adam, Polyak
-                    opt.zero_grad()
-                    res.loss.backward()
-                    torch.nn.utils.clip_grad_norm_(q.parameters(), tc.grad_clip)
-                    opt.step()
-                    sched.step()
-                    with torch.no_grad():
-                        for p, pt in zip(q.parameters(), q_target.parameters(), strict=True):
-                            pt.lerp_(p, tc.tau)
-                t_model = time.perf_counter()
-                if dyn is not None:
-                    if not dyn_ready:  # normalisation from the data in the buffer when learning starts
-                        n = len(buffer)
-                        dyn.fit_normalization(*(torch.from_numpy(a[:n]) for a in (buffer.obs, buffer.next_obs)))
-                        dyn_ready = True
-                    for _ in range(cfg.model.updates_per_step):
-                        mb = buffer.sample(cfg.model.batch_size, model_rng)
-                        m_loss = dyn.loss(*(t.to(dyn.x_shift.dtype) for t in (mb.obs, mb.act, mb.next_obs)))
-                        dyn_opt.zero_grad()
-                        m_loss.backward()
-                        torch.nn.utils.clip_grad_norm_(dyn.parameters(), tc.grad_clip)
-                        dyn_opt.step()
-                    acc.setdefault("model/loss", []).append(float(m_loss.detach()))
-                    acc.setdefault("time/model_ms", []).append((time.perf_counter() - t_model) * 1e3)
-                fails += res.fail_frac * tc.batch_size
-                solves += tc.batch_size
-                for k, v in (
-                    ("train/td_loss", float(res.loss.detach())),
-                    ("train/q_mean", res.q_mean),
-                    ("train/target_mean", res.target_mean),
-                    ("solver/fail_frac", res.fail_frac),
-                    ("solver/solve_ms", res.solve_ms),
-                ):
-                    acc.setdefault(k, []).append(float(v))
-        step += 1
-        bar.update(1)
-        acc.setdefault("time/step_ms", []).append((time.perf_counter() - t_step) * 1e3)
 
-        # 3. log, evaluate, checkpoint
-        if step % tc.log_every == 0 and acc:
-            logger.log(step, {k: float(np.mean(v)) for k, v in acc.items()})
-            acc.clear()
-        if step % tc.eval_every == 0 or step == tc.steps:
-            t_eval = time.perf_counter()
-            q_eval.load_state_dict(q.state_dict())
-            ev = evaluate(evaluator, eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale)
-            ret = ev.ret
-            eval_ms = (time.perf_counter() - t_eval) * 1e3
-            eval_steps.append(step)
-            eval_returns.append(ret)
-            logger.log(
-                step,
-                {
-                    "eval/return": ret,
-                    "eval/length": ev.length,
-                    "eval/fallback_frac": ev.fallback_frac,
-                    "eval/q_bias": ev.q_bias,
-                    "time/eval_ms": eval_ms,
-                },
-            )
-            bar.set_postfix(eval_return=f"{ret:.1f}", fail=f"{fails / max(1, solves):.3f}")
-            plot_learning_curve(run_dir)
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            checkpoint()
-        if stop_at is not None and step >= stop_at:
-            break
-    bar.close()
-    logger.close()
-    seconds = wall_before + time.perf_counter() - t_start
-    return RunSummary(run_dir, step, eval_steps, eval_returns, fails / max(1, solves), seconds)
+def _evaluate(st: TrainState, run: _Run) -> None:
+    """Evaluate the greedy controller of Q as it is now; log it and redraw the learning curve."""
+    cfg, tc = st.cfg, st.cfg.train
+    t_eval = time.perf_counter()
+    run.evaluator.q.load_state_dict(st.q.state_dict())
+    ev = evaluate(run.evaluator, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale)
+    eval_ms = (time.perf_counter() - t_eval) * 1e3
+    st.eval_steps.append(st.step)
+    st.eval_returns.append(ev.ret)
+    run.logger.log(
+        st.step,
+        {
+            "eval/return": ev.ret,
+            "eval/length": ev.length,
+            "eval/fallback_frac": ev.fallback_frac,
+            "eval/q_bias": ev.q_bias,
+            "time/eval_ms": eval_ms,
+        },
+    )
+    run.bar.set_postfix(eval_return=f"{ev.ret:.1f}", fail=f"{st.fails / max(1, st.solves):.3f}")
+    plot_learning_curve(run.run_dir)
+
+
+def _checkpoint(st: TrainState, run_dir: Path) -> None:
+    """``checkpoint.pt`` (all of :meth:`TrainState.state_dict`) and ``policy.pt`` (what a controller
+    needs: small, to ship)."""
+    full = st.state_dict()
+    save_checkpoint(run_dir / "checkpoint.pt", full)
+    save_checkpoint(run_dir / "policy.pt", policy_of(full))
 
 
 @contextmanager
@@ -598,14 +531,3 @@ def _timed(acc: dict[str, list[float]], tag: str):
     t0 = time.perf_counter()
     yield
     acc.setdefault(tag, []).append((time.perf_counter() - t0) * 1e3)
-
-
-def _network_kwargs(cfg: Config) -> dict:
-    n = cfg.network
-    return {
-        "arch": n.arch,
-        "hidden": list(n.hidden),
-        "activation": n.activation,
-        "action_curvature": n.action_curvature,
-        "state_dependent_curvature": n.state_dependent_curvature,
-    }

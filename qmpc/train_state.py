@@ -1,0 +1,258 @@
+"""What a training run is at a step, and the one place that says what its checkpoint holds.
+
+:class:`TrainState` holds everything the loop of :mod:`qmpc.trainer` changes as it goes: the
+networks, optimisers, replay buffer, RNGs, the training environment and the loop's counters.
+:meth:`TrainState.state_dict` is the checkpoint (``qmpc.checkpoint``'s format: its ``config``,
+``spec``, ``network`` and ``q`` are what :func:`~qmpc.checkpoint.policy_of` and
+:func:`~qmpc.checkpoint.network_from_checkpoint` read) and :meth:`TrainState.load_state_dict`
+restores all of it, so a resumed run continues bit for bit. A new piece of state is added to
+both, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import mujoco
+import numpy as np
+import torch
+
+from qmpc.checkpoint import CheckpointError
+from qmpc.config import Config
+from qmpc.data import ReplayBuffer, as_numpy
+from qmpc.dynamics import DynamicsModel
+from qmpc.env import EnvSpec
+from qmpc.errors import ConfigError
+from qmpc.networks import QNetwork
+from qmpc.solver import Status
+
+__all__ = ["SolveWindow", "TrainState"]
+
+RESUME_KEYS = ("q_target", "optimizer", "scheduler", "buffer", "rng", "env_state", "loop")
+"""What a checkpoint needs beyond a policy's keys to resume training from."""
+
+
+class SolveWindow:
+    """The TD-target solves of the last ``size`` updates (the solver alarm's window): each
+    update's failed fraction and how many of its samples ended in each :class:`~qmpc.solver.Status`."""
+
+    def __init__(self, size: int):
+        self.fail_fracs: deque[float] = deque(maxlen=size)
+        self.counts: deque[dict[str, int]] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self.fail_fracs)
+
+    @property
+    def full(self) -> bool:
+        return len(self.fail_fracs) == self.fail_fracs.maxlen
+
+    def add(self, fail_frac: float, status: np.ndarray | None) -> None:
+        """One update: its failed fraction and its solves' ``status`` codes (None: unknown)."""
+        self.fail_fracs.append(float(fail_frac))
+        codes = np.bincount(np.asarray(status, dtype=np.int64), minlength=len(Status)) if status is not None else []
+        self.counts.append({Status(s).name: int(n) for s, n in enumerate(codes) if n})
+
+    def fail_frac(self) -> float:
+        """Mean failed fraction over the window."""
+        return float(np.mean(self.fail_fracs)) if self.fail_fracs else 0.0
+
+    def status_counts(self) -> dict[str, int]:
+        """Samples of each status over the window, in :class:`~qmpc.solver.Status` order."""
+        total = {s.name: sum(c.get(s.name, 0) for c in self.counts) for s in Status}
+        return {k: n for k, n in total.items() if n}
+
+    def state_dict(self) -> dict[str, list]:
+        return {"fail_frac": list(self.fail_fracs), "status": [dict(c) for c in self.counts]}
+
+    def load_state_dict(self, s: dict[str, list]) -> None:
+        self.fail_fracs.clear()
+        self.counts.clear()
+        self.fail_fracs.extend(s.get("fail_frac", []))
+        self.counts.extend(dict(c) for c in s.get("status", []))
+
+
+@dataclass(eq=False)
+class TrainState:
+    """Everything a training run changes as it goes (see the module docstring)."""
+
+    cfg: Config
+    spec: EnvSpec
+    env: Any
+    """The training environment: its RNG, time-limit counter and MuJoCo state are saved."""
+    q: QNetwork
+    q_target: QNetwork
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    buffer: ReplayBuffer
+    rng: np.random.Generator
+    """Random actions, exploration noise and Q's batches. (torch's global RNG is saved too.)"""
+    model_rng: np.random.Generator
+    """The dynamics model's batches: a separate stream, so the model never changes Q's batches."""
+    model: DynamicsModel | None = None
+    """The learned dynamics model (``model.learn``), else None."""
+    model_optimizer: torch.optim.Optimizer | None = None
+    model_ready: bool = False
+    """The model's normalisation has been fitted (from the buffer, when learning starts)."""
+    solve_window: SolveWindow | None = None
+    """The solver alarm's window (``solver.fail_window`` updates; made from the config if None)."""
+    acc: dict[str, list[float]] = field(default_factory=dict)
+    """Training metrics of the current logging window (a checkpoint can fall inside one)."""
+    step: int = 0
+    episode: int = 0
+    fails: float = 0.0
+    """Failed TD-target solves so far (sum of each batch's failed fraction × batch size)."""
+    solves: int = 0
+    """TD-target solves so far."""
+    obs: np.ndarray | None = None
+    """The training environment's current observation."""
+    ep_return: float = 0.0
+    ep_len: int = 0
+    eval_steps: list[int] = field(default_factory=list)
+    eval_returns: list[float] = field(default_factory=list)
+    wall_before: float = 0.0
+    """Wall time of the run's earlier launches (up to the checkpoint this one resumed from)."""
+    started: float = field(default_factory=time.perf_counter)
+    """``time.perf_counter()`` when this launch started."""
+
+    def __post_init__(self) -> None:
+        if self.solve_window is None:
+            self.solve_window = SolveWindow(self.cfg.solver.fail_window)
+
+    def wall_s(self) -> float:
+        """Wall time of the whole run so far, resumes included."""
+        return self.wall_before + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training checkpoint (a policy plus what resuming needs)."""
+        cfg, spec = self.cfg, self.spec
+        full = {
+            "config": dataclasses.asdict(cfg),
+            "spec": {
+                "env_id": spec.env_id,
+                "obs_dim": spec.obs_dim,
+                "act_dim": spec.act_dim,
+                "low": spec.low.tolist(),
+                "high": spec.high.tolist(),
+            },
+            "network": network_kwargs(cfg),
+            "gamma": cfg.train.gamma,
+            "cost_scale": cfg.train.cost_scale,
+            "q": self.q.state_dict(),
+            "q_target": self.q_target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": self.rng.bit_generator.state,
+                "model": self.model_rng.bit_generator.state,
+            },
+            "env_state": env_state(self.env),
+            "loop": {
+                "step": self.step,
+                "episode": self.episode,
+                "fails": self.fails,
+                "solves": self.solves,
+                "obs": torch.tensor(self.obs),
+                "ep_return": self.ep_return,
+                "ep_len": self.ep_len,
+                "eval_steps": list(self.eval_steps),
+                "eval_returns": list(self.eval_returns),
+                "model_ready": self.model_ready,
+                "acc": {k: list(v) for k, v in self.acc.items()},
+                "wall_s": self.wall_s(),
+                "solve_window": self.solve_window.state_dict(),
+            },
+        }
+        if self.model is not None:
+            full["model"] = {"kwargs": self.model.kwargs(), "state": self.model.state_dict()}
+            full["model_optimizer"] = self.model_optimizer.state_dict()
+        return full
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint of :meth:`state_dict` (read by :func:`~qmpc.checkpoint.load_checkpoint`,
+        which checked that its numbers are finite) of the same task and architecture."""
+        self._check_resumable(ckpt)
+        self.q.load_state_dict(ckpt["q"])
+        self.q_target.load_state_dict(ckpt["q_target"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.buffer.load_state_dict(ckpt["buffer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.rng.bit_generator.state = ckpt["rng"]["numpy"]
+        set_env_state(self.env, ckpt["env_state"])
+        s = ckpt["loop"]
+        self.step, self.episode, self.fails, self.solves = s["step"], s["episode"], s["fails"], s["solves"]
+        self.wall_before = s.get("wall_s", 0.0)
+        self.obs, self.ep_return, self.ep_len = as_numpy(s["obs"]), s["ep_return"], s["ep_len"]
+        self.eval_steps, self.eval_returns = s["eval_steps"], s["eval_returns"]
+        self.acc = {k: list(v) for k, v in s.get("acc", {}).items()}  # older checkpoints: window lost
+        self.solve_window.load_state_dict(s.get("solve_window", {}))  # older checkpoints: an empty one
+        if self.cfg.train.steps < self.step:
+            raise ConfigError(
+                f"expected train.steps >= {self.step} (the checkpoint's step) on --resume, got {self.cfg.train.steps}"
+            )
+        if self.model is not None:
+            self.model.load_state_dict(ckpt["model"]["state"])
+            self.model_optimizer.load_state_dict(ckpt["model_optimizer"])
+            self.model_ready = s["model_ready"]
+            self.model_rng.bit_generator.state = ckpt["rng"]["model"]
+
+    def _check_resumable(self, ckpt: dict[str, Any]) -> None:
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"expected a full training checkpoint to resume from, got one without {missing}")
+        env_id, arch = self.spec.env_id, self.cfg.network.arch
+        if ckpt["spec"]["env_id"] != env_id or ckpt["network"]["arch"] != arch:
+            raise CheckpointError(
+                f"expected a checkpoint of {env_id} / {arch}, got {ckpt['spec']['env_id']} / {ckpt['network']['arch']}"
+            )
+
+
+def network_kwargs(cfg: Config) -> dict:
+    """The checkpoint's ``network``: what :func:`~qmpc.checkpoint.network_from_checkpoint` builds."""
+    n = cfg.network
+    return {
+        "arch": n.arch,
+        "hidden": list(n.hidden),
+        "activation": n.activation,
+        "action_curvature": n.action_curvature,
+        "state_dependent_curvature": n.state_dependent_curvature,
+    }
+
+
+def env_state(env) -> dict[str, Any]:
+    """What continuing an episode of ``env`` exactly needs: its RNG, its time-limit counter and,
+    for a MuJoCo task, the simulator's state."""
+    u = env.unwrapped
+    st: dict[str, Any] = {"np_random": u.np_random.bit_generator.state}
+    try:
+        st["elapsed"] = env.get_wrapper_attr("_elapsed_steps")
+    except AttributeError:
+        pass
+    if hasattr(u, "data") and isinstance(u.data, mujoco.MjData):
+        d = u.data
+        st["mujoco"] = {k: torch.tensor(getattr(d, k)) for k in ("qpos", "qvel", "act", "ctrl", "qacc_warmstart")}
+        st["mujoco"]["time"] = float(d.time)
+    return st
+
+
+def set_env_state(env, st: dict[str, Any]) -> None:
+    """Restore what :func:`env_state` saved."""
+    u = env.unwrapped
+    u.np_random.bit_generator.state = st["np_random"]
+    if "elapsed" in st:
+        env.set_wrapper_attr("_elapsed_steps", st["elapsed"])
+    if "mujoco" in st:
+        d = u.data
+        for k, v in st["mujoco"].items():
+            if k == "time":
+                d.time = v
+            else:
+                getattr(d, k)[:] = as_numpy(v)
+        mujoco.mj_forward(u.model, d)
