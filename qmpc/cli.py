@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from qmpc.controller import MODELS
 from qmpc.errors import QmpcError
 
 __all__ = ["main"]
@@ -191,9 +192,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``qmpc`` command line: one sub-command per job."""
     p = argparse.ArgumentParser(prog="qmpc", description="MPC with a learned Q-function as the cost-to-go.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_check(sub)
+    _add_collect(sub)
+    _add_train(sub)
+    _add_sweep(sub)
+    _add_run(sub)
+    return p
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="the built-in default: collect, train and run on the point mass")
     d.add_argument(
         "--out",
@@ -210,11 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_cmd_demo)
 
+
+def _add_check(sub) -> None:
     c = sub.add_parser("check", help="check solver sensitivities on this installation (pass/fail table)")
     c.add_argument("--full", action="store_true", help="every network x bounds x horizon x solver plugin")
     c.add_argument("-v", "--verbose", action="store_true", help="print each check as it finishes")
     c.set_defaults(func=_cmd_check)
 
+
+def _add_collect(sub) -> None:
     k = sub.add_parser("collect", help="collect transitions as a Minari dataset")
     k.add_argument("--env", required=True, help="gymnasium id, e.g. InvertedPendulum-v5")
     k.add_argument("--steps", type=int, required=True)
@@ -224,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0)
     k.set_defaults(func=_cmd_collect)
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a cost-to-go from a launch file")
     t.add_argument("launch", help="TOML launch file")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
@@ -231,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 
+
+def _add_sweep(sub) -> None:
     w = sub.add_parser("sweep", help="seeds x a grid of config values, each trial a training run, on Ray Tune")
     w.add_argument("launch", help="TOML launch file")
     w.add_argument("--seeds", type=int, nargs="*", default=[0], help="one trial per seed and grid point")
@@ -244,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--resume", action="store_true", help="finish the unfinished trials of an earlier sweep")
     w.set_defaults(func=_cmd_sweep)
 
+
+def _add_run(sub) -> None:
     r = sub.add_parser("run", help="run the controller of a checkpoint in closed loop")
     r.add_argument("checkpoint")
     r.add_argument("--episodes", type=int, default=5)
@@ -251,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--model",
         default="auto",
-        choices=("auto", "exact", "learned", "mujoco"),
+        choices=MODELS,
         help="dynamics model for horizon > 1: exact (qmpc tasks), learned (checkpoint trained with "
         "model.learn), mujoco (qmpc tasks: MuJoCo's linearisation along the previous plan)",
     )
@@ -279,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--seed", type=int, default=100)
     r.set_defaults(func=_cmd_run)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,17 +29,15 @@ from qmpc.networks import QNetwork
 from qmpc.problem import ControlProblem, MPCSpec
 from qmpc.solver import BatchedSolver, SolveResult, SolverOptions
 
-__all__ = ["NEWTON_MIN_BATCH", "NEWTON_MIN_WEIGHTS", "NEWTON_VALUE_TOL", "Planner", "as_bounds", "split_plan"]
+__all__ = ["NEWTON_MIN_WEIGHTS", "NEWTON_VALUE_TOL", "Planner", "as_bounds", "split_plan"]
 
-NEWTON_MIN_BATCH = 8
-"""Batches of at least this many states go to the batched Newton (when it applies): measured on an
-InvertedPendulum-sized PICNN, one plugin solve per sample was faster up to 4 states (1.7 against
-2.1 ms for one), the Newton from 8 (3.4 against 6.5 ms; 16: 3.4 against 10.1 ms)."""
 NEWTON_MIN_WEIGHTS = 16384
-"""Networks with at least this many weights use the batched Newton for any batch: with weights
-that change between calls (the actor of a training run) one state took 5.2 ms by the Newton
-against 7.7 ms by the plugin on a HalfCheetah-sized PICNN (24831 weights: the plugin needs them
-as a CasADi DM, ~2 ms to convert), and 3.8 against 2.8 ms on an InvertedPendulum-sized one."""
+"""Kept for reference (no longer a switch): a network's batches of every size go to the batched
+Newton wherever it applies, so that a state gets the same argmin alone and in a batch (before, a
+batch of 7 went to the plugin and one of 8 to the Newton: 1.6e-6 apart on an
+InvertedPendulum-sized PICNN). Measured when sizes decided: one state took 5.2 ms by the Newton
+against 7.7 ms by the plugin on a HalfCheetah-sized PICNN (24831 weights), and 3.8 against 2.8 ms
+on an InvertedPendulum-sized one (the plugin was faster up to 4 states there)."""
 
 NEWTON_VALUE_TOL = 0.1
 """Without gradients (``grad_mode="none"``, a TD target's value) the batched Newton stops at a
@@ -227,9 +225,9 @@ class Planner:
         return theta
 
     def newton_batch(self, batch: int) -> bool:
-        """Whether a batch of this size goes to the batched Newton (see :data:`NEWTON_MIN_BATCH`)."""
-        big = batch >= NEWTON_MIN_BATCH or self.problem.n_theta_q >= NEWTON_MIN_WEIGHTS
-        return self.problem.batched and big
+        """Whether a batch goes to the batched Newton: wherever it applies, whatever its size (a
+        state gets the same argmin alone and in a batch, see :data:`NEWTON_MIN_WEIGHTS`)."""
+        return batch > 0 and self.problem.batched
 
     def solve(
         self,

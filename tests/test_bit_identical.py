@@ -4,6 +4,10 @@ Short runs of two launch files (InvertedPendulum-v5 with train.target = "double"
 dynamics model; the point mass with "semi") are fingerprinted by ``tests/fingerprint.py`` (SHA-256
 of the final weights, the target network, Adam's state and the model; the evaluation returns; the
 logged TD losses) and compared with the fingerprints pinned in ``tests/data/``.
+
+History: pinned from the code before issue 17's refactor (commit ca0b627) and unchanged through it;
+the IP fingerprint was pinned again once, on purpose, when the batched Newton began to solve batches
+of every size (the actor's single state included: a state's argmin no longer depends on its batch).
 """
 
 import importlib.util
