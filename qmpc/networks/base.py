@@ -1,14 +1,8 @@
 """What every Q network shares: the :class:`QNetwork` base class, the smooth activations with
 their CasADi and numpy twins, and the mapping of torch parameters onto the flat symbolic ``theta``.
 
-Every network is a ``torch.nn.Module`` called as ``q(x, u) -> (B,)`` with ``x: (B, obs_dim)``
-and ``u: (B, act_dim)``. ``Q`` is a *cost-to-go* (``c = -reward``): controllers minimise it.
-
-The CasADi twin is a function of ``(x, u, theta)`` where ``theta`` is the flat vector of
-``q.parameters()`` in their iteration order, each tensor flattened row-major (torch's
-``flatten``). :meth:`QNetwork.flat_parameters` produces exactly that vector and
-:meth:`QNetwork.parameter_layout` names its slices. Twins agree with the torch forward to
-round-off in float64 (the test suite checks value, gradient and Hessian to 1e-10).
+The conventions (shapes, Q as a cost-to-go, the flat ``theta`` of the twins) are in the package's
+docstring, :mod:`qmpc.networks`.
 
 The architectures live in their own modules (:mod:`qmpc.networks.quadratic`,
 :mod:`qmpc.networks.picnn`, :mod:`qmpc.networks.mlp`), named in :mod:`qmpc.networks.registry`.
