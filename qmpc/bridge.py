@@ -84,6 +84,8 @@ class LayerResult:
     """``(B, n_g)`` dynamics multipliers."""
     x0: np.ndarray | None = None
     """``(B, obs_dim)`` the states that were solved for."""
+    message: str = ""
+    """The NLP plugin's return status of the last failed retry (:attr:`SolveResult.message`)."""
     adjoint: Adjoint | None = None
     """Set by the implicit backward of this call: its ``singular`` mask and ``weak`` counts say
     which samples had no ``∂u*`` (zero) and how many weakly active bounds each had."""
@@ -323,7 +325,7 @@ class ArgminLayer(nn.Module):
         if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
             w0, lam_x0, lam_g0 = last.plan, last.lam_x, last.lam_g
         res, theta = self.planner.solve(x64, w0, lam_x0, lam_g0, values_only=values_only)
-        result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g, x64)
+        result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g, x64, res.message)
         result.tally = self.tally
         self.last_result = result
         self.tally.add(solves=x64.shape[0], failed=result.num_failed, retried=result.num_retried)

@@ -55,6 +55,8 @@ class TDResult(NamedTuple):
     """``(B,)`` int8 :class:`~qmpc.solver.Status` of those solves."""
     kkt_residual: np.ndarray | None = None
     """``(B,)`` KKT residual of each of those solutions (what the certificate checked)."""
+    message: str = ""
+    """The NLP plugin's return status of the last failed retry of those solves (``""``: none)."""
 
 
 def td_loss(
@@ -76,17 +78,14 @@ def td_loss(
     x, u, c, xn, term = (t.to(dtype) for t in (batch.obs, batch.act, batch.cost, batch.next_obs, batch.terminated))
     if mode == "semi":
         with torch.no_grad():
-            _, v = target_layer(xn, grad_mode="none", w0=w0)
-        res = target_layer.last_result
+            _, v, res = target_layer(xn, grad_mode="none", w0=w0, return_result=True)
     elif mode == "residual":
-        _, v = online_layer(xn, grad_mode="envelope", w0=w0)
-        res = online_layer.last_result
+        _, v, res = online_layer(xn, grad_mode="envelope", w0=w0, return_result=True)
     else:
         detached = mode == "double_detached"
         with torch.set_grad_enabled(not detached):
-            u_star, _ = online_layer(xn, grad_mode="none" if detached else "implicit", w0=w0)
+            u_star, _, res = online_layer(xn, grad_mode="none" if detached else "implicit", w0=w0, return_result=True)
             v = q_target(xn, u_star)
-        res = online_layer.last_result
     ok = torch.as_tensor(Status.ok(res.status), device=x.device)
     y = c + gamma * (1.0 - term) * v
     qx = q(x, u)
@@ -103,4 +102,5 @@ def td_loss(
         Status.ok(res.status),
         res.status,
         res.kkt_residual,
+        res.message,
     )

@@ -156,8 +156,8 @@ class Planner:
         params: list[torch.Tensor] = []
         buffers: list[torch.Tensor] = []
         for m in self.q.modules():
-            params.extend(p for p in m._parameters.values() if p is not None)
-            buffers.extend(b for b in m._buffers.values() if b is not None)
+            params.extend(m.parameters(recurse=False))
+            buffers.extend(m.buffers(recurse=False))
         shapes = tuple(p.shape for p in params)
         if shapes != self._shapes:
             raise InputError(

@@ -272,6 +272,9 @@ class SolveResult(NamedTuple):
     """``(B,)`` max of the projected gradient and constraint residual."""
     solve_ms: float
     """Wall time of the whole batch, retries included, in milliseconds."""
+    message: str = ""
+    """The NLP plugin's own return status of the last failed retry (e.g. ``sqpmethod:
+    Search_Direction_Becomes_Too_Small``), ``""`` when none failed."""
 
 
 def _as_dm(theta: np.ndarray | ca.DM) -> ca.DM:
@@ -543,8 +546,8 @@ class BatchedSolver:
             self.deadline.at, self.deadline.fired = t0 + o.max_wall_ms * 1e-3, False
         if oracle is None or not P.batched:
             theta_dm = _as_dm(theta)
-            out = self._plugin_solve(x0, theta_dm, lbw, ubw, w0, lam_x0, lam_g0)
-            return SolveResult(*out, (time.perf_counter() - t0) * 1e3)
+            *out, message = self._plugin_solve(x0, theta_dm, lbw, ubw, w0, lam_x0, lam_g0)
+            return SolveResult(*out, (time.perf_counter() - t0) * 1e3, message)
         theta_dm = theta  # converted to a DM only where CasADi needs it (a numpy theta of 25k
         # weights took ~2 ms to convert: as long as the Newton and its certificate)
         u0 = np.clip(np.zeros((x0.shape[0], P.n_w)), lbw, ubw) if w0 is None else w0
@@ -554,12 +557,13 @@ class BatchedSolver:
         lam_g = np.zeros((x0.shape[0], 0))
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
         bad = np.flatnonzero(status != Status.SOLVED)
+        message = ""
         if bad.size:  # the plugin, from the Newton iterate (then its cold retries)
             theta_dm = _as_dm(theta)
             sub = self._plugin_solve(x0[bad], theta_dm, lbw, ubw, w[bad], None, None)
-            w[bad], value[bad], lam_x[bad], lam_g[bad], st, res[bad] = sub
+            w[bad], value[bad], lam_x[bad], lam_g[bad], st, res[bad], message = sub
             status[bad] = np.where(st == Status.SOLVED, Status.RETRIED, st)
-        return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3)
+        return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3, message)
 
     def _certify(
         self,
@@ -586,9 +590,9 @@ class BatchedSolver:
         lam_x = np.where((u <= lbw) | (u >= ubw), -grad, 0.0)
         return u.copy(), value, lam_x, res
 
-    def _plugin_solve(self, x0, theta_dm, lbw, ubw, w0, lam_x0, lam_g0) -> tuple[np.ndarray, ...]:
+    def _plugin_solve(self, x0, theta_dm, lbw, ubw, w0, lam_x0, lam_g0) -> tuple:
         """The plugin's batched solve, then a cold retry of each sample that fails the certificate:
-        ``(w, value, lam_x, lam_g, status, residual)``."""
+        ``(w, value, lam_x, lam_g, status, residual, message)``."""
         P, o = self.problem, self.options
         B = x0.shape[0]
         if w0 is None:
@@ -605,16 +609,19 @@ class BatchedSolver:
         res = kkt.kkt_residual(w, grad_L, g, lbw, ubw)
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
         bad = np.flatnonzero(status != Status.SOLVED)
+        message = ""
         if o.retry and bad.size:
-            self._retry(bad, x0, theta_dm, lbw, ubw, (w, value, lam_x, lam_g, status, res))
+            message = self._retry(bad, x0, theta_dm, lbw, ubw, (w, value, lam_x, lam_g, status, res))
         elif bad.size:
             status[bad] = Status.TIMEOUT if self.deadline is not None and self.deadline.fired else Status.FAILED
-        return w, value, lam_x, lam_g, status, res
+        return w, value, lam_x, lam_g, status, res, message
 
-    def _retry(self, bad, x0, theta_dm, lbw, ubw, out) -> None:
+    def _retry(self, bad, x0, theta_dm, lbw, ubw, out) -> str:
         """Cold retries of the samples ``bad``, each plugin in turn until one passes; writes into
-        the arrays ``out = (w, value, lam_x, lam_g, status, residual)``."""
+        the arrays ``out = (w, value, lam_x, lam_g, status, residual)``. Returns the plugin's return
+        status of the last attempt that failed (``""`` if none)."""
         o = self.options
+        message = ""
         w, value, lam_x, lam_g, status, res = out
         wc = self.cold_start(x0[bad], theta_dm, lbw, ubw)
         for j, i in enumerate(bad):
@@ -624,18 +631,20 @@ class BatchedSolver:
                     break
                 attempt = self._attempt(solver, wc[j], x0[i], theta_dm, lbw, ubw)
                 if attempt is None:
-                    status[i] = Status.FAILED
+                    status[i], message = Status.FAILED, f"{solver.name()}: an evaluation raised"
                     continue
                 w[i], value[i], lam_x[i], lam_g[i], res[i], stats = attempt
                 if res[i] <= o.kkt_tol:
                     status[i] = Status.RETRIED
                     break
+                message = f"{solver.name()}: {stats.get('return_status', 'no status')}, KKT residual {res[i]:.3g}"
                 if self.deadline is not None and self.deadline.fired:
                     status[i] = Status.TIMEOUT
                 elif "Maximum_Iter" in str(stats.get("return_status")) or stats.get("iter_count", 0) >= o.max_iter:
                     status[i] = Status.MAX_ITER
                 else:
                     status[i] = Status.FAILED
+        return message
 
     def _attempt(self, solver: ca.Function, w0, x0, theta_dm, lbw, ubw):
         """One cold solve of one sample: ``(w, value, lam_x, lam_g, residual, stats)``, or None

@@ -43,6 +43,8 @@ class SolveWindow:
     def __init__(self, size: int):
         self.fail_fracs: deque[float] = deque(maxlen=size)
         self.counts: deque[dict[str, int]] = deque(maxlen=size)
+        self.message = ""
+        """The solver's last failure message (its plugin's return status)."""
 
     def __len__(self) -> int:
         return len(self.fail_fracs)
@@ -51,8 +53,10 @@ class SolveWindow:
     def full(self) -> bool:
         return len(self.fail_fracs) == self.fail_fracs.maxlen
 
-    def add(self, fail_frac: float, status: np.ndarray | None) -> None:
-        """One update: its failed fraction and its solves' ``status`` codes (None: unknown)."""
+    def add(self, fail_frac: float, status: np.ndarray | None, message: str = "") -> None:
+        """One update: its failed fraction, its solves' ``status`` codes (None: unknown) and the
+        solver's failure message (kept until a newer one)."""
+        self.message = message or self.message
         self.fail_fracs.append(float(fail_frac))
         codes = np.bincount(np.asarray(status, dtype=np.int64), minlength=len(Status)) if status is not None else []
         self.counts.append({Status(s).name: int(n) for s, n in enumerate(codes) if n})
@@ -67,13 +71,14 @@ class SolveWindow:
         return {k: n for k, n in total.items() if n}
 
     def state_dict(self) -> dict[str, list]:
-        return {"fail_frac": list(self.fail_fracs), "status": [dict(c) for c in self.counts]}
+        return {"fail_frac": list(self.fail_fracs), "status": [dict(c) for c in self.counts], "message": self.message}
 
     def load_state_dict(self, s: dict[str, list]) -> None:
         self.fail_fracs.clear()
         self.counts.clear()
         self.fail_fracs.extend(s.get("fail_frac", []))
         self.counts.extend(dict(c) for c in s.get("status", []))
+        self.message = str(s.get("message", ""))
 
 
 @dataclass(eq=False)

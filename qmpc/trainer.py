@@ -470,7 +470,7 @@ def _record(st: TrainState, res: TDResult) -> None:
         ("solver/solve_ms", res.solve_ms),
     ):
         st.acc.setdefault(k, []).append(float(v))
-    st.solve_window.add(res.fail_frac, res.status)
+    st.solve_window.add(res.fail_frac, res.status, res.message)
 
 
 def _solver_alarm(st: TrainState, res: TDResult) -> None:
@@ -486,6 +486,8 @@ def _solver_alarm(st: TrainState, res: TDResult) -> None:
         bad = ~Status.ok(res.status)
         worst = float(np.max(res.kkt_residual[bad])) if bad.any() else float("nan")
         last = f"; last update: {int(bad.sum())} of {bad.size} failed, KKT residual up to {worst:.3g}"
+    if window.message:
+        last += f"; last solver message: {window.message}"
     raise SolverError(
         f"expected at most {sc.max_fail_frac:g} of the TD-target solves to fail (solver.max_fail_frac), got "
         f"{window.fail_frac():.3f} over the last {len(window)} updates (solver.fail_window) at step {st.step + 1}: "

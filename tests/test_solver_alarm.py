@@ -63,7 +63,7 @@ def test_a_run_whose_solves_all_fail_stops_within_the_window(tmp_path, failing_s
     assert "last update: 8 of 8 failed" in msg
     # nothing lost: the checkpoint of step 5 (before learning) is intact, and resumes once the solves work
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    assert ckpt["loop"]["step"] == 5 and ckpt["loop"]["solve_window"] == {"fail_frac": [], "status": []}
+    assert ckpt["loop"]["step"] == 5 and ckpt["loop"]["solve_window"] == {"fail_frac": [], "status": [], "message": ""}
     assert load_checkpoint(run / "policy.pt")["trained_steps"] == 5
     assert not (run / ".lock").exists()
 
@@ -125,3 +125,5 @@ def test_a_real_iteration_limit_sets_off_the_alarm(tmp_path):
     with pytest.raises(SolverError, match=r"over the last 10 updates .*MAX_ITER \d+") as e:
         train(cfg, progress=False)
     assert "\n" not in str(e.value)
+    # the plugin's own word on the last failed retry (IPOPT, then sqpmethod, one iteration each)
+    assert re.search(r"last solver message: qmpc_nlp\w*: \w+", str(e.value)), str(e.value)
