@@ -283,6 +283,9 @@ class ControlProblem:
             constraints.
         lbw, ubw: ``(n_w,)`` bounds on ``w`` from the spec's action bounds (states are free).
         nlp: the dict handed to ``casadi.nlpsol`` (``p = [x0; theta]``).
+        objective: ``(w, x0, theta) -> J``.
+        plan_derivatives: single shooting: ``(w, x0, theta) -> (J, ∇J, ∇²J)`` in one call (the batched
+            SQP's oracle); ``None`` for multiple shooting.
         hess_lag: single shooting: the condensed exact Hessian in the signature of ``nlpsol``'s
             ``hess_lag`` option; ``None`` for multiple shooting (the plugin differentiates).
         states: ``(w, x0, theta) -> x (N·nx)``: the predicted states ``x_1 … x_N``.
@@ -334,6 +337,7 @@ class ControlProblem:
         L = J + ca.dot(lam_g, g) if self.n_g else J
 
         self.nlp = {"x": w, "p": ca.vertcat(x0, theta), "f": J, "g": g}
+        self.objective = ca.Function("objective", [w, x0, theta], [J], ["w", "x0", "theta"], ["f"])
         names = ["w", "x0", "theta", "lam_g"]
         grad_L = ca.gradient(L, w)
         self.first_order = ca.Function("first_order", [w, x0, theta, lam_g], [grad_L, g], names, ["grad_L", "g"])
@@ -341,9 +345,17 @@ class ControlProblem:
             "states", [w, x0, theta], [ca.vertcat(*xs[1:]) if N else ca.MX(0, 1)], ["w", "x0", "theta"], ["x"]
         )
         self.hess_lag: ca.Function | None = None
+        self.plan_derivatives: ca.Function | None = None
         if single:
             self.hess_lag = self._condensed_hessian(w, x0, theta, lam_g, us, xs, params, q_function, q_derivatives)
             hess_L = self.hess_lag(w, ca.vertcat(x0, theta), 1.0, lam_g)
+            self.plan_derivatives = ca.Function(
+                "plan_derivatives",
+                [w, x0, theta],
+                [J, grad_L, ca.densify(hess_L)],
+                ["w", "x0", "theta"],
+                ["f", "g", "H"],
+            )
         else:
             hess_L = ca.hessian(L, w)[0]
         jac_g = ca.jacobian(g, w) if self.n_g else ca.MX(0, self.n_w)
@@ -447,6 +459,13 @@ class ControlProblem:
         if bake_weights and spec.shooting == "single" and hasattr(q, "numpy_derivatives"):
             kw["q_derivatives"] = q.numpy_derivatives()  # the weights are constants here too
         return cls(q.casadi_function(baked=bake_weights), spec, **kw)
+
+    @property
+    def plan_newton(self) -> bool:
+        """Whether the plan is a box-constrained problem in the actions alone (single shooting,
+        horizon > 1), which the batched projected Newton solves on the problem's own derivatives
+        (:meth:`qmpc.solver.BatchedSolver.solve`)."""
+        return self.shooting == "single" and self.N > 0
 
     @property
     def batched(self) -> bool:

@@ -64,6 +64,7 @@ import casadi as ca
 import numpy as np
 
 from qmpc import kkt, newton
+from qmpc.boxsqp import solve_box_sqp
 from qmpc.errors import InputError
 from qmpc.kkt import Adjoint
 from qmpc.newton import Oracle
@@ -155,7 +156,8 @@ class SolverOptions:
     """QP solver of ``sqpmethod`` (one of :data:`QPSOLS`)."""
     convexify: str = "auto"
     """``sqpmethod``'s Hessian convexification: ``eigen-clip``, ``none`` or ``auto`` (eigen-clip
-    for horizon 1, none for horizons > 1). Measured on a HalfCheetah-sized H = 10 problem through
+    where the Hessian is the reduced one: horizon 1 and single shooting; none for multiple
+    shooting). Measured on a HalfCheetah-sized H = 10 problem through
     a learned model: with eigen-clip sqpmethod reported success after 0–2 iterations at points
     with a projected gradient of 0.1–1 on 7 of 8 states (the multiple-shooting Hessian is
     indefinite through the dynamics' curvature); without it all 8 converged to 1e-11."""
@@ -163,8 +165,9 @@ class SolverOptions:
     """Extra options handed to ``casadi.nlpsol`` for ``plugin`` (merged over qmpc's defaults;
     not given to a retry with another plugin)."""
     newton: bool = True
-    """Horizon 1 with closed-form derivatives of Q in ``u`` (a :class:`~qmpc.networks.PICNN`): solve
-    each batch by the batched projected Newton first (:mod:`qmpc.newton`; every solution still
+    """Single-shooting plans (horizon > 1), and horizon 1 with closed-form derivatives of Q in
+    ``u`` (a :class:`~qmpc.networks.PICNN`): solve each batch by the batched projected Newton first
+    (:mod:`qmpc.newton`; every solution still
     passes the certificate, and those that do not go to the plugin). Measured on a
     HalfCheetah-sized batch of 256: ~20 ms against ~2.3 s for one plugin call per sample."""
     max_wall_ms: float = 0.0
@@ -277,6 +280,21 @@ class SolveResult(NamedTuple):
     Search_Direction_Becomes_Too_Small``), ``""`` when none failed."""
 
 
+_BLAS: list = []
+
+
+def single_blas_thread():
+    """A context in which numpy's BLAS/LAPACK runs on one thread (threadpoolctl; restored on exit).
+    The solver's linear algebra is on small matrices (6 × 6 to 30 × 30, batched), where BLAS
+    threads only cost: measured under load on this 2-core machine, ``eigh`` of a 30 × 30 matrix
+    took 0.94 ms with OpenBLAS's 2 threads and 0.065 ms with one (entering the context: 8 µs)."""
+    if not _BLAS:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS.append(ThreadpoolController())
+    return _BLAS[0].limit(limits=1, user_api="blas")
+
+
 def _as_dm(theta: np.ndarray | ca.DM) -> ca.DM:
     """``theta`` as a CasADi DM (a numpy vector of 25k weights takes ~2 ms to convert)."""
     return theta if isinstance(theta, ca.DM) else ca.DM(theta)
@@ -334,7 +352,9 @@ def _plugin_options(o: SolverOptions, callback: ca.Callback | None = None) -> di
             "show_eval_warnings": False,
         }
         if o.convexify == "eigen-clip":
-            opts.update(convexify_strategy="eigen-clip", convexify_margin=1e-8)
+            # max_iter_eig: the default 50 Jacobi sweeps did not converge on a dense 30 × 30 plan
+            # Hessian (H = 5, HalfCheetah), and sqpmethod then stopped with no status
+            opts.update(convexify_strategy="eigen-clip", convexify_margin=1e-8, max_iter_eig=1000)
     else:
         opts = {
             "print_time": False,
@@ -352,6 +372,24 @@ def _plugin_options(o: SolverOptions, callback: ca.Callback | None = None) -> di
     return opts
 
 
+class PlanOracle:
+    """The :class:`~qmpc.newton.Oracle` of a single-shooting plan: ``J``, ``∇J`` and the exact
+    condensed Hessian of the problem's own CasADi functions, for the states ``x0 (B, nx)``."""
+
+    def __init__(self, solver: BatchedSolver, x0: np.ndarray, theta: ca.DM):
+        self.solver, self.x0, self.theta = solver, x0, theta
+
+    def value(self, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            f = self.solver.objective(u, self.x0[rows], self.theta)
+        return np.where(np.isfinite(f), f, np.inf)  # a rollout that overflows is no descent
+
+    def derivatives(self, u: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with np.errstate(all="ignore"):  # an overflowing rollout: non-finite, stopped by the SQP
+            f, g, H = self.solver.plan_derivatives(u, self.x0[rows], self.theta)
+        return np.where(np.isfinite(f), f, np.inf), g, H
+
+
 class BatchedSolver:
     """Solves a :class:`ControlProblem` for a batch of states sharing one ``theta``.
 
@@ -360,7 +398,7 @@ class BatchedSolver:
     """
 
     CHUNK_METHODS: ClassVar[frozenset[str]] = frozenset(
-        {"run_plugin", "first_order", "second_order", "x_adjoint", "cold_start"}
+        {"run_plugin", "first_order", "second_order", "x_adjoint", "cold_start", "objective", "plan_derivatives"}
     )
     """The batched evaluations a :class:`ChunkRunner` may be asked to run."""
 
@@ -374,7 +412,8 @@ class BatchedSolver:
         self.runner = runner
         self.options = options or SolverOptions()
         if self.options.convexify == "auto":
-            self.options = dataclasses.replace(self.options, convexify="eigen-clip" if problem.N == 0 else "none")
+            reduced = problem.N == 0 or problem.shooting == "single"  # the Hessian is the reduced one
+            self.options = dataclasses.replace(self.options, convexify="eigen-clip" if reduced else "none")
         P = problem
         self.deadline = _Deadline() if self.options.max_wall_ms else None
         self.nlpsol = self._nlpsol("qmpc_nlp", self.options, self.deadline)
@@ -540,10 +579,28 @@ class BatchedSolver:
         the Newton iterate, then to its retries (``RETRIED`` if they pass). ``newton_tol``: the
         Newton's stopping residual (default ``tol``).
         """
+        with single_blas_thread():
+            return self._solve(x0, theta, lbw, ubw, w0, lam_x0, lam_g0, oracle, certificate, newton_tol)
+
+    def _solve(
+        self,
+        x0: np.ndarray,
+        theta: np.ndarray | ca.DM,
+        lbw: np.ndarray,
+        ubw: np.ndarray,
+        w0: np.ndarray | None = None,
+        lam_x0: np.ndarray | None = None,
+        lam_g0: np.ndarray | None = None,
+        oracle: Oracle | None = None,
+        certificate: Certificate | None = None,
+        newton_tol: float | None = None,
+    ) -> SolveResult:
         P, o = self.problem, self.options
         t0 = time.perf_counter()
         if self.deadline is not None:
             self.deadline.at, self.deadline.fired = t0 + o.max_wall_ms * 1e-3, False
+        if P.plan_newton and o.newton:
+            return self._solve_plan(x0, _as_dm(theta), lbw, ubw, w0, t0)
         if oracle is None or not P.batched:
             theta_dm = _as_dm(theta)
             *out, message = self._plugin_solve(x0, theta_dm, lbw, ubw, w0, lam_x0, lam_g0)
@@ -564,6 +621,42 @@ class BatchedSolver:
             w[bad], value[bad], lam_x[bad], lam_g[bad], st, res[bad], message = sub
             status[bad] = np.where(st == Status.SOLVED, Status.RETRIED, st)
         return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3, message)
+
+    def _solve_plan(self, x0, theta_dm: ca.DM, lbw, ubw, w0, t0: float) -> SolveResult:
+        """Single shooting, horizon > 1: the plan is a box-constrained problem in the actions. The
+        batched SQP of :mod:`qmpc.boxsqp` solves it on the problem's own value, gradient and exact
+        (condensed) Hessian, made positive definite where the plan is not convex; samples that do
+        not pass the certificate go to the plugin from its iterate (then its cold retries).
+
+        Measured on ``models/half_cheetah.pt`` at its own closed-loop states, H = 3, cold starts:
+        sqpmethod without convexification failed 21 of 30 states (``Search_Direction_Becomes_Too_
+        Small``: the condensed Hessian is indefinite), with eigen-clip it aborted at H = 5 (its
+        Jacobi eigen-decomposition ran out of iterations) or stopped at residuals of 0.1–2."""
+        o = self.options
+        B = x0.shape[0]
+        u0 = self.cold_start(x0, theta_dm, lbw, ubw) if w0 is None else np.clip(w0, lbw, ubw)
+        oracle = PlanOracle(self, x0, theta_dm)
+        nr = solve_box_sqp(oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter)
+        w, value, res = nr.u, nr.value, nr.residual
+        lam_x = np.where((w <= lbw) | (w >= ubw), -nr.grad, 0.0)
+        lam_g = np.zeros((B, 0))
+        status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
+        bad = np.flatnonzero(status != Status.SOLVED)
+        message = ""
+        if bad.size:
+            sub = self._plugin_solve(x0[bad], theta_dm, lbw, ubw, w[bad], None, None)
+            w[bad], value[bad], lam_x[bad], lam_g[bad], st, res[bad], message = sub
+            status[bad] = np.where(st == Status.SOLVED, Status.RETRIED, st)
+        return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3, message)
+
+    def plan_derivatives(self, w: np.ndarray, x0: np.ndarray, theta: ca.DM) -> tuple[np.ndarray, ...]:
+        """Single shooting: ``J (B,)``, ``∇J (B, n_w)`` and ``∇²J (B, n_w, n_w)`` in one call."""
+        f, g, H = self._batched("plan_derivatives", (w, x0, theta), matrix_out=True)
+        return f.reshape(-1), g.reshape(g.shape[0], -1), H
+
+    def objective(self, w: np.ndarray, x0: np.ndarray, theta: ca.DM) -> np.ndarray:
+        """``J (B,)`` of the plans ``w (B, n_w)`` from ``x0 (B, nx)``."""
+        return self._batched("objective", (w, x0, theta))[0].reshape(-1)
 
     def _certify(
         self,
@@ -714,5 +807,6 @@ class BatchedSolver:
         theta_dm = _as_dm(theta)
         H, G = self.second_order(result.w, x0, theta_dm, result.lam_g)
         fixed, weak = self.at_bounds(result.w, result.lam_x, lbw, ubw)
-        a, b, singular = kkt.adjoint(H, G, fixed, seed, Status.ok(result.status), self.problem.nx)
+        with single_blas_thread():
+            a, b, singular = kkt.adjoint(H, G, fixed, seed, Status.ok(result.status), self.problem.nx)
         return Adjoint(a, b, singular, weak.sum(axis=1))
