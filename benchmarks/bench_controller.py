@@ -125,6 +125,67 @@ def codegen_rows(P, theta, lbw, ubw, xs: np.ndarray, label: str) -> None:
     )
 
 
+SHIPPED = {
+    "inverted_pendulum": 40.0,
+    "inverted_double_pendulum": 50.0,
+    "reacher": 20.0,
+    "half_cheetah": 50.0,
+}
+"""Shipped checkpoints and their tasks' control periods (ms): the latency a step must meet."""
+
+
+def closed_loop_row(path, horizon: int, shooting: str, steps: int, seed: int = 100) -> dict:
+    """The controller of a shipped checkpoint in closed loop on its own rollout (no time budget,
+    so every step is solved to the end): solve rate, fallbacks, step-time percentiles, return."""
+    from qmpc.checkpoint import load_checkpoint
+    from qmpc.solver import Status
+
+    kw = {"shooting": shooting} if horizon > 1 else {}
+    ctrl = qmpc.Controller.from_checkpoint(path, horizon=horizon, model="learned", **kw)
+    env = make_env(load_checkpoint(path)["spec"]["env_id"])
+    obs, _ = env.reset(seed=seed)
+    ctrl.act(obs)  # build the batch-1 functions outside the timings
+    ctrl.reset()
+    ms, solved, first, ret, n = [], 0, 0, 0.0, 0
+    while n < steps:
+        t0 = time.perf_counter()
+        a, info = ctrl.act(obs)
+        ms.append((time.perf_counter() - t0) * 1e3)
+        solved += bool(Status.ok(np.array([info["status"]]))[0]) and not info["fallback"]
+        first += info["status"] == Status.SOLVED
+        obs, r, term, trunc, _ = env.step(a)
+        ret, n = ret + float(r), n + 1
+        if term or trunc:
+            obs, _ = env.reset(seed=seed + n)
+            ctrl.reset()
+    p50, p99, mx = percentiles(ms)
+    shooting = ctrl.problem.shooting if horizon > 1 else "-"
+    return {"H": horizon, "shooting": shooting, "steps": n, "solved": solved / n, "first": first / n,
+            "fallback": ctrl.stats["fallback"], "p50": p50, "p99": p99, "max": mx, "return": ret}  # fmt: skip
+
+
+def shipped_table(root, steps: int, horizons: tuple[int, ...]) -> None:
+    """One row per shipped checkpoint, horizon and shooting, on the states of its own rollout."""
+    print(f"\nshipped checkpoints, closed loop on their own rollouts ({steps} steps each, no budget, learned model)")
+    head = (
+        f"{'checkpoint':<28} {'H':>2} {'shooting':<9} {'solved':>7} {'1st try':>7} {'fallback':>8} {'p50':>7} "
+        f"{'p99':>7} {'max':>7} {'period':>6} {'return':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for task, period in SHIPPED.items():
+        path = root / "models" / f"{task}.pt"
+        cases = [(1, "-")] + [(h, s) for h in horizons if h > 1 for s in ("single", "multiple")]
+        for horizon, shooting in cases:
+            r = closed_loop_row(path, horizon, shooting, steps)
+            print(
+                f"{'models/' + path.name:<28} {r['H']:>2} {r['shooting']:<9} {100 * r['solved']:>6.1f}% "
+                f"{100 * r['first']:>6.1f}% {r['fallback']:>8} {r['p50']:>7.2f} {r['p99']:>7.2f} {r['max']:>7.2f} "
+                f"{period:>6.0f} {r['return']:>9.1f}",
+                flush=True,
+            )
+
+
 def main() -> None:
     from pathlib import Path
 
@@ -134,7 +195,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--codegen", action="store_true", help="also time CasADi-generated C solvers (needs cc)")
+    ap.add_argument("--shipped-only", action="store_true", help="only the shipped checkpoints' closed-loop table")
+    ap.add_argument("--shipped-steps", type=int, default=300, help="closed-loop steps per shipped-checkpoint row")
+    ap.add_argument("--horizons", type=int, nargs="+", default=[3, 5], help="horizons > 1 of the shipped table")
     args = ap.parse_args()
+    if args.shipped_only:
+        shipped_table(root, args.shipped_steps, tuple(args.horizons))
+        return
     print(f"casadi {ca.__version__}, torch {torch.__version__}; {args.steps} control steps per row; times in ms")
     head = (
         f"{'task':<20} {'network':<22} {'H':>3} {'model':<22} {'shooting':<9} {'p50':>7} {'p99':>7} {'max':>7} "
@@ -199,6 +266,7 @@ def main() -> None:
                     f"{np.percentile(step_ms, 50):>15.3f}",
                     flush=True,
                 )
+    shipped_table(root, args.shipped_steps, tuple(args.horizons))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ is not done after ``max_iter`` iterations, or whose line search fails, is report
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from qmpc.kkt import kkt_residual
@@ -75,10 +77,12 @@ def solve_box_sqp(
     floor: float = 1e-2,
     armijo: float = 1e-4,
     max_backtracks: int = 20,
+    deadline: float = np.inf,
 ) -> BoxNewtonResult:
     """Minimise every ``f_b`` over the box ``lb ≤ u ≤ ub`` (``(n,)`` each) from ``u0 (B, n)``;
-    ``floor``: the eigenvalue floor of :func:`convexified`. Never raises on a sample that does not
-    converge (``converged`` is False)."""
+    ``floor``: the eigenvalue floor of :func:`convexified`; ``deadline``: a ``time.perf_counter()``
+    after which no new iteration starts (the samples still running are returned unconverged). Never
+    raises on a sample that does not converge (``converged`` is False)."""
     u = np.clip(np.asarray(u0, np.float64), lb, ub)
     B = u.shape[0]
     f, g, H = oracle.derivatives(u, np.arange(B))
@@ -86,7 +90,7 @@ def solve_box_sqp(
     its = np.zeros(B, int)
     live = np.flatnonzero((r > tol) & np.isfinite(r))
     for _ in range(max_iter):
-        if live.size == 0:
+        if live.size == 0 or time.perf_counter() > deadline:
             break
         ul, gl = u[live], g[live]
         e = np.minimum(1e-3, r[live])[:, None]

@@ -636,14 +636,18 @@ class BatchedSolver:
         B = x0.shape[0]
         u0 = self.cold_start(x0, theta_dm, lbw, ubw) if w0 is None else np.clip(w0, lbw, ubw)
         oracle = PlanOracle(self, x0, theta_dm)
-        nr = solve_box_sqp(oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter)
+        deadline = self.deadline.at if self.deadline is not None else np.inf
+        nr = solve_box_sqp(oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter, deadline=deadline)
         w, value, res = nr.u, nr.value, nr.residual
         lam_x = np.where((w <= lbw) | (w >= ubw), -nr.grad, 0.0)
         lam_g = np.zeros((B, 0))
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
         bad = np.flatnonzero(status != Status.SOLVED)
         message = ""
-        if bad.size:
+        if bad.size and time.perf_counter() > deadline:  # out of time: no plugin, no retries
+            status[bad] = Status.TIMEOUT
+            self.deadline.fired = True
+        elif bad.size:
             sub = self._plugin_solve(x0[bad], theta_dm, lbw, ubw, w[bad], None, None)
             w[bad], value[bad], lam_x[bad], lam_g[bad], st, res[bad], message = sub
             status[bad] = np.where(st == Status.SOLVED, Status.RETRIED, st)
