@@ -274,9 +274,14 @@ class ArgminLayer(nn.Module):
         grad_mode: GradMode | None = None,
         w0: torch.Tensor | np.ndarray | None = None,
         return_result: bool = False,
+        uses_argmin: bool = False,
     ):
         """Solve for every row of ``x (B, obs_dim)``; returns ``(u_star (B, act_dim), value (B,))``,
         and with ``return_result`` this call's :class:`LayerResult` as a third element.
+
+        Without gradients only the value is assumed to be used, and the batched Newton may stop at
+        a looser residual (:data:`~qmpc.planner.NEWTON_VALUE_TOL`: the value is then exact to about
+        residual² / curvature); ``uses_argmin=True`` asks for ``u_star`` to the full tolerance.
 
         ``w0 (B, n_w)`` is an optional initial guess for the whole plan (for ``horizon=1``:
         the action).
@@ -289,7 +294,7 @@ class ArgminLayer(nn.Module):
             raise InputError(f"expected grad_mode='none' with shooting='single', got {mode!r}")
         x64 = x.detach().cpu().double().numpy()
         with self.planner.lock:  # the solve and the state the backward reads, consistently
-            res, theta, result = self._solve(x64, w0, values_only=not grads)
+            res, theta, result = self._solve(x64, w0, values_only=not (grads or uses_argmin))
             params = self.planner.params
             problem, solver = self.planner.problem, self.planner.solver
         u = torch.as_tensor(res.w[:, problem.u_slice(0)], dtype=x.dtype, device=x.device)

@@ -84,7 +84,8 @@ def td_loss(
     else:
         detached = mode == "double_detached"
         with torch.set_grad_enabled(not detached):
-            u_star, _, res = online_layer(xn, grad_mode="none" if detached else "implicit", w0=w0, return_result=True)
+            mode_u = "none" if detached else "implicit"
+            u_star, _, res = online_layer(xn, grad_mode=mode_u, w0=w0, return_result=True, uses_argmin=True)
             v = q_target(xn, u_star)
     ok = torch.as_tensor(Status.ok(res.status), device=x.device)
     y = c + gamma * (1.0 - term) * v
