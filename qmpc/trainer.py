@@ -8,9 +8,9 @@ TD-target solves keep failing, with a :class:`~qmpc.errors.SolverError`.
 
 A run directory holds ``config.toml`` (the resolved config), ``checkpoint.pt`` (written
 atomically every ``checkpoint_every`` steps; ``resume=True`` continues exactly where it stopped:
-network, target, optimiser, replay buffer, RNGs and the environment's MuJoCo state),
-``metrics.csv`` (``step,tag,value``), TensorBoard events in ``tb/`` and ``learning_curve.png``
-(:mod:`qmpc.metrics`).
+network, target, optimiser, replay buffer, RNGs, the environment's MuJoCo state and the actor's
+warm start), ``metrics.csv`` (``step,tag,value``), TensorBoard events in ``tb/`` and
+``learning_curve.png`` (:mod:`qmpc.metrics`).
 """
 
 from __future__ import annotations
@@ -223,7 +223,8 @@ def train(
 
 
 class _Run(NamedTuple):
-    """What the steps of one launch work with besides the :class:`TrainState` (nothing here is saved)."""
+    """What the steps of one launch work with besides the :class:`TrainState` (nothing here is saved
+    but the actor's warm start, which the state holds in :attr:`TrainState.layers`)."""
 
     run_dir: Path
     online: ArgminLayer
@@ -247,6 +248,7 @@ def _train(
     torch.set_num_threads(cfg.train.torch_threads)
     st, eval_env = _new_state(cfg, t_start)
     solvers = _build_solvers(cfg, st.spec, st.q, st.q_target)
+    st.layers["actor"] = solvers[2]  # its warm start is saved
     if ckpt is not None:
         st.load_state_dict(ckpt)
     logger = MetricsLogger(run_dir, resume_step=st.step if resume else None)
