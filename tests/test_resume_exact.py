@@ -11,8 +11,9 @@ import torch
 
 from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import load_checkpoint, save_checkpoint
-from qmpc.config import load_config
-from qmpc.errors import InputError
+from qmpc.cli import main
+from qmpc.config import config_to_toml, load_config
+from qmpc.errors import ConfigError, InputError
 from qmpc.networks import build_network
 from qmpc.trainer import read_metrics, train
 
@@ -143,3 +144,51 @@ def test_killed_and_resumed_qmpc_train_ends_bit_identical(tmp_path):
     report = kill_resume.kill_and_resume(launch, sets, tmp_path, kills=3, seed=0, startup_kills=0.0)
     assert len(report["kills"]) == 3, report["kills"]
     assert report["identical"], f"the killed run differs in {report['differ']}: {report['kills']}"
+
+
+# ---------------------------------------------------------------------------------------
+# --resume with the launch file of another run
+# ---------------------------------------------------------------------------------------
+
+
+def _launch_file(path: Path, launch: str, *sets: str) -> Path:
+    path.write_text(config_to_toml(load_config(ROOT / "launch" / launch, list(sets))))
+    return path
+
+
+def _first_run(tmp_path) -> tuple[Path, Path]:
+    run = tmp_path / "run"
+    pm = _launch_file(tmp_path / "pm.toml", "point_mass.toml", f"run_dir={run}", *TINY[:2], "train.steps=15")
+    assert main(["train", str(pm), "--no-progress"]) == 0
+    return run, pm
+
+
+def test_resume_with_another_tasks_launch_file_is_refused(tmp_path, capsys):
+    """``qmpc train OTHER.toml --resume`` on a run of another task: before, the run went on with
+    its own config and the launch file was silently ignored; now a one-line error names the keys
+    that differ, with both values, and the run is left as it was."""
+    run, _ = _first_run(tmp_path)
+    other = _launch_file(tmp_path / "ip.toml", "inverted_pendulum.toml", f"run_dir={run}", "train.steps=30")
+    capsys.readouterr()
+    assert main(["train", str(other), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert 'env.id = "InvertedPendulum-v5"' in err and '"qmpc/PointMass-v0"' in err, err
+    assert 'network.arch = "PICNN"' in err and "train.target" in err, err
+    assert "train.steps =" not in err  # a resumable key: not a difference
+    assert load_checkpoint(run / "checkpoint.pt")["loop"]["step"] == 15
+    with pytest.raises(ConfigError, match=r"train\.lr = 0\.5 in the launch file"):  # the Python API too
+        train(load_config(tmp_path / "pm.toml", ["train.lr=0.5", "train.steps=30"]), resume=True, progress=False)
+
+
+def test_resume_with_its_own_launch_file_and_resumable_changes(tmp_path):
+    """What resuming a run needs keeps working: its launch file with ``--set`` of the resumable
+    keys; a launch file that differs from the run in resumable keys only (e.g. the run was
+    extended by ``--set train.steps`` and resumed later without it): the run's values are kept."""
+    run, pm = _first_run(tmp_path)
+    assert main(["train", str(pm), "--resume", "--no-progress", "--set", "train.steps=20"]) == 0
+    assert load_checkpoint(run / "checkpoint.pt")["loop"]["step"] == 20
+    edited = _launch_file(tmp_path / "pm2.toml", "point_mass.toml", f"run_dir={run}", *TINY[:2], "train.log_every=7")
+    assert main(["train", str(edited), "--resume", "--no-progress", "--set", "train.steps=25"]) == 0
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["loop"]["step"] == 25 and ckpt["config"]["train"]["log_every"] == 100  # the run's
