@@ -155,7 +155,8 @@ class ArgminLayer(nn.Module):
         on_failure: ``"mask"`` (failed samples get zero gradient and are counted in the call's
             :class:`LayerResult`) or ``"raise"`` (:class:`~qmpc.errors.SolverError`).
         warm_start: start each solve from the previous call's solution when the batch size
-            matches (useful for repeated solves on the same batch, e.g. in MPC).
+            matches (useful for repeated solves on the same batch, e.g. in MPC); saved and
+            restored by :meth:`warm_start_state` and :meth:`load_warm_start_state`.
         bake_weights: build the problem with the network's weights as constants
             (``grad_mode="none"`` only; the controller's fast path). The problem is rebuilt
             when the weights change, so it never acts on stale weights.
