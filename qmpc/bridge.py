@@ -155,7 +155,8 @@ class ArgminLayer(nn.Module):
         on_failure: ``"mask"`` (failed samples get zero gradient and are counted in the call's
             :class:`LayerResult`) or ``"raise"`` (:class:`~qmpc.errors.SolverError`).
         warm_start: start each solve from the previous call's solution when the batch size
-            matches (useful for repeated solves on the same batch, e.g. in MPC).
+            matches (useful for repeated solves on the same batch, e.g. in MPC); saved and
+            restored by :meth:`warm_start_state` and :meth:`load_warm_start_state`.
         bake_weights: build the problem with the network's weights as constants
             (``grad_mode="none"`` only; the controller's fast path). The problem is rebuilt
             when the weights change, so it never acts on stale weights.
@@ -209,6 +210,8 @@ class ArgminLayer(nn.Module):
             )
         self.last_result: LayerResult | None = None
         """The result of the latest call (from any thread): :class:`LayerResult`."""
+        self._warm: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        """``(plan, lam_x, lam_g)`` of the latest solve: what ``warm_start`` starts the next one from."""
         self.tally = Tally()
 
     # -- what the layer solves (the planner's) -------------------------------------------------
@@ -324,15 +327,38 @@ class ArgminLayer(nn.Module):
         with self.planner.lock:
             return self._solve(x, w0, values_only=True)[0]
 
+    def warm_start_state(self) -> dict[str, np.ndarray] | None:
+        """What the next call starts from with ``warm_start`` (when its batch size matches): copies
+        of the latest solve's ``plan (B, n_w)``, ``lam_x (B, n_w)`` and ``lam_g (B, n_g)``; None
+        before any solve. A checkpoint saves it so that a resumed run solves as the original did."""
+        with self.planner.lock:
+            if self._warm is None:
+                return None
+            return {k: a.copy() for k, a in zip(("plan", "lam_x", "lam_g"), self._warm, strict=True)}
+
+    def load_warm_start_state(self, state: dict[str, np.ndarray] | None) -> None:
+        """Continue from :meth:`warm_start_state` (arrays or tensors; None: the next solve is cold)."""
+        if state is None:
+            warm = None
+        else:
+            warm = tuple(_float64_copy(state[k]) for k in ("plan", "lam_x", "lam_g"))
+            B = warm[0].shape[0]
+            shapes = ((B, self.problem.n_w), (B, self.problem.n_w), (B, self.problem.n_g))
+            if tuple(a.shape for a in warm) != shapes:
+                raise InputError(f"expected a warm start of shapes {shapes}, got {tuple(a.shape for a in warm)}")
+        with self.planner.lock:
+            self._warm = warm
+
     def _solve(self, x64: np.ndarray, w0: np.ndarray | None, values_only: bool):
         lam_x0 = lam_g0 = None
-        last = self.last_result
-        if w0 is None and self.warm_start and last is not None and last.plan.shape[0] == x64.shape[0]:
-            w0, lam_x0, lam_g0 = last.plan, last.lam_x, last.lam_g
+        warm = self._warm
+        if w0 is None and self.warm_start and warm is not None and warm[0].shape[0] == x64.shape[0]:
+            w0, lam_x0, lam_g0 = warm
         res, theta = self.planner.solve(x64, w0, lam_x0, lam_g0, values_only=values_only)
         result = LayerResult(res.w, res.status, res.kkt_residual, res.solve_ms, res.lam_x, res.lam_g, x64, res.message)
         result.tally = self.tally
         self.last_result = result
+        self._warm = (res.w, res.lam_x, res.lam_g)
         self.tally.add(solves=x64.shape[0], failed=result.num_failed, retried=result.num_retried)
         if self.on_failure == "raise" and result.num_failed:
             bad = np.flatnonzero(~Status.ok(res.status))
@@ -348,6 +374,12 @@ class ArgminLayer(nn.Module):
         if self.last_result is None:
             raise InputError("expected a solve before plan(), got none")
         return self.planner.plan(self.last_result.plan, self.last_result.x0)
+
+
+def _float64_copy(v: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().double().numpy().copy()
+    return np.array(v, dtype=np.float64)
 
 
 def _check_mode(mode: str) -> str:

@@ -29,6 +29,7 @@ __all__ = [
     "SolverConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_resumed_launch",
     "config_from_dict",
     "config_to_toml",
     "load_config",
@@ -294,6 +295,36 @@ def resumed_config(saved: dict, overrides: list[str]) -> Config:
                 f"({_lookup(saved, key)!r} in the checkpoint -> {_lookup(data, key)!r}); start a new run to change it"
             )
     return cfg
+
+
+def check_resumed_launch(launch: Config, run: Config, where: str | Path) -> None:
+    """On ``--resume``: the launch file's config ``launch`` (after ``--set``) must be the config of
+    the ``run`` it resumes (:func:`resumed_config`; the run directory ``where``), but for
+    :data:`RESUMABLE_KEYS`, which take the run's values unless ``--set`` changes them (a run
+    extended by ``--set train.steps`` resumes with its launch file alone). Any other field that
+    differs (another task, network, learning rate…) is a :class:`ConfigError` naming each, with
+    both values: resuming would otherwise go on with the run's config and ignore the file."""
+    a, b = _flat(dataclasses.asdict(launch)), _flat(dataclasses.asdict(run))
+    differ = [k for k in a.keys() | b.keys() if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
+    if differ:
+        order = list(a) + [k for k in b if k not in a]
+        diffs = "; ".join(
+            f"{k} = {toml_value(a.get(k))} in the launch file, {toml_value(b.get(k))} in the run"
+            for k in sorted(differ, key=order.index)
+        )
+        raise ConfigError(
+            f"expected the launch file of the run in {where} on --resume (only {', '.join(RESUMABLE_KEYS)} may "
+            f"differ), got {diffs}: resume with the run's own launch file (its config.toml), or start a new run "
+            "in another run_dir"
+        )
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _lookup(data: dict, key: str) -> Any:

@@ -1,12 +1,12 @@
 """What a training run is at a step, and the one place that says what its checkpoint holds.
 
 :class:`TrainState` holds everything the loop of :mod:`qmpc.trainer` changes as it goes: the
-networks, optimisers, replay buffer, RNGs, the training environment and the loop's counters.
-:meth:`TrainState.state_dict` is the checkpoint (``qmpc.checkpoint``'s format: its ``config``,
-``spec``, ``network`` and ``q`` are what :func:`~qmpc.checkpoint.policy_of` and
-:func:`~qmpc.checkpoint.network_from_checkpoint` read) and :meth:`TrainState.load_state_dict`
-restores all of it, so a resumed run continues bit for bit. A new piece of state is added to
-both, and nowhere else.
+networks, optimisers, replay buffer, RNGs, the training environment, the loop's counters and the
+warm start of the actor's solver. :meth:`TrainState.state_dict` is the checkpoint
+(``qmpc.checkpoint``'s format: its ``config``, ``spec``, ``network`` and ``q`` are what
+:func:`~qmpc.checkpoint.policy_of` and :func:`~qmpc.checkpoint.network_from_checkpoint` read) and
+:meth:`TrainState.load_state_dict` restores all of it, so a resumed run continues bit for bit. A
+new piece of state is added to both, and nowhere else.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import mujoco
 import numpy as np
 import torch
 
+from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import CheckpointError
 from qmpc.config import Config
 from qmpc.data import ReplayBuffer, as_numpy
@@ -123,6 +124,10 @@ class TrainState:
     """Wall time of the run's earlier launches (up to the checkpoint this one resumed from)."""
     started: float = field(default_factory=time.perf_counter)
     """``time.perf_counter()`` when this launch started."""
+    layers: dict[str, ArgminLayer] = field(default_factory=dict)
+    """The argmin layers whose warm start (:meth:`~qmpc.bridge.ArgminLayer.warm_start_state`, the
+    last solution) the next solve starts from: the trainer's ``actor``. Saved, so that the first
+    solve after a resume starts where the uninterrupted run's does."""
 
     def __post_init__(self) -> None:
         if self.solve_window is None:
@@ -173,6 +178,7 @@ class TrainState:
                 "wall_s": self.wall_s(),
                 "solve_window": self.solve_window.state_dict(),
             },
+            "warm_starts": {name: _warm_tensors(layer.warm_start_state()) for name, layer in self.layers.items()},
         }
         if self.model is not None:
             full["model"] = {"kwargs": self.model.kwargs(), "state": self.model.state_dict()}
@@ -198,6 +204,10 @@ class TrainState:
         self.eval_steps, self.eval_returns = s["eval_steps"], s["eval_returns"]
         self.acc = {k: list(v) for k, v in s.get("acc", {}).items()}  # older checkpoints: window lost
         self.solve_window.load_state_dict(s.get("solve_window", {}))  # older checkpoints: an empty one
+        warm = ckpt.get("warm_starts", {})  # older checkpoints: none, the next solves start cold
+        for name, layer in self.layers.items():
+            w = warm.get(name)
+            layer.load_warm_start_state(None if w is None else {k: as_numpy(v) for k, v in w.items()})
         if self.cfg.train.steps < self.step:
             raise ConfigError(
                 f"expected train.steps >= {self.step} (the checkpoint's step) on --resume, got {self.cfg.train.steps}"
@@ -217,6 +227,14 @@ class TrainState:
             raise CheckpointError(
                 f"expected a checkpoint of {env_id} / {arch}, got {ckpt['spec']['env_id']} / {ckpt['network']['arch']}"
             )
+
+
+def _warm_tensors(state: dict[str, np.ndarray] | None) -> dict[str, torch.Tensor] | None:
+    """A layer's warm start as tensors (a checkpoint holds tensors only). A non-finite one (a
+    diverged solve) is not kept: a checkpoint holds finite numbers only, so it resumes cold."""
+    if state is None or not all(np.isfinite(a).all() for a in state.values()):
+        return None
+    return {k: torch.from_numpy(a) for k, a in state.items()}
 
 
 def network_kwargs(cfg: Config) -> dict:

@@ -8,9 +8,9 @@ TD-target solves keep failing, with a :class:`~qmpc.errors.SolverError`.
 
 A run directory holds ``config.toml`` (the resolved config), ``checkpoint.pt`` (written
 atomically every ``checkpoint_every`` steps; ``resume=True`` continues exactly where it stopped:
-network, target, optimiser, replay buffer, RNGs and the environment's MuJoCo state),
-``metrics.csv`` (``step,tag,value``), TensorBoard events in ``tb/`` and ``learning_curve.png``
-(:mod:`qmpc.metrics`).
+network, target, optimiser, replay buffer, RNGs, the environment's MuJoCo state and the actor's
+warm start), ``metrics.csv`` (``step,tag,value``), TensorBoard events in ``tb/`` and
+``learning_curve.png`` (:mod:`qmpc.metrics`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import CheckpointError, load_checkpoint, policy_of, save_checkpoint
-from qmpc.config import Config, config_to_toml, resumed_config
+from qmpc.config import Config, check_resumed_launch, config_to_toml, resumed_config
 from qmpc.controller import Controller
 from qmpc.data import ReplayBuffer, atomic_write, ensure_dir, input_normalization, load_minari
 from qmpc.dynamics import DynamicsModel
@@ -209,7 +209,9 @@ def train(
     checkpoint (what a kill does; used by the tests of ``resume``).
 
     With ``resume`` the config comes from the checkpoint, changed only by ``overrides``
-    (``key=value`` as ``--set``) of :data:`~qmpc.config.RESUMABLE_KEYS`. The run directory is
+    (``key=value`` as ``--set``) of :data:`~qmpc.config.RESUMABLE_KEYS`; ``cfg`` (the launch file
+    with those overrides) must be the run's but for those keys, else a :class:`ConfigError` names
+    the fields that differ (it would resume another run than the file describes). The run directory is
     locked for the whole run (:class:`RunLock`): a second run on it is refused. torch's thread
     count is ``train.torch_threads`` during the run and the caller's again after it, errors too."""
     run_dir = ensure_dir(cfg.resolved_run_dir(), "the run directory")
@@ -223,7 +225,8 @@ def train(
 
 
 class _Run(NamedTuple):
-    """What the steps of one launch work with besides the :class:`TrainState` (nothing here is saved)."""
+    """What the steps of one launch work with besides the :class:`TrainState` (nothing here is saved
+    but the actor's warm start, which the state holds in :attr:`TrainState.layers`)."""
 
     run_dir: Path
     online: ArgminLayer
@@ -247,6 +250,7 @@ def _train(
     torch.set_num_threads(cfg.train.torch_threads)
     st, eval_env = _new_state(cfg, t_start)
     solvers = _build_solvers(cfg, st.spec, st.q, st.q_target)
+    st.layers["actor"] = solvers[2]  # its warm start is saved
     if ckpt is not None:
         st.load_state_dict(ckpt)
     logger = MetricsLogger(run_dir, resume_step=st.step if resume else None)
@@ -272,15 +276,18 @@ def _train(
 
 
 def _open_run(cfg: Config, run_dir: Path, resume: bool, overrides: Sequence[str]) -> tuple[Config, dict | None]:
-    """The run's config (on ``resume``, the checkpoint's with ``overrides``), written to
-    ``config.toml``, and the checkpoint to resume from (None for a new run)."""
+    """The run's config (on ``resume``, the checkpoint's with ``overrides``, once ``cfg`` is found to
+    be the same run's: :func:`~qmpc.config.check_resumed_launch`), written to ``config.toml``, and
+    the checkpoint to resume from (None for a new run)."""
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         if not isinstance(ckpt.get("config"), dict):
             raise CheckpointError(f"expected a training checkpoint with its config at {ckpt_path}, got none")
-        cfg = resumed_config(ckpt["config"], list(overrides))
+        run_cfg = resumed_config(ckpt["config"], list(overrides))
+        check_resumed_launch(cfg, run_cfg, run_dir)
+        cfg = run_cfg
     elif ckpt_path.exists():
         raise ConfigError(f"expected a new run directory, got an existing checkpoint in {run_dir} (use --resume)")
     atomic_write(run_dir / "config.toml", lambda tmp: Path(tmp).write_text(config_to_toml(cfg)))

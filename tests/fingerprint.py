@@ -46,13 +46,19 @@ def digest(obj) -> str:
 
 
 def fingerprint(launch: str, overrides: list[str]) -> dict:
+    """Train ``launch`` with ``overrides`` and fingerprint the run."""
     cfg = load_config(launch, overrides)
     s = train(cfg, progress=False)
-    ck = load_checkpoint(s.run_dir / "checkpoint.pt")
-    m = read_metrics(s.run_dir / "metrics.csv")
+    return run_fingerprint(s.run_dir)
+
+
+def run_fingerprint(run_dir: str | Path) -> dict:
+    """The fingerprint of the run in ``run_dir`` as it is (its final checkpoint and metrics)."""
+    ck = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+    m = read_metrics(Path(run_dir) / "metrics.csv")
     out = {
-        "eval_steps": [int(v) for v in s.eval_steps],
-        "eval_returns": [float(v) for v in s.eval_returns],
+        "eval_steps": [int(v) for v in ck["loop"]["eval_steps"]],
+        "eval_returns": [float(v) for v in ck["loop"]["eval_returns"]],
         "q": digest(ck["q"]),
         "q_target": digest(ck["q_target"]),
         "optimizer": digest(ck["optimizer"]["state"]),

@@ -183,7 +183,7 @@ def test_resume_continues_exactly(tmp_path):
     killed = train(_online_cfg(tmp_path / "b", learn_model=True), progress=False, stop_at=50)  # checkpoint at 40
     assert killed.steps == 50
     wall_at_40 = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["loop"]["wall_s"]
-    resumed = train(_online_cfg(tmp_path / "b"), resume=True, progress=False)  # the config comes from the run
+    resumed = train(_online_cfg(tmp_path / "b", learn_model=True), resume=True, progress=False)
     assert resumed.steps == straight.steps == 60
     assert resumed.seconds > wall_at_40 > 0  # wall time adds up over the resume
     a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load_checkpoint(tmp_path / "b" / "checkpoint.pt")
