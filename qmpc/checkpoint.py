@@ -3,14 +3,24 @@
 A checkpoint is a ``torch.save`` dict with at least ``format``, ``spec`` (task id, sizes and
 action bounds), ``network`` (architecture options) and ``q`` (the network's state dict). Training
 checkpoints add the optimiser, target network, replay buffer, RNG and environment states.
+
+Integrity: torch checks none of the zip's CRC-32s, so a flipped bit in a weight loaded silently.
+:func:`save_checkpoint` ends the file with a SHA-256 of every byte before it, stored as the zip's
+comment (``qmpc-sha256:<hex>``; the file stays a plain torch zip), and :func:`load_checkpoint`
+verifies it; a file written before (no comment, e.g. ``models/*.pt``) is verified by its members'
+CRC-32s. The pickle is then read without running it (:mod:`qmpc.pickle_scan`): nothing it
+declares may exceed what the file holds, before ``torch.load`` allocates anything.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import math
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,8 +30,9 @@ import torch
 
 from qmpc.data import atomic_write
 from qmpc.dynamics import DynamicsModel
-from qmpc.errors import InputError, QmpcError
+from qmpc.errors import InputError, OutputError, QmpcError
 from qmpc.networks import QNetwork, build_network
+from qmpc.pickle_scan import Disallowed, Malformed, Oversized, scan_pickle
 
 __all__ = [
     "FORMAT",
@@ -39,10 +50,106 @@ class CheckpointError(QmpcError):
     """A checkpoint is missing, truncated, corrupted, or does not fit what it is used for."""
 
 
+_TAG = b"qmpc-sha256:"
+_TRAILER = len(_TAG) + 64  # the zip comment: the tag and the hex digest
+_END = b"PK\x05\x06"  # the zip's end-of-central-directory record: 22 bytes, then the comment
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` atomically (a kill mid-write leaves the previous checkpoint intact)."""
+    """Write ``payload`` atomically (a kill mid-write leaves the previous checkpoint intact), with
+    its SHA-256 checksum. A write the OS refuses (disk full, quota, file size limit) is an
+    :class:`~qmpc.errors.OutputError` naming the file and the reason; the previous file stays."""
+    path = Path(path)
     payload = {k: v for k, v in payload.items() if k != "format"}
-    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buf)
+    pieces = _with_checksum(buf.getbuffer())
+    try:
+        atomic_write(path, lambda tmp: _write(tmp, pieces))
+    except OutputError:
+        raise
+    except OSError as e:
+        full = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise OutputError(
+            f"could not write checkpoint {path}: {e.strerror or e}{full}; the previous checkpoint there, if any, "
+            "is intact"
+        ) from None
+
+
+def _with_checksum(raw: memoryview) -> list:
+    """The zip ``raw`` (comment-less, as torch writes it) with the SHA-256 of all its bytes before
+    the comment (its length field included) as its comment, in pieces (no copy of ``raw``)."""
+    if len(raw) < 22 or bytes(raw[-22:-18]) != _END or bytes(raw[-2:]) != b"\x00\x00":
+        raise CheckpointError("expected torch.save to write a zip without a comment, got something else")
+    length = struct.pack("<H", _TRAILER)
+    digest = hashlib.sha256(raw[:-2])
+    digest.update(length)
+    return [raw[:-2], length, _TAG + digest.hexdigest().encode()]
+
+
+def _write(tmp: str, pieces: list) -> None:
+    with open(tmp, "wb") as f:
+        for p in pieces:
+            f.write(p)
+
+
+def _verify(path: Path, data: bytes) -> None:
+    """The checksum of a file :func:`save_checkpoint` wrote; the members' CRC-32s of one written
+    before checksums (torch's own zip: no comment). Anything else is damaged."""
+    end = data[-_TRAILER - 22 : -_TRAILER]
+    if len(data) >= _TRAILER + 22 and end[:4] == _END and end[-2:] == struct.pack("<H", _TRAILER):
+        if data[-_TRAILER:] != _TAG + hashlib.sha256(memoryview(data)[:-_TRAILER]).hexdigest().encode():
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: its contents do not match its SHA-256 checksum (a changed byte?)"
+            )
+        return
+    if data[-22:-18] != _END or data[-2:] != b"\x00\x00":
+        raise CheckpointError(f"checkpoint {path} is damaged: its zip end record or its checksum is altered")
+    try:
+        bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: {_one_line(e)}") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {bad} does not match its CRC-32 (a changed byte?)")
+
+
+def _scan(path: Path, data: bytes) -> None:
+    """Every member stored whole within the file, then the pickle read without running it: only
+    the calls a checkpoint makes, nothing larger than the file (:mod:`qmpc.pickle_scan`)."""
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: {_one_line(e)}") from None
+    for i in infos:
+        if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size or i.file_size > len(data):
+            raise CheckpointError(
+                f"refusing checkpoint {path}: its member {i.filename} declares {i.file_size} bytes "
+                f"({i.compress_size} stored) in a file of {len(data)} (crafted or corrupted?)"
+            )
+    prefix = infos[0].filename.split("/", 1)[0] + "/" if infos else ""
+    pkl = [i for i in infos if i.filename == f"{prefix}data.pkl"]
+    if not pkl:
+        raise CheckpointError(f"expected {prefix}data.pkl in checkpoint {path}, got {[i.filename for i in infos][:5]}")
+    records = {i.filename[len(prefix) + 5 :]: i.file_size for i in infos if i.filename.startswith(f"{prefix}data/")}
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        body = z.read(pkl[0])
+    try:
+        scan_pickle(body, records, len(data))
+    except Disallowed as e:
+        raise CheckpointError(_disallowed(path, f" ({e})")) from None
+    except Oversized as e:
+        raise CheckpointError(
+            f"refusing checkpoint {path}: it declares {e}, in a file of {len(data)} bytes (crafted or corrupted?)"
+        ) from None
+    except Malformed as e:
+        raise CheckpointError(f"expected a readable checkpoint at {path}, got a damaged pickle: {e}") from None
+
+
+def _disallowed(path: Path, detail: str) -> str:
+    return (
+        f"refusing checkpoint {path}: it contains disallowed objects{detail}; a qmpc checkpoint holds "
+        "only tensors and plain values (loading it could run code)"
+    )
 
 
 def _legacy_numpy_globals() -> list:
@@ -55,8 +162,9 @@ def _legacy_numpy_globals() -> list:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)``: tensors, plain Python values and
-    float numpy arrays only, so a crafted file cannot run code; then check its structure, its
-    ``spec`` and that every number in it is finite."""
+    float numpy arrays only, so a crafted file cannot run code; its checksum (or CRC-32s) verified
+    and what it declares bounded by its size first; then check its structure, its ``spec`` and
+    that every number in it is finite."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"expected a checkpoint file, got nothing at {path}")
@@ -65,6 +173,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"expected a torch checkpoint at {path}, got {len(data)} bytes that are not one (truncated or corrupted?)"
         )
+    _verify(path, data)
+    _scan(path, data)
     ckpt = _read(path, data)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -94,10 +204,7 @@ def _read(path: Path, data: bytes) -> Any:
         if "Weights only load failed" in str(e):
             what = re.search(r"(?:but got|GLOBAL) ([^\s]+)", str(e))
             detail = f" ({what.group(1).strip('<>')})" if what else ""
-            raise CheckpointError(
-                f"refusing checkpoint {path}: it contains disallowed objects{detail}; a qmpc checkpoint holds "
-                "only tensors and plain values (loading it could run code)"
-            ) from None
+            raise CheckpointError(_disallowed(path, detail)) from None
         raise CheckpointError(f"expected a readable checkpoint at {path}, got: {_one_line(e)}") from None
     except Exception as e:  # torch raises several types for damaged archives
         raise CheckpointError(f"expected a readable checkpoint at {path}, got: {_one_line(e)}") from None
@@ -177,7 +284,9 @@ def policy_of(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 def network_from_checkpoint(ckpt: dict[str, Any], dtype: torch.dtype = torch.float64) -> QNetwork:
     """Rebuild the Q network of a checkpoint and load its weights (every parameter and buffer
-    finite, checked again here for checkpoints built in memory)."""
+    finite, checked again here for checkpoints built in memory), in ``dtype``. The weights are
+    loaded into a float64 network first: float64 weights are kept exactly (they were rounded to
+    the float32 of a freshly built network before), float32 ones widened exactly."""
     spec, net = ckpt["spec"], ckpt["network"]
     if not isinstance(net.get("arch"), str):
         raise CheckpointError(f"expected network.arch (a string) in the checkpoint, got {net!r}")
@@ -187,6 +296,7 @@ def network_from_checkpoint(ckpt: dict[str, Any], dtype: torch.dtype = torch.flo
         )
     except (QmpcError, TypeError, ValueError) as e:
         raise CheckpointError(f"expected a buildable network {net}, got: {_one_line(e)}") from None
+    q = q.to(torch.float64)
     state = dict(ckpt["q"])
     for name in ("obs_shift", "obs_transform"):  # written before input normalisation existed: identity
         state.setdefault(name, getattr(q, name))

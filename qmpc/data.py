@@ -14,9 +14,18 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from qmpc.errors import InputError, OutputError
+from qmpc.errors import ConfigError, InputError, OutputError
 
-__all__ = ["Batch", "ReplayBuffer", "atomic_write", "ensure_dir", "ensure_output_file"]
+__all__ = [
+    "Batch",
+    "ReplayBuffer",
+    "atomic_write",
+    "check_dataset",
+    "ensure_dir",
+    "ensure_output_file",
+    "input_normalization",
+    "load_minari",
+]
 
 
 class Batch(NamedTuple):
@@ -316,6 +325,44 @@ def _check_minari_size(path: Path, data_dir: Path, episodes: int, steps: int, me
         )
 
 
+def check_dataset(
+    data: dict[str, np.ndarray], low: np.ndarray, high: np.ndarray, buffer_size: int, source: str | Path = ""
+) -> None:
+    """An offline dataset (:func:`load_minari`'s arrays) fits the task and the replay buffer:
+
+    * every action within the task's bounds ``[low, high]``, up to ``1e-6·max(1, |bound|)`` (the
+      float32 rounding of a bound): else :class:`InputError` naming how many transitions are
+      outside and the worst action (a dataset with actions ×50 trained a policy returning −10115
+      instead of −158);
+    * no more transitions than ``buffer_size`` (``train.buffer_size``): else :class:`ConfigError`
+      naming both sizes (the buffer kept the first transitions only, silently).
+    """
+    n = len(data["cost"])
+    source = f"the dataset {source}" if str(source) else "the dataset"
+    if n > buffer_size:
+        raise ConfigError(
+            f"expected train.buffer_size >= the {n} transitions of {source} (a smaller buffer would keep only its "
+            f"first {buffer_size}), got {buffer_size}"
+        )
+    act = np.asarray(data["act"], np.float64)
+    low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+    lo, hi = low - 1e-6 * np.maximum(1.0, np.abs(low)), high + 1e-6 * np.maximum(1.0, np.abs(high))  # ±inf stay
+    beyond = np.maximum(np.where(act < lo, low - act, 0.0), np.where(act > hi, act - high, 0.0))
+    bad = (beyond > 0).any(axis=1)
+    if bad.any():
+        i, j = np.unravel_index(np.argmax(beyond), beyond.shape)
+        bound = low[j] if act[i, j] < low[j] else high[j]
+        raise InputError(
+            f"expected the actions of {source} within the task's bounds low={_fmt(low)}, high={_fmt(high)}, got "
+            f"{int(bad.sum())} of {n} transitions outside; the worst: {act[i, j]:.6g} in component {j} (bound "
+            f"{bound:.6g}) at transition {i} (a dataset of another task, or scaled actions?)"
+        )
+
+
+def _fmt(a: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in a) + "]"
+
+
 def _stored_episodes(data_dir: Path) -> int | None:
     """How many episodes a Minari data directory holds (HDF5 groups or Arrow directories)."""
     h5 = data_dir / "main_data.hdf5"
@@ -328,19 +375,64 @@ def _stored_episodes(data_dir: Path) -> int | None:
     return len(dirs) if dirs else None
 
 
+_PER_DIMENSION = 10
+"""States per observation dimension below which input statistics are not trusted as they are."""
+_MAX_GAIN = 100.0
+"""With fewer states: no dimension (direction) scaled more than this times the widest one's scale."""
+
+
 def input_normalization(obs: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """``(shift, transform)`` with ``x̃ = transform @ (x − shift)`` from states ``obs (N, nx)``:
     ``standardize`` (mean, 1/std; a dimension that does not vary, std ≤ 1e-6, is left unscaled) or
-    ``whiten`` (mean, inverse Cholesky factor of the covariance)."""
+    ``whiten`` (mean, inverse Cholesky factor of the covariance).
+
+    From fewer than ``10·nx`` states the spreads are guesses (Reacher's first 2 states scaled one
+    dimension by ×37,000): the scales are floored so that no dimension (``whiten``: direction) is
+    scaled more than 100× the widest one, directions that do not vary are left unscaled, and a
+    warning names the numbers. From ``10·nx`` states or more the result is what it always was."""
     obs = np.asarray(obs, np.float64)
     if obs.ndim != 2 or obs.shape[0] < 2:
         raise InputError(f"expected at least 2 states to normalise with, got shape {obs.shape}")
+    if kind not in ("standardize", "whiten"):
+        raise InputError(f"expected normalisation 'standardize' or 'whiten', got {kind!r}")
+    n, nx = obs.shape
     mean = obs.mean(axis=0)
+    if n < _PER_DIMENSION * nx:
+        return mean, _floored_normalization(obs, kind)
     if kind == "standardize":
         std = obs.std(axis=0)
         return mean, np.diag(np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 1.0))
-    if kind == "whiten":
-        cov = np.cov(obs.T).reshape(obs.shape[1], obs.shape[1])
-        cov += 1e-9 * max(1.0, np.trace(cov)) * np.eye(obs.shape[1])
-        return mean, np.linalg.inv(np.linalg.cholesky(cov))
-    raise InputError(f"expected normalisation 'standardize' or 'whiten', got {kind!r}")
+    cov = np.cov(obs.T).reshape(nx, nx)
+    cov += 1e-9 * max(1.0, np.trace(cov)) * np.eye(nx)
+    return mean, np.linalg.inv(np.linalg.cholesky(cov))
+
+
+def _floored_normalization(obs: np.ndarray, kind: str) -> np.ndarray:
+    """The transform of :func:`input_normalization` from too few states (see there), with a warning."""
+    import warnings
+
+    n, nx = obs.shape
+    if kind == "standardize":
+        std = obs.std(axis=0)
+        floor = max(1e-6, std.max() / _MAX_GAIN)
+        moving = std > 1e-6
+        floored = int((moving & (std < floor)).sum())
+        transform = np.diag(np.where(moving, 1.0 / np.maximum(std, floor), 1.0))
+        what = "dimensions"
+    else:
+        lam, vec = np.linalg.eigh(np.cov(obs.T).reshape(nx, nx))
+        floor = max(1e-6, np.sqrt(max(lam.max(), 0.0)) / _MAX_GAIN)
+        moving = lam > 1e-12
+        floored = int((moving & (lam < floor**2)).sum())
+        lam = np.where(moving, np.maximum(lam, floor**2), 1.0)
+        transform = np.linalg.inv(np.linalg.cholesky((vec * lam) @ vec.T))
+        what = "directions"
+    need = _PER_DIMENSION * nx
+    warnings.warn(
+        f"input normalisation ({kind}) from {n} states, fewer than the {need} it needs ({_PER_DIMENSION} per "
+        f"observation dimension): {floored} of {nx} {what} floored at std {floor:.3g} (1/{_MAX_GAIN:g} of the "
+        f"widest), {int((~moving).sum())} that do not vary left unscaled; use at least {need} states "
+        "(online: train.learning_starts)",
+        stacklevel=3,
+    )
+    return transform

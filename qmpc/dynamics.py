@@ -146,8 +146,9 @@ class DynamicsModel(nn.Module):
 
     @classmethod
     def from_state(cls, obs_dim: int, act_dim: int, kwargs: dict, state: dict) -> DynamicsModel:
-        """Rebuild a model saved as ``kwargs()`` and ``state_dict()``."""
-        m = cls(obs_dim, act_dim, **kwargs)
+        """Rebuild a model saved as ``kwargs()`` and ``state_dict()``, in float64 (built in float64
+        before loading: float64 weights are kept exactly, not rounded through float32)."""
+        m = cls(obs_dim, act_dim, **kwargs).double()
         try:
             m.load_state_dict(state)
         except RuntimeError as e:

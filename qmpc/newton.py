@@ -52,34 +52,49 @@ class BoxNewtonResult(NamedTuple):
 
 def _direction(g: np.ndarray, H: np.ndarray, held: np.ndarray, delta: float) -> np.ndarray:
     """Newton's step in the free components (Hessian eigenvalues clipped to ``≥ δ·scale``), the
-    negative gradient in the held ones (the projection keeps them on their bound)."""
+    negative gradient in the held ones (the projection keeps them on their bound). A sample whose
+    gradient or Hessian is not finite gets a NaN step: no trial point is accepted, so it is
+    reported unconverged (and retried by the caller), never an exception."""
     free = ~held
     Hr = H * (free[:, :, None] & free[:, None, :])
     idx = np.arange(g.shape[1])
     Hr[:, idx, idx] += held
     gf = np.where(free, g, 0.0)
-    d = np.empty_like(g)
-    convex = _positive_definite(Hr, delta)  # a convex Q (PICNN): always; a Cholesky test, then LU
+    d = np.full_like(g, np.nan)
+    finite = np.isfinite(Hr).all(axis=(1, 2)) & np.isfinite(g).all(axis=1)
+    convex = np.zeros(len(g), bool)
+    convex[finite] = _positive_definite(Hr[finite], delta)  # a convex Q (PICNN): always; Cholesky, then LU
     if convex.any():
         d[convex] = np.linalg.solve(Hr[convex], -gf[convex][:, :, None])[:, :, 0]
-    if not convex.all():
-        lam, V = np.linalg.eigh(Hr[~convex])
+    other = finite & ~convex
+    if other.any():
+        lam, V = np.linalg.eigh(Hr[other])
         scale = np.maximum(1.0, np.abs(lam).max(axis=1, keepdims=True))
         lam = np.maximum(lam, delta * scale)
-        gv = np.matmul(gf[~convex][:, None, :], V)[:, 0, :] / lam
-        d[~convex] = -np.matmul(V, gv[:, :, None])[:, :, 0]
-    return np.where(held, -g, d)
+        gv = np.matmul(gf[other][:, None, :], V)[:, 0, :] / lam
+        d[other] = -np.matmul(V, gv[:, :, None])[:, :, 0]
+    return np.where(held & finite[:, None], -g, d)
 
 
 def _positive_definite(H: np.ndarray, delta: float) -> np.ndarray:
-    """``(B,)`` bool: the Cholesky factorisation of ``H (B, n, n)`` exists with every pivot above
-    ``δ·max(1, max|H_ii|)`` (elsewhere the caller clips eigenvalues instead: measured on a batch of
-    256 6×6 Hessians, Cholesky 0.09 ms and a solve 0.16 ms against 1.3 ms for ``eigh``)."""
+    """``(B,)`` bool: the Cholesky factorisation of ``H (B, n, n)`` (finite) exists with every pivot
+    above ``δ·max(1, max|H_ii|)`` (elsewhere the caller clips eigenvalues instead: measured on a
+    batch of 256 6×6 Hessians, Cholesky 0.09 ms and a solve 0.16 ms against 1.3 ms for ``eigh``).
+    When the batch's factorisation fails, each matrix is factorised alone: one whose eigenvalues
+    are positive but whose Cholesky fails in floating point (PICNN without action curvature) is
+    not positive definite here, where it raised ``LinAlgError`` before."""
+    if H.shape[0] == 0:
+        return np.zeros(0, bool)
     try:
         L, ok = np.linalg.cholesky(H), np.ones(H.shape[0], bool)
     except np.linalg.LinAlgError:  # not every one is positive definite: find which
         ok = np.array([np.all(np.linalg.eigvalsh(h) > 0) for h in H])
-        L = np.linalg.cholesky(np.where(ok[:, None, None], H, np.eye(H.shape[1])))
+        L = np.broadcast_to(np.eye(H.shape[1]), H.shape).copy()
+        for i in np.flatnonzero(ok):
+            try:
+                L[i] = np.linalg.cholesky(H[i])
+            except np.linalg.LinAlgError:
+                ok[i] = False
     piv = np.diagonal(L, axis1=1, axis2=2) ** 2
     scale = np.maximum(1.0, np.abs(np.diagonal(H, axis1=1, axis2=2)).max(axis=1))
     return ok & (piv.min(axis=1) > delta * scale)
