@@ -33,7 +33,7 @@ from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import CheckpointError, load_checkpoint, policy_of, save_checkpoint
 from qmpc.config import Config, check_resumed_launch, config_to_toml, resumed_config
 from qmpc.controller import Controller
-from qmpc.data import ReplayBuffer, atomic_write, ensure_dir, input_normalization, load_minari
+from qmpc.data import ReplayBuffer, atomic_write, check_dataset, ensure_dir, input_normalization, load_minari
 from qmpc.dynamics import DynamicsModel
 from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError, OutputError, SolverError
@@ -330,6 +330,7 @@ def _prepare_data(cfg: Config, spec: EnvSpec, buffer: ReplayBuffer, q: QNetwork)
         if not tc.dataset:
             raise ConfigError("expected train.dataset (a Minari dataset path) in offline mode, got ''")
         data = load_minari(tc.dataset, spec.obs_dim, spec.act_dim, spec.env_id)
+        check_dataset(data, spec.low, spec.high, tc.buffer_size, tc.dataset)  # actions in bounds, fits the buffer
         n = min(len(data["cost"]), tc.buffer_size)
         buffer.add_many(
             *(data[k][:n] for k in ("obs", "act")),
