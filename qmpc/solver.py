@@ -380,14 +380,38 @@ class PlanOracle:
         self.solver, self.x0, self.theta = solver, x0, theta
 
     def value(self, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        with np.errstate(all="ignore"):
-            f = self.solver.objective(u, self.x0[rows], self.theta)
+        (f,) = self._contained(self.solver.objective, u, rows, [np.inf])
         return np.where(np.isfinite(f), f, np.inf)  # a rollout that overflows is no descent
 
     def derivatives(self, u: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        f, g, H = self._contained(self.solver.plan_derivatives, u, rows, [np.inf, np.nan, np.nan])
+        return np.where(np.isfinite(f), f, np.inf), g, H  # non-finite: the SQP stops the sample
+
+    def _contained(self, fn, u: np.ndarray, rows: np.ndarray, fill: list[float]) -> list[np.ndarray]:
+        """``fn`` over the rows; if an evaluation raises inside CasADi (e.g. a model's derivative
+        code), row by row, with ``fill`` (non-finite) for the rows that raise."""
         with np.errstate(all="ignore"):  # an overflowing rollout: non-finite, stopped by the SQP
-            f, g, H = self.solver.plan_derivatives(u, self.x0[rows], self.theta)
-        return np.where(np.isfinite(f), f, np.inf), g, H
+            try:
+                out = fn(u, self.x0[rows], self.theta)
+                return list(out) if isinstance(out, tuple) else [out]
+            except RuntimeError:
+                pass
+            parts = []
+            for i, r in enumerate(rows):
+                try:
+                    o = fn(u[i : i + 1], self.x0[r : r + 1], self.theta)
+                    parts.append(list(o) if isinstance(o, tuple) else [o])
+                except RuntimeError:
+                    parts.append(None)
+        ok = next(p for p in parts if p is not None) if any(p is not None for p in parts) else None
+        if ok is None:  # every row raised: shapes from the problem
+            n = self.solver.problem.n_w
+            shapes = [(1,), (1, n), (1, n, n)][: len(fill)]
+            return [np.full((len(rows), *s[1:]), v) for s, v in zip(shapes, fill, strict=True)]
+        return [
+            np.concatenate([p[k] if p is not None else np.full_like(ok[k], fill[k]) for p in parts])
+            for k in range(len(fill))
+        ]
 
 
 class BatchedSolver:
