@@ -54,6 +54,10 @@ SHOOTING = ("multiple", "single")
 constraints (``multiple``), or eliminated through the model (``single``)."""
 
 
+_HESS_LAG_NAMES = (["x", "p", "lam_f", "lam_g"], ["hess_gamma_x_x"])
+"""sqpmethod's / IPOPT's signature of a user Hessian (its inputs are named x, p, lam_f, lam_g)."""
+
+
 class StageDerivatives(Protocol):
     """Derivatives of the model ``x⁺ = f(x, u[, p])`` at ``K`` points at once, for the single-shooting
     Hessian. Called with ``X (K, nx)``, ``U (K, nu)`` and ``P (K, n_p)`` (``None`` without model
@@ -363,13 +367,8 @@ class ControlProblem:
         self.plan_derivatives: ca.Function | None = None
         if single and alive is not None:  # survival-weighted stages are not separable: CasADi's Hessian
             lam_f = ca.MX.sym("lam_f")
-            self.hess_lag = ca.Function(
-                "hess_lag",
-                [w, ca.vertcat(x0, theta), lam_f, lam_g],
-                [ca.densify(lam_f * ca.hessian(J, w)[0])],
-                ["x", "p", "lam_f", "lam_g"],
-                ["hess_gamma_x_x"],
-            )
+            H = ca.densify(lam_f * ca.hessian(J, w)[0])
+            self.hess_lag = ca.Function("hess_lag", [w, ca.vertcat(x0, theta), lam_f, lam_g], [H], *_HESS_LAG_NAMES)
         elif single:
             self.hess_lag = self._condensed_hessian(w, x0, theta, lam_g, us, xs, params, q_function, q_derivatives)
         if single:
@@ -452,10 +451,7 @@ class ControlProblem:
         P = ca.horzcat(*[pk[0] for pk in params]) if n_p else ca.MX(0, N)
         lam_f = ca.MX.sym("lam_f")
         H = self._condensed(ca.horzcat(*xs), ca.horzcat(*us), ca.horzcat(*Gc), ca.horzcat(*Hc), gq, Hq, P, lam_f)
-        # sqpmethod's / IPOPT's signature of a user Hessian (its inputs are named x, p, lam_f, lam_g)
-        return ca.Function(
-            "hess_lag", [w, ca.vertcat(x0, theta), lam_f, lam_g], [H], ["x", "p", "lam_f", "lam_g"], ["hess_gamma_x_x"]
-        )
+        return ca.Function("hess_lag", [w, ca.vertcat(x0, theta), lam_f, lam_g], [H], *_HESS_LAG_NAMES)
 
     def _x_adjoint(self, w, x0, theta, lam_g, J_stage, g) -> ca.Function:
         a, b, vbar = ca.MX.sym("a", self.n_w), ca.MX.sym("b", self.n_g), ca.MX.sym("vbar")
