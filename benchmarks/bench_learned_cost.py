@@ -4,16 +4,27 @@
 
 The shipped checkpoints in ``models/`` predate the learned heads, so for each of their tasks this
 collects ``--transitions`` transitions with the shipped greedy controller (horizon 1) plus Gaussian
-action noise (its scale drawn per episode from 0.1, 0.5 and 1 of the half range, so that the
-balancing tasks also fall), fits an :class:`~qmpc.dynamics.OutcomeModel` (the launch file's model
-widths) on the first 80 % of the episodes and reports, on the last 20 % (held out):
+action noise (episodes of at most 100 steps, the noise scale drawn per episode from 0.1, 0.5, 1
+and 3 of the half range, so that the balancing tasks also fall), fits an
+:class:`~qmpc.dynamics.OutcomeModel` (the launch file's model widths) on the first 80 % of the
+steps and reports, on the last 20 % (held out):
 
 * the mean absolute error of the learned cost and of the symbolic cost (both in Q's units,
-  ``−reward × train.cost_scale``) against the simulator's, and their relative error
-  (MAE / standard deviation of the true cost), on the steps that did not terminate (where the
-  symbolic costs are exact or documented approximations);
+  ``−reward × train.cost_scale``) against the simulator's, and their relative error (MAE /
+  standard deviation of the true cost; of its mean for a constant cost), on the steps that did
+  not terminate (where the symbolic costs are exact or documented approximations);
 * the learned cost's error against the symbolic cost;
-* the termination head's accuracy (``p > 0.5``) and its accuracy on the terminal steps.
+* the fraction of terminal steps, the termination head's accuracy (``p > 0.5``) and its recall
+  on the terminal steps.
+
+Measured (3000 transitions, 3000 Adam steps of batch 256, ~40 s in all on 2 shared cores):
+
+| task | train / test | std c | MAE learned (rel.) | MAE symbolic (rel.) | learned − sym. | terminal | acc. | recall |
+|---|---|---|---|---|---|---|---|---|
+| InvertedPendulum-v5 | 2400 / 600 | 0.099 | 0.000864 (0.9%) | 0 (0.0%) | 0.000864 | 1.0% | 99.5% | 50% |
+| InvertedDoublePendulum-v5 | 2400 / 600 | 0.00688 | 0.00623 (90.5%) | 1.01e-07 (0.0%) | 0.00623 | 1.7% | 99.5% | 80% |
+| Reacher-v5 | 2400 / 600 | 0.755 | 0.0194 (2.6%) | 6.17e-06 (0.0%) | 0.0194 | 0.0% | 100.0% | – |
+| HalfCheetah-v5 | 2400 / 600 | 0.21 | 0.00707 (3.4%) | 0.0196 (9.3%) | 0.0195 | 0.0% | 100.0% | – |
 """
 
 from __future__ import annotations
@@ -31,6 +42,10 @@ from qmpc.costs import stage_cost
 from qmpc.dynamics import OutcomeModel
 from qmpc.env import make_env
 
+SIGMAS = [0.1, 0.5, 1.0, 3.0]
+"""Action noise scales (of the half range), one drawn per episode; 3: nearly bang-bang random."""
+EPISODE = 100
+"""Episodes are cut after this many steps: many short episodes, many starts and falls."""
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
     "InvertedPendulum-v5": "inverted_pendulum.pt",
@@ -49,18 +64,18 @@ def collect(path: Path, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     cols: dict[str, list] = {k: [] for k in ("obs", "act", "reward", "next_obs", "terminated", "episode")}
     obs, _ = env.reset(seed=seed)
     ctrl.reset()
-    ep, sigma = 0, rng.choice([0.1, 0.5, 1.0])
+    ep, sigma, t = 0, rng.choice(SIGMAS), 0
     for _ in range(n):
         a, _ = ctrl.act(obs)
         a = np.clip(a + sigma * half * rng.normal(size=a.shape), env.action_space.low, env.action_space.high)
         nxt, r, term, trunc, _ = env.step(a)
         for k, v in zip(cols, (obs, a, r, nxt, float(term), ep), strict=True):
             cols[k].append(v)
-        obs = nxt
-        if term or trunc:
+        obs, t = nxt, t + 1
+        if term or trunc or t >= EPISODE:
             obs, _ = env.reset()
             ctrl.reset()
-            ep, sigma = ep + 1, rng.choice([0.1, 0.5, 1.0])
+            ep, sigma, t = ep + 1, rng.choice(SIGMAS), 0
     return {k: np.asarray(v, np.float64) for k, v in cols.items()}
 
 
@@ -89,11 +104,8 @@ def evaluate(env_id: str, n: int, iters: int) -> dict[str, float]:
     mc = ckpt.get("config", {}).get("model", {})
     t0 = time.perf_counter()
     data = collect(path, n)
-    episodes = data["episode"]
-    cut = np.quantile(np.unique(episodes), 0.8)
-    train, test = episodes < cut, episodes >= cut
-    if test.sum() < 0.1 * n:  # few long episodes: split by steps instead
-        train, test = np.arange(n) < 0.8 * n, np.arange(n) >= 0.8 * n
+    train = np.arange(n) < 0.8 * n  # held out: the last 20 % of the steps
+    test = ~train
     cost = -data["reward"] * s
     m = fit(data, train, cost, mc.get("hidden", [64, 64]), mc.get("activation", "silu"), iters, 0)
     X, U, Xn = (data[k][test] for k in ("obs", "act", "next_obs"))
@@ -104,7 +116,7 @@ def evaluate(env_id: str, n: int, iters: int) -> dict[str, float]:
     symbolic = np.asarray(sym_f(X.T, U.T, Xn.T)).ravel()
     true, term = cost[test], data["terminated"][test].astype(bool)
     alive = ~term
-    std = float(np.std(true[alive])) or 1.0
+    std = float(np.std(true[alive])) if np.std(true[alive]) > 1e-9 else abs(float(np.mean(true)))
     return {
         "train": int(train.sum()),
         "test": int(test.sum()),
