@@ -208,6 +208,11 @@ class ArgminLayer(nn.Module):
                 f"expected grad_mode='none' with shooting='single' (sensitivities need shooting='multiple'), "
                 f"got {self.grad_mode!r}"
             )
+        if self.problem.spec.termination is not None and self.grad_mode != "none":
+            raise InputError(
+                f"expected grad_mode='none' with a termination in the spec (the survival-weighted Q term has no "
+                f"sensitivities here), got {self.grad_mode!r}"
+            )
         self.last_result: LayerResult | None = None
         """The result of the latest call (from any thread): :class:`LayerResult`."""
         self._warm: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -295,6 +300,8 @@ class ArgminLayer(nn.Module):
         grads = mode != "none" and torch.is_grad_enabled()
         if grads and self.problem.shooting == "single":
             raise InputError(f"expected grad_mode='none' with shooting='single', got {mode!r}")
+        if grads and self.problem.spec.termination is not None:
+            raise InputError(f"expected grad_mode='none' with a termination in the spec, got {mode!r}")
         x64 = x.detach().cpu().double().numpy()
         with self.planner.lock:  # the solve and the state the backward reads, consistently
             res, theta, result = self._solve(x64, w0, values_only=not (grads or uses_argmin))

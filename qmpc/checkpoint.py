@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from qmpc.data import atomic_write
-from qmpc.dynamics import DynamicsModel
+from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.errors import InputError, OutputError, QmpcError
 from qmpc.networks import QNetwork, build_network
 from qmpc.pickle_scan import Disallowed, Malformed, Oversized, scan_pickle
@@ -40,6 +40,7 @@ __all__ = [
     "dynamics_from_checkpoint",
     "load_checkpoint",
     "network_from_checkpoint",
+    "outcome_from_checkpoint",
     "save_checkpoint",
 ]
 
@@ -269,7 +270,7 @@ def check_bounds(low: np.ndarray, high: np.ndarray) -> None:
         raise InputError(f"expected finite action bounds where low = high, got low={low}, high={high}")
 
 
-POLICY_KEYS = ("config", "spec", "network", "gamma", "cost_scale", "q", "model")
+POLICY_KEYS = ("config", "spec", "network", "gamma", "cost_scale", "q", "model", "outcome")
 
 
 def policy_of(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -336,6 +337,31 @@ def dynamics_from_checkpoint(ckpt: dict[str, Any]) -> DynamicsModel:
     except (QmpcError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(str(e) if isinstance(e, QmpcError) else _one_line(e)) from None
     check_finite_module(m, "dynamics model")
+    return m
+
+
+def outcome_from_checkpoint(ckpt: dict[str, Any]) -> OutcomeModel:
+    """The learned stage cost and termination heads of a checkpoint (float64), or a clear error if
+    it has none (checkpoints written before they existed, or trained without ``model.learn``)."""
+    if "outcome" not in ckpt:
+        raise CheckpointError(
+            "expected a checkpoint with a learned stage cost and termination (train with model.learn = true), "
+            "got one without: use --stage-cost symbolic"
+        )
+    spec, heads = ckpt["spec"], ckpt["outcome"]
+    if (
+        not isinstance(heads, dict)
+        or not isinstance(heads.get("kwargs"), dict)
+        or not isinstance(heads.get("state"), dict)
+    ):
+        raise CheckpointError(
+            "expected outcome = {'kwargs': dict, 'state': dict} in the checkpoint, got something else"
+        )
+    try:
+        m = OutcomeModel.from_state(spec["obs_dim"], spec["act_dim"], heads["kwargs"], heads["state"])
+    except (QmpcError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(str(e) if isinstance(e, QmpcError) else _one_line(e)) from None
+    check_finite_module(m, "cost and termination heads")
     return m
 
 

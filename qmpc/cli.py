@@ -163,6 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.checkpoint,
         horizon=args.horizon,
         model=args.model,
+        stage_cost=args.stage_cost,
         budget_ms=budget_ms,
         max_iter=args.max_iter,
         shooting=args.shooting,
@@ -275,6 +276,14 @@ def _add_run(sub) -> None:
         choices=MODELS,
         help="dynamics model for horizon > 1: exact (qmpc tasks), learned (checkpoint trained with "
         "model.learn), mujoco (qmpc tasks: MuJoCo's linearisation along the previous plan)",
+    )
+    r.add_argument(
+        "--stage-cost",
+        default="auto",
+        choices=("auto", "symbolic", "learned"),
+        help="stage cost for horizon > 1: symbolic (qmpc.costs: InvertedPendulum, InvertedDoublePendulum, "
+        "Reacher, HalfCheetah, qmpc tasks) or learned (checkpoint trained with model.learn, any task); "
+        "auto: symbolic where there is one. The checkpoint's learned termination, if it has one, weights the plan",
     )
     r.add_argument(
         "--budget-ms",

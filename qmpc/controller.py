@@ -18,9 +18,10 @@ from qmpc.checkpoint import (
     dynamics_from_checkpoint,
     load_checkpoint,
     network_from_checkpoint,
+    outcome_from_checkpoint,
     spec_arrays,
 )
-from qmpc.costs import stage_cost
+from qmpc.costs import STAGE_COSTS, stage_cost
 from qmpc.env import make_env
 from qmpc.errors import InputError
 from qmpc.linearize import MujocoLinearization
@@ -29,7 +30,7 @@ from qmpc.planner import Planner, as_bounds
 from qmpc.problem import MPCSpec
 from qmpc.solver import SolveResult, SolverOptions, Status
 
-__all__ = ["MODELS", "Controller", "model_functions", "trained_units"]
+__all__ = ["MODELS", "STAGE_COST_SOURCES", "Controller", "model_functions", "trained_units"]
 
 _SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(MPCSpec)) - {"low", "high"}
 
@@ -40,11 +41,32 @@ checkpoint's dynamics model, any task with a stage cost in :mod:`qmpc.costs`), `
 (exact where there is one, else learned)."""
 
 
-def model_functions(ckpt: dict, model: str = "auto", env=None) -> dict[str, Any]:
-    """Controller keywords (``dynamics`` or ``linearization``, and ``stage_cost``) for a
-    checkpoint's task from the chosen source."""
+STAGE_COST_SOURCES = ("auto", "symbolic", "learned")
+"""Stage costs for horizons > 1: ``symbolic`` (:mod:`qmpc.costs`, or a qmpc task's own),
+``learned`` (the checkpoint's :class:`~qmpc.dynamics.OutcomeModel`, any task, trained with
+``model.learn``), ``auto`` (symbolic where there is one, else learned)."""
+
+
+def has_symbolic_cost(env) -> bool:
+    """Whether ``env``'s task has a symbolic stage cost (:func:`qmpc.costs.stage_cost`)."""
+    spec_id = env.spec.id if env.spec is not None else ""
+    return hasattr(env.unwrapped, "casadi_model") or spec_id in STAGE_COSTS
+
+
+def model_functions(ckpt: dict, model: str = "auto", env=None, stage_cost_source: str = "auto") -> dict[str, Any]:
+    """Controller keywords (``dynamics`` or ``linearization``, ``stage_cost`` and, where the
+    checkpoint has learned heads, ``termination``) for a checkpoint's task from the chosen sources.
+
+    The stage cost is symbolic or learned (``stage_cost_source``, see :data:`STAGE_COST_SOURCES`).
+    The learned termination probability weights the plan (:attr:`qmpc.problem.MPCSpec.termination`)
+    whenever the checkpoint has the learned heads, with either stage cost: a plan that falls is
+    costly (with a symbolic cost too, e.g. InvertedPendulum-v5's constant −1 per step alive). A
+    learned cost is in Q's units already (``stage_cost_scaled``: not multiplied by ``cost_scale``
+    again)."""
     if model not in MODELS:
         raise InputError(f"expected model in {MODELS}, got {model!r}")
+    if stage_cost_source not in STAGE_COST_SOURCES:
+        raise InputError(f"expected stage cost in {STAGE_COST_SOURCES}, got {stage_cost_source!r}")
     env = env if env is not None else make_env(ckpt["spec"]["env_id"])
     exact = hasattr(env.unwrapped, "casadi_model")
     if model in ("exact", "mujoco") and not exact:
@@ -52,14 +74,26 @@ def model_functions(ckpt: dict, model: str = "auto", env=None) -> dict[str, Any]
             f"expected a qmpc task for --model {model} (e.g. qmpc/PointMass-v0), got {ckpt['spec']['env_id']}: "
             "use --model learned with a checkpoint trained with model.learn = true"
         )
+    source = stage_cost_source
+    if source == "auto":
+        source = "symbolic" if has_symbolic_cost(env) else "learned"
+    out: dict[str, Any] = {}
+    if "outcome" in ckpt or source == "learned":
+        heads = outcome_from_checkpoint(ckpt)
+        out["termination"] = heads.termination_function()
+        if source == "learned":
+            out.update(stage_cost=heads.cost_function(), stage_cost_scaled=True)
     if model == "mujoco":
-        return {"linearization": MujocoLinearization(env), "stage_cost": stage_cost(env)}
-    if model == "exact" or (model == "auto" and exact):
-        f, c = env.unwrapped.casadi_model()
-        return {"dynamics": f, "stage_cost": c}
-    m = dynamics_from_checkpoint(ckpt)
-    derivatives = m.stage_derivatives()  # closed form, for single shooting
-    return {"dynamics": m.casadi_function(), "dynamics_derivatives": derivatives, "stage_cost": stage_cost(env)}
+        out["linearization"] = MujocoLinearization(env)
+    elif model == "exact" or (model == "auto" and exact):
+        out["dynamics"], c = env.unwrapped.casadi_model()
+        out.setdefault("stage_cost", c)
+    else:
+        m = dynamics_from_checkpoint(ckpt)
+        out["dynamics"], out["dynamics_derivatives"] = m.casadi_function(), m.stage_derivatives()
+    if source == "symbolic":
+        out.setdefault("stage_cost", stage_cost(env))
+    return out
 
 
 def trained_units(ckpt: dict) -> dict[str, float]:
@@ -133,8 +167,10 @@ class Controller:
         env_id: str = "",
         budget_ms: float = 0.0,
         linearization: MujocoLinearization | None = None,
+        stage_cost_scaled: bool = False,
         **options: Any,
     ):
+        self.stage_cost_scaled = bool(stage_cost_scaled)
         if not (isinstance(cost_scale, int | float) and np.isfinite(cost_scale) and cost_scale > 0):
             raise InputError(f"expected a finite cost_scale > 0, got {cost_scale!r}")
         self.cost_scale = float(cost_scale)
@@ -181,7 +217,7 @@ class Controller:
             big = (spec.horizon - 1) * q.obs_dim > 64
             shooting = "single" if spec.dynamics_derivatives is not None or big else "multiple"
         changes: dict[str, Any] = {"shooting": shooting}
-        if spec.stage_cost is not None and self.cost_scale != 1.0:
+        if spec.stage_cost is not None and self.cost_scale != 1.0 and not self.stage_cost_scaled:
             changes["stage_cost"] = scaled(spec.stage_cost, self.cost_scale)
         return spec.replace(**changes)
 
@@ -218,9 +254,15 @@ class Controller:
         return self.planner.plan(self.last_result.w, self._last_x)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, horizon: int = 1, model: str = "auto", **kw: Any) -> Controller:
+    def from_checkpoint(
+        cls, path: str | Path, horizon: int = 1, model: str = "auto", stage_cost: str = "auto", **kw: Any
+    ) -> Controller:
         """Load a checkpoint written by ``qmpc train``. For ``horizon > 1`` the model comes from
-        ``model`` (see :data:`MODELS`) unless ``dynamics`` and ``stage_cost`` are passed in ``kw``."""
+        ``model`` (see :data:`MODELS`) and the stage cost from ``stage_cost`` (see
+        :data:`STAGE_COST_SOURCES`; with the checkpoint's learned termination, if it has one:
+        :func:`model_functions`) unless ``dynamics`` and ``stage_cost`` are passed in ``kw``."""
+        if isinstance(stage_cost, ca.Function):  # a stage cost Function passed as a keyword
+            kw["stage_cost"], stage_cost = stage_cost, "auto"
         ckpt = load_checkpoint(path)
         for name, trained in trained_units(ckpt).items():  # plan in the units Q was trained in
             if name in kw and not np.isclose(kw[name], trained, rtol=1e-12, atol=0.0):
@@ -230,7 +272,7 @@ class Controller:
                 )
             kw[name] = trained
         if horizon > 1 and "dynamics" not in kw and "linearization" not in kw:
-            kw.update(model_functions(ckpt, model))
+            kw.update(model_functions(ckpt, model, stage_cost_source=stage_cost))
         q = network_from_checkpoint(ckpt)
         low, high = spec_arrays(ckpt["spec"])
         return cls(q, low, high, horizon=horizon, env_id=ckpt["spec"]["env_id"], **kw)

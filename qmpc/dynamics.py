@@ -23,7 +23,7 @@ from torch import nn
 from qmpc.errors import InputError
 from qmpc.networks.base import ThetaView, make_mlp, mlp_twin, np64, np_activation
 
-__all__ = ["DynamicsModel", "MLPStageDerivatives", "rollout_error"]
+__all__ = ["DynamicsModel", "MLPStageDerivatives", "OutcomeModel", "rollout_error"]
 
 
 class MLPStageDerivatives:
@@ -165,3 +165,155 @@ def rollout_error(model: DynamicsModel, obs: np.ndarray, act: np.ndarray, next_o
     with torch.no_grad():
         pred = model(torch.as_tensor(obs, dtype=dtype), torch.as_tensor(act, dtype=dtype)).double().numpy()
     return float(np.linalg.norm(pred - next_obs) / max(1e-12, np.linalg.norm(next_obs - obs)))
+
+
+def _scalar_mlp_derivatives(Ws: list, bs: list, activation: str, Z: np.ndarray):
+    """``(y (K,), ∇y (K, nz), ∇²y (K, nz, nz))`` of a scalar MLP ``y = W_L h_{L−1} + b_L`` at ``Z (K, nz)``,
+    in closed form (the Hessian is ``Σ_l J_lᵀ diag(ḡ_l ⊙ σ''(a_l)) J_l``, as in :class:`MLPStageDerivatives`)."""
+    h, Ja, d1s, d2s, J = Z, [], [], [], None
+    for W, b in zip(Ws[:-1], bs[:-1], strict=True):
+        a = h @ W.T + b
+        Jl = np.broadcast_to(W, (a.shape[0], *W.shape)) if J is None else W @ J
+        h, d1, d2 = np_activation(activation, a)
+        Ja.append(Jl), d1s.append(d1), d2s.append(d2)
+        J = d1[:, :, None] * Jl
+    y = h @ Ws[-1][0] + bs[-1][0]
+    g = np.broadcast_to(Ws[-1][0], h.shape)  # ∂y/∂h_L
+    H = np.zeros((Z.shape[0], Z.shape[1], Z.shape[1]))
+    for layer in reversed(range(len(Ja))):
+        Jl = Ja[layer]
+        H = H + np.swapaxes(Jl, 1, 2) @ ((g * d2s[layer])[:, :, None] * Jl)
+        g = (g * d1s[layer]) @ Ws[layer]
+    return y, g, H
+
+
+class OutcomeModel(nn.Module):
+    """What a step costs and whether it ends the episode, learned from the same transitions as the
+    :class:`DynamicsModel`: two small MLPs on ``z = ((x − x_shift)/x_scale, u, (x⁺ − x_shift)/x_scale)``,
+
+    * the stage cost ``c(x, u, x⁺) = c_shift + c_scale · MLP_c(z)`` in Q's units (the replay buffer's
+      cost, ``−reward × train.cost_scale``), trained by the mean squared error of the normalised cost;
+    * the termination probability ``τ(x, u, x⁺) = sigmoid(MLP_τ(z))``, trained by binary cross-entropy
+      on ``terminated``.
+
+    Each has an exact CasADi twin with the weights baked in (:meth:`cost_function`,
+    :meth:`termination_function`: ``Function(x, u, x_next) -> c / p``) and closed-form numpy
+    derivatives in ``(x, u, x⁺)`` (:meth:`cost_derivatives`, :meth:`termination_derivatives`).
+    The plan weights its stages by the predicted probability of still being alive
+    (:attr:`qmpc.problem.MPCSpec.termination`)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "silu"):
+        super().__init__()
+        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.hidden, self.activation = [int(h) for h in hidden], activation
+        sizes = [2 * self.obs_dim + self.act_dim, *self.hidden, 1]
+        self.cost_net = make_mlp(sizes, activation, last_activation=False)
+        self.term_net = make_mlp(sizes, activation, last_activation=False)
+        self.register_buffer("x_shift", torch.zeros(self.obs_dim))
+        self.register_buffer("x_scale", torch.ones(self.obs_dim))
+        self.register_buffer("c_shift", torch.zeros(1))
+        self.register_buffer("c_scale", torch.ones(1))
+
+    def kwargs(self) -> dict:
+        """Constructor arguments (stored in checkpoints)."""
+        return {"hidden": list(self.hidden), "activation": self.activation}
+
+    @torch.no_grad()
+    def fit_normalization(self, x: torch.Tensor, cost: torch.Tensor, min_std: float = 1e-3) -> None:
+        """Fix the input and cost normalisation from states ``(B, obs_dim)`` and costs ``(B,)`` (a
+        spread below ``min_std`` keeps scale 1, as in :meth:`DynamicsModel.fit_normalization`)."""
+        for shift, scale, v in ((self.x_shift, self.x_scale, x), (self.c_shift, self.c_scale, cost.reshape(-1, 1))):
+            std = v.std(0) if v.shape[0] > 1 else torch.zeros_like(shift)
+            shift.copy_(v.mean(0))
+            scale.copy_(torch.where(std > min_std, std, torch.ones_like(std)))
+
+    def _z(self, x: torch.Tensor, u: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(x - self.x_shift) / self.x_scale, u, (x_next - self.x_shift) / self.x_scale], dim=-1)
+
+    def cost(self, x: torch.Tensor, u: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` predicted stage costs in Q's units."""
+        return self.c_shift + self.c_scale * self.cost_net(self._z(x, u, x_next))[..., 0]
+
+    def termination_logit(self, x: torch.Tensor, u: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` logits of the termination probability."""
+        return self.term_net(self._z(x, u, x_next))[..., 0]
+
+    def termination(self, x: torch.Tensor, u: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` probabilities that the step ends the episode."""
+        return torch.sigmoid(self.termination_logit(x, u, x_next))
+
+    def losses(self, x, u, x_next, cost, terminated) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cost loss, termination loss)``: the mean squared error of the normalised cost (1 = as
+        good as predicting the mean) and the binary cross-entropy of ``terminated``."""
+        z = self._z(x, u, x_next)
+        c_loss = ((self.cost_net(z)[..., 0] - (cost - self.c_shift) / self.c_scale) ** 2).mean()
+        t_loss = nn.functional.binary_cross_entropy_with_logits(self.term_net(z)[..., 0], terminated)
+        return c_loss, t_loss
+
+    def _twin(self, net: nn.Sequential, name: str, out: str, sigmoid: bool) -> ca.Function:
+        theta = ca.DM(torch.cat([p.detach().double().reshape(-1) for p in self.parameters()]).numpy())
+        view = ThetaView(self, theta)
+        nx = self.obs_dim
+        x, u, xn = ca.MX.sym("x", nx), ca.MX.sym("u", self.act_dim), ca.MX.sym("x_next", nx)
+        s, sc = (ca.DM(getattr(self, k).detach().double().numpy()) for k in ("x_shift", "x_scale"))
+        y = mlp_twin(net, ca.vertcat((x - s) / sc, u, (xn - s) / sc), view)
+        if sigmoid:
+            y = 1.0 / (1.0 + ca.exp(-y))
+        else:
+            y = float(self.c_shift[0]) + float(self.c_scale[0]) * y
+        return ca.Function(name, [x, u, xn], [y], ["x", "u", "x_next"], [out])
+
+    def cost_function(self) -> ca.Function:
+        """``Function("learned_cost", [x, u, x_next], [c])`` with the current weights baked in."""
+        return self._twin(self.cost_net, "learned_cost", "c", sigmoid=False)
+
+    def termination_function(self) -> ca.Function:
+        """``Function("termination", [x, u, x_next], [p])``, ``p = sigmoid(logit)``, weights baked in."""
+        return self._twin(self.term_net, "termination", "p", sigmoid=True)
+
+    def _folded(self, net: nn.Sequential) -> tuple[list, list]:
+        """The net's weights with the input normalisation folded into the first layer."""
+        nx, nu = self.obs_dim, self.act_dim
+        lin = [m for m in net if isinstance(m, nn.Linear)]
+        Ws, bs = [np64(m.weight) for m in lin], [np64(m.bias) for m in lin]
+        s, sc = np64(self.x_shift), np64(self.x_scale)
+        for cols in (slice(0, nx), slice(nx + nu, 2 * nx + nu)):
+            bs[0] = bs[0] - Ws[0][:, cols] @ (s / sc)
+            Ws[0][:, cols] /= sc
+        return Ws, bs
+
+    def cost_derivatives(self):
+        """``(X, U, Xn) -> (c (K,), ∇c (K, n3), ∇²c (K, n3, n3))`` in closed form with numpy, with
+        respect to ``(x, u, x⁺)`` (``n3 = 2·obs_dim + act_dim``), with the current weights."""
+        Ws, bs = self._folded(self.cost_net)
+        cs, csc = float(self.c_shift[0]), float(self.c_scale[0])
+
+        def derivatives(X, U, Xn):
+            y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, np.concatenate([X, U, Xn], axis=1))
+            return cs + csc * y, csc * g, csc * H
+
+        return derivatives
+
+    def termination_derivatives(self):
+        """Like :meth:`cost_derivatives`, of the termination probability ``p = sigmoid(logit)``."""
+        Ws, bs = self._folded(self.term_net)
+
+        def derivatives(X, U, Xn):
+            y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, np.concatenate([X, U, Xn], axis=1))
+            p, d1, d2 = np_activation("sigmoid", y)
+            return p, d1[:, None] * g, d2[:, None, None] * g[:, :, None] * g[:, None, :] + d1[:, None, None] * H
+
+        return derivatives
+
+    @classmethod
+    def from_state(cls, obs_dim: int, act_dim: int, kwargs: dict, state: dict) -> OutcomeModel:
+        """Rebuild heads saved as ``kwargs()`` and ``state_dict()``, in float64."""
+        m = cls(obs_dim, act_dim, **kwargs).double()
+        try:
+            m.load_state_dict(state)
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())[:300]
+            raise InputError(f"expected cost and termination weights matching {kwargs}, got: {detail}") from None
+        if not all(torch.isfinite(p).all() for p in m.state_dict().values()):
+            raise InputError("expected finite cost and termination weights, got NaN/Inf")
+        return m.double()

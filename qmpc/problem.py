@@ -13,6 +13,11 @@ with ``N = horizon − 1`` model steps:
   rewards are computed after the physics step);
 * ``g = (f(x_k, u_k) − x_{k+1})_{k<N}`` — the dynamics.
 
+With a ``termination`` probability ``τ(x_k, u_k, x_{k+1})`` in the spec, stage ``k`` and Q are also
+weighted by the probability of still being alive, ``s_0 = 1``, ``s_{k+1} = s_k (1 − τ_k)``:
+``J = Σ_k γ^k s_k c_k + γ^N s_N Q(x_N, u_N)``. The stages are then no longer separable, and single
+shooting's Hessian is CasADi's own Hessian of ``J`` instead of :class:`_CondensedHessian`.
+
 ``horizon=1`` (``N = 0``) is exactly ``min_u Q_θ(x0, u)``: no states, no constraints, the
 same code. The optimal value is ``V(x0, θ) = J(w*; x0, θ)``.
 
@@ -47,6 +52,10 @@ __all__ = ["SHOOTING", "CasadiStageDerivatives", "ControlProblem", "MPCSpec", "S
 SHOOTING = ("multiple", "single")
 """How a horizon > 1 treats the predicted states: decision variables tied by equality
 constraints (``multiple``), or eliminated through the model (``single``)."""
+
+
+_HESS_LAG_NAMES = (["x", "p", "lam_f", "lam_g"], ["hess_gamma_x_x"])
+"""sqpmethod's / IPOPT's signature of a user Hessian (its inputs are named x, p, lam_f, lam_g)."""
 
 
 class StageDerivatives(Protocol):
@@ -227,6 +236,12 @@ class MPCSpec:
     """``multiple`` (the predicted states are variables) or ``single`` (eliminated; solves only)."""
     dynamics_derivatives: StageDerivatives | None = None
     """Single shooting: closed-form derivatives of ``dynamics`` (default: CasADi's AD)."""
+    termination: ca.Function | None = None
+    """``Function(x, u, x⁺) -> p ∈ [0, 1]``, the probability that a step ends the episode (e.g.
+    :meth:`qmpc.dynamics.OutcomeModel.termination_function`), or None. With it, stage ``k`` and Q are
+    weighted by the probability of still being alive, ``s_0 = 1``, ``s_{k+1} = s_k (1 − p_k)``:
+    ``J = Σ_k γ^k s_k c_k + γ^N s_N Q(x_N, u_N)``, so that a plan that falls is costly. Solves only
+    (:class:`~qmpc.bridge.ArgminLayer` refuses it with gradients)."""
 
     def __post_init__(self) -> None:
         for name in ("low", "high"):
@@ -293,7 +308,8 @@ class ControlProblem:
         second_order: ``(w, x0, theta, lam_g) -> (hess_L (n_w × n_w), jac_g (n_g × n_w))``.
         x_adjoint: ``(w, x0, theta, lam_g, a, b, vbar) -> xbar``: the part of ``x̄`` that comes from
             the stage costs and the dynamics (everything but Q): ``vbar · ∂(J_c + λᵀg)/∂x0 −
-            ∂(aᵀ ∇_w (J_c + λᵀg) + bᵀ g)/∂x0``. Zero when ``horizon = 1``.
+            ∂(aᵀ ∇_w (J_c + λᵀg) + bᵀ g)/∂x0``. Zero when ``horizon = 1``. Not valid with a
+            ``termination`` (Q's survival weight depends on ``x0``): the layer refuses gradients then.
         cold_start: ``(x0, theta) -> w0``: zero actions (clipped later to the bounds) and the
             states of the model rolled out with them.
     """
@@ -316,6 +332,8 @@ class ControlProblem:
             c = spec.stage_cost
             n_c = c.n_in() if isinstance(c, ca.Function) else 2
             _check_function(c, "stage_cost", [(nx, 1), (nu, 1), (nx, 1)][: max(2, min(3, n_c))], [(1, 1)])
+            if spec.termination is not None:
+                _check_function(spec.termination, "termination", [(nx, 1), (nu, 1), (nx, 1)], [(1, 1)])
         if spec.nu != nu:
             raise InputError(f"expected bounds of shape ({nu},) (the network's actions), got {spec.low.shape}")
         self.spec = spec
@@ -331,9 +349,10 @@ class ControlProblem:
 
         w, x0 = ca.MX.sym("w", self.n_w), ca.MX.sym("x0", nx)
         theta, lam_g = ca.MX.sym("theta", self.n_theta), ca.MX.sym("lam_g", self.n_g)
-        us, xs, params, J_stage, g = self._graph(w, x0, theta)
+        us, xs, params, J_stage, g, alive = self._graph(w, x0, theta)
         # inlined, not a call node: MX derivatives through a call node cost ~10x more here
-        J = J_stage + self.discount**N * q_function.call([xs[N], us[N], theta[:n_q]], True, False)[0]
+        q_term = q_function.call([xs[N], us[N], theta[:n_q]], True, False)[0]
+        J = J_stage + self.discount**N * (q_term if alive is None else alive * q_term)
         L = J + ca.dot(lam_g, g) if self.n_g else J
 
         self.nlp = {"x": w, "p": ca.vertcat(x0, theta), "f": J, "g": g}
@@ -346,8 +365,13 @@ class ControlProblem:
         )
         self.hess_lag: ca.Function | None = None
         self.plan_derivatives: ca.Function | None = None
-        if single:
+        if single and alive is not None:  # survival-weighted stages are not separable: CasADi's Hessian
+            lam_f = ca.MX.sym("lam_f")
+            H = ca.densify(lam_f * ca.hessian(J, w)[0])
+            self.hess_lag = ca.Function("hess_lag", [w, ca.vertcat(x0, theta), lam_f, lam_g], [H], *_HESS_LAG_NAMES)
+        elif single:
             self.hess_lag = self._condensed_hessian(w, x0, theta, lam_g, us, xs, params, q_function, q_derivatives)
+        if single:
             hess_L = self.hess_lag(w, ca.vertcat(x0, theta), 1.0, lam_g)
             self.plan_derivatives = ca.Function(
                 "plan_derivatives",
@@ -368,10 +392,11 @@ class ControlProblem:
         self._q_batch = q_batch if N == 0 else None
         self._batch_first_order: dict[int, ca.Function] = {}
 
-    def _graph(self, w: ca.MX, x0: ca.MX, theta: ca.MX) -> tuple[list, list, list, ca.MX, ca.MX]:
-        """``(us, xs, params, J_stage, g)``: the actions and states of the plan in ``w`` (single
+    def _graph(self, w: ca.MX, x0: ca.MX, theta: ca.MX) -> tuple[list, list, list, ca.MX, ca.MX, ca.MX | None]:
+        """``(us, xs, params, J_stage, g, alive)``: the actions and states of the plan in ``w`` (single
         shooting: the states rolled out through the model), each step's model parameters, the
-        discounted stage costs and the dynamics constraints."""
+        discounted (and survival-weighted) stage costs, the dynamics constraints and the probability
+        ``s_N`` of being alive at ``x_N`` (None without a ``termination``)."""
         nx, nu, N, n_q, n_p = self.nx, self.nu, self.N, self.n_theta_q, self.dynamics_params
         dynamics, stage_cost, single = self.spec.dynamics, self.spec.stage_cost, self.shooting == "single"
         us = [w[k * nu : (k + 1) * nu] for k in range(N + 1)]
@@ -382,14 +407,21 @@ class ControlProblem:
                 xs.append(dynamics(xs[k], us[k], *params[k]))
         else:
             xs = [x0] + [w[(N + 1) * nu + k * nx : (N + 1) * nu + (k + 1) * nx] for k in range(N)]
+        termination = self.spec.termination if N else None
         J_stage = ca.MX(0)
+        alive = None if termination is None else ca.MX(1)
         g = []
         for k in range(N):
-            J_stage += self.discount**k * stage_cost(*[xs[k], us[k], xs[k + 1]][: stage_cost.n_in()])
+            c_k = stage_cost(*[xs[k], us[k], xs[k + 1]][: stage_cost.n_in()])
+            if alive is None:
+                J_stage += self.discount**k * c_k
+            else:
+                J_stage += self.discount**k * alive * c_k
+                alive = alive * (1.0 - termination(xs[k], us[k], xs[k + 1]))
             if not single:
                 g.append(dynamics(xs[k], us[k], *params[k]) - xs[k + 1])
         g = ca.vertcat(*g) if g else ca.MX(0, 1)
-        return us, xs, params, J_stage, g
+        return us, xs, params, J_stage, g, alive
 
     def _condensed_hessian(self, w, x0, theta, lam_g, us, xs, params, q_function, q_derivatives) -> ca.Function:
         """Single shooting: the exact Hessian of ``J(u_0..u_N)`` as ``nlpsol``'s ``hess_lag``."""
@@ -419,10 +451,7 @@ class ControlProblem:
         P = ca.horzcat(*[pk[0] for pk in params]) if n_p else ca.MX(0, N)
         lam_f = ca.MX.sym("lam_f")
         H = self._condensed(ca.horzcat(*xs), ca.horzcat(*us), ca.horzcat(*Gc), ca.horzcat(*Hc), gq, Hq, P, lam_f)
-        # sqpmethod's / IPOPT's signature of a user Hessian (its inputs are named x, p, lam_f, lam_g)
-        return ca.Function(
-            "hess_lag", [w, ca.vertcat(x0, theta), lam_f, lam_g], [H], ["x", "p", "lam_f", "lam_g"], ["hess_gamma_x_x"]
-        )
+        return ca.Function("hess_lag", [w, ca.vertcat(x0, theta), lam_f, lam_g], [H], *_HESS_LAG_NAMES)
 
     def _x_adjoint(self, w, x0, theta, lam_g, J_stage, g) -> ca.Function:
         a, b, vbar = ca.MX.sym("a", self.n_w), ca.MX.sym("b", self.n_g), ca.MX.sym("vbar")

@@ -25,7 +25,7 @@ from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import CheckpointError
 from qmpc.config import Config
 from qmpc.data import ReplayBuffer, as_numpy
-from qmpc.dynamics import DynamicsModel
+from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec
 from qmpc.errors import ConfigError
 from qmpc.networks import QNetwork
@@ -104,6 +104,11 @@ class TrainState:
     model_optimizer: torch.optim.Optimizer | None = None
     model_ready: bool = False
     """The model's normalisation has been fitted (from the buffer, when learning starts)."""
+    outcome: OutcomeModel | None = None
+    """The learned stage cost and termination heads (``model.learn``), else None."""
+    outcome_optimizer: torch.optim.Optimizer | None = None
+    outcome_ready: bool = False
+    """The heads' normalisation has been fitted (from the buffer, when learning starts)."""
     solve_window: SolveWindow | None = None
     """The solver alarm's window (``solver.fail_window`` updates; made from the config if None)."""
     acc: dict[str, list[float]] = field(default_factory=dict)
@@ -174,6 +179,7 @@ class TrainState:
                 "eval_steps": list(self.eval_steps),
                 "eval_returns": list(self.eval_returns),
                 "model_ready": self.model_ready,
+                "outcome_ready": self.outcome_ready,
                 "acc": {k: list(v) for k, v in self.acc.items()},
                 "wall_s": self.wall_s(),
                 "solve_window": self.solve_window.state_dict(),
@@ -183,6 +189,9 @@ class TrainState:
         if self.model is not None:
             full["model"] = {"kwargs": self.model.kwargs(), "state": self.model.state_dict()}
             full["model_optimizer"] = self.model_optimizer.state_dict()
+        if self.outcome is not None:
+            full["outcome"] = {"kwargs": self.outcome.kwargs(), "state": self.outcome.state_dict()}
+            full["outcome_optimizer"] = self.outcome_optimizer.state_dict()
         return full
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -217,6 +226,10 @@ class TrainState:
             self.model_optimizer.load_state_dict(ckpt["model_optimizer"])
             self.model_ready = s["model_ready"]
             self.model_rng.bit_generator.state = ckpt["rng"]["model"]
+        if self.outcome is not None and "outcome" in ckpt:  # older checkpoints: the heads start afresh
+            self.outcome.load_state_dict(ckpt["outcome"]["state"])
+            self.outcome_optimizer.load_state_dict(ckpt["outcome_optimizer"])
+            self.outcome_ready = s.get("outcome_ready", True)
 
     def _check_resumable(self, ckpt: dict[str, Any]) -> None:
         missing = [k for k in RESUME_KEYS if k not in ckpt]

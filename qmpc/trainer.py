@@ -34,7 +34,7 @@ from qmpc.checkpoint import CheckpointError, load_checkpoint, policy_of, save_ch
 from qmpc.config import Config, check_resumed_launch, config_to_toml, resumed_config
 from qmpc.controller import Controller
 from qmpc.data import ReplayBuffer, atomic_write, check_dataset, ensure_dir, input_normalization, load_minari
-from qmpc.dynamics import DynamicsModel
+from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError, OutputError, SolverError
 from qmpc.losses import TDResult, td_loss
@@ -307,11 +307,12 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     _prepare_data(cfg, spec, buffer, q)
     q_target = copy.deepcopy(q).requires_grad_(False)  # moved by Polyak averaging only, never by a gradient
     model_rng = np.random.default_rng([cfg.seed, 1])  # the model's batches: Q's stay the same
-    model, model_opt = None, None
+    model, model_opt, outcome, outcome_opt = None, None, None, None
     if cfg.model.learn:
         model = DynamicsModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
         model = model.to(getattr(torch, tc.dtype))
         model_opt = torch.optim.Adam(model.parameters(), lr=cfg.model.lr)
+        outcome, outcome_opt = _new_outcome(cfg, spec)
     opt = torch.optim.Adam(q.parameters(), lr=tc.lr)
     decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
@@ -319,7 +320,19 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     st = TrainState(
         cfg, spec, env, q, q_target, opt, sched, buffer, rng, model_rng, model, model_opt, obs=obs, started=started
     )
+    st.outcome, st.outcome_optimizer = outcome, outcome_opt
     return st, eval_env
+
+
+def _new_outcome(cfg: Config, spec: EnvSpec) -> tuple[OutcomeModel, torch.optim.Optimizer]:
+    """The learned stage cost and termination heads (``model.learn``) and their optimiser, with the
+    dynamics model's widths and learning rate. Initialised from their own seed: torch's global RNG
+    (and so everything a run draws from it) is the same as without them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 7919)
+        heads = OutcomeModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
+    heads = heads.to(getattr(torch, cfg.train.dtype))
+    return heads, torch.optim.Adam(heads.parameters(), lr=cfg.model.lr)
 
 
 def _prepare_data(cfg: Config, spec: EnvSpec, buffer: ReplayBuffer, q: QNetwork) -> None:
@@ -448,21 +461,37 @@ def _learn(st: TrainState, online: ArgminLayer, target: ArgminLayer) -> TDResult
 
 
 def _fit_model(st: TrainState) -> None:
-    """The dynamics model's gradient steps of one update, on batches of its own RNG."""
+    """The dynamics model's gradient steps of one update, on batches of its own RNG, and the
+    learned stage cost and termination heads' on the same batches."""
     t_model = time.perf_counter()
-    mc, buffer, model = st.cfg.model, st.buffer, st.model
+    mc, buffer, model, heads = st.cfg.model, st.buffer, st.model, st.outcome
+    n = len(buffer)
     if not st.model_ready:  # normalisation from the data in the buffer when learning starts
-        n = len(buffer)
         model.fit_normalization(*(torch.from_numpy(a[:n]) for a in (buffer.obs, buffer.next_obs)))
         st.model_ready = True
+    if heads is not None and not st.outcome_ready:  # (also: resumed from a checkpoint without heads)
+        heads.fit_normalization(*(torch.from_numpy(a[:n]).to(heads.x_shift.dtype) for a in (buffer.obs, buffer.cost)))
+        st.outcome_ready = True
+    grad_clip = st.cfg.train.grad_clip
     for _ in range(mc.updates_per_step):
         mb = buffer.sample(mc.batch_size, st.model_rng)
-        m_loss = model.loss(*(t.to(model.x_shift.dtype) for t in (mb.obs, mb.act, mb.next_obs)))
+        xs = [t.to(model.x_shift.dtype) for t in (mb.obs, mb.act, mb.next_obs)]
+        m_loss = model.loss(*xs)
         st.model_optimizer.zero_grad()
         m_loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), st.cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         st.model_optimizer.step()
+        if heads is not None:
+            dt = heads.x_shift.dtype
+            c_loss, t_loss = heads.losses(*(t.to(dt) for t in (*xs, mb.cost, mb.terminated)))
+            st.outcome_optimizer.zero_grad()
+            (c_loss + t_loss).backward()
+            torch.nn.utils.clip_grad_norm_(heads.parameters(), grad_clip)
+            st.outcome_optimizer.step()
     st.acc.setdefault("model/loss", []).append(float(m_loss.detach()))
+    if heads is not None:
+        st.acc.setdefault("model/cost_loss", []).append(float(c_loss.detach()))
+        st.acc.setdefault("model/termination_loss", []).append(float(t_loss.detach()))
     st.acc.setdefault("time/model_ms", []).append((time.perf_counter() - t_model) * 1e3)
 
 
