@@ -130,6 +130,8 @@ SHIPPED = {
     "inverted_double_pendulum": 50.0,
     "reacher": 20.0,
     "half_cheetah": 50.0,
+    "hopper": 8.0,
+    "walker2d": 8.0,
 }
 """Shipped checkpoints and their tasks' control periods (ms): the latency a step must meet."""
 
