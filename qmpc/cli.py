@@ -84,11 +84,13 @@ def _check_args(args: argparse.Namespace, rules: dict[str, tuple[float, bool]]) 
 def _cmd_collect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from qmpc.config import check_seed
     from qmpc.data import collect, ensure_dir
     from qmpc.env import make_env
     from qmpc.errors import InputError
 
     _check_args(args, {"--steps": (1, True), "--noise": (0, True)})
+    check_seed(args.seed, "--seed")
     if Path(args.out).exists():
         raise InputError(f"expected a new dataset directory for --out, got an existing {args.out}")
     ensure_dir(Path(args.out).parent, "the parent directory of --out")
@@ -138,6 +140,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from qmpc.checkpoint import load_checkpoint
+    from qmpc.config import check_seed
     from qmpc.controller import Controller
     from qmpc.data import ensure_output_file
     from qmpc.env import env_spec, make_env
@@ -146,6 +149,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_args(
         args, {"--episodes": (1, True), "--horizon": (1, True), "--budget-ms": (0, True), "--max-iter": (1, True)}
     )
+    check_seed(args.seed, "--seed")
     ckpt = load_checkpoint(args.checkpoint)
     # in the working directory: never next to the checkpoint (models/ of the repository, a run directory)
     default_plot = Path.cwd() / f"rollout_{Path(args.checkpoint).stem}_h{args.horizon}.png"
