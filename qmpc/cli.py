@@ -119,7 +119,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from qmpc.sweep import format_table, plan_trials, plot_curves, run_sweep, write_results
 
-    _check_args(args, {"--cpus-per-trial": (0, False), "--num-cpus": (1, True)})
+    _check_args(args, {"--cpus-per-trial": (0, False), "--num-cpus": (1, True), "--schedule-timeout": (0, False)})
     out = Path(args.out or f"runs/sweep-{Path(args.launch).stem}")
     trials = plan_trials(args.launch, args.seeds, args.set, args.grid, out)
     print(f"qmpc sweep: {len(trials)} trials of {args.launch} in {out}")
@@ -130,6 +130,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         cpus_per_trial=args.cpus_per_trial,
         num_cpus=args.num_cpus,
         resume=args.resume,
+        schedule_timeout=args.schedule_timeout,
     )
     csv_path = write_results(outcomes, out / "results.csv", args.solved_at)
     curves = plot_curves(outcomes, out / "curves.png", title=f"{Path(args.launch).name}: {len(args.seeds)} seeds")
@@ -265,6 +266,12 @@ def _add_sweep(sub) -> None:
     w.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs Ray reserves for each trial")
     w.add_argument("--solved-at", type=float, default=None, help="return at which a trial counts as solved")
     w.add_argument("--resume", action="store_true", help="finish the unfinished trials of an earlier sweep")
+    w.add_argument(
+        "--schedule-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a trial may wait for free CPUs while none runs (held by other jobs) before the sweep stops",
+    )
     w.set_defaults(func=_cmd_sweep)
 
 
