@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from qmpc.bridge import ArgminLayer
 from qmpc.dynamics import DynamicsModel
+from qmpc.errors import InputError
 from qmpc.lqr import dare, lqr_q_matrix
 from qmpc.networks import ARCHITECTURES, REGISTRY, QNetwork, QuadraticQ
 
@@ -353,9 +354,28 @@ def lqr_closed_form(horizon: int, batch: int = 4, seed: int = 0) -> dict[str, fl
     }
 
 
-def golden_cases() -> list[dict]:
-    """Seeded cases with stored solutions and gradients (``qmpc/data/golden.json``)."""
-    return json.loads(resources.files("qmpc").joinpath("data/golden.json").read_text())["cases"]
+GOLDEN_FILE = resources.files("qmpc").joinpath("data/golden.json")
+"""The golden cases stored with the package."""
+
+_GOLDEN_KEYS = ("name", "arch", "obs_dim", "act_dim", "hidden", "theta", "horizon", "low", "high", "x", "expected")
+
+
+def golden_cases(path=None) -> list[dict]:
+    """Seeded cases with stored solutions and gradients (``qmpc/data/golden.json``, or ``path``).
+    A file that is missing, truncated or not a list of cases is an :class:`InputError` naming it."""
+    path = GOLDEN_FILE if path is None else path
+    try:
+        cases = json.loads(path.read_text())["cases"]
+        if not isinstance(cases, list) or not cases:
+            raise TypeError("no list of cases")
+        for case in cases:
+            missing = [k for k in _GOLDEN_KEYS if k not in case]
+            if missing:
+                raise KeyError(missing[0])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        what = f"no key {e}" if isinstance(e, KeyError) else str(e)
+        raise InputError(f"expected the golden cases of qmpc check in {path}, got: {what} (reinstall qmpc)") from None
+    return cases
 
 
 def _golden_layer(case: dict) -> tuple[ArgminLayer, torch.Tensor]:
@@ -417,7 +437,9 @@ def fd_cases(quick: bool) -> list[tuple[str, str, int, str, float, str]]:
 
 
 def run_checks(quick: bool = True) -> Iterator[CheckRow]:
-    """Yield the checks of ``qmpc check``: ``quick`` runs one case per family."""
+    """Yield the checks of ``qmpc check``: ``quick`` runs one case per family. The golden file is
+    read first: a damaged one is an :class:`InputError` before any check runs."""
+    golden = golden_cases()
     for arch in ARCHITECTURES:
         e = twin_errors(make_network(arch, 4, 2, 0))
         yield CheckRow(f"twin {arch}: value/grad/Hessian", max(e.values()), 1e-10)
@@ -435,7 +457,7 @@ def run_checks(quick: bool = True) -> Iterator[CheckRow]:
     layer, x = make_scenario("PICNN", "mixed", 1)
     e = envelope_identity(layer, x)
     yield CheckRow("envelope identity: dQ/du . du*/dtheta = 0", max(e["chain_vs_envelope"], e["cross_term"]), 1e-8)
-    for case in golden_cases():
+    for case in golden:
         yield CheckRow(f"golden {case['name']}", golden_errors(case), 1e-7)
 
 

@@ -84,11 +84,13 @@ def _check_args(args: argparse.Namespace, rules: dict[str, tuple[float, bool]]) 
 def _cmd_collect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from qmpc.config import check_seed
     from qmpc.data import collect, ensure_dir
     from qmpc.env import make_env
     from qmpc.errors import InputError
 
     _check_args(args, {"--steps": (1, True), "--noise": (0, True)})
+    check_seed(args.seed, "--seed")
     if Path(args.out).exists():
         raise InputError(f"expected a new dataset directory for --out, got an existing {args.out}")
     ensure_dir(Path(args.out).parent, "the parent directory of --out")
@@ -117,7 +119,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from qmpc.sweep import format_table, plan_trials, plot_curves, run_sweep, write_results
 
-    _check_args(args, {"--cpus-per-trial": (0, False), "--num-cpus": (1, True)})
+    _check_args(args, {"--cpus-per-trial": (0, False), "--num-cpus": (1, True), "--schedule-timeout": (0, False)})
     out = Path(args.out or f"runs/sweep-{Path(args.launch).stem}")
     trials = plan_trials(args.launch, args.seeds, args.set, args.grid, out)
     print(f"qmpc sweep: {len(trials)} trials of {args.launch} in {out}")
@@ -128,6 +130,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         cpus_per_trial=args.cpus_per_trial,
         num_cpus=args.num_cpus,
         resume=args.resume,
+        schedule_timeout=args.schedule_timeout,
     )
     csv_path = write_results(outcomes, out / "results.csv", args.solved_at)
     curves = plot_curves(outcomes, out / "curves.png", title=f"{Path(args.launch).name}: {len(args.seeds)} seeds")
@@ -138,6 +141,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from qmpc.checkpoint import load_checkpoint
+    from qmpc.config import check_seed
     from qmpc.controller import Controller
     from qmpc.data import ensure_output_file
     from qmpc.env import env_spec, make_env
@@ -146,6 +150,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_args(
         args, {"--episodes": (1, True), "--horizon": (1, True), "--budget-ms": (0, True), "--max-iter": (1, True)}
     )
+    check_seed(args.seed, "--seed")
     ckpt = load_checkpoint(args.checkpoint)
     # in the working directory: never next to the checkpoint (models/ of the repository, a run directory)
     default_plot = Path.cwd() / f"rollout_{Path(args.checkpoint).stem}_h{args.horizon}.png"
@@ -262,6 +267,12 @@ def _add_sweep(sub) -> None:
     w.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs Ray reserves for each trial")
     w.add_argument("--solved-at", type=float, default=None, help="return at which a trial counts as solved")
     w.add_argument("--resume", action="store_true", help="finish the unfinished trials of an earlier sweep")
+    w.add_argument(
+        "--schedule-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a trial may wait for free CPUs while none runs (held by other jobs) before the sweep stops",
+    )
     w.set_defaults(func=_cmd_sweep)
 
 

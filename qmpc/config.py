@@ -30,6 +30,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_resumed_launch",
+    "check_seed",
     "config_from_dict",
     "config_to_toml",
     "load_config",
@@ -164,10 +165,24 @@ class TrainConfig:
     with the solver's workers and the other runs) and the whole run 6x slower than 1 thread."""
 
 
+SEED_LIMIT = 2**32
+"""Seeds are ``0 <= seed < 2**32``, a range every consumer accepts: numpy's ``default_rng`` and
+gymnasium's ``reset`` refuse negative seeds, ``torch.manual_seed`` those of 2**64 and more, a TOML
+integer (``config.toml``) is below 2**63, numpy's legacy ``RandomState`` below 2**32; the seeds
+derived from it (``seed + 10000 + episode``) stay well within them."""
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """``seed`` if it is an int in ``[0, 2**32)``, else a :class:`ConfigError` naming ``what``."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"expected {what} to be an integer in [0, 2**32), got {seed!r}")
+    return seed
+
+
 @dataclass
 class Config:
     seed: int = 0
-    """Seed of torch, numpy and the environments."""
+    """Seed of torch, numpy and the environments (``0 <= seed < 2**32``)."""
     run_dir: str = ""
     """Run directory (empty: ``runs/<env>-<target>-seed<seed>``)."""
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -180,6 +195,9 @@ class Config:
     """The training loop."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The learned dynamics model (optional)."""
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir:

@@ -293,7 +293,15 @@ class Controller:
     def act(self, obs) -> tuple[np.ndarray, dict[str, Any]]:
         """Action for one observation ``(obs_dim,)``; ``info`` has ``solve_ms``, ``status``,
         ``fallback`` and ``value`` (the predicted cost-to-go)."""
-        x = np.asarray(obs, dtype=np.float64)
+        try:
+            x = np.asarray(obs)
+            if x.dtype.kind not in "biuf":  # strings (numpy would parse "1.5"), objects
+                raise TypeError(f"dtype {x.dtype}")
+            x = x.astype(np.float64)
+        except (TypeError, ValueError) as e:
+            raise InputError(
+                f"expected a numeric observation of shape ({self.q.obs_dim},), got {_brief(obs)} ({e})"
+            ) from None
         if x.shape != (self.q.obs_dim,):
             raise InputError(f"expected an observation of shape ({self.q.obs_dim},), got {x.shape}")
         if not np.isfinite(x).all():
@@ -346,3 +354,9 @@ class Controller:
             "value": float(res.value[0]),
         }
         return action, info
+
+
+def _brief(obj: Any) -> str:
+    """``obj`` in an error message: its repr, cut to one short line."""
+    text = " ".join(repr(obj).split())
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -29,10 +29,16 @@ on the others, qmpc installed on each) and either set ``RAY_ADDRESS=HEAD:6379`` 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import warnings
+from pathlib import Path
 from typing import Any
 
 import casadi as ca
@@ -44,7 +50,7 @@ from qmpc.networks import QNetwork
 from qmpc.problem import ControlProblem, MPCSpec
 from qmpc.solver import BatchedSolver, SolverOptions
 
-__all__ = ["RayRunner", "connect", "import_ray"]
+__all__ = ["RayRunner", "cluster_line", "connect", "import_ray"]
 
 
 def import_ray():
@@ -59,34 +65,182 @@ def import_ray():
 def _check_reachable(address: str) -> None:
     """``HOST:PORT`` must accept a TCP connection (Ray's own connect retries for minutes)."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"expected a Ray address as HOST:PORT or 'auto', got {address!r}")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"expected a Ray address as HOST:PORT (port 1-65535) or 'auto', got {address!r}")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
         raise InputError(f"expected a running Ray cluster at {address}, got no connection ({e})") from None
 
 
+def _auto_address() -> str:
+    """``"auto"``: ``$RAY_ADDRESS``, else the cluster that ``ray start`` last started on this
+    machine (the address it wrote to ``ray_current_cluster`` in Ray's temporary directory); never
+    another process's private Ray, which Ray's own ``"auto"`` joins when it finds no such file."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._common.utils import get_ray_address_file
+    except ImportError:  # Ray < 2.47
+        from ray._private.utils import get_ray_address_file
+    path = Path(get_ray_address_file(None))
+    try:
+        address = path.read_text().strip()
+    except OSError:
+        address = ""
+    if not address:
+        raise InputError(
+            f"expected a Ray cluster started by `ray start --head` on this machine for address 'auto', got none "
+            f"({path} names none): start one, or give its HOST:PORT"
+        )
+    try:
+        _check_reachable(address)
+    except InputError as e:
+        raise InputError(f"address 'auto' is {address!r}, the last cluster `ray start` wrote to {path}: {e}") from None
+    return address
+
+
+class _Local:
+    """What this process knows of its connection: the address it joined, or that it started the
+    local Ray (stopped by :func:`_at_exit` and watched by a watchdog process)."""
+
+    address: str | None = None
+    started = False
+    at_exit = False
+    watchdog: subprocess.Popen | None = None
+    """Held for the life of the process: the watchdog reads the end of its stdin as this process's end."""
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
     """Connect to Ray once per process: to ``address`` (``HOST:PORT``, ``"auto"``: the cluster
     started on this machine by ``ray start``; default ``$RAY_ADDRESS``), else start a local Ray
     with ``num_cpus`` (default: all cores). Returns the ``ray`` module. An unreachable address
-    is an :class:`InputError` before Ray tries to connect."""
+    is an :class:`InputError` before Ray tries to connect.
+
+    A local Ray started here is this process's: it is shut down when the process exits (before
+    Ray's own exit handler, so that nothing calls into Ray after it), and a watchdog process
+    stops whatever is left of it if the process is killed (``kill -9``)."""
     ray = import_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "auto":
+    if address == "auto":
+        address = _auto_address()
+    elif address:
         _check_reachable(address.removeprefix("ray://"))
     if ray.is_initialized():
         return ray
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if not _Local.at_exit:  # registered after Ray's: runs first
+        atexit.register(_at_exit)
+        _Local.at_exit = True
     try:
         if address:
             ray.init(address=address, **kw)
         else:
+            before = _children()
             ray.init(address="local", num_cpus=num_cpus, **kw)  # never a cluster left by `ray start`
+            _watch(sorted(_children() - before))
     except ConnectionError as e:
         raise InputError(f"expected a running Ray cluster at {address!r}, got: {e}") from None
+    _Local.address, _Local.started = address, not address
+    _python_sigterm()
     return ray
+
+
+def _python_sigterm() -> None:
+    """Give SIGTERM back to the Python handler ``ray.init`` installed (``sys.exit``), so that a
+    terminated process unwinds and runs its exit handlers (:func:`_at_exit`): Ray's core worker
+    puts a crash handler in its place that dumps a C stack and aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):
+        signal.signal(signal.SIGTERM, handler)
+
+
+def cluster_line() -> str:
+    """One line: where this process's Ray is and how many of its CPUs are free now."""
+    ray = import_ray()
+    total = ray.cluster_resources().get("CPU", 0)
+    free = ray.available_resources().get("CPU", 0)
+    gcs = ray.get_runtime_context().gcs_address
+    if _Local.started:
+        where = f"a local Ray started by this process ({gcs})"
+    elif _Local.address:
+        where = f"joined the Ray cluster at {_Local.address}"
+    else:
+        where = f"the Ray cluster this process was already connected to ({gcs})"
+    return f"{where}: {free:g} of {total:g} CPUs free"
+
+
+def _at_exit() -> None:
+    """At exit, before Ray's own handler: forget the actors and shut down Ray (a local Ray started
+    here stops; a cluster is left running). A :class:`RayRunner` collected later finds Ray shut
+    down and leaves it alone (calling into Ray then started a new one, or retried a dead GCS
+    forever: ``qmpc train --set solver.backend=ray`` hung after its summary)."""
+    _ACTORS.clear()
+    _SESSION[0] = None
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    _Local.address, _Local.started = None, False
+
+
+def _children() -> set[int]:
+    try:
+        import psutil
+
+        return {p.pid for p in psutil.Process().children()}
+    except Exception:  # no psutil (Ray depends on it): no watchdog
+        return set()
+
+
+_WATCHDOG = r"""
+import os, selectors, signal, sys, time
+import psutil
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it shuts Ray down itself
+roots = [psutil.Process(int(p)) for p in sys.argv[1:] if psutil.pid_exists(int(p))]
+seen = {}
+def scan():
+    for r in roots:
+        try:
+            for p in [r, *r.children(recursive=True)]:
+                seen.setdefault(p.pid, p)
+        except psutil.Error:
+            pass
+sel = selectors.DefaultSelector()
+sel.register(sys.stdin, selectors.EVENT_READ)
+while any(r.is_running() for r in roots):
+    scan()
+    if sel.select(timeout=1.0) and not os.read(sys.stdin.fileno(), 4096):
+        break  # the driver is gone
+time.sleep(2.0)  # a clean shutdown needs no help
+left = [p for p in seen.values() if p.is_running()]  # is_running: the same process (pid and start time)
+for p in left:
+    try:
+        p.terminate()
+    except psutil.Error:
+        pass
+for p in psutil.wait_procs(left, timeout=3.0)[1]:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _watch(roots: list[int]) -> None:
+    """Start the watchdog of a local Ray whose node processes are ``roots``: when this process
+    dies (even by ``kill -9``) or the node stops, it ends every process of the node still running.
+    Ray's own fate-sharing kills the node processes with this one, but its agents (the dashboard's
+    and the runtime environments') then hang on their way out and stay."""
+    if not roots:
+        return
+    try:
+        _Local.watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, *map(str, roots)], stdin=subprocess.PIPE,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    except OSError as e:
+        warnings.warn(f"no watchdog for the local Ray ({e}): a killed process may leave Ray's agents running",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
 
 
 class _SolverActor:
@@ -147,11 +301,16 @@ _SESSION: list = [None]
 """The Ray session the actors of :data:`_ACTORS` belong to."""
 
 
+def _session(ray) -> tuple:
+    """The current Ray session (job ids start again in a new local Ray: with the node's id)."""
+    ctx = ray.get_runtime_context()
+    return (ctx.get_job_id(), ctx.get_node_id())
+
+
 def _actors(n: int) -> list:
     """The first ``n`` of this process's actors, started if needed (in the current Ray session)."""
     ray = import_ray()
-    ctx = ray.get_runtime_context()
-    session = (ctx.get_job_id(), ctx.get_node_id())  # job ids start again in a new local Ray
+    session = _session(ray)
     if session != _SESSION[0]:  # Ray was shut down and started again: the old actors are gone
         _ACTORS.clear()
         _SESSION[0] = session
@@ -191,6 +350,7 @@ class RayRunner:
         self._spec = (spec, options, bake_weights, newton)
         self._q = q
         self._actors: list | None = None
+        self._session = None
         self._theta_obj, self._theta_arr, self._theta_key, self._theta_box = None, None, 0, None
         self.calls = 0
         """Batched evaluations done on the actors."""
@@ -203,11 +363,15 @@ class RayRunner:
                 f"{START_TIMEOUT_S:g} s (held by other tasks, e.g. sweep trials: lower solver.workers, raise "
                 f"--cpus-per-trial, or use backend='threads')"
             ) from None
+        except ray.exceptions.RayError as e:  # an actor died while it built the problem: new ones on the first call
+            _warn_lost(e)
+            self._drop()
 
     def _start(self) -> None:
         """Register this layer's problem with the actors (each builds it from the network)."""
         ray = import_ray()
         self._actors = _actors(self.workers)
+        self._session = _SESSION[0]
         ray.get([a.add.remote(self.key, self._q, *self._spec) for a in self._actors], timeout=START_TIMEOUT_S)
         self._theta_obj, self._theta_arr = None, None  # the actors hold no weights for it yet
 
@@ -254,8 +418,7 @@ class RayRunner:
                 raise RuntimeError(str(e.cause)) from None
             raise
         except ray.exceptions.RayError as e:  # the actor, its worker or its node died; a timeout
-            warnings.warn(f"Ray solver actors lost ({type(e).__name__}); this batch is solved locally",
-                          RuntimeWarning, stacklevel=2)  # fmt: skip
+            _warn_lost(e, "this batch is solved locally")
             self._drop()
             return None
 
@@ -273,15 +436,21 @@ class RayRunner:
         self._theta_box = [ray.put(arr)]
 
     def close(self) -> None:
-        """Drop this layer's problem from the actors."""
-        if self._actors:
-            import_ray()
-            for a in self._actors:
-                a.remove.remote(self.key)
-        self._actors = None
+        """Drop this layer's problem from the actors. Nothing is sent once Ray is shut down, or to
+        the actors of an earlier Ray session (a call would start Ray again)."""
+        actors, self._actors = self._actors, None
+        ray = sys.modules.get("ray")
+        if not actors or ray is None or not ray.is_initialized() or self._session != _session(ray):
+            return
+        for a in actors:
+            a.remove.remote(self.key)
 
     def __del__(self):
         try:
             self.close()
-        except Exception:  # interpreter shutdown, Ray already stopped
+        except Exception:  # interpreter shutdown
             pass
+
+
+def _warn_lost(e: Exception, then: str = "new ones start on the next batch") -> None:
+    warnings.warn(f"Ray solver actors lost ({type(e).__name__}); {then}", RuntimeWarning, stacklevel=3)

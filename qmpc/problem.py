@@ -252,6 +252,12 @@ class MPCSpec:
             object.__setattr__(self, name, a)
         if self.low.shape != self.high.shape:
             raise InputError(f"expected low and high of the same shape, got {self.low.shape} and {self.high.shape}")
+        for name, a, inf in (("low", self.low, np.inf), ("high", self.high, -np.inf)):
+            if (a == inf).any():  # CasADi would fail on it with a page of output
+                i = int(np.flatnonzero(a == inf)[0])
+                raise InputError(
+                    f"expected {name}[{i}] to be finite or {-inf:+}, got {name}[{i}]={a[i]:+} (no action fits)"
+                )
         if (self.low > self.high).any():
             i = int(np.flatnonzero(self.low > self.high)[0])
             raise InputError(f"expected low <= high, got low[{i}]={self.low[i]} > high[{i}]={self.high[i]}")

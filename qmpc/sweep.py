@@ -15,9 +15,11 @@ a :class:`Trial` to a dict like :func:`qmpc_trial`'s (``eval_steps``, ``eval_ret
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
+import logging
 import math
 import os
 import time
@@ -30,7 +32,7 @@ import numpy as np
 
 from qmpc.checkpoint import atomic_write
 from qmpc.config import apply_overrides, load_config
-from qmpc.errors import ConfigError, InputError
+from qmpc.errors import ConfigError, InputError, OutputError
 
 __all__ = ["Trial", "TrialOutcome", "format_table", "plan_trials", "plot_curves", "qmpc_trial", "run_sweep"]
 
@@ -94,8 +96,12 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
+    from qmpc.config import check_seed
+
     if not seeds:
         raise ConfigError("expected at least one seed (--seeds 0 1 2 ...), got none")
+    for s in seeds:
+        check_seed(s, "--seeds")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"expected distinct seeds, got {list(seeds)}")
     return list(seeds)
@@ -188,6 +194,11 @@ def read_outcome(trial: Trial) -> TrialOutcome | None:
         return TrialOutcome(trial, error=f"unreadable {path}: {e}")
 
 
+SCHEDULE_TIMEOUT_S = 300.0
+"""How long a sweep waits with no trial running and one waiting for CPUs (held by other jobs of
+the cluster) before it stops with an error."""
+
+
 def run_sweep(
     trials: list[Trial],
     out: str | Path,
@@ -197,35 +208,71 @@ def run_sweep(
     cpus_per_trial: float = 1,
     num_cpus: int | None = None,
     resume: bool = False,
+    schedule_timeout: float = SCHEDULE_TIMEOUT_S,
 ) -> list[TrialOutcome]:
     """Run the unfinished ``trials`` as Ray Tune trials and return every trial's outcome.
 
-    ``address``: a Ray cluster (``HOST:PORT`` or ``auto``); default a local Ray with
-    ``num_cpus`` (all cores). Without ``resume`` the trials' directories must not exist yet; with
-    it, finished trials are read back and unfinished ones continue from their checkpoints. A trial
-    that raises is reported with its error; the others go on."""
-    from qmpc.distributed import connect
+    ``address``: a Ray cluster (``HOST:PORT`` or ``auto``: the one ``ray start`` started on this
+    machine); default a local Ray with ``num_cpus`` (all cores). Without ``resume`` the trials'
+    directories must not exist yet; with it, finished trials are read back and unfinished ones
+    continue from their checkpoints. A trial that raises is reported with its error; the others
+    go on. ``out`` is locked while the sweep runs (a second sweep into it is refused), and is
+    checked (a directory, writable) before Ray starts. No trial started within
+    ``schedule_timeout`` s while one waits for CPUs: an :class:`InputError`."""
+    from qmpc.data import ensure_dir
 
     out = Path(out).resolve()
     if not (isinstance(cpus_per_trial, int | float) and cpus_per_trial > 0):
         raise InputError(f"expected --cpus-per-trial > 0, got {cpus_per_trial!r}")
+    if not (isinstance(schedule_timeout, int | float) and schedule_timeout > 0):
+        raise InputError(f"expected --schedule-timeout > 0, got {schedule_timeout!r}")
     for what, keys in (("names", [t.name for t in trials]), ("run directories", [str(t.run_dir) for t in trials])):
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:
             raise InputError(f"expected distinct trial {what}, got {dup[0]!r} more than once")
-    existing = [t.run_dir for t in trials if t.run_dir.exists()]
-    if existing and not resume:
-        raise InputError(f"expected a new sweep directory, got existing trials in {out} (use --resume)")
-    for t in trials:
-        _check_resumable(t)
+    ensure_dir(out, "--out (the sweep directory)")
+    with _lock(out):
+        existing = [t.run_dir for t in trials if t.run_dir.exists()]
+        if existing and not resume:
+            raise InputError(f"expected a new sweep directory, got existing trials in {out} (use --resume)")
+        for t in trials:
+            _check_resumable(t)
+        return _run(trials, out, trial_fn, address, cpus_per_trial, num_cpus, schedule_timeout)
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    """``out/.lock`` for the sweep (:class:`qmpc.trainer.RunLock`): a second sweep into ``out``
+    while one runs is an :class:`OutputError` naming it (it would run the same trials, and list
+    those the first one is running as failed)."""
+    from qmpc.trainer import RunLock
+
+    lock = RunLock(out)
+    try:
+        lock.__enter__()
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(f"expected a writable --out directory {out}, got: {e.strerror or e}") from None
+    try:
+        yield lock
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run(trials, out, trial_fn, address, cpus_per_trial, num_cpus, schedule_timeout) -> list[TrialOutcome]:
+    """:func:`run_sweep` once ``out`` is checked and locked: connect, run what is unfinished, read back."""
+    from qmpc.distributed import cluster_line, connect
+
     ray = connect(address, num_cpus)
+    print(f"Ray: {cluster_line()}", flush=True)
     total = ray.cluster_resources().get("CPU", 0)
     if cpus_per_trial > total:
         raise InputError(f"expected --cpus-per-trial <= {total:g} (the Ray cluster's CPUs), got {cpus_per_trial:g}")
     todo = [t for t in trials if read_outcome(t) is None]
     errors: dict[str, str] = {}
     if todo:
-        errors = _tune(todo, trial_fn, out, cpus_per_trial)
+        errors = _tune(todo, trial_fn, out, cpus_per_trial, schedule_timeout)
     outcomes = []
     for t in trials:
         o = read_outcome(t) if t.name not in errors else None
@@ -254,13 +301,14 @@ def _check_resumable(trial: Trial) -> None:
         raise ConfigError(f"trial {trial.name} cannot resume its run: {e}") from None
 
 
-def _tune(todo: list[Trial], trial_fn: Callable, out: Path, cpus: float) -> dict[str, str]:
+def _tune(todo: list[Trial], trial_fn: Callable, out: Path, cpus: float, schedule_timeout: float) -> dict[str, str]:
     """Run ``todo`` with Ray Tune; ``{trial name: error}`` of those that raised."""
     from ray import tune
 
     out.mkdir(parents=True, exist_ok=True)
     name = lambda t: t.config["trial"]  # noqa: E731
     trainable = tune.with_parameters(_run_trial, trials={t.name: t for t in todo}, fn=trial_fn)
+    progress = _progress(len(todo), cpus, schedule_timeout)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cpus}),
         param_space={"trial": tune.grid_search([t.name for t in todo])},
@@ -270,24 +318,68 @@ def _tune(todo: list[Trial], trial_fn: Callable, out: Path, cpus: float) -> dict
             storage_path=str(out / ".tune"),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[_progress(len(todo))],
+            callbacks=[progress],
+            stop=progress.stopper(),
         ),
     )
+    # its dataframes are not read (result.json is): no warning for a trial that reported nothing
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        results = tuner.fit()
+    finally:
+        quiet.setLevel(level)
+    if progress.stuck:
+        raise InputError(progress.stuck)
     errors = {}
-    for r in tuner.fit():
-        if r.error is not None:
+    for r in results:
+        if r.error is not None:  # a trial that never started has no config: its directory has its name
             cause = getattr(r.error, "cause", None) or r.error
-            errors[r.config["trial"]] = f"{type(cause).__name__}: {cause}".splitlines()[0]
+            errors[(r.config or {}).get("trial") or Path(r.path).name] = (
+                f"{type(cause).__name__}: {cause}".splitlines()[0]
+            )
     return errors
 
 
-def _progress(total: int):
-    """A tune.Callback (defined on use: ray is optional) printing one line per trial that ends."""
+def _progress(total: int, cpus: float, schedule_timeout: float):
+    """A tune.Callback (defined on use: ray is optional) printing one line per trial that ends, and
+    stopping the sweep (its :meth:`stopper`) when no trial has run for ``schedule_timeout`` s
+    while one waits for CPUs."""
+    import ray
     from ray import tune
 
     class Progress(tune.Callback):
         def __init__(self):
             self.done = 0
+            self.waiting_since: float | None = None
+            self.stuck = ""
+
+        def on_step_begin(self, iteration, trials, **info):
+            waiting = [t for t in trials if t.status == "PENDING"]
+            if not waiting or any(t.status == "RUNNING" for t in trials):
+                self.waiting_since = None
+            elif self.waiting_since is None:
+                self.waiting_since = time.monotonic()
+            elif time.monotonic() - self.waiting_since > schedule_timeout and not self.stuck:
+                free, total_cpus = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
+                self.stuck = (
+                    f"expected trial {waiting[0].config['trial']} to start within {schedule_timeout:g} s, got no "
+                    f"CPUs for it: it needs {cpus:g}, {free:g} of the cluster's {total_cpus:g} are free (held by other "
+                    f"jobs): free them, lower --cpus-per-trial or raise --schedule-timeout"
+                )
+
+        def stopper(self):
+            progress = self
+
+            class Stuck(tune.Stopper):
+                def __call__(self, trial_id, result):
+                    return False
+
+                def stop_all(self):
+                    return bool(progress.stuck)
+
+            return Stuck()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1

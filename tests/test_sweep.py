@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import time
 from pathlib import Path
 
@@ -141,3 +142,147 @@ def test_learning_benchmark_runs_with_a_tiny_budget(tmp_path):
     assert (tmp_path / "curves_pointmass.png").exists()
     rows = list(csv.DictReader((tmp_path / "results_pointmass.csv").open()))
     assert len(rows) == 1 and int(rows[0]["steps"]) == 200
+
+
+# -- issue 20, items 2 and 3 ------------------------------------------------------------------
+@pytest.fixture
+def no_ray():
+    """No Ray in this process: a test that must fail before Ray starts can tell that it did."""
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qmpc sweep: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_out_in_the_way_is_refused_before_ray_starts(tmp_path, capsys, no_ray):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out, message in ((blocker, "got a file in the way"), (blocker / "sweep", "expected to create")):
+        assert _sweep(out) == 2
+        assert message in _one_line(capsys) and not ray.is_initialized()
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_out_is_refused_before_ray_starts(tmp_path, capsys, no_ray):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert _sweep(ro) == 2
+        assert "read-only" in _one_line(capsys) and not ray.is_initialized()
+    finally:
+        ro.chmod(0o755)
+
+
+def test_out_that_cannot_be_written_is_refused_before_ray_starts(tmp_path, capsys, no_ray, monkeypatch):
+    """A directory that ``os.access`` calls writable but refuses a file (root on a read-only place)."""
+    import qmpc.trainer
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(qmpc.trainer.RunLock, "__enter__", refuse)
+    assert _sweep(tmp_path / "sweep") == 2
+    assert "writable --out" in _one_line(capsys) and not ray.is_initialized()
+
+
+def test_a_second_sweep_into_the_same_out_is_refused(tmp_path, capsys, no_ray):
+    """Two sweeps into one --out ran the same trials, and the second listed those the first was
+    running as failed until ``--resume``: the sweep holds ``OUT/.lock`` while it runs."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": first.pid, "host": socket.gethostname()}))
+        assert _sweep(out) == 2
+        err = _one_line(capsys)
+        assert f"pid {first.pid}" in err and not ray.is_initialized()
+        assert not any(out.glob("seed*"))
+    finally:
+        first.kill()
+        first.wait()
+    # its owner gone, the lock is stale: the next sweep takes it over
+    (out / ".lock").write_text(json.dumps({"pid": first.pid, "host": socket.gethostname()}))
+    assert _sweep(out, seeds=("0",)) == 0
+    assert not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), str(2**64)])
+def test_seeds_out_of_range_are_one_line(tmp_path, capsys, seed, no_ray):
+    assert _sweep(tmp_path / "s", seeds=("0", seed)) == 2
+    assert "[0, 2**32)" in _one_line(capsys) and not ray.is_initialized()
+
+
+def test_a_trial_that_cannot_be_scheduled_is_an_error_not_a_wait(tmp_path, capsys, no_ray):
+    """Every CPU of the cluster held by another job: the sweep waited without a word."""
+    from qmpc.distributed import connect
+
+    connect(num_cpus=1)
+    held = ray.util.placement_group([{"CPU": 1}])  # another job's reservation
+    ray.get(held.ready(), timeout=60)
+    t0 = time.monotonic()
+    assert _sweep(tmp_path / "sweep", "--schedule-timeout", "3", seeds=("0",)) == 2
+    assert time.monotonic() - t0 < 120
+    out, err = capsys.readouterr()
+    assert "0 of 1 CPUs free" in out  # where it runs, and what is free, before it waits
+    last = err.strip().splitlines()[-1]  # after Ray's own notices of its start
+    assert last.startswith("qmpc sweep: error: expected trial seed0 to start within 3 s") and "Traceback" not in err
+    assert "Failed to fetch" not in err
+
+
+def test_address_auto_joins_only_a_cluster_of_ray_start(tmp_path_factory, capsys, no_ray, monkeypatch):
+    """``--address auto`` joined any Ray it found on this machine (another process's private one
+    too): now only the cluster ``ray start`` wrote down, and the sweep says where it runs."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    started = Path(tempfile.mkdtemp(prefix="qa", dir="/tmp"))  # short: Ray's socket paths
+    elsewhere = Path(tempfile.mkdtemp(prefix="qb", dir="/tmp"))
+    # its own auth mode: this process's may be the token mode a local Ray turned on earlier
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "", "RAY_TMPDIR": str(started)}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["start", "--head", "--port", "6393", "--num-cpus", "1", "--include-dashboard", "false", "--block"]
+    head = subprocess.Popen([ray_cli, *args, "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(120):
+            if (started / "ray" / "ray_current_cluster").exists():
+                break
+            time.sleep(1)
+        address = (started / "ray" / "ray_current_cluster").read_text().strip()
+        # no `ray start` cluster in this temporary directory: refused, the running one not joined
+        monkeypatch.setenv("RAY_TMPDIR", str(elsewhere))
+        assert _sweep(tmp_path_factory.mktemp("a") / "sweep", "--address", "auto", seeds=("0",)) == 2
+        assert "ray start --head" in _one_line(capsys) and not ray.is_initialized()
+        # the cluster `ray start` wrote down: joined, and said so (in a process of its own, in its auth mode)
+        sets = [a for s in TINY for a in ("--set", s)]
+        out = tmp_path_factory.mktemp("b") / "sweep"
+        argv = ["sweep", LAUNCH, "--seeds", "0", *sets, "--out", str(out), "--address", "auto"]
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+        r = subprocess.run([sys.executable, "-m", "qmpc.cli", *argv], env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"Ray: joined the Ray cluster at {address}: 1 of 1 CPUs free" in r.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(started, ignore_errors=True)
+        shutil.rmtree(elsewhere, ignore_errors=True)
