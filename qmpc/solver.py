@@ -50,6 +50,7 @@ that fail the certificate to the plugin.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import time
@@ -293,6 +294,17 @@ def single_blas_thread():
 
         _BLAS.append(ThreadpoolController())
     return _BLAS[0].limit(limits=1, user_api="blas")
+
+
+def one_blas_thread(fn):
+    """``fn`` run inside :func:`single_blas_thread`."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with single_blas_thread():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _as_dm(theta: np.ndarray | ca.DM) -> ca.DM:
@@ -577,6 +589,7 @@ class BatchedSolver:
         return w if lbw is None else np.clip(w, lbw, ubw)
 
     # -- solving ------------------------------------------------------------------------
+    @one_blas_thread
     def solve(
         self,
         x0: np.ndarray,
@@ -603,22 +616,6 @@ class BatchedSolver:
         the Newton iterate, then to its retries (``RETRIED`` if they pass). ``newton_tol``: the
         Newton's stopping residual (default ``tol``).
         """
-        with single_blas_thread():
-            return self._solve(x0, theta, lbw, ubw, w0, lam_x0, lam_g0, oracle, certificate, newton_tol)
-
-    def _solve(
-        self,
-        x0: np.ndarray,
-        theta: np.ndarray | ca.DM,
-        lbw: np.ndarray,
-        ubw: np.ndarray,
-        w0: np.ndarray | None = None,
-        lam_x0: np.ndarray | None = None,
-        lam_g0: np.ndarray | None = None,
-        oracle: Oracle | None = None,
-        certificate: Certificate | None = None,
-        newton_tol: float | None = None,
-    ) -> SolveResult:
         P, o = self.problem, self.options
         t0 = time.perf_counter()
         if self.deadline is not None:
