@@ -321,47 +321,38 @@ def check_finite_module(m: torch.nn.Module, what: str) -> None:
 
 def dynamics_from_checkpoint(ckpt: dict[str, Any]) -> DynamicsModel:
     """The learned dynamics model of a checkpoint (float64), or a clear error if it has none."""
-    if "model" not in ckpt:
-        raise CheckpointError(
-            "expected a checkpoint with a learned dynamics model (train with model.learn = true), got one without"
-        )
-    spec, model = ckpt["spec"], ckpt["model"]
-    if (
-        not isinstance(model, dict)
-        or not isinstance(model.get("kwargs"), dict)
-        or not isinstance(model.get("state"), dict)
-    ):
-        raise CheckpointError("expected model = {'kwargs': dict, 'state': dict} in the checkpoint, got something else")
-    try:
-        m = DynamicsModel.from_state(spec["obs_dim"], spec["act_dim"], model["kwargs"], model["state"])
-    except (QmpcError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(str(e) if isinstance(e, QmpcError) else _one_line(e)) from None
-    check_finite_module(m, "dynamics model")
-    return m
+    missing = "expected a checkpoint with a learned dynamics model (train with model.learn = true), got one without"
+    return _saved_module(ckpt, "model", DynamicsModel, "dynamics model", missing)
 
 
 def outcome_from_checkpoint(ckpt: dict[str, Any]) -> OutcomeModel:
     """The learned stage cost and termination heads of a checkpoint (float64), or a clear error if
     it has none (checkpoints written before they existed, or trained without ``model.learn``)."""
-    if "outcome" not in ckpt:
-        raise CheckpointError(
-            "expected a checkpoint with a learned stage cost and termination (train with model.learn = true), "
-            "got one without: use --stage-cost symbolic"
-        )
-    spec, heads = ckpt["spec"], ckpt["outcome"]
+    missing = (
+        "expected a checkpoint with a learned stage cost and termination (train with model.learn = true), "
+        "got one without: use --stage-cost symbolic"
+    )
+    return _saved_module(ckpt, "outcome", OutcomeModel, "cost and termination heads", missing)
+
+
+def _saved_module(ckpt: dict[str, Any], key: str, cls: type, what: str, missing: str):
+    """``cls.from_state`` of ``ckpt[key] = {'kwargs': dict, 'state': dict}`` (float64, finite), every
+    problem a one-line :class:`CheckpointError`."""
+    if key not in ckpt:
+        raise CheckpointError(missing)
+    spec, saved = ckpt["spec"], ckpt[key]
     if (
-        not isinstance(heads, dict)
-        or not isinstance(heads.get("kwargs"), dict)
-        or not isinstance(heads.get("state"), dict)
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("kwargs"), dict)
+        or not isinstance(saved.get("state"), dict)
     ):
-        raise CheckpointError(
-            "expected outcome = {'kwargs': dict, 'state': dict} in the checkpoint, got something else"
-        )
+        shape = "{'kwargs': dict, 'state': dict}"
+        raise CheckpointError(f"expected {key} = {shape} in the checkpoint, got something else")
     try:
-        m = OutcomeModel.from_state(spec["obs_dim"], spec["act_dim"], heads["kwargs"], heads["state"])
+        m = cls.from_state(spec["obs_dim"], spec["act_dim"], saved["kwargs"], saved["state"])
     except (QmpcError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(str(e) if isinstance(e, QmpcError) else _one_line(e)) from None
-    check_finite_module(m, "cost and termination heads")
+    check_finite_module(m, what)
     return m
 
 
