@@ -638,9 +638,7 @@ class BatchedSolver:
         message = ""
         if bad.size:  # the plugin, from the Newton iterate (then its cold retries)
             theta_dm = _as_dm(theta)
-            sub = self._plugin_solve(x0[bad], theta_dm, lbw, ubw, w[bad], None, None)
-            w[bad], value[bad], lam_x[bad], lam_g[bad], st, res[bad], message = sub
-            status[bad] = np.where(st == Status.SOLVED, Status.RETRIED, st)
+            message = self._finish_by_plugin(bad, x0, theta_dm, lbw, ubw, (w, value, lam_x, lam_g, status, res))
         return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3, message)
 
     def _solve_plan(self, x0, theta_dm: ca.DM, lbw, ubw, w0, t0: float) -> SolveResult:
@@ -669,9 +667,7 @@ class BatchedSolver:
             status[bad] = Status.TIMEOUT
             self.deadline.fired = True
         elif bad.size:
-            sub = self._plugin_solve(x0[bad], theta_dm, lbw, ubw, w[bad], None, None)
-            w[bad], value[bad], lam_x[bad], lam_g[bad], st, res[bad], message = sub
-            status[bad] = np.where(st == Status.SOLVED, Status.RETRIED, st)
+            message = self._finish_by_plugin(bad, x0, theta_dm, lbw, ubw, (w, value, lam_x, lam_g, status, res))
         return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3, message)
 
     def plan_derivatives(self, w: np.ndarray, x0: np.ndarray, theta: ca.DM) -> tuple[np.ndarray, ...]:
@@ -707,6 +703,16 @@ class BatchedSolver:
         res[~np.isfinite(value)] = np.inf
         lam_x = np.where((u <= lbw) | (u >= ubw), -grad, 0.0)
         return u.copy(), value, lam_x, res
+
+    def _finish_by_plugin(self, bad, x0, theta_dm, lbw, ubw, out) -> str:
+        """The samples ``bad`` that a Newton or SQP left unconverged, by the plugin from their
+        iterates (then its cold retries; ``RETRIED`` if they pass); writes into ``out = (w, value,
+        lam_x, lam_g, status, residual)`` and returns the plugin's last failure message."""
+        w, value, lam_x, lam_g, status, res = out
+        sub = self._plugin_solve(x0[bad], theta_dm, lbw, ubw, w[bad], None, None)
+        w[bad], value[bad], lam_x[bad], lam_g[bad], st, res[bad], message = sub
+        status[bad] = np.where(st == Status.SOLVED, Status.RETRIED, st)
+        return message
 
     def _plugin_solve(self, x0, theta_dm, lbw, ubw, w0, lam_x0, lam_g0) -> tuple:
         """The plugin's batched solve, then a cold retry of each sample that fails the certificate:
