@@ -81,8 +81,10 @@ def solve_box_sqp(
 ) -> BoxNewtonResult:
     """Minimise every ``f_b`` over the box ``lb ≤ u ≤ ub`` (``(n,)`` each) from ``u0 (B, n)``;
     ``floor``: the eigenvalue floor of :func:`convexified`; ``deadline``: a ``time.perf_counter()``
-    after which no new iteration starts (the samples still running are returned unconverged). Never
-    raises on a sample that does not converge (``converged`` is False)."""
+    after which nothing new starts: no iteration, no Newton step of the QP, no backtrack (the
+    samples still running keep their last accepted iterate, unconverged; an evaluation or an
+    eigen-decomposition already started runs to its end). Never raises on a sample that does not
+    converge (``converged`` is False)."""
     u = np.clip(np.asarray(u0, np.float64), lb, ub)
     B = u.shape[0]
     f, g, H = oracle.derivatives(u, np.arange(B))
@@ -96,12 +98,13 @@ def solve_box_sqp(
         e = np.minimum(1e-3, r[live])[:, None]
         held = ((ul - lb <= e) & (gl > 0)) | ((ub - ul <= e) & (gl < 0))
         qp = _StepQP(gl, convexified(H[live], floor, held))
-        d = solve_box(qp, np.zeros_like(ul), lb - ul, ub - ul, tol=1e-3 * np.minimum(r[live], 1.0).min(), max_iter=50).u
+        qp_tol = 1e-3 * np.minimum(r[live], 1.0).min()
+        d = solve_box(qp, np.zeros_like(ul), lb - ul, ub - ul, tol=qp_tol, max_iter=50, deadline=deadline).u
         slope = np.einsum("bi,bi->b", gl, d)
         step, accepted, un = np.ones(live.size), np.zeros(live.size, bool), ul.copy()
         for _ in range(max_backtracks):
             todo = np.flatnonzero(~accepted & (slope < 0))
-            if todo.size == 0:
+            if todo.size == 0 or time.perf_counter() > deadline:
                 break
             trial = np.clip(ul[todo] + step[todo, None] * d[todo], lb, ub)
             ft = oracle.value(trial, live[todo])

@@ -13,6 +13,7 @@ from typing import Any
 import casadi as ca
 import numpy as np
 
+from qmpc.boxsqp import convexified
 from qmpc.checkpoint import (
     CheckpointError,
     dynamics_from_checkpoint,
@@ -190,10 +191,15 @@ class Controller:
         both = np.isfinite(self.low) & np.isfinite(self.high)
         mid = 0.5 * (np.where(both, self.low, 0.0) + np.where(both, self.high, 0.0))
         self.safe_action = np.clip(mid, self.low, self.high)  # the bounds' midpoint, else 0 clipped
+        self._greedy: Planner | None = None  # horizon 1: the start of a plan (built here: not in a step)
+        if spec.horizon > 1 and spec.shooting == "single" and linearization is None:
+            opts = dataclasses.replace(self.planner.options, max_wall_ms=0.0, tol=1e-8)
+            self._greedy = Planner(q, MPCSpec(self.low, self.high), opts, bake_weights=True)
+        if self.budget_ms and spec.horizon > 1:
+            self._check_budget()
         self.last_result: SolveResult | None = None
         """The latest step's solve (``w`` is the whole plan)."""
         self._last_x: np.ndarray | None = None
-        self._greedy: Planner | None = None  # horizon 1, for the start of a plan (built on first use)
         self.reset()
 
     def _spec(self, q: QNetwork, low, high, options: dict) -> MPCSpec:
@@ -221,25 +227,49 @@ class Controller:
             changes["stage_cost"] = scaled(spec.stage_cost, self.cost_scale)
         return spec.replace(**changes)
 
-    def _greedy_start(self, x: np.ndarray) -> np.ndarray:
+    def _check_budget(self) -> None:
+        """Refuse a plan whose solver's indivisible unit of work does not fit the budget: one
+        evaluation of the plan's derivatives and Hessian (single shooting: with the
+        eigen-decomposition that convexifies it; multiple shooting: the Lagrangian's Hessian and
+        the constraints' Jacobian, a lower bound of one sqpmethod iteration), the fastest of three
+        at a zero state. The deadline is checked between such units, never inside one: measured
+        on ``models/inverted_pendulum.pt`` with a learned model, one unit takes ~50 ms at H = 500
+        and the first step of such a plan ran 2.1 s against a 40 ms budget."""
+        P, solver = self.planner.problem, self.planner.solver
+        x0, theta = np.zeros((1, P.nx)), self.planner.problem_theta()
+        w = np.clip(np.zeros((1, P.n_w)), P.lbw, P.ubw)
+        times = []
+        for _ in range(4):  # the first one warms up
+            t = time.perf_counter()
+            if P.shooting == "single":
+                H = solver.plan_derivatives(w, x0, theta)[2]
+                convexified(np.where(np.isfinite(H), H, 0.0), 1e-2)
+            else:
+                solver.second_order(w, x0, theta, np.zeros((1, P.n_g)))
+            times.append((time.perf_counter() - t) * 1e3)
+        ms = min(times[1:])
+        if ms > self.budget_ms:
+            raise InputError(
+                f"expected a plan whose solver can take a step within the budget of {self.budget_ms:g} ms, got "
+                f"horizon {P.horizon} ({P.shooting} shooting), where one evaluation of the plan's derivatives "
+                f"takes {ms:.1f} ms here; use a shorter horizon, or no budget (budget_ms=0, qmpc run --budget-ms 0)"
+            )
+
+    def _greedy_start(self, x: np.ndarray, deadline: float = np.inf) -> np.ndarray:
         """``(1, n_w)``: the start of a plan with no previous one (an episode's first step): the
         greedy action ``argmin_u Q(x_k, u)`` at ``x`` and at each state the model predicts under
         the actions before it. Measured on ``models/half_cheetah.pt`` at H = 5: from zero actions
-        one of ten closed-loop states needed 57 SQP iterations."""
-        if self._greedy is None:
-            spec = MPCSpec(self.low, self.high)
-            opts = dataclasses.replace(self.planner.options, max_wall_ms=0.0, tol=1e-8)
-            self._greedy = Planner(self.q, spec, opts, bake_weights=True)
+        one of ten closed-loop states needed 57 SQP iterations. Past ``deadline`` (a
+        ``time.perf_counter()``) the remaining steps repeat the last greedy action."""
         P, theta = self.planner.problem, self.planner.problem_theta()
-        w, xk = np.zeros(P.n_w), x
+        w, xk, u = np.zeros(P.n_w), x, self.safe_action
         for k in range(P.N + 1):
-            res, _ = self._greedy.solve(xk[None], None, values_only=True)
-            ok = bool(Status.ok(res.status)[0])
-            w[P.u_slice(k)] = np.clip(res.w[0], self.low, self.high) if ok else self.safe_action
-            if k < P.N:
-                xk = np.asarray(P.states(w, x, theta)).reshape(P.N, P.nx)[k]
-                if not np.isfinite(xk).all():
-                    break
+            if time.perf_counter() <= deadline and np.isfinite(xk).all():
+                res, _ = self._greedy.solve(xk[None], None, values_only=True)
+                u = np.clip(res.w[0], self.low, self.high) if Status.ok(res.status)[0] else self.safe_action
+                if k < P.N:
+                    xk = P.model_step(xk, u, k, theta)
+            w[P.u_slice(k)] = u
         return w[None]
 
     @property
@@ -317,12 +347,12 @@ class Controller:
                 st[:-1] = st[1:].copy()
             w0 = np.clip(w0, P.lbw, P.ubw)[None]
         t0 = time.perf_counter()
-        if w0 is None and P.N and P.shooting == "single" and self.linearization is None:
-            w0 = self._greedy_start(x)
+        if w0 is None and self._greedy is not None:
+            w0 = self._greedy_start(x, t0 + 0.5e-3 * self.budget_ms if self.budget_ms else np.inf)
         if self.linearization is not None and P.N:  # linearise along the shifted plan (zeros at first)
             nominal = w0[0, : P.N * P.nu] if w0 is not None else np.tile(self.safe_action, P.N)
             self.planner.model_params = self.linearization.params(x, nominal)
-        res, _ = self.planner.solve(x[None], w0, values_only=True)  # x is checked above, w0 is our own plan
+        res, _ = self.planner.solve(x[None], w0, values_only=True, started=t0)  # x checked above; w0 our plan
         self.last_result, self._last_x = res, x[None]
         solve_ms = (time.perf_counter() - t0) * 1e3
         status = int(res.status[0])

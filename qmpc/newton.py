@@ -16,6 +16,7 @@ whose line search fails, is reported unconverged (the caller retries it with ano
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -112,11 +113,14 @@ def solve_box(
     delta: float = 1e-10,
     armijo: float = 1e-4,
     max_backtracks: int = 30,
+    deadline: float = np.inf,
 ) -> BoxNewtonResult:
     """Minimise every ``f_b`` over the box ``lb ≤ u ≤ ub`` (``(nu,)`` each) from ``u0 (B, nu)``.
 
     Returns the last iterate of every sample; ``converged`` marks those whose projected-gradient
-    residual is at most ``tol``. Never raises on a sample that does not converge.
+    residual is at most ``tol``. Never raises on a sample that does not converge. ``deadline``: a
+    ``time.perf_counter()`` after which no iteration or backtrack starts (the samples still running
+    keep their last accepted iterate, unconverged).
     """
     u = np.clip(np.asarray(u0, np.float64), lb, ub)
     B = u.shape[0]
@@ -126,7 +130,7 @@ def solve_box(
     its = np.zeros(B, int)
     live = np.flatnonzero(r > tol)
     for _ in range(max_iter):
-        if live.size == 0:
+        if live.size == 0 or time.perf_counter() > deadline:
             break
         ul, gl = u[live], g[live]
         e = np.minimum(eps, r[live])[:, None]
@@ -137,7 +141,7 @@ def solve_box(
         un = ul.copy()
         for _ in range(max_backtracks):
             todo = np.flatnonzero(~accepted)
-            if todo.size == 0:
+            if todo.size == 0 or time.perf_counter() > deadline:
                 break
             trial = np.clip(ul[todo] + step[todo, None] * d[todo], lb, ub)
             ft = oracle.value(trial, live[todo])

@@ -524,6 +524,14 @@ class ControlProblem:
         return self._batch_first_order[batch]
 
     # -- layout ------------------------------------------------------------------------
+    def model_step(self, x: np.ndarray, u: np.ndarray, k: int, theta: ca.DM | np.ndarray) -> np.ndarray:
+        """``x_{k+1} (nx,)``: the plan's model at step ``k`` from ``x (nx,)`` under ``u (nu,)``, with
+        the parameters of step ``k`` in ``theta`` (one step: rolling a plan by calls of
+        :attr:`states` would cost ``O(H²)``)."""
+        n_q, n_p = self.n_theta_q, self.dynamics_params
+        params = [ca.DM(theta)[n_q + k * n_p : n_q + (k + 1) * n_p]] if n_p else []
+        return np.asarray(self.spec.dynamics(x, u, *params), dtype=np.float64).reshape(-1)
+
     def u_slice(self, k: int) -> slice:
         """Where action ``u_k`` lives in ``w``."""
         return slice(k * self.nu, (k + 1) * self.nu)

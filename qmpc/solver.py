@@ -452,6 +452,8 @@ class BatchedSolver:
             self.options = dataclasses.replace(self.options, convexify="eigen-clip" if reduced else "none")
         P = problem
         self.deadline = _Deadline() if self.options.max_wall_ms else None
+        if self.deadline is not None:  # threadpoolctl's first use scans every loaded library: not in a step
+            single_blas_thread()
         self.nlpsol = self._nlpsol("qmpc_nlp", self.options, self.deadline)
         w0 = ca.MX.sym("w0", P.n_w)
         lx0 = ca.MX.sym("lam_x0", P.n_w)
@@ -602,6 +604,7 @@ class BatchedSolver:
         oracle: Oracle | None = None,
         certificate: Certificate | None = None,
         newton_tol: float | None = None,
+        started: float | None = None,
     ) -> SolveResult:
         """Solve for every row of ``x0 (B, nx)``; never raises on a failed sample.
 
@@ -614,12 +617,14 @@ class BatchedSolver:
         by an evaluation independent of the oracle (:meth:`_certify`: ``certificate``, else the
         vectorised twin); the samples that fail the certificate go to the plugin, warm-started at
         the Newton iterate, then to its retries (``RETRIED`` if they pass). ``newton_tol``: the
-        Newton's stopping residual (default ``tol``).
+        Newton's stopping residual (default ``tol``). ``started``: the ``time.perf_counter()`` the
+        wall-time limit counts from (default: now; a controller passes the start of its step).
         """
         P, o = self.problem, self.options
         t0 = time.perf_counter()
         if self.deadline is not None:
-            self.deadline.at, self.deadline.fired = t0 + o.max_wall_ms * 1e-3, False
+            start = t0 if started is None else min(t0, started)
+            self.deadline.at, self.deadline.fired = start + o.max_wall_ms * 1e-3, False
         if P.plan_newton and o.newton:
             return self._solve_plan(x0, _as_dm(theta), lbw, ubw, w0, t0)
         if oracle is None or not P.batched:

@@ -59,9 +59,11 @@ def test_half_cheetah_h3_closed_loop_never_falls_back():
     assert ctrl.stats["steps"] == 40 and ctrl.stats["failed"] == 0
 
 
-def test_a_plan_stops_at_its_time_budget():
+def test_a_plan_stops_at_its_time_budget(monkeypatch):
     """The budget holds inside the SQP: no new iteration starts after it, and the step falls back
-    (counted as an overrun) instead of solving on."""
+    (counted as an overrun) instead of solving on. (A budget this small is refused up front, see
+    the next test: the check is switched off to test the deadline beneath it.)"""
+    monkeypatch.setattr(qmpc.Controller, "_check_budget", lambda self: None)
     path = MODELS / "half_cheetah.pt"
     ctrl = qmpc.Controller.from_checkpoint(path, horizon=5, model="learned", budget_ms=1e-3)
     env = make_env("HalfCheetah-v5")
@@ -69,3 +71,27 @@ def test_a_plan_stops_at_its_time_budget():
     a, info = ctrl.act(obs)
     assert info["overrun"] and info["status"] == Status.TIMEOUT and info["solve_ms"] < 100
     assert np.all(np.abs(a) <= 1)
+
+
+def test_a_plan_whose_one_evaluation_exceeds_the_budget_is_refused():
+    """Issue 20, item 4: ``qmpc run --horizon 500`` ran its first step for 2.1 s against a 40 ms
+    budget (the deadline was checked only between SQP iterations, and the greedy start rolled the
+    whole plan once per step). One evaluation of a 500-step plan's derivatives takes longer than
+    the budget: refused at construction, naming the horizon and the measured cost."""
+    path = MODELS / "inverted_pendulum.pt"
+    with pytest.raises(qmpc.InputError, match=r"horizon 500 \(single shooting\).* takes [0-9.]+ ms"):
+        qmpc.Controller.from_checkpoint(path, horizon=500, model="learned", budget_ms=40.0)
+
+
+def test_a_long_plan_holds_its_budget_from_its_first_step():
+    """A plan whose evaluations fit the budget but whose solve does not: every step, the first
+    one (the greedy start along the model) included, ends within the budget plus one evaluation
+    (before: the first step at H = 150 ran 214 ms against 40 ms)."""
+    path = MODELS / "inverted_pendulum.pt"
+    ctrl = qmpc.Controller.from_checkpoint(path, horizon=150, model="learned", budget_ms=40.0)
+    env = make_env("InvertedPendulum-v5")
+    obs, _ = env.reset(seed=100)
+    for _ in range(3):
+        a, info = ctrl.act(obs)
+        assert info["solve_ms"] < 2 * 40.0, info
+        obs, *_ = env.step(a)

@@ -161,9 +161,11 @@ def test_offline_training_recovers_the_riccati_q(tmp_path):
     assert err < 0.05
 
 
-def test_controller_wall_time_budget():
+def test_controller_wall_time_budget(monkeypatch):
     """A budget the solver cannot meet: every step overruns, falls back along the previous plan
-    or to the safe default, stays in bounds, and is counted; a generous budget changes nothing."""
+    or to the safe default, stays in bounds, and is counted; a generous budget changes nothing.
+    (A budget below one evaluation is refused up front: the check is off to test the fallback.)"""
+    monkeypatch.setattr(qmpc.Controller, "_check_budget", lambda self: None)
     f, c = make_env("qmpc/PointMass-v0").unwrapped.casadi_model()
     q = qmpc.PICNN(4, 2, hidden=(16,)).double()
     kw = dict(horizon=4, dynamics=f, stage_cost=c)
