@@ -292,9 +292,10 @@ def network_from_checkpoint(ckpt: dict[str, Any], dtype: torch.dtype = torch.flo
     if not isinstance(net.get("arch"), str):
         raise CheckpointError(f"expected network.arch (a string) in the checkpoint, got {net!r}")
     try:
-        q = build_network(
-            net["arch"], spec["obs_dim"], spec["act_dim"], **{k: v for k, v in net.items() if k != "arch"}
-        )
+        with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: draw nothing
+            q = build_network(
+                net["arch"], spec["obs_dim"], spec["act_dim"], **{k: v for k, v in net.items() if k != "arch"}
+            )
     except (QmpcError, TypeError, ValueError) as e:
         raise CheckpointError(f"expected a buildable network {net}, got: {_one_line(e)}") from None
     q = q.to(torch.float64)
@@ -349,7 +350,8 @@ def _saved_module(ckpt: dict[str, Any], key: str, cls: type, what: str, missing:
         shape = "{'kwargs': dict, 'state': dict}"
         raise CheckpointError(f"expected {key} = {shape} in the checkpoint, got something else")
     try:
-        m = cls.from_state(spec["obs_dim"], spec["act_dim"], saved["kwargs"], saved["state"])
+        with torch.random.fork_rng(devices=[]):  # loading never moves the caller's torch RNG
+            m = cls.from_state(spec["obs_dim"], spec["act_dim"], saved["kwargs"], saved["state"])
     except (QmpcError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(str(e) if isinstance(e, QmpcError) else _one_line(e)) from None
     check_finite_module(m, what)

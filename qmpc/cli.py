@@ -152,6 +152,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     check_seed(args.seed, "--seed")
     ckpt = load_checkpoint(args.checkpoint)
+    if args.horizon is None:  # the horizon it was trained to act with
+        args.horizon = int(ckpt.get("config", {}).get("train", {}).get("horizon", 1))
     # in the working directory: never next to the checkpoint (models/ of the repository, a run directory)
     default_plot = Path.cwd() / f"rollout_{Path(args.checkpoint).stem}_h{args.horizon}.png"
     what = "--plot" if args.plot else "the plot (set its path with --plot)"
@@ -280,7 +282,9 @@ def _add_run(sub) -> None:
     r = sub.add_parser("run", help="run the controller of a checkpoint in closed loop")
     r.add_argument("checkpoint")
     r.add_argument("--episodes", type=int, default=5)
-    r.add_argument("--horizon", type=int, default=1)
+    r.add_argument(
+        "--horizon", type=int, default=None, help="plan length (default: the checkpoint's train.horizon, else 1)"
+    )
     r.add_argument(
         "--model",
         default="auto",

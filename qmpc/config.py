@@ -159,6 +159,24 @@ class TrainConfig:
     """Write training metrics every this many steps."""
     dtype: str = field(default="float32", metadata={"choices": ("float32", "float64")})
     """Network dtype (solves and sensitivities always run in float64)."""
+    horizon: int = field(default=1, metadata={"min": 1})
+    """Online: the horizon ``H`` the controller acts and is evaluated with. 1: the greedy argmin of
+    Q; ``H > 1``: a plan of ``H`` actions through the learned model (``model.learn``; the task's
+    exact model for qmpc tasks) with its stage cost (symbolic where the task has one, else learned)
+    and learned termination, Q the cost-to-go at its last state, so that the replay buffer holds
+    the planner's own data. ``qmpc run`` plans at this horizon by default."""
+    horizon_warmup: int = field(default=0, metadata={"min": 0})
+    """Online, ``horizon > 1``: steps after ``learning_starts`` over which the acting horizon grows
+    linearly from 1 to ``horizon`` (TD-MPC's schedule); 0: the full horizon from the start."""
+    plan_refresh: int = field(default=10, metadata={"min": 1})
+    """Online, ``horizon > 1``: steps between rebuilds of the acting plan from the current Q, model
+    and heads (a rebuild takes ~60 ms; in between the plan uses them as they were at its last
+    rebuild, and they are saved with it, so that a resumed run plans exactly as the uninterrupted one)."""
+    rollout_td: int = field(default=0, metadata={"min": 0})
+    """Steps ``K`` of the model-rolled TD loss (0: off). With ``K > 0`` each update also fits Q at the
+    states the learned model predicts ``k = 1 … K`` steps ahead of the batch's states under the
+    buffer's own actions (the states a plan queries Q at), against the TD targets of the real
+    transitions there; chains that cross an episode's end are masked. Needs ``model.learn``."""
     torch_threads: int = field(default=1, metadata={"min": 1})
     """torch's intra-op threads. The networks are small: measured on 2 cores with three runs side
     by side, the default 2 threads made each torch backward 30x slower (spinning threads contend

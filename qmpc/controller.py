@@ -291,18 +291,33 @@ class Controller:
         ``model`` (see :data:`MODELS`) and the stage cost from ``stage_cost`` (see
         :data:`STAGE_COST_SOURCES`; with the checkpoint's learned termination, if it has one:
         :func:`model_functions`) unless ``dynamics`` and ``stage_cost`` are passed in ``kw``."""
+        return cls.from_policy(load_checkpoint(path), horizon, model, stage_cost, where=str(path), **kw)
+
+    @classmethod
+    def from_policy(
+        cls,
+        ckpt: dict[str, Any],
+        horizon: int = 1,
+        model: str = "auto",
+        stage_cost: str = "auto",
+        env=None,
+        where: str = "the checkpoint",
+        **kw: Any,
+    ) -> Controller:
+        """:meth:`from_checkpoint` of a checkpoint already in memory (a policy dict of
+        :data:`~qmpc.checkpoint.POLICY_KEYS`, e.g. a training run's as it is now); ``env``: an
+        environment of its task for the model's sources (default: a new one)."""
         if isinstance(stage_cost, ca.Function):  # a stage cost Function passed as a keyword
             kw["stage_cost"], stage_cost = stage_cost, "auto"
-        ckpt = load_checkpoint(path)
         for name, trained in trained_units(ckpt).items():  # plan in the units Q was trained in
             if name in kw and not np.isclose(kw[name], trained, rtol=1e-12, atol=0.0):
                 raise InputError(
-                    f"expected {name} = {trained} (what {path} was trained with: its Q is a cost-to-go in those "
+                    f"expected {name} = {trained} (what {where} was trained with: its Q is a cost-to-go in those "
                     f"units), got {kw[name]}"
                 )
             kw[name] = trained
         if horizon > 1 and "dynamics" not in kw and "linearization" not in kw:
-            kw.update(model_functions(ckpt, model, stage_cost_source=stage_cost))
+            kw.update(model_functions(ckpt, model, env, stage_cost_source=stage_cost))
         q = network_from_checkpoint(ckpt)
         low, high = spec_arrays(ckpt["spec"])
         return cls(q, low, high, horizon=horizon, env_id=ckpt["spec"]["env_id"], **kw)
@@ -314,6 +329,19 @@ class Controller:
                 f"expected a checkpoint for {env_id} (obs_dim {obs_dim}, act_dim {act_dim}), got one for "
                 f"{self.env_id or 'an unknown task'} (obs_dim {self.q.obs_dim}, act_dim {self.q.act_dim})"
             )
+
+    @property
+    def warm_plan(self) -> np.ndarray | None:
+        """``(n_w,)``: the plan the next step shifts and starts from (None: the next step starts a
+        plan afresh, as at an episode's start)."""
+        return self._plan
+
+    @warm_plan.setter
+    def warm_plan(self, w: np.ndarray | None) -> None:
+        n = self.planner.problem.n_w
+        if w is not None and np.shape(w) != (n,):
+            raise InputError(f"expected a plan of shape ({n},), got {np.shape(w)}")
+        self._plan = None if w is None else np.asarray(w, dtype=np.float64).copy()
 
     def reset(self) -> None:
         """Forget the previous plan (call at the start of an episode)."""

@@ -159,6 +159,23 @@ class ReplayBuffer:
             t(idx),
         )
 
+    def chains(self, index: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """The transitions that follow each of ``index (B,)`` in its episode: ``(idx, valid)``, each
+        ``(B, steps + 1)``, ``idx[:, k]`` the buffer slot ``k`` steps after ``index`` and
+        ``valid[:, k]`` whether slots ``index … idx[:, k]`` are consecutive transitions of one
+        episode (each one's ``next_obs`` is the next one's ``obs``, none terminated before the last,
+        none past the newest transition). ``valid[:, 0]`` is True."""
+        index = np.asarray(index, dtype=np.int64)
+        idx = (index[:, None] + np.arange(steps + 1)) % self.capacity
+        valid = np.ones(idx.shape, bool)
+        newest = (self.pos - 1) % self.capacity
+        for k in range(1, steps + 1):
+            prev, cur = idx[:, k - 1], idx[:, k]
+            linked = (prev != newest) & (self.terminated[prev] == 0.0)
+            linked &= (self.next_obs[prev] == self.obs[cur]).all(axis=1)
+            valid[:, k] = valid[:, k - 1] & linked
+        return idx, valid
+
     def warm_starts(self, index: torch.Tensor, low: np.ndarray, high: np.ndarray) -> np.ndarray:
         """``(B, act_dim)`` starts for the argmins at the ``next_obs`` of ``index``: the last
         solution found there, else the cold start (zero clipped to ``[low, high]``)."""

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from qmpc.bridge import ArgminLayer
-from qmpc.data import Batch
+from qmpc.data import Batch, ReplayBuffer
 from qmpc.errors import ConfigError
 from qmpc.networks import QNetwork
 from qmpc.solver import Status
 
-__all__ = ["TD_MODES", "TDMode", "TDResult", "td_loss"]
+__all__ = ["TD_MODES", "TDMode", "TDResult", "model_rolled_batch", "td_loss"]
 
 TDMode = Literal["semi", "residual", "double", "double_detached"]
 TD_MODES = ("semi", "residual", "double", "double_detached")
@@ -68,10 +68,12 @@ def td_loss(
     gamma: float,
     mode: TDMode = "semi",
     w0: np.ndarray | None = None,
+    mask: torch.Tensor | None = None,
 ) -> TDResult:
     """TD loss of a batch. ``online_layer`` minimises ``q``; ``target_layer`` minimises ``q_target``;
     ``w0 (B, act_dim)`` is an optional start of the solves at ``x⁺`` (e.g.
-    :meth:`~qmpc.data.ReplayBuffer.warm_starts`)."""
+    :meth:`~qmpc.data.ReplayBuffer.warm_starts`); ``mask (B,)`` bool: the samples that count (e.g.
+    :func:`model_rolled_batch`'s), default all."""
     if mode not in TD_MODES:
         raise ConfigError(f"expected train.target in {TD_MODES}, got {mode!r}")
     dtype = next(q.parameters()).dtype
@@ -87,7 +89,8 @@ def td_loss(
             mode_u = "none" if detached else "implicit"
             u_star, _, res = online_layer(xn, grad_mode=mode_u, w0=w0, return_result=True, uses_argmin=True)
             v = q_target(xn, u_star)
-    ok = torch.as_tensor(Status.ok(res.status), device=x.device)
+    solved = torch.as_tensor(Status.ok(res.status), device=x.device)
+    ok = solved if mask is None else solved & mask.to(device=x.device, dtype=torch.bool)
     y = c + gamma * (1.0 - term) * v
     qx = q(x, u)
     n_ok = ok.sum().clamp_min(1)
@@ -97,7 +100,7 @@ def td_loss(
         loss,
         float(qx.detach().mean()),
         float((y.detach() * ok).sum() / n_ok),
-        float(1.0 - ok.float().mean()),
+        float(1.0 - solved.float().mean()),
         float(res.solve_ms),
         res.plan[:, : q.act_dim],
         Status.ok(res.status),
@@ -105,3 +108,32 @@ def td_loss(
         res.kkt_residual,
         res.message,
     )
+
+
+def model_rolled_batch(
+    buffer: ReplayBuffer, model: torch.nn.Module, index: np.ndarray, steps: int
+) -> tuple[Batch, torch.Tensor]:
+    """The model-rolled TD samples of a batch (``train.rollout_td``): for each of ``index (B,)`` and
+    ``k = 1 … steps``, the transition ``k`` slots later in its episode (:meth:`ReplayBuffer.chains`)
+    with its state replaced by the model's prediction ``x̂_k = f(… f(x_0, u_0) …, u_{k−1})`` from
+    the batch's state under the buffer's own actions: Q is fitted where a plan queries it, against
+    the target of the real transition (its cost and real next state). Returns the batch
+    (``(steps · B, …)``, ``k``-major) and its mask ``(steps · B,)``: chains that leave their episode,
+    and predictions that are not finite, are masked (their state is the real one, so nothing
+    non-finite reaches Q)."""
+    idx, valid = buffer.chains(index, steps)
+    dtype = next(model.parameters()).dtype
+    t = torch.from_numpy
+    x = t(buffer.obs[idx[:, 0]]).to(dtype)
+    preds = []
+    with torch.no_grad():
+        for k in range(1, steps + 1):
+            x = model(x, t(buffer.act[idx[:, k - 1]]).to(dtype))
+            preds.append(x)
+    rows = idx[:, 1:].T.reshape(-1)
+    pred = torch.cat(preds).to(torch.float32)
+    mask = t(valid[:, 1:].T.reshape(-1).copy()) & torch.isfinite(pred).all(dim=1)
+    real = t(buffer.obs[rows])
+    obs = torch.where(mask[:, None], pred, real)
+    fields = (buffer.act, buffer.cost, buffer.next_obs, buffer.terminated)
+    return Batch(obs, *(t(a[rows]) for a in fields), t(rows)), mask

@@ -29,6 +29,7 @@ from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec
 from qmpc.errors import ConfigError
 from qmpc.networks import QNetwork
+from qmpc.plan_actor import PlanActor
 from qmpc.solver import Status
 
 __all__ = ["SolveWindow", "TrainState"]
@@ -134,6 +135,10 @@ class TrainState:
     last solution) the next solve starts from: the trainer's ``actor``. Saved, so that the first
     solve after a resume starts where the uninterrupted run's does."""
 
+    plan_actor: PlanActor | None = None
+    """The H-step MPC that acts (``train.horizon > 1``): the policy of its last rebuild and its
+    plan are saved, so that the first step after a resume plans as the uninterrupted run's does."""
+
     def __post_init__(self) -> None:
         if self.solve_window is None:
             self.solve_window = SolveWindow(self.cfg.solver.fail_window)
@@ -142,10 +147,16 @@ class TrainState:
         """Wall time of the whole run so far, resumes included."""
         return self.wall_before + time.perf_counter() - self.started
 
-    def state_dict(self) -> dict[str, Any]:
-        """The full training checkpoint (a policy plus what resuming needs)."""
+    def policy(self, copy: bool = True) -> dict[str, Any]:
+        """What a controller is built from (:data:`~qmpc.checkpoint.POLICY_KEYS`): the config, task,
+        network, units, Q and, with ``model.learn``, the model and heads, as they are now (``copy``:
+        tensors cloned, so that training does not change them)."""
         cfg, spec = self.cfg, self.spec
-        full = {
+
+        def tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+            return {k: v.detach().clone() if copy else v for k, v in module.state_dict().items()}
+
+        out = {
             "config": dataclasses.asdict(cfg),
             "spec": {
                 "env_id": spec.env_id,
@@ -157,7 +168,18 @@ class TrainState:
             "network": network_kwargs(cfg),
             "gamma": cfg.train.gamma,
             "cost_scale": cfg.train.cost_scale,
-            "q": self.q.state_dict(),
+            "q": tensors(self.q),
+        }
+        if self.model is not None:
+            out["model"] = {"kwargs": self.model.kwargs(), "state": tensors(self.model)}
+        if self.outcome is not None:
+            out["outcome"] = {"kwargs": self.outcome.kwargs(), "state": tensors(self.outcome)}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training checkpoint (a policy plus what resuming needs)."""
+        full = {
+            **self.policy(copy=False),
             "q_target": self.q_target.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -187,11 +209,11 @@ class TrainState:
             "warm_starts": {name: _warm_tensors(layer.warm_start_state()) for name, layer in self.layers.items()},
         }
         if self.model is not None:
-            full["model"] = {"kwargs": self.model.kwargs(), "state": self.model.state_dict()}
             full["model_optimizer"] = self.model_optimizer.state_dict()
         if self.outcome is not None:
-            full["outcome"] = {"kwargs": self.outcome.kwargs(), "state": self.outcome.state_dict()}
             full["outcome_optimizer"] = self.outcome_optimizer.state_dict()
+        if self.plan_actor is not None:
+            full["plan_actor"] = self.plan_actor.state_dict()
         return full
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -226,6 +248,8 @@ class TrainState:
             self.model_optimizer.load_state_dict(ckpt["model_optimizer"])
             self.model_ready = s["model_ready"]
             self.model_rng.bit_generator.state = ckpt["rng"]["model"]
+        if self.plan_actor is not None:
+            self.plan_actor.load_state_dict(ckpt.get("plan_actor"))
         if self.outcome is not None and "outcome" in ckpt:  # older checkpoints: the heads start afresh
             self.outcome.load_state_dict(ckpt["outcome"]["state"])
             self.outcome_optimizer.load_state_dict(ckpt["outcome_optimizer"])

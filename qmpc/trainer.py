@@ -33,13 +33,14 @@ from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import CheckpointError, load_checkpoint, policy_of, save_checkpoint
 from qmpc.config import Config, check_resumed_launch, config_to_toml, resumed_config
 from qmpc.controller import Controller
-from qmpc.data import ReplayBuffer, atomic_write, check_dataset, ensure_dir, input_normalization, load_minari
+from qmpc.data import Batch, ReplayBuffer, atomic_write, check_dataset, ensure_dir, input_normalization, load_minari
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError, OutputError, SolverError
-from qmpc.losses import TDResult, td_loss
+from qmpc.losses import TDResult, model_rolled_batch, td_loss
 from qmpc.metrics import MetricsLogger, plot_learning_curve, read_metrics
 from qmpc.networks import QNetwork, build_network
+from qmpc.plan_actor import PlanActor, acting_horizon
 from qmpc.runner import discounted_costs, run_episodes
 from qmpc.solver import Status
 from qmpc.train_state import TrainState
@@ -301,6 +302,7 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     rng = np.random.default_rng(cfg.seed)
     env = make_env(cfg.env.id, seed=cfg.seed)
     eval_env = make_env(cfg.env.id, seed=cfg.seed + 10_000)
+    _check_planning(cfg, env)
     spec = env_spec(env)
     buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, tc.buffer_size)
     q = build_q(cfg, spec)
@@ -321,6 +323,7 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
         cfg, spec, env, q, q_target, opt, sched, buffer, rng, model_rng, model, model_opt, obs=obs, started=started
     )
     st.outcome, st.outcome_optimizer = outcome, outcome_opt
+    st.plan_actor = PlanActor(tc, eval_env) if tc.horizon > 1 else None  # reads eval_env's model, never steps it
     return st, eval_env
 
 
@@ -333,6 +336,20 @@ def _new_outcome(cfg: Config, spec: EnvSpec) -> tuple[OutcomeModel, torch.optim.
         heads = OutcomeModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
     heads = heads.to(getattr(torch, cfg.train.dtype))
     return heads, torch.optim.Adam(heads.parameters(), lr=cfg.model.lr)
+
+
+def _check_planning(cfg: Config, env) -> None:
+    """``train.horizon > 1`` and ``train.rollout_td`` need a model to plan or roll with."""
+    tc, learned = cfg.train, cfg.model.learn
+    if tc.horizon > 1 and tc.mode != "online":
+        raise ConfigError(f"expected train.horizon = 1 offline (nothing acts), got {tc.horizon}")
+    if tc.horizon > 1 and not (learned or hasattr(env.unwrapped, "casadi_model")):
+        raise ConfigError(
+            f"expected model.learn = true with train.horizon = {tc.horizon} (the plan runs through the learned model; "
+            f"{cfg.env.id} has no exact one), got false"
+        )
+    if tc.rollout_td and not learned:
+        raise ConfigError(f"expected model.learn = true with train.rollout_td = {tc.rollout_td}, got false")
 
 
 def _prepare_data(cfg: Config, spec: EnvSpec, buffer: ReplayBuffer, q: QNetwork) -> None:
@@ -417,14 +434,29 @@ def _fix_normalization(st: TrainState) -> None:
 
 
 def _act(st: TrainState, actor: ArgminLayer) -> np.ndarray:
-    """The action at ``st.obs``: uniform before ``learning_starts``, then Q's argmin plus Gaussian noise."""
+    """The action at ``st.obs``: uniform before ``learning_starts``, then the controller's (Q's
+    argmin, or the plan of :func:`~qmpc.plan_actor.acting_horizon` steps once the model is fitted)
+    plus Gaussian noise."""
     tc, spec = st.cfg.train, st.spec
     if st.step < tc.learning_starts:
         return st.rng.uniform(spec.low, spec.high)
     with _timed(st.acc, "time/act_ms"):
-        u, _ = actor(torch.as_tensor(st.obs, dtype=torch.float64)[None])
-    a = u[0].numpy() + tc.exploration_noise * (spec.high - spec.low) * st.rng.normal(size=spec.act_dim)
+        if _planning(st):
+            u, info = st.plan_actor.act(st.policy, st.step, st.obs, new_episode=st.ep_len == 0)
+            st.acc.setdefault("act/fallback", []).append(float(info["fallback"]))
+        else:
+            u = actor(torch.as_tensor(st.obs, dtype=torch.float64)[None])[0][0].numpy()
+    a = u + tc.exploration_noise * (spec.high - spec.low) * st.rng.normal(size=spec.act_dim)
     return np.clip(a, spec.low, spec.high)
+
+
+def _planning(st: TrainState) -> bool:
+    """Whether the plan acts now: a horizon above 1 at this step, and a model fitted to plan with."""
+    return (
+        st.plan_actor is not None
+        and acting_horizon(st.cfg.train, st.step) > 1
+        and (st.model is None or st.model_ready)
+    )
 
 
 def _step_env(st: TrainState, a: np.ndarray, logger: MetricsLogger) -> None:
@@ -444,9 +476,15 @@ def _learn(st: TrainState, online: ArgminLayer, target: ArgminLayer) -> TDResult
     """One TD update of Q on a batch from the buffer, then the Polyak step of the target network."""
     tc, acc = st.cfg.train, st.acc
     batch = st.buffer.sample(tc.batch_size, st.rng)
+    mask = None
+    if tc.rollout_td and st.model_ready:  # and Q at the model's predictions k = 1 … K steps ahead
+        rolled, rolled_mask = model_rolled_batch(st.buffer, st.model, batch.index.numpy(), tc.rollout_td)
+        batch = Batch(*(torch.cat(pair) for pair in zip(batch, rolled, strict=True)))
+        mask = torch.cat([torch.ones(tc.batch_size, dtype=torch.bool), rolled_mask])
+        acc.setdefault("train/rollout_valid", []).append(float(rolled_mask.float().mean()))
     with _timed(acc, "time/td_loss_ms"):  # the TD-target solves and the forward pass
         w0 = st.buffer.warm_starts(batch.index, st.spec.low, st.spec.high) if st.cfg.solver.warm_start else None
-        res = td_loss(st.q, st.q_target, online, target, batch, tc.gamma, tc.target, w0=w0)
+        res = td_loss(st.q, st.q_target, online, target, batch, tc.gamma, tc.target, w0=w0, mask=mask)
         st.buffer.store_argmins(batch.index, res.next_argmin, res.next_ok)
     with _timed(acc, "time/update_ms"):  # backward (through the solves), Adam, Polyak
         st.optimizer.zero_grad()
@@ -537,8 +575,13 @@ def _evaluate(st: TrainState, run: _Run) -> None:
     """Evaluate the greedy controller of Q as it is now; log it and redraw the learning curve."""
     cfg, tc = st.cfg, st.cfg.train
     t_eval = time.perf_counter()
-    run.evaluator.q.load_state_dict(st.q.state_dict())
-    ev = evaluate(run.evaluator, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale)
+    controller = run.evaluator
+    if _planning(st):  # at the horizon the run acts with, through the model as it is now
+        horizon = acting_horizon(tc, st.step)
+        controller = Controller.from_policy(st.policy(), horizon=horizon, env=run.eval_env, where="the run")
+    else:
+        controller.q.load_state_dict(st.q.state_dict())
+    ev = evaluate(controller, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale)
     eval_ms = (time.perf_counter() - t_eval) * 1e3
     st.eval_steps.append(st.step)
     st.eval_returns.append(ev.ret)
