@@ -5,6 +5,7 @@ seeds, evaluating the deterministic policy every ``--eval-every`` steps on the s
     pip install -e ".[benchmark,ray]"
     python benchmarks/bench_learning.py [--tasks inverted_pendulum inverted_double_pendulum reacher]
                                         [--steps N] [--seeds 0 1 2 3 4] [--out benchmarks/results]
+                                        [--horizons 1 3] [--plan-set train.rollout_td=2 ...]
                                         [--set key=value ...] [--num-cpus N | --address HOST:PORT]
 
 Every (task, method, seed) is one trial of the sweep machinery of ``qmpc sweep`` (:mod:`qmpc.sweep`,
@@ -92,6 +93,19 @@ def main() -> None:
     ap.add_argument("--eval-episodes", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--methods", nargs="+", default=["qmpc", "SAC"], choices=["qmpc", "SAC"])
+    ap.add_argument(
+        "--horizons",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="qmpc trained (train.horizon) and evaluated at each horizon: one method each (qmpc-h3 …; qmpc for 1)",
+    )
+    ap.add_argument(
+        "--plan-set",
+        action="append",
+        default=[],
+        help="qmpc config override of the trials with a horizon > 1 (e.g. train.rollout_td=2)",
+    )
     ap.add_argument("--set", action="append", default=[], help="qmpc config override (every qmpc trial)")
     ap.add_argument("--workers", type=int, default=1, help="qmpc solver threads per trial")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
@@ -107,10 +121,15 @@ def main() -> None:
         cfg = load_config(launch)
         env_id, steps = cfg.env.id, args.steps or cfg.train.steps
         budget[env_id] = steps
-        for method in args.methods:
+        methods = [m for m in args.methods if m != "qmpc"]
+        if "qmpc" in args.methods:
+            methods = [f"qmpc-h{h}" if h > 1 else "qmpc" for h in args.horizons] + methods
+        for method in methods:
             d = out / f"{task}-{method}"
-            if method == "qmpc":
-                ts = plan_trials(launch, args.seeds, [f"train.steps={steps}", *sets], [], d)
+            if method.startswith("qmpc"):
+                h = int(method[6:]) if method != "qmpc" else 1
+                plan = [f"train.horizon={h}", *(args.plan_set if h > 1 else [])]
+                ts = plan_trials(launch, args.seeds, [f"train.steps={steps}", *sets, *plan], [], d)
             else:
                 params = {"env_id": env_id, "steps": steps, "eval_every": args.eval_every}
                 ts = [

@@ -115,7 +115,8 @@ def solve_box(
     max_backtracks: int = 30,
     deadline: float = np.inf,
 ) -> BoxNewtonResult:
-    """Minimise every ``f_b`` over the box ``lb ≤ u ≤ ub`` (``(nu,)`` each) from ``u0 (B, nu)``.
+    """Minimise every ``f_b`` over the box ``lb ≤ u ≤ ub`` (``(nu,)``, or ``(B, nu)``: one box per
+    sample, as the QPs of :func:`~qmpc.boxsqp.solve_box_sqp`) from ``u0 (B, nu)``.
 
     Returns the last iterate of every sample; ``converged`` marks those whose projected-gradient
     residual is at most ``tol``. Never raises on a sample that does not converge. ``deadline``: a
@@ -125,6 +126,7 @@ def solve_box(
     u = np.clip(np.asarray(u0, np.float64), lb, ub)
     B = u.shape[0]
     rows = np.arange(B)
+    lb, ub = (np.broadcast_to(b, u.shape) for b in (lb, ub))  # per sample: a row subset is theirs
     f, g, H = oracle.derivatives(u, rows)
     r = kkt_residual(u, g, np.zeros((B, 0)), lb, ub)
     its = np.zeros(B, int)
@@ -132,9 +134,9 @@ def solve_box(
     for _ in range(max_iter):
         if live.size == 0 or time.perf_counter() > deadline:
             break
-        ul, gl = u[live], g[live]
+        ul, gl, lbl, ubl = u[live], g[live], lb[live], ub[live]
         e = np.minimum(eps, r[live])[:, None]
-        held = ((ul - lb <= e) & (gl > 0)) | ((ub - ul <= e) & (gl < 0))
+        held = ((ul - lbl <= e) & (gl > 0)) | ((ubl - ul <= e) & (gl < 0))
         d = _direction(gl, H[live], held, delta)
         step, fl = np.ones(live.size), f[live]
         accepted = np.zeros(live.size, bool)
@@ -143,7 +145,7 @@ def solve_box(
             todo = np.flatnonzero(~accepted)
             if todo.size == 0 or time.perf_counter() > deadline:
                 break
-            trial = np.clip(ul[todo] + step[todo, None] * d[todo], lb, ub)
+            trial = np.clip(ul[todo] + step[todo, None] * d[todo], lbl[todo], ubl[todo])
             ft = oracle.value(trial, live[todo])
             decrease = armijo * np.einsum("bi,bi->b", gl[todo], trial - ul[todo])
             slack = 1e-13 * (1.0 + np.abs(fl[todo]))  # rounding: a step that changes f by ~1 ulp
@@ -156,7 +158,7 @@ def solve_box(
         u[moved] = un[accepted]
         if moved.size:
             f[moved], g[moved], H[moved] = oracle.derivatives(u[moved], moved)
-            r[moved] = kkt_residual(u[moved], g[moved], np.zeros((moved.size, 0)), lb, ub)
+            r[moved] = kkt_residual(u[moved], g[moved], np.zeros((moved.size, 0)), lb[moved], ub[moved])
         # done: converged, or stuck (no acceptable step: the caller retries these elsewhere)
         live = moved[r[moved] > tol]
     return BoxNewtonResult(u, f, g, r, r <= tol, its)

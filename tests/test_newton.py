@@ -152,3 +152,37 @@ def test_replay_buffer_keeps_argmins_as_warm_starts():
     buf.add([9.0, 0.0], [0.0], 1.0, [9.0, 1.0], False)  # overwrites slot 0: its argmin is gone
     np.testing.assert_array_equal(buf.warm_starts(idx, low, high), [[0.5], [0.5]])
     assert buf.sample(4, np.random.default_rng(0)).index.dtype == torch.int64
+
+
+class _Quartic:
+    """``f_b(u) = Σ (u − c_b)⁴ + 0.1 ‖u‖²``: Newton needs more iterations the farther ``c_b`` is."""
+
+    def __init__(self, c: np.ndarray):
+        self.c = c
+
+    def value(self, u, rows):
+        return ((u - self.c[rows]) ** 4).sum(axis=1) + 0.1 * (u**2).sum(axis=1)
+
+    def derivatives(self, u, rows):
+        d = u - self.c[rows]
+        H = np.stack([np.diag(12 * di**2 + 0.2) for di in d])
+        return self.value(u, rows), 4 * d**3 + 0.2 * u, H
+
+
+def test_one_box_per_sample_when_samples_converge_at_different_iterations():
+    """The box SQP's QPs give the projected Newton one box per sample (``(B, n)`` bounds). When
+    its samples converged at different iterations, the line search clipped a subset of rows to
+    every row's box: a ``ValueError`` (shapes (20,3) and (256,3)) on a batch of 256 H = 3 plans
+    of ``models/inverted_pendulum.pt``. Each sample now gets its own box, and the batch's answer
+    is each sample's alone."""
+    rng = np.random.default_rng(0)
+    B, n = 16, 3
+    c = rng.normal(scale=rng.uniform(0.1, 5.0, size=(B, 1)), size=(B, n))
+    lb, ub = -rng.uniform(0.5, 2.0, size=(B, n)), rng.uniform(0.5, 2.0, size=(B, n))
+    oracle = _Quartic(c)
+    res = solve_box(oracle, np.zeros((B, n)), lb, ub, tol=1e-10, max_iter=60)
+    assert res.converged.all() and len(set(res.iterations)) > 1
+    assert np.all(res.u >= lb) and np.all(res.u <= ub)
+    for b in range(B):
+        one = solve_box(_Quartic(c[b : b + 1]), np.zeros((1, n)), lb[b], ub[b], tol=1e-10, max_iter=60)
+        np.testing.assert_allclose(res.u[b], one.u[0], atol=1e-9)

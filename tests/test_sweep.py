@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qmpc.checkpoint import load_checkpoint
 from qmpc.cli import main
 from qmpc.config import load_config
 from qmpc.sweep import RESULT_FILE, plan_trials
@@ -128,20 +129,22 @@ def test_empty_seed_list_is_refused(tmp_path, capsys):
 
 def test_learning_benchmark_runs_with_a_tiny_budget(tmp_path):
     """``benchmarks/bench_learning.py`` end to end (qmpc only: SAC needs the benchmark extra) on
-    qmpc's own task, whose id holds a slash."""
+    qmpc's own task, whose id holds a slash, greedy and trained to plan two steps ahead."""
     import subprocess
     import sys
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_learning.py"
     sets = [a for s in TINY if not s.startswith(("train.steps", "train.eval")) for a in ("--set", s)]
     args = ["--tasks", "point_mass", "--seeds", "0", "--methods", "qmpc", "--steps", "200", "--eval-every", "100"]
-    args += ["--eval-episodes", "1", "--out", str(tmp_path), "--num-cpus", "1", *sets]
+    args += ["--eval-episodes", "1", "--out", str(tmp_path), "--num-cpus", "1", "--horizons", "1", "2", *sets]
     out = subprocess.run([sys.executable, str(bench), *args], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "qmpc/PointMass-v0, 200 environment steps per run" in out.stdout
     assert (tmp_path / "curves_pointmass.png").exists()
     rows = list(csv.DictReader((tmp_path / "results_pointmass.csv").open()))
-    assert len(rows) == 1 and int(rows[0]["steps"]) == 200
+    assert len(rows) == 2 and all(int(r["steps"]) == 200 for r in rows)
+    assert "qmpc-h2" in out.stdout
+    assert load_checkpoint(tmp_path / "point_mass-qmpc-h2" / "seed0" / "checkpoint.pt")["plan_actor"]["horizon"] == 2
 
 
 # -- issue 20, items 2 and 3 ------------------------------------------------------------------
