@@ -453,9 +453,7 @@ def _act(st: TrainState, actor: ArgminLayer) -> np.ndarray:
 def _planning(st: TrainState) -> bool:
     """Whether the plan acts now: a horizon above 1 at this step, and a model fitted to plan with."""
     return (
-        st.plan_actor is not None
-        and acting_horizon(st.cfg.train, st.step) > 1
-        and (st.model is None or st.model_ready)
+        st.plan_actor is not None and acting_horizon(st.cfg.train, st.step) > 1 and (st.model is None or st.model_ready)
     )
 
 
