@@ -177,6 +177,12 @@ class TrainConfig:
     states the learned model predicts ``k = 1 … K`` steps ahead of the batch's states under the
     buffer's own actions (the states a plan queries Q at), against the TD targets of the real
     transitions there; chains that cross an episode's end are masked. Needs ``model.learn``."""
+    target_horizon: int = field(default=1, metadata={"min": 1})
+    """The TD target's horizon ``H``: ``y = c + γ (1 − d) V_H(x⁺)`` with ``V_H`` the value of the best
+    ``H``-step plan through the learned model, its stage cost and termination heads, the target
+    network the cost-to-go at its end (:mod:`qmpc.plan_targets`); 1: ``min_v Q_target(x⁺, v)``.
+    ``H > 1`` needs ``model.learn`` and ``target`` ``semi`` or ``double_detached`` (the plan of Q
+    scored by the target network)."""
     torch_threads: int = field(default=1, metadata={"min": 1})
     """torch's intra-op threads. The networks are small: measured on 2 cores with three runs side
     by side, the default 2 threads made each torch backward 30x slower (spinning threads contend

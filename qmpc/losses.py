@@ -19,6 +19,7 @@ Samples whose solve failed are masked out of the mean and counted; they never re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -33,6 +34,8 @@ from qmpc.solver import Status
 __all__ = ["TD_MODES", "TDMode", "TDResult", "model_rolled_batch", "td_loss"]
 
 TDMode = Literal["semi", "residual", "double", "double_detached"]
+_PLANNERS = {"semi": "target", "double_detached": "online"}
+"""Which network plans the H-step target of each mode (the target network scores the plan)."""
 TD_MODES = ("semi", "residual", "double", "double_detached")
 
 
@@ -69,16 +72,24 @@ def td_loss(
     mode: TDMode = "semi",
     w0: np.ndarray | None = None,
     mask: torch.Tensor | None = None,
+    next_values: Callable | None = None,
 ) -> TDResult:
     """TD loss of a batch. ``online_layer`` minimises ``q``; ``target_layer`` minimises ``q_target``;
     ``w0 (B, act_dim)`` is an optional start of the solves at ``x⁺`` (e.g.
     :meth:`~qmpc.data.ReplayBuffer.warm_starts`); ``mask (B,)`` bool: the samples that count (e.g.
-    :func:`model_rolled_batch`'s), default all."""
+    :func:`model_rolled_batch`'s), default all; ``next_values``: the H-step plan values
+    (:class:`~qmpc.plan_targets.PlanTargets`, ``semi`` and ``double_detached``) in place of the
+    layers' ``min_v``."""
     if mode not in TD_MODES:
         raise ConfigError(f"expected train.target in {TD_MODES}, got {mode!r}")
     dtype = next(q.parameters()).dtype
     x, u, c, xn, term = (t.to(dtype) for t in (batch.obs, batch.act, batch.cost, batch.next_obs, batch.terminated))
-    if mode == "semi":
+    if next_values is not None:
+        if mode not in ("semi", "double_detached"):
+            raise ConfigError(f"expected train.target semi or double_detached with a plan's value, got {mode!r}")
+        res = next_values(xn, w0 if w0 is not None else np.zeros((len(xn), q.act_dim)), _PLANNERS[mode])
+        v = res.value.to(dtype)
+    elif mode == "semi":
         with torch.no_grad():
             _, v, res = target_layer(xn, grad_mode="none", w0=w0, return_result=True)
     elif mode == "residual":

@@ -41,6 +41,7 @@ from qmpc.losses import TDResult, model_rolled_batch, td_loss
 from qmpc.metrics import MetricsLogger, plot_learning_curve, read_metrics
 from qmpc.networks import QNetwork, build_network
 from qmpc.plan_actor import PlanActor, acting_horizon
+from qmpc.plan_targets import PlanTargets
 from qmpc.runner import discounted_costs, run_episodes
 from qmpc.solver import Status
 from qmpc.train_state import TrainState
@@ -241,6 +242,8 @@ class _Run(NamedTuple):
     eval_env: Any
     logger: MetricsLogger
     bar: tqdm
+    plan_targets: PlanTargets | None = None
+    """``V_H`` of the TD targets (``train.target_horizon > 1``): copies of the networks, no state."""
 
 
 def _train(
@@ -264,7 +267,7 @@ def _train(
         dynamic_ncols=True,
         desc=f"{st.spec.env_id} {tc.mode} {tc.target}",
     )
-    run = _Run(run_dir, *solvers, eval_env, logger, bar)
+    run = _Run(run_dir, *solvers, eval_env, logger, bar, _plan_targets(cfg, st))
     try:
         while st.step < tc.steps:
             _step(st, run)
@@ -350,6 +353,13 @@ def _check_planning(cfg: Config, env) -> None:
         )
     if tc.rollout_td and not learned:
         raise ConfigError(f"expected model.learn = true with train.rollout_td = {tc.rollout_td}, got false")
+    if tc.target_horizon > 1 and not learned:
+        raise ConfigError(f"expected model.learn = true with train.target_horizon = {tc.target_horizon}, got false")
+    if tc.target_horizon > 1 and tc.target not in ("semi", "double_detached"):
+        raise ConfigError(
+            f"expected train.target semi or double_detached with train.target_horizon = {tc.target_horizon}, got "
+            f"{tc.target!r} (the gradient through an H-step plan is not built yet)"
+        )
 
 
 def _prepare_data(cfg: Config, spec: EnvSpec, buffer: ReplayBuffer, q: QNetwork) -> None:
@@ -408,7 +418,7 @@ def _step(st: TrainState, run: _Run) -> None:
         _step_env(st, _act(st, run.actor), run.logger)
     if tc.mode == "offline" or st.step >= tc.learning_starts:
         for _ in range(tc.updates_per_step):
-            res = _learn(st, run.online, run.target)
+            res = _learn(st, run)
             if st.model is not None:
                 _fit_model(st)
             _record(st, res)
@@ -470,9 +480,19 @@ def _step_env(st: TrainState, a: np.ndarray, logger: MetricsLogger) -> None:
         st.ep_return, st.ep_len, st.episode = 0.0, 0, st.episode + 1
 
 
-def _learn(st: TrainState, online: ArgminLayer, target: ArgminLayer) -> TDResult:
+def _plan_targets(cfg: Config, st: TrainState) -> PlanTargets | None:
+    """The H-step plan values of the TD targets (``train.target_horizon > 1``), else None."""
+    tc = cfg.train
+    if tc.target_horizon == 1:
+        return None
+    return PlanTargets(st.q, st.q_target, st.model, st.outcome, st.spec.low, st.spec.high, tc.target_horizon, tc.gamma)
+
+
+def _learn(st: TrainState, run: _Run) -> TDResult:
     """One TD update of Q on a batch from the buffer, then the Polyak step of the target network."""
     tc, acc = st.cfg.train, st.acc
+    online, target = run.online, run.target
+    next_values = run.plan_targets if st.model_ready and st.outcome_ready else None  # else V_1 until fitted
     batch = st.buffer.sample(tc.batch_size, st.rng)
     mask = None
     if tc.rollout_td and st.model_ready:  # and Q at the model's predictions k = 1 … K steps ahead
@@ -482,7 +502,7 @@ def _learn(st: TrainState, online: ArgminLayer, target: ArgminLayer) -> TDResult
         acc.setdefault("train/rollout_valid", []).append(float(rolled_mask.float().mean()))
     with _timed(acc, "time/td_loss_ms"):  # the TD-target solves and the forward pass
         w0 = st.buffer.warm_starts(batch.index, st.spec.low, st.spec.high) if st.cfg.solver.warm_start else None
-        res = td_loss(st.q, st.q_target, online, target, batch, tc.gamma, tc.target, w0=w0, mask=mask)
+        res = td_loss(st.q, st.q_target, online, target, batch, tc.gamma, tc.target, w0, mask, next_values)
         st.buffer.store_argmins(batch.index, res.next_argmin, res.next_ok)
     with _timed(acc, "time/update_ms"):  # backward (through the solves), Adam, Polyak
         st.optimizer.zero_grad()

@@ -1,0 +1,124 @@
+"""The H-step MPC-value TD target (``train.target_horizon = H > 1``): ``y = c + γ (1 − d) V_H(x⁺)``
+with the value of the best plan through the learned model,
+
+    V_H(x) = min_{u_0 … u_{H−1} ∈ [low, high]}
+             Σ_{k<H−1} γᵏ s_k ĉ(x_k, u_k, x_{k+1}) + γ^{H−1} s_{H−1} Q(x_{H−1}, u_{H−1}),
+    x_0 = x,  x_{k+1} = f̂(x_k, u_k),  s_0 = 1,  s_{k+1} = s_k (1 − p̂(x_k, u_k, x_{k+1})),
+
+``f̂`` the dynamics model, ``ĉ`` and ``p̂`` the learned stage cost and termination probability
+(:class:`~qmpc.dynamics.OutcomeModel`). ``V_1(x) = min_u Q(x, u)`` is the usual target. The plans of
+a batch are solved together by the batched box SQP of :mod:`qmpc.boxsqp` on the objective's value,
+gradient and exact Hessian from torch (float64 copies of the networks; the Hessian by one batched
+Hessian-vector product per action), the framework-free solver's torch adapter. Samples whose plan
+does not converge are masked from the loss and counted, as the H = 1 target's failed solves are.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from qmpc.boxsqp import solve_box_sqp
+from qmpc.solver import Status
+
+__all__ = ["PlanObjective", "PlanTargets", "PlanValues"]
+
+
+class PlanObjective:
+    """The plan objective ``J(u_0 … u_{H−1})`` of ``V_H`` for the states ``x0 (B, nx)``, as a
+    :class:`~qmpc.newton.Oracle` of the flattened actions ``u (R, H · nu)`` of rows ``rows``."""
+
+    def __init__(self, q, model, heads, x0: torch.Tensor, horizon: int, gamma: float):
+        self.q, self.model, self.heads = q, model, heads
+        self.x0, self.H, self.gamma = x0, int(horizon), float(gamma)
+        self.nu = q.act_dim
+
+    def objective(self, u: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """``J (R,)`` of the plans ``u (R, H · nu)`` from ``x0 (R, nx)`` (differentiable in ``u``)."""
+        us = u.reshape(u.shape[0], self.H, self.nu)
+        x, alive, J = x0, torch.ones_like(u[:, 0]), torch.zeros_like(u[:, 0])
+        for k in range(self.H - 1):
+            xn = self.model(x, us[:, k])
+            J = J + self.gamma**k * alive * self.heads.cost(x, us[:, k], xn)
+            alive = alive * (1.0 - self.heads.termination(x, us[:, k], xn))
+            x = xn
+        return J + self.gamma ** (self.H - 1) * alive * self.q(x, us[:, -1]).reshape(-1)
+
+    def value(self, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            f = self.objective(torch.from_numpy(u), self.x0[rows]).numpy()
+        return np.where(np.isfinite(f), f, np.inf)
+
+    def derivatives(self, u: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``J (R,)``, ``∇J (R, n)`` and ``∇²J (R, n, n)``. The plans are independent, so the
+        gradient of a batch's sum is each plan's gradient. The batch is repeated ``n`` times, copy
+        ``i`` seeded with the ``i``-th action of every plan: one second backward pass through the
+        ``n · R`` plans gives every column of every Hessian (measured faster than ``n`` separate
+        Hessian-vector products, and than ``torch.func``'s vectorised forward-over-reverse)."""
+        R, n = u.shape
+        U = torch.from_numpy(np.tile(u, (n, 1))).requires_grad_(True)  # copy i: rows i·R … (i+1)·R − 1
+        with torch.enable_grad():
+            f = self.objective(U, self.x0[rows].repeat(n, 1))
+            (g,) = torch.autograd.grad(f.sum(), U, create_graph=True)
+            seed = torch.eye(n, dtype=U.dtype).repeat_interleave(R, dim=0)  # copy i: direction e_i
+            (Hc,) = torch.autograd.grad((g * seed).sum(), U)
+        H = Hc.reshape(n, R, n).permute(1, 2, 0).numpy()  # [b, :, i]: column i of plan b's Hessian
+        f, g = f.detach()[:R].numpy(), g.detach()[:R].numpy()
+        return np.where(np.isfinite(f), f, np.inf), g, 0.5 * (H + np.swapaxes(H, 1, 2))
+
+
+class PlanValues(NamedTuple):
+    """A batch of ``V_H`` solves, with the attributes the TD loss reads of an argmin layer's result."""
+
+    value: torch.Tensor
+    """``(B,)`` ``V_H(x)`` (of the scoring network; float64)."""
+    plan: np.ndarray
+    """``(B, H · nu)`` the plans ``u_0 … u_{H−1}``."""
+    status: np.ndarray
+    """``(B,)`` int8 :class:`~qmpc.solver.Status`: ``SOLVED`` or ``FAILED`` (masked)."""
+    kkt_residual: np.ndarray
+    """``(B,)`` projected-gradient residual of each plan."""
+    solve_ms: float
+    message: str = ""
+
+
+class PlanTargets:
+    """``V_H`` for TD targets: float64 copies of Q, the target network, the model and the heads,
+    refreshed from the training networks at each call (``load_state_dict``: a cast, no rebuild).
+
+    Args:
+        q, q_target, model, heads: the training networks (any dtype).
+        low, high: ``(nu,)`` action bounds.
+        horizon: ``H ≥ 2``; gamma: the discount.
+        tol, max_iter: the box SQP's stopping residual and iteration budget.
+    """
+
+    def __init__(self, q, q_target, model, heads, low, high, horizon: int, gamma: float, tol=1e-5, max_iter=20):
+        self.sources = (q, q_target, model, heads)
+        self.copies = tuple(copy.deepcopy(m).double().requires_grad_(False) for m in self.sources)
+        self.low, self.high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+        self.horizon, self.gamma, self.tol, self.max_iter = int(horizon), float(gamma), tol, max_iter
+
+    def __call__(self, x: torch.Tensor, u0: np.ndarray, planner: str = "target") -> PlanValues:
+        """``V_H`` at ``x (B, nx)`` from plans that start at ``u0 (B, nu)`` (each action ``u0``).
+        ``planner``: ``"target"`` (the target network plans and scores: ``semi``) or ``"online"``
+        (Q plans, the target network scores its plan: ``double_detached``)."""
+        t0 = time.perf_counter()
+        for src, dst in zip(self.sources, self.copies, strict=True):
+            dst.load_state_dict(src.state_dict())
+        q, q_target, model, heads = self.copies
+        x64 = x.detach().to(torch.float64)
+        scorer = PlanObjective(q_target, model, heads, x64, self.horizon, self.gamma)
+        solver = scorer if planner == "target" else PlanObjective(q, model, heads, x64, self.horizon, self.gamma)
+        lb, ub = np.tile(self.low, self.horizon), np.tile(self.high, self.horizon)
+        start = np.tile(np.clip(u0, self.low, self.high), (1, self.horizon))
+        res = solve_box_sqp(solver, start, lb, ub, tol=self.tol, max_iter=self.max_iter)
+        value = res.value if solver is scorer else scorer.value(res.u, np.arange(len(res.u)))
+        ok = res.converged & np.isfinite(value)
+        status = np.where(ok, Status.SOLVED, Status.FAILED).astype(np.int8)
+        v = torch.from_numpy(np.where(ok, value, 0.0))
+        return PlanValues(v, res.u, status, res.residual, (time.perf_counter() - t0) * 1e3)

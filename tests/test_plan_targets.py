@@ -1,0 +1,148 @@
+"""Issue 19: the H-step MPC-value TD target (``train.target_horizon``). Its objective's derivatives
+against finite differences, its values against the CasADi plan of the same networks' twins (and,
+at H = 1, against the argmin layer), and a run that trains with it and resumes bit for bit."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qmpc
+from qmpc.config import load_config
+from qmpc.dynamics import DynamicsModel, OutcomeModel
+from qmpc.errors import ConfigError
+from qmpc.plan_targets import PlanObjective, PlanTargets
+from qmpc.planner import Planner
+from qmpc.problem import MPCSpec
+from qmpc.solver import SolverOptions, Status
+from qmpc.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+NX, NU = 3, 2
+LOW, HIGH = -np.ones(NU), np.ones(NU)
+
+
+def _networks():
+    torch.manual_seed(0)
+    q = qmpc.PICNN(NX, NU, hidden=(8, 8), action_curvature=0.1).double()
+    model = DynamicsModel(NX, NU, hidden=(16,)).double()
+    heads = OutcomeModel(NX, NU, hidden=(8,)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, NX, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        model.fit_normalization(x, x + 0.1 * torch.randn(64, NX, dtype=torch.float64, generator=g))
+        heads.fit_normalization(x, torch.randn(64, dtype=torch.float64, generator=g))
+        heads.term_net[-1].bias.fill_(-2.0)  # a termination probability of ~0.1: the weights matter
+    return q, model, heads
+
+
+def _states(n: int) -> torch.Tensor:
+    return 0.5 * torch.randn(n, NX, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_objective_derivatives_match_finite_differences(horizon):
+    q, model, heads = _networks()
+    x0 = _states(4)
+    obj = PlanObjective(q, model, heads, x0, horizon, 0.95)
+    rng = np.random.default_rng(0)
+    u = rng.uniform(-0.8, 0.8, size=(4, horizon * NU))
+    rows = np.arange(4)
+    f, g, H = obj.derivatives(u, rows)
+    np.testing.assert_allclose(f, obj.value(u, rows), rtol=0, atol=1e-13)
+    eps = 1e-6
+    for j in range(u.shape[1]):
+        d = np.zeros_like(u)
+        d[:, j] = eps
+        fd_g = (obj.value(u + d, rows) - obj.value(u - d, rows)) / (2 * eps)
+        fd_H = (obj.derivatives(u + d, rows)[1] - obj.derivatives(u - d, rows)[1]) / (2 * eps)
+        np.testing.assert_allclose(g[:, j], fd_g, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(H[:, :, j], fd_H, rtol=1e-5, atol=1e-7)
+
+
+def test_plan_values_match_the_casadi_plan_of_the_twins():
+    """``V_H`` from the torch objective and the batched box SQP equals the value CasADi's plan
+    (the networks' exact twins: Q, the model, the cost and termination heads) finds."""
+    q, model, heads = _networks()
+    x = _states(12)
+    targets = PlanTargets(q, q, model, heads, LOW, HIGH, 3, 0.95, tol=1e-10, max_iter=50)
+    res = targets(x, np.zeros((12, NU)))
+    assert Status.ok(res.status).all() and res.plan.shape == (12, 3 * NU)
+    spec = MPCSpec(
+        LOW,
+        HIGH,
+        horizon=3,
+        dynamics=model.casadi_function(),
+        dynamics_derivatives=model.stage_derivatives(),
+        stage_cost=heads.cost_function(),
+        termination=heads.termination_function(),
+        discount=0.95,
+        shooting="single",
+    )
+    ref, _ = Planner(q, spec, SolverOptions(tol=1e-10, workers=1), bake_weights=True).solve(x.numpy())
+    assert Status.ok(ref.status).all()
+    np.testing.assert_allclose(res.value.numpy(), ref.value, rtol=1e-9, atol=1e-9)
+
+
+def test_horizon_one_is_the_argmin_layers_value():
+    q, model, heads = _networks()
+    x = _states(8)
+    res = PlanTargets(q, q, model, heads, LOW, HIGH, 1, 0.95, tol=1e-10, max_iter=50)(x, np.zeros((8, NU)))
+    _, v = qmpc.ArgminLayer(q, LOW, HIGH, grad_mode="none")(x)
+    np.testing.assert_allclose(res.value.numpy(), v.detach().numpy(), rtol=0, atol=1e-9)
+
+
+def test_double_detached_scores_the_online_plan_with_the_target_network():
+    q, model, heads = _networks()
+    q_target = qmpc.PICNN(NX, NU, hidden=(8, 8), action_curvature=0.1).double()
+    x = _states(6)
+    targets = PlanTargets(q, q_target, model, heads, LOW, HIGH, 2, 0.95, tol=1e-10, max_iter=50)
+    own, online = targets(x, np.zeros((6, NU)), "target"), targets(x, np.zeros((6, NU)), "online")
+    score = PlanObjective(q_target, model, heads, x, 2, 0.95).value(online.plan, np.arange(6))
+    np.testing.assert_allclose(online.value.numpy(), score, rtol=0, atol=1e-12)
+    assert np.all(own.value.numpy() <= score + 1e-9)  # the target network's own plan is its minimum
+
+
+TINY = [
+    "train.steps=50",
+    "train.learning_starts=10",
+    "train.batch_size=16",
+    "train.eval_every=25",
+    "train.eval_episodes=1",
+    "train.checkpoint_every=15",
+    "train.log_every=10",
+    "train.buffer_size=1000",
+    "model.batch_size=32",
+    "model.updates_per_step=1",
+    "train.target=double_detached",
+    "train.target_horizon=3",
+]
+
+
+def _ip(run_dir, *sets):
+    return load_config(ROOT / "launch" / "inverted_pendulum.toml", [f"run_dir={run_dir}", *TINY, *sets])
+
+
+def test_a_run_with_plan_targets_trains_and_resumes_bit_identical(tmp_path):
+    from test_resume_exact import assert_same_run
+
+    straight = train(_ip(tmp_path / "a"), progress=False)
+    assert straight.fail_frac < 0.2
+    b = tmp_path / "b"
+    train(_ip(b), progress=False, stop_at=37)
+    resumed = train(_ip(b), resume=True, progress=False)
+    assert resumed.eval_returns == straight.eval_returns
+    assert_same_run(tmp_path / "a", b)
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["train.target=double"], "semi or double_detached"),
+        (["model.learn=false"], r"model\.learn = true with train\.target_horizon"),
+    ],
+)
+def test_plan_targets_need_a_model_and_a_detached_mode(tmp_path, sets, message):
+    with pytest.raises(ConfigError, match=message):
+        train(_ip(tmp_path / "r", *sets), progress=False)
