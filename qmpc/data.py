@@ -103,16 +103,18 @@ def ensure_output_file(path: str | Path, what: str) -> Path:
 class ReplayBuffer:
     """A ring buffer of transitions in numpy (float32 storage)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, capacity: int):
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, plan_steps: int = 1):
         if capacity < 1:
             raise InputError(f"expected capacity >= 1, got {capacity}")
         self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, int(capacity)
+        self.plan_steps = int(plan_steps)
+        """Actions per kept argmin: the TD target's horizon (a whole plan is kept as its next start)."""
         self.obs = np.zeros((capacity, obs_dim), np.float32)
         self.act = np.zeros((capacity, act_dim), np.float32)
         self.cost = np.zeros(capacity, np.float32)
         self.next_obs = np.zeros((capacity, obs_dim), np.float32)
         self.terminated = np.zeros(capacity, np.float32)
-        self.next_argmin = np.zeros((capacity, act_dim))
+        self.next_argmin = np.zeros((capacity, act_dim * self.plan_steps))
         """The last TD-target argmin found at each ``next_obs`` (where ``has_argmin``): the target
         network moves slowly, so it is a warm start for the next solve there (:meth:`warm_starts`)."""
         self.has_argmin = np.zeros(capacity, bool)
@@ -177,14 +179,18 @@ class ReplayBuffer:
         return idx, valid
 
     def warm_starts(self, index: torch.Tensor, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-        """``(B, act_dim)`` starts for the argmins at the ``next_obs`` of ``index``: the last
-        solution found there, else the cold start (zero clipped to ``[low, high]``)."""
+        """``(B, act_dim · plan_steps)`` starts for the argmins at the ``next_obs`` of ``index``: the
+        last solution found there, else the cold start (zero clipped to ``[low, high]``)."""
         i = index.numpy()
-        return np.where(self.has_argmin[i, None], self.next_argmin[i], np.clip(np.zeros(self.act_dim), low, high))
+        cold = np.tile(np.clip(np.zeros(self.act_dim), low, high), self.plan_steps)
+        return np.where(self.has_argmin[i, None], self.next_argmin[i], cold)
 
     def store_argmins(self, index: torch.Tensor, u: np.ndarray, ok: np.ndarray) -> None:
-        """Keep the argmins ``u (B, act_dim)`` found at the ``next_obs`` of ``index`` where ``ok``."""
+        """Keep the argmins ``u (B, act_dim · plan_steps)`` found at the ``next_obs`` of ``index``
+        where ``ok``."""
         i = index.numpy()[ok]
+        if u.shape[1] != self.next_argmin.shape[1]:  # one action where a plan is kept: held along it
+            u = np.tile(u, (1, self.plan_steps))
         self.next_argmin[i], self.has_argmin[i] = u[ok], True
 
     _FIELDS = ("obs", "act", "cost", "next_obs", "terminated", "next_argmin", "has_argmin")

@@ -51,7 +51,8 @@ class TDResult(NamedTuple):
     solve_ms: float
     """Wall time of the batched solve."""
     next_argmin: np.ndarray | None = None
-    """``(B, act_dim)`` float64: the argmins found at ``x⁺`` (warm starts for the next solves there)."""
+    """``(B, act_dim)`` float64: the argmins found at ``x⁺`` (warm starts for the next solves there);
+    with ``next_values``, the whole plans ``(B, H · act_dim)``."""
     next_ok: np.ndarray | None = None
     """``(B,)`` bool: which of them are usable (their solve passed the certificate)."""
     status: np.ndarray | None = None
@@ -113,7 +114,7 @@ def td_loss(
         float((y.detach() * ok).sum() / n_ok),
         float(1.0 - solved.float().mean()),
         float(res.solve_ms),
-        res.plan[:, : q.act_dim],
+        res.plan if next_values is not None else res.plan[:, : q.act_dim],
         Status.ok(res.status),
         res.status,
         res.kkt_residual,

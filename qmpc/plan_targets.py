@@ -97,14 +97,15 @@ class PlanTargets:
         tol, max_iter: the box SQP's stopping residual and iteration budget.
     """
 
-    def __init__(self, q, q_target, model, heads, low, high, horizon: int, gamma: float, tol=1e-5, max_iter=20):
+    def __init__(self, q, q_target, model, heads, low, high, horizon: int, gamma: float, tol=1e-5, max_iter=10):
         self.sources = (q, q_target, model, heads)
         self.copies = tuple(copy.deepcopy(m).double().requires_grad_(False) for m in self.sources)
         self.low, self.high = np.asarray(low, np.float64), np.asarray(high, np.float64)
         self.horizon, self.gamma, self.tol, self.max_iter = int(horizon), float(gamma), tol, max_iter
 
     def __call__(self, x: torch.Tensor, u0: np.ndarray, planner: str = "target") -> PlanValues:
-        """``V_H`` at ``x (B, nx)`` from plans that start at ``u0 (B, nu)`` (each action ``u0``).
+        """``V_H`` at ``x (B, nx)`` from the plans ``u0 (B, H · nu)`` (e.g. the last ones found
+        there, :meth:`~qmpc.data.ReplayBuffer.warm_starts`; ``(B, nu)``: that action held along the plan).
         ``planner``: ``"target"`` (the target network plans and scores: ``semi``) or ``"online"``
         (Q plans, the target network scores its plan: ``double_detached``)."""
         t0 = time.perf_counter()
@@ -115,7 +116,8 @@ class PlanTargets:
         scorer = PlanObjective(q_target, model, heads, x64, self.horizon, self.gamma)
         solver = scorer if planner == "target" else PlanObjective(q, model, heads, x64, self.horizon, self.gamma)
         lb, ub = np.tile(self.low, self.horizon), np.tile(self.high, self.horizon)
-        start = np.tile(np.clip(u0, self.low, self.high), (1, self.horizon))
+        u0 = np.asarray(u0, np.float64)
+        start = np.clip(u0 if u0.shape[1] == lb.size else np.tile(u0, (1, self.horizon)), lb, ub)
         res = solve_box_sqp(solver, start, lb, ub, tol=self.tol, max_iter=self.max_iter)
         value = res.value if solver is scorer else scorer.value(res.u, np.arange(len(res.u)))
         ok = res.converged & np.isfinite(value)

@@ -307,7 +307,7 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     eval_env = make_env(cfg.env.id, seed=cfg.seed + 10_000)
     _check_planning(cfg, env)
     spec = env_spec(env)
-    buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, tc.buffer_size)
+    buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, tc.buffer_size, plan_steps=tc.target_horizon)
     q = build_q(cfg, spec)
     _prepare_data(cfg, spec, buffer, q)
     q_target = copy.deepcopy(q).requires_grad_(False)  # moved by Polyak averaging only, never by a gradient
@@ -502,6 +502,8 @@ def _learn(st: TrainState, run: _Run) -> TDResult:
         acc.setdefault("train/rollout_valid", []).append(float(rolled_mask.float().mean()))
     with _timed(acc, "time/td_loss_ms"):  # the TD-target solves and the forward pass
         w0 = st.buffer.warm_starts(batch.index, st.spec.low, st.spec.high) if st.cfg.solver.warm_start else None
+        if w0 is not None and next_values is None:  # the argmin layers start from the plan's first action
+            w0 = w0[:, : st.spec.act_dim]
         res = td_loss(st.q, st.q_target, online, target, batch, tc.gamma, tc.target, w0, mask, next_values)
         st.buffer.store_argmins(batch.index, res.next_argmin, res.next_ok)
     with _timed(acc, "time/update_ms"):  # backward (through the solves), Adam, Polyak

@@ -128,7 +128,7 @@ def test_a_run_with_plan_targets_trains_and_resumes_bit_identical(tmp_path):
     from test_resume_exact import assert_same_run
 
     straight = train(_ip(tmp_path / "a"), progress=False)
-    assert straight.fail_frac < 0.2
+    assert straight.fail_frac < 0.5  # masked plans (10 SQP iterations on networks 40 updates old)
     b = tmp_path / "b"
     train(_ip(b), progress=False, stop_at=37)
     resumed = train(_ip(b), resume=True, progress=False)
