@@ -181,8 +181,8 @@ class TrainConfig:
     """The TD target's horizon ``H``: ``y = c + γ (1 − d) V_H(x⁺)`` with ``V_H`` the value of the best
     ``H``-step plan through the learned model, its stage cost and termination heads, the target
     network the cost-to-go at its end (:mod:`qmpc.plan_targets`); 1: ``min_v Q_target(x⁺, v)``.
-    ``H > 1`` needs ``model.learn`` and ``target`` ``semi`` or ``double_detached`` (the plan of Q
-    scored by the target network)."""
+    ``H > 1`` needs ``model.learn``; ``target``: ``semi``, ``double`` (Q's plan scored by the
+    target network, the gradient through the plan) or ``double_detached`` (without it)."""
     torch_threads: int = field(default=1, metadata={"min": 1})
     """torch's intra-op threads. The networks are small: measured on 2 cores with three runs side
     by side, the default 2 threads made each torch backward 30x slower (spinning threads contend

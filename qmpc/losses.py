@@ -34,7 +34,7 @@ from qmpc.solver import Status
 __all__ = ["TD_MODES", "TDMode", "TDResult", "model_rolled_batch", "td_loss"]
 
 TDMode = Literal["semi", "residual", "double", "double_detached"]
-_PLANNERS = {"semi": "target", "double_detached": "online"}
+_PLANNERS = {"semi": "target", "double": "online", "double_detached": "online"}
 """Which network plans the H-step target of each mode (the target network scores the plan)."""
 TD_MODES = ("semi", "residual", "double", "double_detached")
 
@@ -79,16 +79,17 @@ def td_loss(
     ``w0 (B, act_dim)`` is an optional start of the solves at ``x⁺`` (e.g.
     :meth:`~qmpc.data.ReplayBuffer.warm_starts`); ``mask (B,)`` bool: the samples that count (e.g.
     :func:`model_rolled_batch`'s), default all; ``next_values``: the H-step plan values
-    (:class:`~qmpc.plan_targets.PlanTargets`, ``semi`` and ``double_detached``) in place of the
-    layers' ``min_v``."""
+    (:class:`~qmpc.plan_targets.PlanTargets`; ``semi``, ``double`` through the plan,
+    ``double_detached``) in place of the layers' ``min_v``."""
     if mode not in TD_MODES:
         raise ConfigError(f"expected train.target in {TD_MODES}, got {mode!r}")
     dtype = next(q.parameters()).dtype
     x, u, c, xn, term = (t.to(dtype) for t in (batch.obs, batch.act, batch.cost, batch.next_obs, batch.terminated))
     if next_values is not None:
-        if mode not in ("semi", "double_detached"):
-            raise ConfigError(f"expected train.target semi or double_detached with a plan's value, got {mode!r}")
-        res = next_values(xn, w0 if w0 is not None else np.zeros((len(xn), q.act_dim)), _PLANNERS[mode])
+        if mode not in _PLANNERS:
+            raise ConfigError(f"expected train.target in {tuple(_PLANNERS)} with a plan's value, got {mode!r}")
+        start = w0 if w0 is not None else np.zeros((len(xn), q.act_dim))
+        res = next_values(xn, start, _PLANNERS[mode], through_plan=mode == "double")
         v = res.value.to(dtype)
     elif mode == "semi":
         with torch.no_grad():

@@ -103,11 +103,15 @@ class PlanTargets:
         self.low, self.high = np.asarray(low, np.float64), np.asarray(high, np.float64)
         self.horizon, self.gamma, self.tol, self.max_iter = int(horizon), float(gamma), tol, max_iter
 
-    def __call__(self, x: torch.Tensor, u0: np.ndarray, planner: str = "target") -> PlanValues:
+    def __call__(
+        self, x: torch.Tensor, u0: np.ndarray, planner: str = "target", through_plan: bool = False
+    ) -> PlanValues:
         """``V_H`` at ``x (B, nx)`` from the plans ``u0 (B, H · nu)`` (e.g. the last ones found
         there, :meth:`~qmpc.data.ReplayBuffer.warm_starts`; ``(B, nu)``: that action held along the plan).
         ``planner``: ``"target"`` (the target network plans and scores: ``semi``) or ``"online"``
-        (Q plans, the target network scores its plan: ``double_detached``)."""
+        (Q plans, the target network scores its plan: ``double_detached``). ``through_plan``
+        (``"online"`` only, ``double``): the value carries the gradient through the plan,
+        ``∂V/∂θ = ∇_U J_target(U*)ᵀ ∂U*/∂θ`` with ``θ`` the weights of ``q`` (:meth:`_through_plan`)."""
         t0 = time.perf_counter()
         for src, dst in zip(self.sources, self.copies, strict=True):
             dst.load_state_dict(src.state_dict())
@@ -123,4 +127,42 @@ class PlanTargets:
         ok = res.converged & np.isfinite(value)
         status = np.where(ok, Status.SOLVED, Status.FAILED).astype(np.int8)
         v = torch.from_numpy(np.where(ok, value, 0.0))
+        if through_plan and planner == "online":
+            v = v + self._through_plan(solver, scorer, res.u, ok, lb, ub)
         return PlanValues(v, res.u, status, res.residual, (time.perf_counter() - t0) * 1e3)
+
+    def _through_plan(self, solver, scorer, U, ok, lb, ub) -> torch.Tensor:
+        """``(B,)`` zeros whose gradient in ``q``'s weights is ``∇_U J_target(U*)ᵀ ∂U*/∂θ``. At a plan
+        ``U*`` with the components on a bound held, ``∇_F J_θ(U*) = 0`` on the free ones ``F``;
+        differentiating it, ``∂U*_F/∂θ = −H_FF⁻¹ ∂_θ ∇_F J_θ``, so with ``λ = H_FF⁻¹ a_F``,
+        ``a = ∇_U J_target(U*)``, the product is ``−∂_θ (λᵀ ∇_U J_θ(U*))`` at fixed ``λ`` (the
+        tilt trick: one Hessian solve per plan, no Jacobian in ``θ``). Plans that did not converge,
+        or whose free block is not positive definite, carry no gradient."""
+        rows = np.arange(len(U))
+        _, a, _ = scorer.derivatives(U, rows)
+        _, g, H = solver.derivatives(U, rows)
+        free = ~(((U - lb <= 1e-6) & (g > 0)) | ((ub - U <= 1e-6) & (g < 0)))  # held: on a bound, pushed out
+        lam = np.zeros_like(U)
+        Hf = np.where(free[:, :, None] & free[:, None, :], H, 0.0) + np.eye(U.shape[1]) * ~free[:, None, :]
+        good = ok & np.all(np.linalg.eigvalsh(Hf) > 1e-10, axis=1)
+        if good.any():
+            lam[good] = np.linalg.solve(Hf[good], np.where(free, a, 0.0)[good][:, :, None])[:, :, 0]
+        q64, (q_train, *_) = self.copies[0], self.sources
+        weights = {n: p.to(torch.float64) for n, p in q_train.named_parameters()}  # differentiable cast
+        live = _Functional(q64, weights)
+        obj = PlanObjective(live, self.copies[2], self.copies[3], solver.x0, self.horizon, self.gamma)
+        Ut = torch.from_numpy(U).requires_grad_(True)
+        (g,) = torch.autograd.grad(obj.objective(Ut, solver.x0).sum(), Ut, create_graph=True)
+        tilt = (torch.from_numpy(lam) * g).sum(dim=1)
+        return tilt.detach() - tilt
+
+
+class _Functional:
+    """``q64`` evaluated with the given weights (``torch.func.functional_call``): a float64 copy of
+    Q through which gradients reach the training network's own parameters."""
+
+    def __init__(self, q64, weights: dict[str, torch.Tensor]):
+        self.q64, self.weights, self.act_dim = q64, weights, q64.act_dim
+
+    def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.q64, self.weights, (x, u))

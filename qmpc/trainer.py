@@ -355,10 +355,10 @@ def _check_planning(cfg: Config, env) -> None:
         raise ConfigError(f"expected model.learn = true with train.rollout_td = {tc.rollout_td}, got false")
     if tc.target_horizon > 1 and not learned:
         raise ConfigError(f"expected model.learn = true with train.target_horizon = {tc.target_horizon}, got false")
-    if tc.target_horizon > 1 and tc.target not in ("semi", "double_detached"):
+    if tc.target_horizon > 1 and tc.target == "residual":
         raise ConfigError(
-            f"expected train.target semi or double_detached with train.target_horizon = {tc.target_horizon}, got "
-            f"{tc.target!r} (the gradient through an H-step plan is not built yet)"
+            f"expected train.target semi, double or double_detached with train.target_horizon = "
+            f"{tc.target_horizon}, got 'residual' (the gradient through an H-step min is not built)"
         )
 
 

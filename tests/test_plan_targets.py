@@ -104,6 +104,42 @@ def test_double_detached_scores_the_online_plan_with_the_target_network():
     assert np.all(own.value.numpy() <= score + 1e-9)  # the target network's own plan is its minimum
 
 
+def test_the_gradient_through_the_plan_matches_finite_differences():
+    """``double`` at H = 3: ``V = J_target(U*(θ))`` with ``U*`` the online network's plan. Its
+    gradient in the online weights (the tilt through the plan's optimality conditions) against
+    central differences of re-solved plans, along random directions of the weights."""
+    q, model, heads = _networks()
+    torch.manual_seed(5)
+    q_target = qmpc.PICNN(NX, NU, hidden=(8, 8), action_curvature=0.1).double()
+    x = _states(6)
+    targets = PlanTargets(q, q_target, model, heads, 3 * LOW, 3 * HIGH, 3, 0.95, tol=1e-12, max_iter=100)
+    start = np.zeros((6, NU))
+    res = targets(x, start, "online", through_plan=True)
+    assert Status.ok(res.status).all()
+    free = (np.abs(res.plan) < 3 - 1e-6).sum()
+    assert 0 < free < res.plan.size  # some actions on a bound (held), most free
+    w = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    (w * res.value).sum().backward()
+    grads = [p.grad.clone() for p in q.parameters()]
+    gen = torch.Generator().manual_seed(3)
+    eps = 1e-6
+    for _ in range(3):
+        d = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in q.parameters()]
+        vals = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for p, dp in zip(q.parameters(), d, strict=True):
+                    p.add_(sign * eps * dp)
+            vals.append(float((w * targets(x, res.plan, "online").value).sum()))
+            with torch.no_grad():
+                for p, dp in zip(q.parameters(), d, strict=True):
+                    p.sub_(sign * eps * dp)
+        fd = (vals[0] - vals[1]) / (2 * eps)
+        analytic = float(sum((g * dp).sum() for g, dp in zip(grads, d, strict=True)))
+        assert abs(fd - analytic) <= 1e-5 * max(1.0, abs(fd)), (fd, analytic)
+    assert any(g.abs().max() > 0 for g in grads)
+
+
 TINY = [
     "train.steps=50",
     "train.learning_starts=10",
@@ -139,7 +175,7 @@ def test_a_run_with_plan_targets_trains_and_resumes_bit_identical(tmp_path):
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (["train.target=double"], "semi or double_detached"),
+        (["train.target=residual"], "semi, double or double_detached"),
         (["model.learn=false"], r"model\.learn = true with train\.target_horizon"),
     ],
 )
