@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_resume_exact import TINY, assert_same_run
 
 import qmpc
 from qmpc.config import load_config
@@ -140,29 +141,14 @@ def test_the_gradient_through_the_plan_matches_finite_differences():
     assert any(g.abs().max() > 0 for g in grads)
 
 
-TINY = [
-    "train.steps=50",
-    "train.learning_starts=10",
-    "train.batch_size=16",
-    "train.eval_every=25",
-    "train.eval_episodes=1",
-    "train.checkpoint_every=15",
-    "train.log_every=10",
-    "train.buffer_size=1000",
-    "model.batch_size=32",
-    "model.updates_per_step=1",
-    "train.target=double_detached",
-    "train.target_horizon=3",
-]
+PLAN_TARGETS = ["train.steps=50", "train.eval_every=25", "train.target=double_detached", "train.target_horizon=3"]
 
 
 def _ip(run_dir, *sets):
-    return load_config(ROOT / "launch" / "inverted_pendulum.toml", [f"run_dir={run_dir}", *TINY, *sets])
+    return load_config(ROOT / "launch" / "inverted_pendulum.toml", [f"run_dir={run_dir}", *TINY, *PLAN_TARGETS, *sets])
 
 
 def test_a_run_with_plan_targets_trains_and_resumes_bit_identical(tmp_path):
-    from test_resume_exact import assert_same_run
-
     straight = train(_ip(tmp_path / "a"), progress=False)
     assert straight.fail_frac < 0.5  # masked plans (10 SQP iterations on networks 40 updates old)
     b = tmp_path / "b"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_resume_exact import TINY, assert_same_run
 
 from qmpc.checkpoint import load_checkpoint
 from qmpc.cli import main
@@ -20,18 +21,6 @@ from qmpc.plan_actor import acting_horizon
 from qmpc.trainer import read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "train.steps=60",
-    "train.learning_starts=10",
-    "train.batch_size=16",
-    "train.eval_every=30",
-    "train.eval_episodes=1",
-    "train.checkpoint_every=15",
-    "train.log_every=10",
-    "train.buffer_size=1000",
-    "model.batch_size=32",
-    "model.updates_per_step=1",
-]
 PLAN = ["train.horizon=3", "train.horizon_warmup=20", "train.plan_refresh=7", "train.rollout_td=2"]
 """A plan that grows from 1 to 3 actions over steps 10–30, rebuilt every 7 steps (so that the
 resumes at 30 and 45 fall between two rebuilds), and the model-rolled TD loss two steps deep."""
@@ -51,8 +40,6 @@ def test_acting_horizon_grows_from_one_to_the_horizon():
 def test_a_planning_run_acts_with_the_plan_and_resumes_bit_identical(tmp_path):
     """Stopped at 37 (the resume goes back to the checkpoint of 30, between two rebuilds of the
     plan), resumed and stopped at 45, resumed to the end: the same run as the uninterrupted one."""
-    from test_resume_exact import assert_same_run
-
     straight = train(_ip(tmp_path / "a"), progress=False)
     ckpt = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
     assert ckpt["plan_actor"]["horizon"] == 3 and ckpt["plan_actor"]["plan"].shape == (3,)
