@@ -6,8 +6,9 @@ definite where it is not: :func:`convexified`), solves the box-constrained QP of
 
     min_d  ∇fᵀ d + ½ dᵀ H d   s.t.  lb − u ≤ d ≤ ub − u
 
-to high accuracy by the batched projected Newton of :mod:`qmpc.newton` (numpy only: no
-evaluation of ``f``), and backtracks along ``d`` (Armijo) on ``f`` itself. The QP finds the
+exactly by a primal-dual active set method (:func:`box_qp`; the batched projected Newton of
+:mod:`qmpc.newton` where it cycles; numpy only: no evaluation of ``f``), and backtracks along
+``d`` (Armijo) on ``f`` itself. The QP finds the
 active bounds in one iteration however many change, which the projected Newton on ``f`` alone
 does one small step at a time: measured on ``models/half_cheetah.pt`` at H = 3 (18 actions, 9
 at a bound at the solution) the projected Newton took 15–50 iterations per control step, each
@@ -30,9 +31,12 @@ __all__ = ["convexified", "solve_box_sqp"]
 
 
 def convexified(H: np.ndarray, floor: float, held: np.ndarray | None = None) -> np.ndarray:
-    """``H (B, n, n)`` made positive definite where it is not: eigenvalues made ``|λ|`` and at least
-    ``floor · max(1, max|λ|)`` (a saddle's negative curvature becomes positive, so the step leaves
-    it). ``held (B, n)``: components kept on their bound this iteration; only the block of the
+    """``H (B, n, n)`` made positive definite where it is not: eigenvalues at least
+    ``floor · max(1, max|λ|)``, and negative ones set to that floor. Along negative curvature the
+    function falls faster than its slope says, so the step goes as far as the box lets it (which
+    bounds it) and the line search takes it whole; with ``|λ|`` instead (the saddle-free Newton
+    step), a concave coordinate only doubled its distance from the saddle at each iteration.
+    ``held (B, n)``: components kept on their bound this iteration; only the block of the
     others matters (the held ones get their diagonal alone), so a plan whose curvature is negative
     only along bounds it sits on keeps its exact Hessian. Positive definite blocks are kept as they
     are, so the SQP converges fast near a strict minimum."""
@@ -46,9 +50,49 @@ def convexified(H: np.ndarray, floor: float, held: np.ndarray | None = None) -> 
     scale = np.maximum(1.0, np.abs(lam).max(axis=1))
     bad = lam.min(axis=1) <= 1e-10 * scale
     if bad.any():
-        fixed = np.maximum(np.abs(lam[bad]), floor * scale[bad, None])
+        fixed = np.maximum(np.where(lam[bad] < 0, 0.0, lam[bad]), floor * scale[bad, None])
         out[bad] = np.einsum("bij,bj,bkj->bik", V[bad], fixed, V[bad])
     return out
+
+
+def box_qp(g: np.ndarray, H: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float, max_iter: int = 25):
+    """``min_d gᵀd + ½ dᵀHd  s.t.  lo ≤ d ≤ hi`` for a batch (``g, lo, hi (B, n)``, ``H (B, n, n)``
+    positive definite, ``lo ≤ 0 ≤ hi``) by the primal-dual active set method (Hintermüller, Ito and
+    Kunisch 2002, a semismooth Newton method): each iteration guesses the active bounds from the
+    multipliers ``μ = Hd + g`` and the distances to the bounds, fixes them and solves the others'
+    equations in one batched linear solve. A sample is done when its projected-gradient residual
+    ``‖d − clip(d − μ)‖_∞ ≤ tol``. Returns ``d (B, n)`` and that ``(B,)`` bool (the method can
+    cycle on matrices far from an M-matrix: the caller solves those samples otherwise).
+    Measured on the SQP's steps of the shipped checkpoints' plans: 2–4 iterations, ≈5× faster at
+    batch 1 than the projected Newton with its line search."""
+    d, mu = np.zeros_like(g), g.copy()  # from d = 0 (inside the box): μ = g
+    eye = np.eye(g.shape[1], dtype=bool)
+    c = np.maximum(np.diagonal(H, axis1=1, axis2=2), 1e-300)  # the guess is the 1-D Newton step's: scale-free
+    done = np.zeros(g.shape[0], bool)
+    for _ in range(max_iter):
+        lower = mu + c * (lo - d) > 0
+        upper = ~lower & (mu + c * (hi - d) < 0)
+        M = np.where((lower | upper)[:, :, None], eye, H)  # a held component's row: d_i = its bound
+        rhs = np.where(lower, lo, np.where(upper, hi, -g))
+        d = np.linalg.solve(M, rhs[:, :, None])[:, :, 0]
+        mu = np.einsum("bij,bj->bi", H, d) + g
+        done = np.abs(d - np.clip(d - mu, lo, hi)).max(axis=1) <= tol
+        if done.all():
+            break
+    return np.clip(d, lo, hi), done
+
+
+def _step(g, H, lo, hi, tol: float, deadline: float) -> np.ndarray:
+    """The SQP step of every sample: :func:`box_qp`, and the batched projected Newton of
+    :mod:`qmpc.newton` for the samples where it did not settle."""
+    d, done = box_qp(g, H, lo, hi, tol)
+    other = np.flatnonzero(~done | ~np.isfinite(d).all(axis=1))
+    if other.size:
+        qp = _StepQP(g[other], H[other])
+        d[other] = solve_box(
+            qp, np.zeros_like(d[other]), lo[other], hi[other], tol=tol, max_iter=50, deadline=deadline
+        ).u
+    return d
 
 
 class _StepQP:
@@ -74,13 +118,17 @@ def solve_box_sqp(
     *,
     tol: float = 1e-8,
     max_iter: int = 50,
-    floor: float = 1e-2,
+    floor: float = 1e-5,
     armijo: float = 1e-4,
     max_backtracks: int = 20,
     deadline: float = np.inf,
 ) -> BoxNewtonResult:
     """Minimise every ``f_b`` over the box ``lb ≤ u ≤ ub`` (``(n,)`` each) from ``u0 (B, n)``;
-    ``floor``: the eigenvalue floor of :func:`convexified`; ``deadline``: a ``time.perf_counter()``
+    ``floor``: the eigenvalue floor of :func:`convexified`, relative to the largest. A small one
+    lets a step along negative curvature go far (to the box, which bounds it): measured on the
+    shipped checkpoints' own closed-loop states at H = 5, 1e-2 took 16–32 SQP iterations per step
+    on average (p99 50, the limit; IDP failed 64 of 150 steps), 1e-4 and 1e-5 took 7–13 (p99 ≤ 25,
+    none failed). ``deadline``: a ``time.perf_counter()``
     after which nothing new starts: no iteration, no Newton step of the QP, no backtrack (the
     samples still running keep their last accepted iterate, unconverged; an evaluation or an
     eigen-decomposition already started runs to its end). Never raises on a sample that does not
@@ -97,9 +145,9 @@ def solve_box_sqp(
         ul, gl = u[live], g[live]
         e = np.minimum(1e-3, r[live])[:, None]
         held = ((ul - lb <= e) & (gl > 0)) | ((ub - ul <= e) & (gl < 0))
-        qp = _StepQP(gl, convexified(H[live], floor, held))
-        qp_tol = 1e-3 * np.minimum(r[live], 1.0).min()
-        d = solve_box(qp, np.zeros_like(ul), lb - ul, ub - ul, tol=qp_tol, max_iter=50, deadline=deadline).u
+        d = _step(
+            gl, convexified(H[live], floor, held), lb - ul, ub - ul, 1e-3 * np.minimum(r[live], 1.0).min(), deadline
+        )
         slope = np.einsum("bi,bi->b", gl, d)
         step, accepted, un = np.ones(live.size), np.zeros(live.size, bool), ul.copy()
         for _ in range(max_backtracks):

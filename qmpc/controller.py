@@ -243,7 +243,7 @@ class Controller:
             t = time.perf_counter()
             if P.shooting == "single":
                 H = solver.plan_derivatives(w, x0, theta)[2]
-                convexified(np.where(np.isfinite(H), H, 0.0), 1e-2)
+                convexified(np.where(np.isfinite(H), H, 0.0), 1e-5)
             else:
                 solver.second_order(w, x0, theta, np.zeros((1, P.n_g)))
             times.append((time.perf_counter() - t) * 1e3)

@@ -1,0 +1,106 @@
+"""The box SQP's QP steps (primal-dual active set) and its floor on negative curvature."""
+
+import numpy as np
+import pytest
+
+from qmpc import boxsqp
+from qmpc.kkt import kkt_residual
+
+
+def _random_qps(B: int, n: int, seed: int, coupling: float = 1.0):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(B, n, n))
+    H = coupling * np.einsum("bij,bkj->bik", A, A) + 0.1 * np.eye(n)
+    g = rng.normal(size=(B, n)) * 3.0
+    lo, hi = -rng.uniform(0.0, 1.0, (B, n)), rng.uniform(0.0, 1.0, (B, n))
+    lo[:, 0] = 0.0  # a component that starts on its bound
+    return g, H, lo, hi
+
+
+def _qp_residual(d, g, H, lo, hi):
+    mu = np.einsum("bij,bj->bi", H, d) + g
+    return np.abs(d - np.clip(d - mu, lo, hi)).max(axis=1)
+
+
+@pytest.mark.parametrize("n", [1, 3, 6, 18])
+def test_box_qp_meets_the_qps_optimality_conditions(n):
+    g, H, lo, hi = _random_qps(300, n, seed=n)
+    d, done = boxsqp.box_qp(g, H, lo, hi, tol=1e-10)
+    assert done.mean() > 0.95  # it can cycle (then the SQP solves the sample otherwise), rarely
+    assert (d >= lo).all() and (d <= hi).all()
+    assert _qp_residual(d[done], g[done], H[done], lo[done], hi[done]).max() <= 1e-10
+    # convex: the KKT point is the minimum; no feasible point of a dense random sample is lower
+    q = lambda v: np.einsum("bi,bi->b", g + 0.5 * np.einsum("bij,bj->bi", H, v), v)  # noqa: E731
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        v = np.clip(d + rng.normal(scale=0.05, size=d.shape), lo, hi)
+        assert (q(v)[done] >= q(d)[done] - 1e-12).all()
+
+
+def test_box_qp_solves_an_interior_minimum_rather_than_stopping_at_its_start():
+    # no bound is active anywhere on the way: the first active-set guess (none) is the answer,
+    # and it must be solved, not taken as "unchanged" at d = 0
+    H = np.array([[[2.0, 0.5], [0.5, 1.0]]])
+    g = np.array([[0.3, -0.2]])
+    d, done = boxsqp.box_qp(g, H, -np.ones((1, 2)), np.ones((1, 2)), tol=1e-12)
+    assert done.all()
+    np.testing.assert_allclose(d[0], -np.linalg.solve(H[0], g[0]), atol=1e-14)
+
+
+def test_box_qp_is_scale_free_on_a_measured_strongly_coupled_step():
+    # an SQP step of models/inverted_double_pendulum.pt at H = 5 (its Hessian convexified with the
+    # old floor): with multipliers compared to unscaled distances the guesses alternated between
+    # all-lower and all-upper forever; scaled by the diagonal they settle
+    H = np.array(
+        [
+            [3030.7148, 1704.165, 970.0423, 518.4819, 336.1542],
+            [1704.165, 1016.9779, 553.5741, 295.8821, 191.8331],
+            [970.0423, 553.5741, 359.5666, 168.4216, 109.195],
+            [518.4819, 295.8821, 168.4216, 134.4823, 58.3641],
+            [336.1542, 191.8331, 109.195, 58.3641, 82.3019],
+        ]
+    )[None]
+    g = np.array([[-9.1766, -4.0291, -1.2957, -0.2177, 0.0]])
+    lo = np.array([[-1.3545, -0.2628, -1.8124, -0.0506, -1.8798]])
+    hi = np.array([[0.6455, 1.7372, 0.1876, 1.9494, 0.1202]])
+    H = 0.5 * (H + np.swapaxes(H, 1, 2)) + 1e-6 * np.eye(5)
+    d, done = boxsqp.box_qp(g, H, lo, hi, tol=1e-10)
+    assert done.all()
+    assert _qp_residual(d, g, H, lo, hi)[0] <= 1e-10
+
+
+def test_a_step_the_active_set_method_does_not_settle_is_solved_by_the_projected_newton(monkeypatch):
+    g, H, lo, hi = _random_qps(20, 5, seed=7)
+    reference, done = boxsqp.box_qp(g, H, lo, hi, tol=1e-12)
+    assert done.all()
+    monkeypatch.setattr(boxsqp, "box_qp", lambda g, H, lo, hi, tol: (np.zeros_like(g), np.zeros(len(g), bool)))
+    d = boxsqp._step(g, H, lo, hi, 1e-12, np.inf)
+    np.testing.assert_allclose(d, reference, atol=1e-8)
+
+
+class _Saddle:
+    """``f(u) = −½ Σ aᵢ uᵢ² + bᵀu`` on a box: concave, so its minima are corners."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def value(self, u, rows):
+        return -0.5 * np.einsum("bi,bi->b", self.a[rows] * u, u) + np.einsum("bi,bi->b", self.b[rows], u)
+
+    def derivatives(self, u, rows):
+        a = self.a[rows]
+        return self.value(u, rows), -a * u + self.b[rows], -np.einsum("bi,ij->bij", a, np.eye(u.shape[1]))
+
+
+def test_the_sqp_leaves_negative_curvature_for_a_corner_in_few_iterations():
+    rng = np.random.default_rng(3)
+    B, n = 50, 6
+    a = np.concatenate([rng.uniform(1e-3, 1e-2, (B, n // 2)), rng.uniform(1.0, 100.0, (B, n - n // 2))], axis=1)
+    f = _Saddle(a, rng.normal(scale=1e-3, size=(B, n)))
+    lb, ub = -np.ones(n), np.ones(n)
+    res = boxsqp.solve_box_sqp(f, rng.uniform(-0.1, 0.1, (B, n)), lb, ub, tol=1e-10, max_iter=50)
+    assert res.converged.all()
+    assert (np.abs(res.u) == 1.0).all()  # every component at a bound: a corner
+    assert kkt_residual(res.u, res.grad, np.zeros((B, 0)), lb, ub).max() <= 1e-10
+    # the weakly curved half moves to its bounds in a few steps, not creeping at the floor's pace
+    assert res.iterations.max() <= 6, res.iterations.max()
