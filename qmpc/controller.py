@@ -81,9 +81,13 @@ def model_functions(ckpt: dict, model: str = "auto", env=None, stage_cost_source
     out: dict[str, Any] = {}
     if "outcome" in ckpt or source == "learned":
         heads = outcome_from_checkpoint(ckpt)
-        out["termination"] = heads.termination_function()
+        out.update(termination=heads.termination_function(), termination_derivatives=heads.termination_derivatives())
         if source == "learned":
-            out.update(stage_cost=heads.cost_function(), stage_cost_scaled=True)
+            out.update(
+                stage_cost=heads.cost_function(),
+                stage_cost_derivatives=heads.cost_derivatives(),
+                stage_cost_scaled=True,
+            )
     if model == "mujoco":
         out["linearization"] = MujocoLinearization(env)
     elif model == "exact" or (model == "auto" and exact):
@@ -94,6 +98,15 @@ def model_functions(ckpt: dict, model: str = "auto", env=None, stage_cost_source
         out["dynamics"], out["dynamics_derivatives"] = m.casadi_function(), m.stage_derivatives()
     if source == "symbolic":
         out.setdefault("stage_cost", stage_cost(env))
+    return out
+
+
+def _scaled_derivatives(derivatives, scale: float):
+    """Closed-form stage-cost derivatives (:class:`~qmpc.problem.ClosedForms`) multiplied by ``scale``."""
+
+    def out(X, U, Xn):
+        return tuple(scale * a for a in derivatives(X, U, Xn))
+
     return out
 
 
@@ -225,6 +238,8 @@ class Controller:
         changes: dict[str, Any] = {"shooting": shooting}
         if spec.stage_cost is not None and self.cost_scale != 1.0 and not self.stage_cost_scaled:
             changes["stage_cost"] = scaled(spec.stage_cost, self.cost_scale)
+            if spec.stage_cost_derivatives is not None:
+                changes["stage_cost_derivatives"] = _scaled_derivatives(spec.stage_cost_derivatives, self.cost_scale)
         return spec.replace(**changes)
 
     def _check_budget(self) -> None:

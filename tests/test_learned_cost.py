@@ -104,7 +104,7 @@ def test_survival_weighted_objective_and_its_hessian():
                 xs.append(xk)
             w = np.concatenate([w, *xs])
         assert float(P.objective(w, x0, theta)) == pytest.approx(J_ref, rel=1e-13, abs=1e-13)
-    # single shooting: the Hessian (CasADi's, the stages are coupled) against differences of the gradient
+    # single shooting: the condensed Hessian with survival weights against differences of the gradient
     _, _, H = (np.array(a) for a in P.plan_derivatives(us.ravel(), x0, theta))
     eps = 1e-6
     for j in range(us.size):
@@ -117,9 +117,53 @@ def test_survival_weighted_objective_and_its_hessian():
     np.testing.assert_allclose(hl, 2.0 * H, rtol=1e-14, atol=1e-14)
 
 
+def _casadi_hessian(P: ControlProblem) -> ca.Function:
+    w, x0, th = ca.MX.sym("w", P.n_w), ca.MX.sym("x0", P.nx), ca.MX.sym("th", P.n_theta)
+    return ca.Function("ref", [w, x0, th], [ca.densify(ca.hessian(P.objective(w, x0, th), w)[0])])
+
+
+@pytest.mark.parametrize("closed_forms", [False, True])
+def test_survival_weighted_condensed_hessian_is_casadis_exact_hessian(closed_forms):
+    """The callback's survival weights (``_SurvivalWeights``) against CasADi's Hessian of the whole
+    ``J``: with the learned heads' derivatives by CasADi inside the graph, and by their closed forms
+    in the callback; at plans where a stage's termination is near certain too (finite, exact)."""
+    f, _, _, q = _problem_parts()
+    heads = _heads("silu")[0]
+    with torch.no_grad():  # confident logits: some stages all but certain to terminate, others not at all
+        last = [m for m in heads.term_net if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(40.0)
+    extra = {}
+    if closed_forms:
+        extra = {
+            "stage_cost_derivatives": heads.cost_derivatives(),
+            "termination_derivatives": heads.termination_derivatives(),
+        }
+    spec = MPCSpec(
+        -3 * np.ones(NU), 3 * np.ones(NU), 4, f, heads.cost_function(), 0.9, shooting="single",
+        termination=heads.termination_function(), **extra,
+    )  # fmt: skip
+    P = ControlProblem(q, spec)
+    ref = _casadi_hessian(P)
+    rng = np.random.default_rng(2)
+    theta = np.array([0.6, 0.2])
+    ps = []
+    for scale in (0.5, 1.0, 3.0, 10.0):
+        for _ in range(5):
+            x0, w = scale * rng.normal(size=NX), rng.uniform(-3, 3, P.n_w)
+            H = np.array(P.plan_derivatives(w, x0, theta)[2])
+            Hr = np.array(ref(w, x0, theta))
+            assert np.isfinite(H).all()
+            np.testing.assert_allclose(H, Hr, rtol=1e-9, atol=1e-9 * max(1.0, np.abs(Hr).max()))
+            xs = [x0]
+            for k in range(3):
+                xs.append(np.array(f(xs[k], w[k * NU : (k + 1) * NU])).ravel())
+            ps += [float(spec.termination(xs[k], w[k * NU : (k + 1) * NU], xs[k + 1])) for k in range(3)]
+    assert min(ps) < 0.05 and max(ps) > 0.95  # both regimes were exercised
+
+
 def test_without_termination_the_problem_is_unchanged():
-    """``termination=None`` keeps the separable objective and the condensed Hessian callback; a
-    termination that is identically 0 gives the same objective, gradient and Hessian by the other route."""
+    """``termination=None`` keeps the separable objective and its condensed Hessian; a termination
+    that is identically 0 gives the same objective, gradient and Hessian through the survival weights."""
     f, c, _, q = _problem_parts()
     x, u, xn = ca.SX.sym("x", NX), ca.SX.sym("u", NU), ca.SX.sym("x_next", NX)
     zero = ca.Function("zero", [x, u, xn], [ca.SX(0.0)], ["x", "u", "x_next"], ["p"])
@@ -127,7 +171,7 @@ def test_without_termination_the_problem_is_unchanged():
     x0, theta, us = rng.normal(size=NX), np.array([0.5, 0.4]), rng.uniform(-1, 1, size=(4, NU))
     spec = MPCSpec(-np.ones(NU), np.ones(NU), 4, f, c, 0.95, shooting="single")
     P0, P1 = ControlProblem(q, spec), ControlProblem(q, spec.replace(termination=zero))
-    assert hasattr(P0, "_condensed") and not hasattr(P1, "_condensed")
+    assert P1._condensed.survival and not P0._condensed.survival
     assert float(P0.objective(us.ravel(), x0, theta)) == pytest.approx(
         _numpy_objective(f, c, None, q, us, x0, theta, 0.95, with_tau=False), rel=1e-13
     )
