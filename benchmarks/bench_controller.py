@@ -166,7 +166,7 @@ def closed_loop_row(path, horizon: int, shooting: str, steps: int, seed: int = 1
             "fallback": ctrl.stats["fallback"], "p50": p50, "p99": p99, "max": mx, "return": ret}  # fmt: skip
 
 
-def shipped_table(root, steps: int, horizons: tuple[int, ...]) -> None:
+def shipped_table(root, steps: int, horizons: tuple[int, ...], shootings: tuple[str, ...]) -> None:
     """One row per shipped checkpoint, horizon and shooting, on the states of its own rollout."""
     print(f"\nshipped checkpoints, closed loop on their own rollouts ({steps} steps each, no budget, learned model)")
     head = (
@@ -177,7 +177,7 @@ def shipped_table(root, steps: int, horizons: tuple[int, ...]) -> None:
     print("-" * len(head))
     for task, period in SHIPPED.items():
         path = root / "models" / f"{task}.pt"
-        cases = [(1, "-")] + [(h, s) for h in horizons if h > 1 for s in ("single", "multiple")]
+        cases = [(1, "-")] + [(h, s) for h in horizons if h > 1 for s in shootings]
         for horizon, shooting in cases:
             r = closed_loop_row(path, horizon, shooting, steps)
             print(
@@ -200,9 +200,13 @@ def main() -> None:
     ap.add_argument("--shipped-only", action="store_true", help="only the shipped checkpoints' closed-loop table")
     ap.add_argument("--shipped-steps", type=int, default=300, help="closed-loop steps per shipped-checkpoint row")
     ap.add_argument("--horizons", type=int, nargs="+", default=[3, 5], help="horizons > 1 of the shipped table")
+    ap.add_argument(
+        "--shootings", nargs="+", default=["single", "multiple"], choices=["single", "multiple"],
+        help="shootings of the shipped table's rows with H > 1",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.shipped_only:
-        shipped_table(root, args.shipped_steps, tuple(args.horizons))
+        shipped_table(root, args.shipped_steps, tuple(args.horizons), tuple(args.shootings))
         return
     print(f"casadi {ca.__version__}, torch {torch.__version__}; {args.steps} control steps per row; times in ms")
     head = (
@@ -268,7 +272,7 @@ def main() -> None:
                     f"{np.percentile(step_ms, 50):>15.3f}",
                     flush=True,
                 )
-    shipped_table(root, args.shipped_steps, tuple(args.horizons))
+    shipped_table(root, args.shipped_steps, tuple(args.horizons), tuple(args.shootings))
 
 
 if __name__ == "__main__":
