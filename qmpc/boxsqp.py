@@ -27,7 +27,10 @@ import numpy as np
 from qmpc.kkt import kkt_residual
 from qmpc.newton import BoxNewtonResult, Oracle, solve_box
 
-__all__ = ["convexified", "solve_box_sqp"]
+__all__ = ["FLOOR", "convexified", "solve_box_sqp"]
+
+FLOOR = 1e-8
+"""The default eigenvalue floor of :func:`convexified` in :func:`solve_box_sqp` (see its ``floor``)."""
 
 
 def convexified(H: np.ndarray, floor: float, held: np.ndarray | None = None) -> np.ndarray:
@@ -63,6 +66,7 @@ def box_qp(
     tol: float,
     held: np.ndarray | None = None,
     max_iter: int | None = None,
+    deadline: float = np.inf,
 ):
     """``min_d gᵀd + ½ dᵀHd  s.t.  lo ≤ d ≤ hi`` for a batch (``g, lo, hi (B, n)``, ``H (B, n, n)``
     positive definite, ``lo ≤ 0 ≤ hi``) by block principal pivoting (Júdice and Pires; Kim and Park
@@ -74,16 +78,20 @@ def box_qp(
     rule, which terminates), so the guesses cannot cycle. Returns ``d (B, n)`` and ``(B,)`` bool:
     the projected-gradient residual ``‖d − clip(d − μ)‖_∞ ≤ tol`` (else the caller solves the
     sample otherwise). ``held (B, n)``: the first guess of the held components (each at the bound
-    its gradient pushes it to; default none). Measured on the SQP's steps of the shipped checkpoints' plans: 1–4
-    iterations mostly; exchanging all misplaced components without the safeguard (the primal-dual
-    active set method) cycled on 1 in 6 of IP's steps at H = 5."""
+    its gradient pushes it to; default none). ``deadline``: a ``time.perf_counter()`` after which
+    no exchange starts (the samples not done then are returned not done). Measured on the SQP's
+    steps of models/half_cheetah.pt's plans at H = 5 (30 actions): a median of 5 linear solves,
+    1 in 4 steps solved by the first; exchanging all misplaced components without the safeguard
+    (the primal-dual active set method) cycled on 1 in 6 of IP's steps at H = 5."""
     B, n = g.shape
     max_iter = 4 * n + 10 if max_iter is None else max_iter
     held = np.zeros((B, n), bool) if held is None else held
     lower, upper = held & (g > 0), held & (g <= 0)
     best, stall = np.full(B, n + 1), np.zeros(B, int)
     eye, e = np.eye(n, dtype=bool), 0.5 * tol
-    for _ in range(max_iter):
+    for i in range(max_iter):
+        if i and time.perf_counter() > deadline:
+            break
         M = np.where((lower | upper)[:, :, None], eye, H)  # a held component's row: d_i = its bound
         rhs = np.where(lower, lo, np.where(upper, hi, -g))
         d = np.linalg.solve(M, rhs[:, :, None])[:, :, 0]
@@ -109,7 +117,7 @@ def box_qp(
 def _step(g, H, lo, hi, tol: float, held: np.ndarray, deadline: float) -> np.ndarray:
     """The SQP step of every sample: :func:`box_qp`, and the batched projected Newton of
     :mod:`qmpc.newton` for the samples where it did not settle."""
-    d, done = box_qp(g, H, lo, hi, tol, held)
+    d, done = box_qp(g, H, lo, hi, tol, held, deadline=deadline)
     other = np.flatnonzero(~done | ~np.isfinite(d).all(axis=1))
     if other.size:
         qp = _StepQP(g[other], H[other])
@@ -142,21 +150,22 @@ def solve_box_sqp(
     *,
     tol: float = 1e-8,
     max_iter: int = 50,
-    floor: float = 1e-5,
+    floor: float = FLOOR,
     armijo: float = 1e-4,
     max_backtracks: int = 20,
     deadline: float = np.inf,
 ) -> BoxNewtonResult:
     """Minimise every ``f_b`` over the box ``lb ≤ u ≤ ub`` (``(n,)`` each) from ``u0 (B, n)``;
     ``floor``: the eigenvalue floor of :func:`convexified`, relative to the largest. A small one
-    lets a step along negative curvature go far (to the box, which bounds it): measured on the
-    shipped checkpoints' own closed-loop states at H = 5, 1e-2 took 16–32 SQP iterations per step
-    on average (p99 50, the limit; IDP failed 64 of 150 steps), 1e-4 and 1e-5 took 7–13 (p99 ≤ 25,
-    none failed). ``deadline``: a ``time.perf_counter()``
-    after which nothing new starts: no iteration, no Newton step of the QP, no backtrack (the
-    samples still running keep their last accepted iterate, unconverged; an evaluation or an
-    eigen-decomposition already started runs to its end). Never raises on a sample that does not
-    converge (``converged`` is False)."""
+    lets a step along negative (or nearly no) curvature go far, to the box, which bounds it:
+    measured on the shipped checkpoints' own closed-loop states at H = 5, 1e-2 took 16–32 SQP
+    iterations per step on average (p99 50, the limit; IDP failed 64 of 150 steps), 1e-5 took
+    7–13; at 1e-5, models/inverted_double_pendulum.pt still crept along a direction of curvature
+    −0.002 next to one of 5000 (1 step in 10 ran out of iterations), which 1e-8 solves.
+    ``deadline``: a ``time.perf_counter()`` after which nothing new starts: no iteration, no Newton
+    step of the QP, no backtrack (the samples still running keep their last accepted iterate,
+    unconverged; an evaluation or an eigen-decomposition already started runs to its end). Never
+    raises on a sample that does not converge (``converged`` is False)."""
     u = np.clip(np.asarray(u0, np.float64), lb, ub)
     B = u.shape[0]
     f, g, H = oracle.derivatives(u, np.arange(B))
@@ -177,7 +186,7 @@ def solve_box_sqp(
             todo = np.flatnonzero(~accepted & (slope < 0))
             if todo.size == 0 or time.perf_counter() > deadline:
                 break
-            trial = np.clip(ul[todo] + step[todo, None] * d[todo], lb, ub)
+            trial = _on_bounds(ul[todo], step[todo], d[todo], lb, ub)
             ft = oracle.value(trial, live[todo])
             slack = 1e-13 * (1.0 + np.abs(f[live[todo]]))
             ok = ft <= f[live[todo]] + armijo * step[todo] * slope[todo] + slack
@@ -191,6 +200,15 @@ def solve_box_sqp(
             r[moved] = _residual(u[moved], f[moved], g[moved], H[moved], lb, ub)
         live = moved[(r[moved] > tol) & np.isfinite(r[moved])]  # stuck or non-finite samples stop here
     return BoxNewtonResult(u, f, g, r, r <= tol, its)
+
+
+def _on_bounds(u: np.ndarray, step: np.ndarray, d: np.ndarray, lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
+    """``clip(u + step·d)``, where a whole step that the QP put on a bound (``d = ub − u``) lands
+    exactly on it (``u + (ub − u)`` can round to one ulp inside)."""
+    trial = np.clip(u + step[:, None] * d, lb, ub)
+    whole = (step == 1.0)[:, None]
+    trial = np.where(whole & (d == ub - u), ub, trial)
+    return np.where(whole & (d == lb - u), lb, trial)
 
 
 def _residual(u, f, g, H, lb, ub) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Any
 import casadi as ca
 import numpy as np
 
-from qmpc.boxsqp import convexified
+from qmpc.boxsqp import FLOOR, convexified
 from qmpc.checkpoint import (
     CheckpointError,
     dynamics_from_checkpoint,
@@ -258,7 +258,7 @@ class Controller:
             t = time.perf_counter()
             if P.shooting == "single":
                 H = solver.plan_derivatives(w, x0, theta)[2]
-                convexified(np.where(np.isfinite(H), H, 0.0), 1e-5)
+                convexified(np.where(np.isfinite(H), H, 0.0), FLOOR)
             else:
                 solver.second_order(w, x0, theta, np.zeros((1, P.n_g)))
             times.append((time.perf_counter() - t) * 1e3)

@@ -95,3 +95,23 @@ def test_a_long_plan_holds_its_budget_from_its_first_step():
         a, info = ctrl.act(obs)
         assert info["solve_ms"] < 2 * 40.0, info
         obs, *_ = env.step(a)
+
+
+def test_double_pendulum_h5_closed_loop_solves_every_step_by_the_sqp_itself():
+    """The box SQP's floor on negative curvature: at 1 % of the largest eigenvalue (and ``|λ|``),
+    steps along negative curvature crept, and models/inverted_double_pendulum.pt at H = 5 ran out
+    of SQP iterations (then solved by the plugin: RETRIED) on 27 of these 60 steps; at 1e-5 on 6
+    (a direction of curvature −0.002 next to one of 5000)."""
+    path = MODELS / "inverted_double_pendulum.pt"
+    ctrl = qmpc.Controller.from_checkpoint(path, horizon=5, model="learned", budget_ms=0)
+    env = make_env("InvertedDoublePendulum-v5")
+    obs, _ = env.reset(seed=100)
+    names = []
+    for _ in range(60):
+        a, info = ctrl.act(obs)
+        names.append(Status(info["status"]).name)
+        obs, _, term, trunc, _ = env.step(a)
+        if term or trunc:
+            obs, _ = env.reset(seed=101)
+            ctrl.reset()
+    assert names.count("SOLVED") == len(names), names
