@@ -199,7 +199,7 @@ def solve_box_sqp(
             f[moved], g[moved], H[moved] = oracle.derivatives(u[moved], moved)
             r[moved] = _residual(u[moved], f[moved], g[moved], H[moved], lb, ub)
         live = moved[(r[moved] > tol) & np.isfinite(r[moved])]  # stuck or non-finite samples stop here
-    return BoxNewtonResult(u, f, g, r, r <= tol, its)
+    return BoxNewtonResult(u, f, g, r, r <= tol, its, H)
 
 
 def _on_bounds(u: np.ndarray, step: np.ndarray, d: np.ndarray, lb: np.ndarray, ub: np.ndarray) -> np.ndarray:

@@ -49,6 +49,8 @@ class BoxNewtonResult(NamedTuple):
     """``(B,)`` bool: ``residual ≤ tol``."""
     iterations: np.ndarray
     """``(B,)`` Newton iterations taken by each sample."""
+    hessian: np.ndarray | None = None
+    """``(B, nu, nu)`` ``∇²f_b(u_b)``, exact (:func:`~qmpc.boxsqp.solve_box_sqp`; None here)."""
 
 
 def _direction(g: np.ndarray, H: np.ndarray, held: np.ndarray, delta: float) -> np.ndarray:

@@ -8,8 +8,8 @@ with the value of the best plan through the learned model,
 ``f̂`` the dynamics model, ``ĉ`` and ``p̂`` the learned stage cost and termination probability
 (:class:`~qmpc.dynamics.OutcomeModel`). ``V_1(x) = min_u Q(x, u)`` is the usual target. The plans of
 a batch are solved together by the batched box SQP of :mod:`qmpc.boxsqp` on the objective's value,
-gradient and exact Hessian from torch (float64 copies of the networks; the Hessian by one batched
-Hessian-vector product per action), the framework-free solver's torch adapter. Samples whose plan
+gradient and exact Hessian from torch (float64 copies of the networks; the Hessian by one second
+backward pass over the batch repeated once per action), the framework-free solver's torch adapter. Samples whose plan
 does not converge are masked from the loss and counted, as the H = 1 target's failed solves are.
 """
 
@@ -53,6 +53,13 @@ class PlanObjective:
             f = self.objective(torch.from_numpy(u), self.x0[rows]).numpy()
         return np.where(np.isfinite(f), f, np.inf)
 
+    def gradient(self, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``∇J (R, n)`` alone (one backward pass)."""
+        U = torch.from_numpy(u).requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.objective(U, self.x0[rows]).sum(), U)
+        return g.numpy()
+
     def derivatives(self, u: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``J (R,)``, ``∇J (R, n)`` and ``∇²J (R, n, n)``. The plans are independent, so the
         gradient of a batch's sum is each plan's gradient. The batch is repeated ``n`` times, copy
@@ -88,7 +95,8 @@ class PlanValues(NamedTuple):
 
 class PlanTargets:
     """``V_H`` for TD targets: float64 copies of Q, the target network, the model and the heads,
-    refreshed from the training networks at each call (``load_state_dict``: a cast, no rebuild).
+    refreshed from the training networks at each call where the call reads them
+    (``load_state_dict``: a cast, no rebuild).
 
     Args:
         q, q_target, model, heads: the training networks (any dtype).
@@ -113,8 +121,9 @@ class PlanTargets:
         (``"online"`` only, ``double``): the value carries the gradient through the plan,
         ``∂V/∂θ = ∇_U J_target(U*)ᵀ ∂U*/∂θ`` with ``θ`` the weights of ``q`` (:meth:`_through_plan`)."""
         t0 = time.perf_counter()
-        for src, dst in zip(self.sources, self.copies, strict=True):
-            dst.load_state_dict(src.state_dict())
+        for i, (src, dst) in enumerate(zip(self.sources, self.copies, strict=True)):
+            if i > 0 or planner != "target":  # the target network plans alone: Q's copy is not read
+                dst.load_state_dict(src.state_dict())
         q, q_target, model, heads = self.copies
         x64 = x.detach().to(torch.float64)
         scorer = PlanObjective(q_target, model, heads, x64, self.horizon, self.gamma)
@@ -128,19 +137,19 @@ class PlanTargets:
         status = np.where(ok, Status.SOLVED, Status.FAILED).astype(np.int8)
         v = torch.from_numpy(np.where(ok, value, 0.0))
         if through_plan and planner == "online":
-            v = v + self._through_plan(solver, scorer, res.u, ok, lb, ub)
+            v = v + self._through_plan(solver, scorer, res, ok, lb, ub)
         return PlanValues(v, res.u, status, res.residual, (time.perf_counter() - t0) * 1e3)
 
-    def _through_plan(self, solver, scorer, U, ok, lb, ub) -> torch.Tensor:
+    def _through_plan(self, solver, scorer, res, ok, lb, ub) -> torch.Tensor:
         """``(B,)`` zeros whose gradient in ``q``'s weights is ``∇_U J_target(U*)ᵀ ∂U*/∂θ``. At a plan
         ``U*`` with the components on a bound held, ``∇_F J_θ(U*) = 0`` on the free ones ``F``;
         differentiating it, ``∂U*_F/∂θ = −H_FF⁻¹ ∂_θ ∇_F J_θ``, so with ``λ = H_FF⁻¹ a_F``,
         ``a = ∇_U J_target(U*)``, the product is ``−∂_θ (λᵀ ∇_U J_θ(U*))`` at fixed ``λ`` (the
         tilt trick: one Hessian solve per plan, no Jacobian in ``θ``). Plans that did not converge,
-        or whose free block is not positive definite, carry no gradient."""
-        rows = np.arange(len(U))
-        _, a, _ = scorer.derivatives(U, rows)
-        _, g, H = solver.derivatives(U, rows)
+        or whose free block is not positive definite, carry no gradient. The online objective's
+        gradient and Hessian at ``U*`` are the SQP's last ones (``res``); the target's, a gradient."""
+        U, g, H = res.u, res.grad, res.hessian
+        a = scorer.gradient(U, np.arange(len(U)))
         free = ~(((U - lb <= 1e-6) & (g > 0)) | ((ub - U <= 1e-6) & (g < 0)))  # held: on a bound, pushed out
         lam = np.zeros_like(U)
         Hf = np.where(free[:, :, None] & free[:, None, :], H, 0.0) + np.eye(U.shape[1]) * ~free[:, None, :]
