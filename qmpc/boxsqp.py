@@ -64,7 +64,6 @@ def box_qp(
     lo: np.ndarray,
     hi: np.ndarray,
     tol: float,
-    held: np.ndarray | None = None,
     max_iter: int | None = None,
     deadline: float = np.inf,
 ):
@@ -77,16 +76,15 @@ def box_qp(
     sample's number of misplaced components, it exchanges only the last one of them (Murty's
     rule, which terminates), so the guesses cannot cycle. Returns ``d (B, n)`` and ``(B,)`` bool:
     the projected-gradient residual ``‖d − clip(d − μ)‖_∞ ≤ tol`` (else the caller solves the
-    sample otherwise). ``held (B, n)``: the first guess of the held components (each at the bound
-    its gradient pushes it to; default none). ``deadline``: a ``time.perf_counter()`` after which
+    sample otherwise). ``deadline``: a ``time.perf_counter()`` after which
     no exchange starts (the samples not done then are returned not done). Measured on the SQP's
     steps of models/half_cheetah.pt's plans at H = 5 (30 actions): a median of 5 linear solves,
     1 in 4 steps solved by the first; exchanging all misplaced components without the safeguard
     (the primal-dual active set method) cycled on 1 in 6 of IP's steps at H = 5."""
     B, n = g.shape
     max_iter = 4 * n + 10 if max_iter is None else max_iter
-    held = np.zeros((B, n), bool) if held is None else held
-    lower, upper = held & (g > 0), held & (g <= 0)
+    lower, upper = np.zeros((B, n), bool), np.zeros((B, n), bool)  # a first guess from the SQP's
+    # held components or from the bounds the iterate is on took as many exchanges or more
     best, stall = np.full(B, n + 1), np.zeros(B, int)
     eye, e = np.eye(n, dtype=bool), 0.5 * tol
     for i in range(max_iter):
@@ -114,10 +112,10 @@ def box_qp(
     return d, np.abs(d - np.clip(d - mu, lo, hi)).max(axis=1) <= tol
 
 
-def _step(g, H, lo, hi, tol: float, held: np.ndarray, deadline: float) -> np.ndarray:
+def _step(g, H, lo, hi, tol: float, deadline: float) -> np.ndarray:
     """The SQP step of every sample: :func:`box_qp`, and the batched projected Newton of
     :mod:`qmpc.newton` for the samples where it did not settle."""
-    d, done = box_qp(g, H, lo, hi, tol, held, deadline=deadline)
+    d, done = box_qp(g, H, lo, hi, tol, deadline=deadline)
     other = np.flatnonzero(~done | ~np.isfinite(d).all(axis=1))
     if other.size:
         qp = _StepQP(g[other], H[other])
@@ -179,7 +177,7 @@ def solve_box_sqp(
         e = np.minimum(1e-3, r[live])[:, None]
         held = ((ul - lb <= e) & (gl > 0)) | ((ub - ul <= e) & (gl < 0))
         qp_tol = 1e-3 * np.minimum(r[live], 1.0).min()
-        d = _step(gl, convexified(H[live], floor, held), lb - ul, ub - ul, qp_tol, held, deadline)
+        d = _step(gl, convexified(H[live], floor, held), lb - ul, ub - ul, qp_tol, deadline)
         slope = np.einsum("bi,bi->b", gl, d)
         step, accepted, un = np.ones(live.size), np.zeros(live.size, bool), ul.copy()
         for _ in range(max_backtracks):

@@ -91,9 +91,9 @@ def test_a_step_the_active_set_method_does_not_settle_is_solved_by_the_projected
     reference, done = boxsqp.box_qp(g, H, lo, hi, tol=1e-12)
     assert done.all()
     monkeypatch.setattr(
-        boxsqp, "box_qp", lambda g, H, lo, hi, tol, held, deadline: (np.zeros_like(g), np.zeros(len(g), bool))
+        boxsqp, "box_qp", lambda g, H, lo, hi, tol, deadline: (np.zeros_like(g), np.zeros(len(g), bool))
     )
-    d = boxsqp._step(g, H, lo, hi, 1e-12, np.zeros(g.shape, bool), np.inf)
+    d = boxsqp._step(g, H, lo, hi, 1e-12, np.inf)
     np.testing.assert_allclose(d, reference, atol=1e-8)
 
 
