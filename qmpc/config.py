@@ -183,6 +183,13 @@ class TrainConfig:
     network the cost-to-go at its end (:mod:`qmpc.plan_targets`); 1: ``min_v Q_target(x⁺, v)``.
     ``H > 1`` needs ``model.learn``; ``target``: ``semi``, ``double`` (Q's plan scored by the
     target network, the gradient through the plan) or ``double_detached`` (without it)."""
+    n_step: int = field(default=1, metadata={"min": 1})
+    """The TD target's number of real transitions ``n``: ``y = Σ_{k<m} γᵏ c_k + γᵐ (1 − d) min_v
+    Q_target(x_m, v)``, ``m ≤ n`` the transitions that follow in the sample's episode (fewer at its
+    end, where it terminated or was cut, or at the buffer's newest transition); 1: the one-step
+    target. Off-policy, the sum is of the buffer's own actions, not of Q's argmins (no correction):
+    a bias that grows with ``n`` and with how far the behaviour was from greedy. ``n > 1`` with
+    ``rollout_td`` or ``target_horizon > 1`` is refused."""
     torch_threads: int = field(default=1, metadata={"min": 1})
     """torch's intra-op threads. The networks are small: measured on 2 cores with three runs side
     by side, the default 2 threads made each torch backward 30x slower (spinning threads contend

@@ -178,6 +178,27 @@ class ReplayBuffer:
             valid[:, k] = valid[:, k - 1] & linked
         return idx, valid
 
+    def n_step(self, batch: Batch, n: int, gamma: float) -> tuple[Batch, torch.Tensor]:
+        """``batch`` with ``n``-step returns: each sample's cost becomes ``Σ_{k<m} γᵏ c_k`` over the
+        ``m ≤ n`` transitions that follow it in its episode (:meth:`chains`), its ``next_obs``,
+        ``terminated`` and ``index`` those of the ``m``-th (where the bootstrap value and its
+        warm start are); also ``γᵐ (B,)``, each sample's bootstrap discount."""
+        idx, valid = self.chains(batch.index.numpy(), n - 1)
+        m = valid.sum(axis=1)  # chains are valid up to a point: m transitions
+        last = idx[np.arange(len(idx)), m - 1]
+        disc = np.where(valid, gamma ** np.arange(n), 0.0)
+        ret = (disc * self.cost[idx].astype(np.float64)).sum(axis=1)
+        t = torch.from_numpy
+        out = Batch(
+            batch.obs,
+            batch.act,
+            t(ret.astype(np.float32)),
+            t(self.next_obs[last]),
+            t(self.terminated[last]),
+            t(last),
+        )
+        return out, t(gamma ** m.astype(np.float64))
+
     def warm_starts(self, index: torch.Tensor, low: np.ndarray, high: np.ndarray) -> np.ndarray:
         """``(B, act_dim · plan_steps)`` starts for the argmins at the ``next_obs`` of ``index``: the
         last solution found there, else the cold start (zero clipped to ``[low, high]``)."""

@@ -69,7 +69,7 @@ def td_loss(
     online_layer: ArgminLayer,
     target_layer: ArgminLayer,
     batch: Batch,
-    gamma: float,
+    gamma: float | torch.Tensor,
     mode: TDMode = "semi",
     w0: np.ndarray | None = None,
     mask: torch.Tensor | None = None,
@@ -80,7 +80,8 @@ def td_loss(
     :meth:`~qmpc.data.ReplayBuffer.warm_starts`); ``mask (B,)`` bool: the samples that count (e.g.
     :func:`model_rolled_batch`'s), default all; ``next_values``: the H-step plan values
     (:class:`~qmpc.plan_targets.PlanTargets`; ``semi``, ``double`` through the plan,
-    ``double_detached``) in place of the layers' ``min_v``."""
+    ``double_detached``) in place of the layers' ``min_v``; ``gamma``: the bootstrap's discount, or
+    ``(B,)`` one per sample (:meth:`~qmpc.data.ReplayBuffer.n_step`)."""
     if mode not in TD_MODES:
         raise ConfigError(f"expected train.target in {TD_MODES}, got {mode!r}")
     dtype = next(q.parameters()).dtype
@@ -104,6 +105,8 @@ def td_loss(
             v = q_target(xn, u_star)
     solved = torch.as_tensor(Status.ok(res.status), device=x.device)
     ok = solved if mask is None else solved & mask.to(device=x.device, dtype=torch.bool)
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.to(device=x.device, dtype=dtype)
     y = c + gamma * (1.0 - term) * v
     qx = q(x, u)
     n_ok = ok.sum().clamp_min(1)

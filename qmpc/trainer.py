@@ -355,6 +355,11 @@ def _check_planning(cfg: Config, env) -> None:
         raise ConfigError(f"expected model.learn = true with train.rollout_td = {tc.rollout_td}, got false")
     if tc.target_horizon > 1 and not learned:
         raise ConfigError(f"expected model.learn = true with train.target_horizon = {tc.target_horizon}, got false")
+    if tc.n_step > 1 and (tc.rollout_td or tc.target_horizon > 1):
+        raise ConfigError(
+            f"expected train.n_step = 1 with train.rollout_td = {tc.rollout_td} and train.target_horizon = "
+            f"{tc.target_horizon} (their targets are one-step), got {tc.n_step}"
+        )
     if tc.target_horizon > 1 and tc.target == "residual":
         raise ConfigError(
             f"expected train.target semi, double or double_detached with train.target_horizon = "
@@ -494,6 +499,9 @@ def _learn(st: TrainState, run: _Run) -> TDResult:
     online, target = run.online, run.target
     next_values = run.plan_targets if st.model_ready and st.outcome_ready else None  # else V_1 until fitted
     batch = st.buffer.sample(tc.batch_size, st.rng)
+    gamma: float | torch.Tensor = tc.gamma
+    if tc.n_step > 1:  # the return of the next n transitions, the bootstrap after them
+        batch, gamma = st.buffer.n_step(batch, tc.n_step, tc.gamma)
     mask = None
     if tc.rollout_td and st.model_ready:  # and Q at the model's predictions k = 1 … K steps ahead
         rolled, rolled_mask = model_rolled_batch(st.buffer, st.model, batch.index.numpy(), tc.rollout_td)
@@ -504,7 +512,7 @@ def _learn(st: TrainState, run: _Run) -> TDResult:
         w0 = st.buffer.warm_starts(batch.index, st.spec.low, st.spec.high) if st.cfg.solver.warm_start else None
         if w0 is not None and next_values is None:  # the argmin layers start from the plan's first action
             w0 = w0[:, : st.spec.act_dim]
-        res = td_loss(st.q, st.q_target, online, target, batch, tc.gamma, tc.target, w0, mask, next_values)
+        res = td_loss(st.q, st.q_target, online, target, batch, gamma, tc.target, w0, mask, next_values)
         st.buffer.store_argmins(batch.index, res.next_argmin, res.next_ok)
     with _timed(acc, "time/update_ms"):  # backward (through the solves), Adam, Polyak
         st.optimizer.zero_grad()
