@@ -50,7 +50,8 @@ class BoxNewtonResult(NamedTuple):
     iterations: np.ndarray
     """``(B,)`` Newton iterations taken by each sample."""
     hessian: np.ndarray | None = None
-    """``(B, nu, nu)`` ``∇²f_b(u_b)``, exact (:func:`~qmpc.boxsqp.solve_box_sqp`; None here)."""
+    """``(B, n, n)`` ``∇²f_b(u_b)`` at the last iterates, exact (:func:`~qmpc.boxsqp.solve_box_sqp`'s,
+    ``n`` its variables; None from :func:`solve_box`)."""
 
 
 def _direction(g: np.ndarray, H: np.ndarray, held: np.ndarray, delta: float) -> np.ndarray:

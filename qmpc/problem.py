@@ -126,13 +126,12 @@ class _CondensedHessian(ca.Callback):
     probability of stage ``j`` (a function of ``(x_j, u_j, x_{j+1})`` like the cost). Four more
     inputs then carry the stage values ``V (1 × N)``, Q's value ``vq`` (discount applied; unused
     with ``q_derivatives``), and ``p (1 × N)`` with its gradients ``Gp (n3 × N)`` and Hessians
-    ``Hp (n3 × n3·N)``. With ``ℓ_j = log(1 − p_j)`` and ``R_{k+1} = Σ_{i>k} s_i V_i`` (the value
-    that stage ``k``'s survival multiplies), ``J``'s gradient and Hessian in the states and actions
-    are those of the separable objective with stage terms ``s_k V_k + R_{k+1} ℓ_k`` and terminal
-    ``s_N V_N``, plus ``Σ_i s_i (a_i β_iᵀ + β_i a_iᵀ + V_i β_i β_iᵀ)`` in the actions, where ``a_i``
-    and ``β_i = Σ_{j<i} ∇ℓ_j`` are ``∇V_i`` and the log-survival's gradient mapped to the actions.
-    This replaced CasADi's Hessian of the whole ``J`` (measured on ``models/walker2d.pt`` at H = 3:
-    2.4 ms a call)."""
+    ``Hp (n3 × n3·N)``. With ``q_j = 1 − p_j`` and ``Ŕ_k = ∂J/∂q_k`` (the value that stage ``k``'s
+    survival multiplies), ``J``'s gradient and Hessian in the states and actions are those of the
+    separable objective with stage terms ``s_k V_k + Ŕ_k q_k`` and terminal ``s_N V_N``, plus the
+    terms that couple a stage with the survival before it (:meth:`_SurvivalWeights.coupling`), all
+    products of the ``q``'s, without division. This replaced CasADi's Hessian of the whole ``J``
+    (measured on ``models/walker2d.pt`` at H = 3: 2.4 ms a call)."""
 
     def __init__(
         self,
@@ -242,37 +241,47 @@ class _CondensedHessian(ca.Callback):
 class _SurvivalWeights:
     """The survival weights of one plan, for :class:`_CondensedHessian`: from the discounted stage
     values ``V (N,)``, Q's ``vq``, the termination probabilities ``p (N,)`` and their gradients
-    ``Gp (N, n3)`` and Hessians ``Hp (N, n3, n3)`` in ``(x_k, u_k, x_{k+1})``."""
+    ``Gp (N, n3)`` and Hessians ``Hp (N, n3, n3)`` in ``(x_k, u_k, x_{k+1})``.
+
+    With ``q_j = 1 − p_j`` and ``s_i = Π_{j<i} q_j``, every weight is a product of the ``q``'s
+    (no division: a step certain to terminate, ``q_j = 0``, is exact too, whatever ``∇p_j``
+    there): ``E[j, i] = ∂s_i/∂q_j = Π_{l<i, l≠j} q_l`` and ``Ŕ_j = ∂J/∂q_j = Σ_{i>j} V_i E[j, i]``."""
 
     def __init__(self, V: np.ndarray, vq: float, p: np.ndarray, Gp: np.ndarray, Hp: np.ndarray):
+        N = len(V)
         q = 1.0 - p
-        self.s = np.concatenate([[1.0], np.cumprod(q)])  # s_k = Π_{j<k} (1 − p_j), k = 0..N
-        self.values = np.append(V, vq)
-        self.R = np.cumsum((self.s * self.values)[::-1])[::-1][1:]  # R_{k+1} = Σ_{i>k} s_i V_i
-        # ℓ = log(1 − p): ∇ℓ = −∇p/(1 − p), ∇²ℓ = −∇²p/(1 − p) − ∇ℓ∇ℓᵀ. A step that is certain to
-        # terminate (1 − p below 1e-12) leaves R_{k+1} ≈ 0 behind it: its terms vanish, never NaN
-        q = np.maximum(q, 1e-12)
-        self.gl = -Gp / q[:, None]
-        self.Hl = -Hp / q[:, None, None]
-        self.Hl -= self.gl[:, :, None] * self.gl[:, None, :]
+        self.s = np.concatenate([[1.0], np.cumprod(q)])  # s_i, i = 0..N
+        self.values = np.append(V, vq)  # V_0..V_N
+        D = np.zeros((N, N + 1))  # D[j, i] = Π_{j<m<i} q_m for j < i
+        for j in range(N):
+            D[j, j + 1] = 1.0
+            for i in range(j + 2, N + 1):
+                D[j, i] = D[j, i - 1] * q[i - 1]
+        self.E = self.s[:N, None] * D
+        self.U = D @ self.values  # U_j = Σ_{i>j} V_i Π_{j<m<i} q_m, so Ŕ_j = s_j U_j
+        self.R = self.s[:N] * self.U
+        self.Gp, self.Hp = Gp, Hp
 
     def separable(self, Gc, Hc, gq, Hq):
-        """The stage terms ``s_k V_k + R_{k+1} ℓ_k`` and the terminal ``s_N V_N``: the gradients
+        """The stage terms ``s_k V_k + Ŕ_k q_k`` and the terminal ``s_N V_N``: the gradients
         ``Gc (n3, N)``, Hessians ``Hc (N, n3, n3)`` and Q's ``gq (nz, 1)``, ``Hq (nz, nz)``."""
         N, s, R = len(self.R), self.s, self.R
-        Gc = Gc * s[None, :N] + (R[:, None] * self.gl).T
-        Hc = Hc * s[:N, None, None] + R[:, None, None] * self.Hl
+        Gc = Gc * s[None, :N] - (R[:, None] * self.Gp).T
+        Hc = Hc * s[:N, None, None] - R[:, None, None] * self.Hp
         return Gc, Hc, s[N] * gq, s[N] * Hq
 
     def coupling(self, T: np.ndarray, FN: np.ndarray, Gc: np.ndarray, gq: np.ndarray) -> np.ndarray:
-        """``Σ_i s_i (a_i β_iᵀ + β_i a_iᵀ + V_i β_i β_iᵀ)`` ``(n_w, n_w)`` from the stages' maps to
-        the actions ``T (N, n3, n_w)``, the terminal's ``FN (nz, n_w)`` and the unweighted
-        gradients ``Gc (n3, N)``, ``gq (nz, 1)``."""
+        """The terms that couple stages, ``(n_w, n_w)``: ``Σ_i (a_i ŝ_iᵀ + ŝ_i a_iᵀ)`` with ``a_i``
+        and ``ŝ_i = Σ_{j<i} E[j, i] b_j`` the gradients of ``V_i`` and of ``s_i`` in the actions
+        (``b_j`` that of ``q_j``), and ``Σ_{j≠l} C[j, l] b_j b_lᵀ`` with ``C[j, l] = E[j, l] U_l``
+        (``j < l``), from the stages' maps to the actions ``T (N, n3, n_w)``, the terminal's
+        ``FN (nz, n_w)`` and the unweighted gradients ``Gc (n3, N)``, ``gq (nz, 1)``."""
         a = np.concatenate([np.einsum("kiw,ik->kw", T, Gc), (FN.T @ gq).T])  # ∇V_i in the actions
-        b = np.einsum("kiw,ki->kw", T, self.gl)
-        beta = np.concatenate([np.zeros((1, b.shape[1])), np.cumsum(b, axis=0)])  # β_i = Σ_{j<i} b_j
-        sa = self.s[:, None] * a
-        return sa.T @ beta + beta.T @ sa + beta.T @ ((self.s * self.values)[:, None] * beta)
+        b = -np.einsum("kiw,ki->kw", T, self.Gp)  # ∇q_j in the actions
+        s_hat = self.E.T @ b  # (N + 1, n_w): ∇s_i
+        C = np.triu(self.E[:, :-1] * self.U[None, :], k=1)
+        C = C + C.T
+        return a.T @ s_hat + s_hat.T @ a + b.T @ C @ b
 
 
 def _stage_derivatives(f: ca.Function, n3: int, nx: int, nu: int, points: list, weights: np.ndarray) -> list:

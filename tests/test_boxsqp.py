@@ -29,6 +29,8 @@ def test_box_qp_meets_the_qps_optimality_conditions(n):
     assert done.all()
     assert (d >= lo).all() and (d <= hi).all()
     assert _qp_residual(d[done], g[done], H[done], lo[done], hi[done]).max() <= 1e-10
+    near = (np.abs(d - lo) < 1e-9) | (np.abs(d - hi) < 1e-9)  # on a bound: exactly (the SQP's steps land there)
+    assert ((d == lo) | (d == hi))[near].all()
     # convex: the KKT point is the minimum; no feasible point of a dense random sample is lower
     q = lambda v: np.einsum("bi,bi->b", g + 0.5 * np.einsum("bij,bj->bi", H, v), v)  # noqa: E731
     rng = np.random.default_rng(0)
@@ -123,3 +125,11 @@ def test_the_sqp_leaves_negative_curvature_for_a_corner_in_few_iterations():
     assert kkt_residual(res.u, res.grad, np.zeros((B, 0)), lb, ub).max() <= 1e-10
     # the weakly curved half moves to its bounds in a few steps, not creeping at the floor's pace
     assert res.iterations.max() <= 6, res.iterations.max()
+
+
+def test_box_qp_takes_an_empty_batch_and_any_iteration_budget():
+    g, H, lo, hi = _random_qps(3, 4, seed=1)
+    d, done = boxsqp.box_qp(g[:0], H[:0], lo[:0], hi[:0], tol=1e-9)
+    assert d.shape == (0, 4) and done.shape == (0,)
+    d, done = boxsqp.box_qp(g, H, lo, hi, tol=1e-9, max_iter=0)  # one solve at least
+    assert d.shape == (3, 4) and (d >= lo).all() and (d <= hi).all()

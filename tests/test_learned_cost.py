@@ -161,6 +161,26 @@ def test_survival_weighted_condensed_hessian_is_casadis_exact_hessian(closed_for
     assert min(ps) < 0.05 and max(ps) > 0.95  # both regimes were exercised
 
 
+def test_survival_weighted_hessian_where_a_step_is_certain_to_terminate():
+    """``p = u_0² / 9`` reaches 1 at the bound ``u_0 = 3`` with a gradient that does not vanish: the
+    condensed Hessian (products of ``1 − p``, no division) against CasADi's Hessian of ``J`` on the
+    bound, next to it and inside (a log-survival form with ``1 − p`` clamped was off by 10 there)."""
+    f, c, _, q = _problem_parts()
+    x, u, xn = ca.SX.sym("x", NX), ca.SX.sym("u", NU), ca.SX.sym("x_next", NX)
+    tau = ca.Function("tau", [x, u, xn], [u[0] ** 2 / 9.0 + 0 * xn[0]], ["x", "u", "x_next"], ["p"])
+    spec = MPCSpec(-3 * np.ones(NU), 3 * np.ones(NU), 4, f, c, 0.9, shooting="single", termination=tau)
+    P = ControlProblem(q, spec)
+    ref = _casadi_hessian(P)
+    rng = np.random.default_rng(4)
+    theta, x0 = np.array([0.6, 0.2]), rng.normal(size=NX)
+    for u0 in (3.0, 3.0 - 1e-13, 3.0 - 1e-7, 1.5):
+        for stage in range(3):
+            w = rng.uniform(-2, 2, P.n_w)
+            w[stage * NU] = u0
+            H, Hr = np.array(P.plan_derivatives(w, x0, theta)[2]), np.array(ref(w, x0, theta))
+            np.testing.assert_allclose(H, Hr, rtol=1e-9, atol=1e-9 * max(1.0, np.abs(Hr).max()))
+
+
 def test_without_termination_the_problem_is_unchanged():
     """``termination=None`` keeps the separable objective and its condensed Hessian; a termination
     that is identically 0 gives the same objective, gradient and Hessian through the survival weights."""
