@@ -7,12 +7,12 @@ definite where it is not: :func:`convexified`), solves the box-constrained QP of
     min_d  ∇fᵀ d + ½ dᵀ H d   s.t.  lb − u ≤ d ≤ ub − u
 
 exactly by block principal pivoting (:func:`box_qp`; the batched projected Newton of
-:mod:`qmpc.newton` for a sample it leaves unsolved; numpy only: no evaluation of ``f``), and backtracks along
-``d`` (Armijo) on ``f`` itself. The QP finds the
-active bounds in one iteration however many change, which the projected Newton on ``f`` alone
-does one small step at a time: measured on ``models/half_cheetah.pt`` at H = 3 (18 actions, 9
-at a bound at the solution) the projected Newton took 15–50 iterations per control step, each
-with three evaluations of the plan's functions.
+:mod:`qmpc.newton` for a sample it leaves unsolved; numpy only: no evaluation of ``f``), and
+backtracks along ``d`` (Armijo) on ``f`` itself. The QP finds the active bounds in one iteration
+however many change, which the projected Newton on ``f`` alone does one small step at a time:
+measured on ``models/half_cheetah.pt`` at H = 3 (18 actions, 9 at a bound at the solution) the
+projected Newton took 15–50 iterations per control step, each with three evaluations of the
+plan's functions.
 
 A sample is done when its projected-gradient residual ``‖u − clip(u − ∇f)‖_∞ ≤ tol``; one that
 is not done after ``max_iter`` iterations, or whose line search fails, is reported unconverged.
@@ -76,12 +76,12 @@ def box_qp(
     sample's number of misplaced components, it exchanges only the last one of them (Murty's
     rule, which terminates), so the guesses cannot cycle. Returns ``d (B, n)`` and ``(B,)`` bool:
     the projected-gradient residual ``‖d − clip(d − μ)‖_∞ ≤ tol`` (else the caller solves the
-    sample otherwise). ``deadline``: a ``time.perf_counter()`` after which
-    no exchange starts (the samples still exchanging then are returned as they are, done where their
-    residual already meets ``tol``). Measured on the SQP's
-    steps of models/half_cheetah.pt's plans at H = 5 (30 actions): a median of 5 linear solves,
-    1 in 4 steps solved by the first; exchanging all misplaced components without the safeguard
-    (the primal-dual active set method) cycled on 1 in 6 of IP's steps at H = 5."""
+    sample otherwise). ``deadline``: a ``time.perf_counter()`` after which no exchange starts (the
+    samples still exchanging then are returned as they are, done where their residual already
+    meets ``tol``). Measured on the SQP's steps of models/half_cheetah.pt's plans at H = 5 (30
+    actions): a median of 5 linear solves, 1 in 4 steps solved by the first; exchanging all
+    misplaced components without the safeguard (the primal-dual active set method) cycled on 1 in
+    6 of IP's steps at H = 5."""
     B, n = g.shape
     max_iter = max(1, 4 * n + 10 if max_iter is None else max_iter)
     lower, upper = np.zeros((B, n), bool), np.zeros((B, n), bool)  # a first guess from the SQP's

@@ -125,7 +125,7 @@ class _CondensedHessian(ca.Callback):
     ``V_k = γ^k c_k``, ``V_N = γ^N Q`` and ``s_k = Π_{j<k} (1 − p_j)``, ``p_j`` the termination
     probability of stage ``j`` (a function of ``(x_j, u_j, x_{j+1})`` like the cost). Four more
     inputs then carry the stage values ``V (1 × N)``, Q's value ``vq`` (discount applied; unused
-    with ``q_derivatives``), and ``p (1 × N)`` with its gradients ``Gp (n3 × N)`` and Hessians
+    with ``closed.q``), and ``p (1 × N)`` with its gradients ``Gp (n3 × N)`` and Hessians
     ``Hp (n3 × n3·N)``. With ``q_j = 1 − p_j`` and ``Ŕ_k = ∂J/∂q_k`` (the value that stage ``k``'s
     survival multiplies), ``J``'s gradient and Hessian in the states and actions are those of the
     separable objective with stage terms ``s_k V_k + Ŕ_k q_k`` and terminal ``s_N V_N``, plus the
@@ -207,8 +207,10 @@ class _CondensedHessian(ca.Callback):
             c, g, H = closed.cost(*stages)
             V, Gc, Hc = w[None, :N] * c, (w[:N, None] * g).T, w[:N, None, None] * H
         if survival:  # the separable part of the survival-weighted objective (the class docstring)
-            p, Gp, Hp = closed.termination(*stages) if closed.termination is not None else (p[0], Gp.T, Hp)
-            Hp = Hp if Hp.ndim == 3 else Hp.reshape(n3, N, n3).transpose(1, 0, 2)
+            if closed.termination is not None:
+                p, Gp, Hp = closed.termination(*stages)
+            else:  # the graph's, stage by stage in columns
+                p, Gp, Hp = p[0], Gp.T, Hp.reshape(n3, N, n3).transpose(1, 0, 2)
             weighted = _SurvivalWeights(V[0], vq, p, Gp, Hp)
             Gc_raw, gq_raw = Gc, gq
             Gc, Hc, gq, Hq = weighted.separable(Gc, Hc, gq, Hq)
@@ -481,7 +483,6 @@ class ControlProblem:
         self.plan_derivatives: ca.Function | None = None
         if single:
             self.hess_lag = self._condensed_hessian(w, x0, theta, lam_g, us, xs, params, q_function, q_derivatives)
-        if single:
             hess_L = self.hess_lag(w, ca.vertcat(x0, theta), 1.0, lam_g)
             self.plan_derivatives = ca.Function(
                 "plan_derivatives",
@@ -560,8 +561,10 @@ class ControlProblem:
             vq, gq, Hq = 0.0, ca.DM.zeros(nx + nu), ca.DM.zeros(nx + nu, nx + nu)
         extra = []
         if survival:
-            term = zeros if closed.termination is not None else None
-            term = term or _stage_derivatives(spec.termination, n3, nx, nu, stage_points, np.ones(N))
+            if closed.termination is None:
+                term = _stage_derivatives(spec.termination, n3, nx, nu, stage_points, np.ones(N))
+            else:
+                term = zeros
             extra = [V, vq, *term]
         P = ca.horzcat(*[pk[0] for pk in params]) if n_p else ca.MX(0, N)
         lam_f = ca.MX.sym("lam_f")
