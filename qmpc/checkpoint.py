@@ -32,6 +32,7 @@ from qmpc.data import atomic_write
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.errors import InputError, OutputError, QmpcError
 from qmpc.networks import QNetwork, build_network
+from qmpc.networks.behaviour import BehaviourPolicy, BehaviourRegularizedQ
 from qmpc.pickle_scan import Disallowed, Malformed, Oversized, scan_pickle
 
 __all__ = [
@@ -270,7 +271,7 @@ def check_bounds(low: np.ndarray, high: np.ndarray) -> None:
         raise InputError(f"expected finite action bounds where low = high, got low={low}, high={high}")
 
 
-POLICY_KEYS = ("config", "spec", "network", "gamma", "cost_scale", "q", "model", "outcome")
+POLICY_KEYS = ("config", "spec", "network", "gamma", "cost_scale", "q", "model", "outcome", "behaviour")
 
 
 def policy_of(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -308,7 +309,24 @@ def network_from_checkpoint(ckpt: dict[str, Any], dtype: torch.dtype = torch.flo
         detail = " ".join(str(e).split())[:300]
         raise CheckpointError(f"expected weights matching {net}, got: {detail}") from None
     check_finite_module(q, "Q network")
+    if "behaviour" in ckpt:  # offline, behaviour-regularised: the controller minimises Q̃
+        q = _behaviour_regularized(ckpt, q)
     return q.to(dtype)
+
+
+def _behaviour_regularized(ckpt: dict[str, Any], q: QNetwork) -> QNetwork:
+    """``Q`` behind the checkpoint's behaviour penalty (:class:`BehaviourRegularizedQ`)."""
+    b, spec = ckpt["behaviour"], ckpt["spec"]
+    low, high = spec_arrays(spec)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            policy = BehaviourPolicy(spec["obs_dim"], spec["act_dim"], **b["kwargs"], low=low, high=high)
+        policy.load_state_dict(b["state"])
+        out = BehaviourRegularizedQ(q, policy.double(), float(b["weight"]))
+    except (QmpcError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"expected a loadable behaviour policy in the checkpoint, got: {_one_line(e)}") from None
+    check_finite_module(out, "behaviour-regularised Q network")
+    return out
 
 
 def check_finite_module(m: torch.nn.Module, what: str) -> None:

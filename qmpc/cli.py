@@ -3,6 +3,8 @@
     qmpc demo [--out DIR] [--overwrite]     collect, train and run on the built-in point mass
     qmpc check [--full]                     sensitivity checks of this installation (pass/fail table)
     qmpc collect --env ID --steps N --out DIR [--policy random|CHECKPOINT]
+    qmpc datasets make TASK random|medium|medium-replay|expert|medium-expert [--seed S] [--steps N]
+    qmpc datasets list
     qmpc train LAUNCH.toml [--set key=value ...] [--resume]
     qmpc sweep LAUNCH.toml --seeds 0 1 2 [--grid key=v1,v2 ...] [--set ...] [--out DIR] [--resume]
     qmpc run CHECKPOINT [--episodes N] [--horizon H] [--video out.mp4] [--plot out.png]
@@ -48,22 +50,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _make_policy(policy: str, env, noise: float, seed: int):
     import numpy as np
 
-    from qmpc.controller import Controller
-    from qmpc.env import env_spec
+    from qmpc.datasets import checkpoint_policy
 
-    spec = env_spec(env)
     rng = np.random.default_rng(seed)
     if policy == "random":
-        return lambda obs: rng.uniform(spec.low, spec.high), "random"
-    ctrl = Controller.from_checkpoint(policy)
-    ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
-    span = spec.high - spec.low
-
-    def act(obs):
-        a, _ = ctrl.act(obs)
-        return np.clip(a + noise * span * rng.normal(size=spec.act_dim), spec.low, spec.high)
-
-    return act, f"qmpc controller {policy} + noise {noise}"
+        low, high = env.action_space.low, env.action_space.high
+        return lambda obs: rng.uniform(low, high), "random"
+    return checkpoint_policy(Path(policy), env, noise, rng), f"qmpc controller {policy} + noise {noise}"
 
 
 def _check_args(args: argparse.Namespace, rules: dict[str, tuple[float, bool]]) -> None:
@@ -99,6 +92,32 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     with tqdm(total=args.steps, unit="step", desc=f"collect {args.env}") as bar:
         out = collect(env, policy, args.steps, args.out, seed=args.seed, algorithm=name, progress=bar.update)
     print(f"wrote {args.steps} transitions of {args.env} ({name}) as a Minari dataset to {out}")
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from qmpc.datasets import dataset_id, describe_datasets, make_dataset
+
+    if args.action == "list":
+        print(describe_datasets(args.root))
+        return 0
+    _check_args(
+        args, {"--steps": (1, True), "--noise": (0, True), "--train-steps": (1, True), "--eval-every": (1, True)}
+    )
+    out = make_dataset(
+        args.task,
+        args.kind,
+        seed=args.seed,
+        steps=args.steps,
+        root=args.root,
+        launch=args.launch,
+        expert=args.expert,
+        noise=args.noise,
+        train_steps=args.train_steps,
+        eval_every=args.eval_every,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {dataset_id(args.task, args.kind)} to {out}")
     return 0
 
 
@@ -206,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_check(sub)
     _add_collect(sub)
+    _add_datasets(sub)
     _add_train(sub)
     _add_sweep(sub)
     _add_run(sub)
@@ -246,6 +266,28 @@ def _add_collect(sub) -> None:
     k.add_argument("--out", required=True, help="dataset directory to create")
     k.add_argument("--seed", type=int, default=0)
     k.set_defaults(func=_cmd_collect)
+
+
+def _add_datasets(sub) -> None:
+    from qmpc.datasets import KINDS, RECIPES
+
+    d = sub.add_parser("datasets", help="offline datasets made the way the field makes them (D4RL/Minari kinds)")
+    act = d.add_subparsers(dest="action", required=True)
+    m = act.add_parser("make", help="make a dataset qmpc/<task>/<kind>-v0 in Minari's datasets root")
+    m.add_argument("task", help=f"gymnasium id; with a built-in recipe: {', '.join(RECIPES)}")
+    m.add_argument("kind", choices=KINDS)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--steps", type=int, default=None, help="transitions (default: the recipe's, 100k or 1M)")
+    m.add_argument("--root", default=None, help="datasets root (default: $MINARI_DATASETS_PATH or ~/.minari/datasets)")
+    m.add_argument("--launch", default=None, help="launch file of the medium policy's training (default: the recipe's)")
+    m.add_argument("--expert", default=None, help="the expert's checkpoint (default: the recipe's, models/<task>.pt)")
+    m.add_argument("--noise", type=float, default=None, help="policy noise (default: the launch file's exploration)")
+    m.add_argument("--train-steps", type=int, default=None, help="the medium run's budget (default: the launch file's)")
+    m.add_argument("--eval-every", type=int, default=250, help="steps between the medium run's evaluations")
+    m.add_argument("--no-progress", action="store_true")
+    ls = act.add_parser("list", help="the qmpc datasets in the datasets root, with their references")
+    ls.add_argument("--root", default=None)
+    d.set_defaults(func=_cmd_datasets)
 
 
 def _add_train(sub) -> None:

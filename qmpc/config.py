@@ -190,6 +190,23 @@ class TrainConfig:
     target. Off-policy, the sum is of the buffer's own actions, not of Q's argmins (no correction):
     a bias that grows with ``n`` and with how far the behaviour was from greedy. ``n > 1`` with
     ``rollout_td`` or ``target_horizon > 1`` is refused."""
+    behaviour_weight: float = field(default=0.0, metadata={"min": 0.0})
+    """Offline: ``β`` of the behaviour-regularised argmin (:mod:`qmpc.networks.behaviour`). The TD
+    targets' and the controller's action is ``argmin_u Q(x, u) + ½ β ‖(u − π_β(x)) / s‖²`` (``s``
+    half the action range, ``π_β`` cloned from the dataset before training and saved with the
+    checkpoint); the targets score it with Q alone, ``Q_target(x⁺, u*)`` (as TD3+BC does its
+    actor's action). 0: the plain argmin. Not with ``target = "residual"`` or plans (``horizon``,
+    ``target_horizon`` > 1)."""
+    behaviour_steps: int = field(default=5000, metadata={"min": 1})
+    """Adam steps of ``π_β``'s least-squares fit to the dataset's actions (``batch_size``, ``lr``)."""
+    behaviour_hidden: list[int] = field(default_factory=lambda: [64, 64], metadata={"item_min": 1})
+    """Hidden widths of ``π_β`` (SiLU; a tanh squashes its output into the action box)."""
+    conservative_weight: float = field(default=0.0, metadata={"min": 0.0})
+    """Offline: ``α`` of the conservative term added to the TD loss, ``α · mean(Q(x, u) − Q(x, ũ(x)))``
+    over the batch's data actions ``u`` and the controller's action ``ũ(x)`` at the same states (the
+    regularised argmin, detached): Q pushed up where the controller would act and down where the
+    data acted (CQL's term, with the argmin as its sampled action). Costs one more batched solve
+    per update. 0: off."""
     torch_threads: int = field(default=1, metadata={"min": 1})
     """torch's intra-op threads. The networks are small: measured on 2 cores with three runs side
     by side, the default 2 threads made each torch backward 30x slower (spinning threads contend

@@ -7,6 +7,8 @@ a ``truncated`` transition (time limit) still bootstraps, so only ``terminated``
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -18,13 +20,19 @@ from qmpc.errors import ConfigError, InputError, OutputError
 
 __all__ = [
     "Batch",
+    "Episode",
     "ReplayBuffer",
     "atomic_write",
     "check_dataset",
+    "dataset_path",
     "ensure_dir",
     "ensure_output_file",
     "input_normalization",
     "load_minari",
+    "minari_root",
+    "read_episodes",
+    "rollouts",
+    "write_minari",
 ]
 
 
@@ -241,52 +249,86 @@ class ReplayBuffer:
 # --------------------------------------------------------------------------------------
 
 
-def collect(env, policy, steps: int, out: str | Path, seed: int = 0, algorithm: str = "random", progress=None) -> Path:
-    """Run ``policy(obs) -> action`` in ``env`` for ``steps`` steps and write a Minari dataset
-    at ``out`` (a directory). Episodes cut by ``steps`` are kept, marked truncated."""
-    import shutil
-    import warnings
+class Episode(NamedTuple):
+    """One episode of a dataset, as Minari stores it (rewards, not costs)."""
 
-    import minari
-    from minari.data_collector.episode_buffer import EpisodeBuffer
+    observations: np.ndarray
+    """``(T + 1, obs_dim)``: the reset state and every next state."""
+    actions: np.ndarray
+    """``(T, act_dim)`` float32."""
+    rewards: np.ndarray
+    """``(T,)``."""
+    terminations: np.ndarray
+    """``(T,)`` bool: the episode terminated at that step."""
+    truncations: np.ndarray
+    """``(T,)`` bool: the episode was cut there without terminating (time limit, or the end of the
+    collection)."""
+    seed: int | None = None
+    """The reset seed, where known."""
 
-    out = Path(out)
-    if out.exists():
-        raise InputError(f"expected a new dataset directory, got an existing {out}")
-    ensure_dir(out.parent, "the dataset's parent directory")
-    episodes, done_steps, ep = [], 0, 0
+
+def rollouts(env, policy, steps: int, seed: int = 0, progress=None) -> list[Episode]:
+    """Run ``policy(obs) -> action`` in ``env`` for ``steps`` steps, episode ``i`` reset with seed
+    ``seed + i``. An episode cut by ``steps`` is kept, marked truncated."""
+    episodes, done_steps = [], 0
     while done_steps < steps:
-        obs, _ = env.reset(seed=seed + ep)
+        ep_seed = seed + len(episodes)
+        obs, _ = env.reset(seed=ep_seed)
         o, a, r, te, tr = [obs], [], [], [], []
         while True:
             act = np.asarray(policy(obs), dtype=np.float32)
             obs, rew, term, trunc, _ = env.step(act)
             done_steps += 1
             trunc = trunc or done_steps >= steps
-            (
-                o.append(obs),
-                a.append(act),
-                r.append(float(rew)),
-                te.append(bool(term)),
-                tr.append(bool(trunc and not term)),
-            )
+            o.append(obs), a.append(act), r.append(float(rew)), te.append(bool(term))
+            tr.append(bool(trunc and not term))
             if progress is not None:
                 progress(1)
             if term or trunc:
                 break
-        episodes.append(
-            EpisodeBuffer(
-                id=ep,
-                seed=seed + ep,
-                observations=np.array(o),
-                actions=np.array(a),
-                rewards=r,
-                terminations=te,
-                truncations=tr,
-                infos={},
-            )
+        episodes.append(Episode(np.array(o), np.array(a), np.array(r), np.array(te), np.array(tr), ep_seed))
+    return episodes
+
+
+def collect(env, policy, steps: int, out: str | Path, seed: int = 0, algorithm: str = "random", progress=None) -> Path:
+    """Run ``policy(obs) -> action`` in ``env`` for ``steps`` steps (:func:`rollouts`) and write a
+    Minari dataset at ``out`` (a new directory, :func:`write_minari`)."""
+    out = Path(out)
+    if out.exists():
+        raise InputError(f"expected a new dataset directory, got an existing {out}")
+    ensure_dir(out.parent, "the dataset's parent directory")
+    return write_minari(rollouts(env, policy, steps, seed, progress), out, env, algorithm)
+
+
+def write_minari(
+    episodes: list[Episode], out: str | Path, env, algorithm: str, dataset_id: str | None = None, **metadata
+) -> Path:
+    """Write ``episodes`` as a Minari dataset at ``out`` (a new directory, created whole or not at
+    all: written under a temporary root next to it, then renamed). ``dataset_id``: its id in a
+    Minari root ``out`` ends with (``root/qmpc/task/kind-v0`` for ``qmpc/task/kind-v0``: the
+    namespace's metadata is added to that root where missing); default ``<out's name>-v0``.
+    ``metadata``: more keyword arguments of ``minari.create_dataset_from_buffers`` (e.g.
+    ``ref_min_score``, ``description``)."""
+    import warnings
+
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    out = Path(out)
+    ds_id = dataset_id or f"{out.name}-v0"
+    buffers = [
+        EpisodeBuffer(
+            id=i,
+            seed=e.seed,
+            observations=np.asarray(e.observations),
+            actions=np.asarray(e.actions, np.float32),
+            rewards=[float(v) for v in e.rewards],
+            terminations=[bool(v) for v in e.terminations],
+            truncations=[bool(v) for v in e.truncations],
+            infos={},
         )
-        ep += 1
+        for i, e in enumerate(episodes)
+    ]
     # absolute: Minari 0.5.4 joins a relative root with itself when it sizes the written file
     root = Path(tempfile.mkdtemp(prefix=".minari-", dir=out.parent)).resolve()
     old = os.environ.get("MINARI_DATASETS_PATH")
@@ -294,9 +336,10 @@ def collect(env, policy, steps: int, out: str | Path, seed: int = 0, algorithm: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            minari.create_dataset_from_buffers(f"{out.name}-v0", episodes, env=env, algorithm_name=algorithm)
+            minari.create_dataset_from_buffers(ds_id, buffers, env=env, algorithm_name=algorithm, **metadata)
         out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(root / f"{out.name}-v0", out)
+        _copy_namespaces(root, out, ds_id)
+        os.replace(root / ds_id, out)
     finally:
         if old is None:
             os.environ.pop("MINARI_DATASETS_PATH", None)
@@ -306,20 +349,37 @@ def collect(env, policy, steps: int, out: str | Path, seed: int = 0, algorithm: 
     return out
 
 
-def load_minari(path: str | Path, obs_dim: int, act_dim: int, env_id: str | None = None) -> dict[str, np.ndarray]:
-    """Read a Minari dataset directory into flat transition arrays (``cost = −reward``).
+_DATASET_ID = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*-v[0-9]+$")
 
-    Raises :class:`InputError` for a missing, empty, truncated or corrupted dataset, or one whose
-    spaces (or recorded environment) do not match the task.
-    """
+
+def minari_root() -> Path:
+    """Minari's local datasets root: ``$MINARI_DATASETS_PATH``, else ``~/.minari/datasets``."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+
+
+def dataset_path(name: str | Path) -> Path:
+    """Where the dataset ``name`` lives: a path as it is; an id such as
+    ``qmpc/invertedpendulum/medium-v0`` (:mod:`qmpc.datasets`) that is not a path, in
+    :func:`minari_root`."""
+    if Path(name).exists() or not _DATASET_ID.match(str(name)):
+        return Path(name)
+    return minari_root() / str(name)
+
+
+def _open_minari(path: str | Path):
+    """``(MinariDataset, its episodes, path)``: :class:`InputError` for a missing, unreadable or
+    empty dataset."""
     import warnings
 
     import minari
 
-    path = Path(path)
+    given, path = str(path), dataset_path(path)
     data_dir = path / "data" if (path / "data").is_dir() else path
     if not (data_dir / "metadata.json").is_file():
-        raise InputError(f"expected a Minari dataset at {path} (with data/metadata.json), got none")
+        how = ""
+        if path != Path(given):
+            how = f" in the Minari root {minari_root()} (make it with `qmpc datasets make TASK KIND`)"
+        raise InputError(f"expected a Minari dataset at {given}{how} (with data/metadata.json), got none")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -329,6 +389,47 @@ def load_minari(path: str | Path, obs_dim: int, act_dim: int, env_id: str | None
         raise InputError(f"expected a readable Minari dataset at {path}, got: {type(e).__name__}: {e}") from None
     if not episodes or ds.total_steps == 0:
         raise InputError(f"expected transitions in the Minari dataset at {path}, got an empty dataset")
+    _check_minari_size(path, data_dir, len(episodes), sum(len(e.rewards) for e in episodes), ds.total_steps)
+    return ds, episodes, path
+
+
+def read_episodes(path: str | Path) -> list[Episode]:
+    """The episodes of a Minari dataset (a path or an id, :func:`dataset_path`)."""
+    _, episodes, _ = _open_minari(path)
+    return [
+        Episode(
+            np.asarray(e.observations),
+            np.asarray(e.actions, np.float32),
+            np.asarray(e.rewards, np.float64),
+            np.asarray(e.terminations, bool),
+            np.asarray(e.truncations, bool),
+            None,
+        )
+        for e in episodes
+    ]
+
+
+def _copy_namespaces(root: Path, out: Path, ds_id: str) -> None:
+    """The namespace metadata files that Minari wrote under ``root`` for ``ds_id``, into the root
+    that ``out`` lies in, where that root lacks them."""
+    parts = Path(ds_id).parts[:-1]
+    out_root = out.parents[len(parts)] if parts else out.parent
+    for i in range(1, len(parts) + 1):
+        src = root.joinpath(*parts[:i]) / "namespace_metadata.json"
+        dst = out_root.joinpath(*parts[:i]) / "namespace_metadata.json"
+        if src.is_file() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+
+
+def load_minari(path: str | Path, obs_dim: int, act_dim: int, env_id: str | None = None) -> dict[str, np.ndarray]:
+    """Read a Minari dataset (a directory, or an id in :func:`minari_root`: :func:`dataset_path`)
+    into flat transition arrays (``cost = −reward``).
+
+    Raises :class:`InputError` for a missing, empty, truncated or corrupted dataset, or one whose
+    spaces (or recorded environment) do not match the task.
+    """
+    ds, episodes, path = _open_minari(path)
     obs_space, act_space = ds.observation_space, ds.action_space
     if getattr(obs_space, "shape", None) != (obs_dim,) or getattr(act_space, "shape", None) != (act_dim,):
         raise InputError(
@@ -350,7 +451,6 @@ def load_minari(path: str | Path, obs_dim: int, act_dim: int, env_id: str | None
         cols["cost"].append(-np.asarray(ep.rewards, np.float64))
         cols["terminated"].append(np.asarray(ep.terminations, np.float64))
     out = {k: np.concatenate(v) for k, v in cols.items()}
-    _check_minari_size(path, data_dir, len(episodes), len(out["cost"]), ds.total_steps)
     bad = ~np.isfinite(np.c_[out["obs"], out["act"], out["cost"], out["next_obs"]]).all(axis=1)
     if bad.any():
         raise InputError(f"expected finite transitions in {path}, got NaN/Inf in {int(bad.sum())} of {len(bad)}")

@@ -31,7 +31,7 @@ from qmpc.errors import ConfigError
 from qmpc.networks import QNetwork
 from qmpc.solver import Status
 
-__all__ = ["TD_MODES", "TDMode", "TDResult", "model_rolled_batch", "td_loss"]
+__all__ = ["TD_MODES", "TDMode", "TDResult", "conservative_gap", "model_rolled_batch", "td_loss"]
 
 TDMode = Literal["semi", "residual", "double", "double_detached"]
 _PLANNERS = {"semi": "target", "double": "online", "double_detached": "online"}
@@ -74,6 +74,7 @@ def td_loss(
     w0: np.ndarray | None = None,
     mask: torch.Tensor | None = None,
     next_values: Callable | None = None,
+    score_argmin: bool = False,
 ) -> TDResult:
     """TD loss of a batch. ``online_layer`` minimises ``q``; ``target_layer`` minimises ``q_target``;
     ``w0 (B, act_dim)`` is an optional start of the solves at ``x⁺`` (e.g.
@@ -81,7 +82,9 @@ def td_loss(
     :func:`model_rolled_batch`'s), default all; ``next_values``: the H-step plan values
     (:class:`~qmpc.plan_targets.PlanTargets`; ``semi``, ``double`` through the plan,
     ``double_detached``) in place of the layers' ``min_v``; ``gamma``: the bootstrap's discount, or
-    ``(B,)`` one per sample (:meth:`~qmpc.data.ReplayBuffer.n_step`)."""
+    ``(B,)`` one per sample (:meth:`~qmpc.data.ReplayBuffer.n_step`); ``score_argmin``: ``semi``'s
+    target is ``q_target`` at the target layer's argmin, not the layer's minimum (the layers
+    minimise a regularised network, :class:`~qmpc.networks.behaviour.BehaviourRegularizedQ`)."""
     if mode not in TD_MODES:
         raise ConfigError(f"expected train.target in {TD_MODES}, got {mode!r}")
     dtype = next(q.parameters()).dtype
@@ -94,8 +97,14 @@ def td_loss(
         v = res.value.to(dtype)
     elif mode == "semi":
         with torch.no_grad():
-            _, v, res = target_layer(xn, grad_mode="none", w0=w0, return_result=True)
+            u_star, v, res = target_layer(xn, grad_mode="none", w0=w0, return_result=True)
+            if score_argmin:
+                v = q_target(xn, u_star.to(dtype))
     elif mode == "residual":
+        if score_argmin:
+            raise ConfigError(
+                "expected train.target semi, double or double_detached with a scored argmin, got 'residual'"
+            )
         _, v, res = online_layer(xn, grad_mode="envelope", w0=w0, return_result=True)
     else:
         detached = mode == "double_detached"
@@ -124,6 +133,21 @@ def td_loss(
         res.kkt_residual,
         res.message,
     )
+
+
+def conservative_gap(q: QNetwork, layer: ArgminLayer, batch: Batch) -> tuple[torch.Tensor, float]:
+    """``mean(Q(x, u) − Q(x, ũ))`` over the batch's states ``x`` and data actions ``u``, with ``ũ``
+    the argmin of ``layer`` (Q's, or its regularised twin's) at ``x``, detached and started at
+    ``u``: the conservative term (``train.conservative_weight``), whose gradient pushes Q up where
+    the controller would act and down where the data acted. Samples whose solve failed are left
+    out of the mean; returns the term and their fraction."""
+    dtype = next(q.parameters()).dtype
+    x, u = batch.obs.to(dtype), batch.act.to(dtype)
+    with torch.no_grad():
+        u_star, _, res = layer(x, grad_mode="none", w0=u.double().numpy(), return_result=True)
+    ok = torch.as_tensor(Status.ok(res.status), device=x.device)
+    gap = torch.where(ok, q(x, u) - q(x, u_star.to(dtype)), torch.zeros(len(x), dtype=dtype))
+    return gap.sum() / ok.sum().clamp_min(1), float(1.0 - ok.float().mean())
 
 
 def model_rolled_batch(

@@ -29,6 +29,7 @@ from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec
 from qmpc.errors import ConfigError
 from qmpc.networks import QNetwork
+from qmpc.networks.behaviour import BehaviourPolicy, BehaviourRegularizedQ
 from qmpc.plan_actor import PlanActor
 from qmpc.solver import Status
 
@@ -135,6 +136,10 @@ class TrainState:
     last solution) the next solve starts from: the trainer's ``actor``. Saved, so that the first
     solve after a resume starts where the uninterrupted run's does."""
 
+    behaviour: BehaviourPolicy | None = None
+    """``π_β`` of the behaviour-regularised argmin (``train.behaviour_weight > 0``), fitted before
+    training (:meth:`prepare_behaviour`) and fixed after; else None."""
+
     plan_actor: PlanActor | None = None
     """The H-step MPC that acts (``train.horizon > 1``): the policy of its last rebuild and its
     plan are saved, so that the first step after a resume plans as the uninterrupted run's does."""
@@ -174,7 +179,42 @@ class TrainState:
             out["model"] = {"kwargs": self.model.kwargs(), "state": tensors(self.model)}
         if self.outcome is not None:
             out["outcome"] = {"kwargs": self.outcome.kwargs(), "state": tensors(self.outcome)}
+        if self.behaviour is not None:
+            b = self.behaviour
+            out["behaviour"] = {
+                "kwargs": {"hidden": list(b.hidden), "activation": b.activation},
+                "weight": self.cfg.train.behaviour_weight,
+                "state": tensors(b),
+            }
         return out
+
+    def prepare_behaviour(self, ckpt: dict[str, Any] | None) -> None:
+        """``π_β`` as the run uses it: the checkpoint's (a resumed run), else fitted now to the
+        replay buffer's actions (the dataset), with its own seed so that the rest of the run draws
+        what it would without it. Call before the argmin layers are built: they copy ``π_β``."""
+        if self.behaviour is None:
+            return
+        if ckpt is not None:
+            if "behaviour" not in ckpt:
+                raise CheckpointError(
+                    "expected the behaviour policy in a checkpoint of train.behaviour_weight > 0, got none"
+                )
+            self.behaviour.load_state_dict(ckpt["behaviour"]["state"])
+            return
+        tc, n = self.cfg.train, len(self.buffer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + 4099)
+            self.behaviour.fit(
+                self.buffer.obs[:n], self.buffer.act[:n], tc.behaviour_steps, tc.batch_size, tc.lr, self.cfg.seed + 4099
+            )
+
+    def acting(self, q: QNetwork) -> QNetwork:
+        """The network whose argmin acts and makes the TD targets: ``q`` itself, or ``q`` behind
+        the behaviour penalty (:class:`~qmpc.networks.behaviour.BehaviourRegularizedQ`, sharing
+        ``q``'s weights)."""
+        if self.behaviour is None:
+            return q
+        return BehaviourRegularizedQ(q, self.behaviour, self.cfg.train.behaviour_weight)
 
     def state_dict(self) -> dict[str, Any]:
         """The full training checkpoint (a policy plus what resuming needs)."""

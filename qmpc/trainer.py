@@ -37,9 +37,10 @@ from qmpc.data import Batch, ReplayBuffer, atomic_write, check_dataset, ensure_d
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError, OutputError, SolverError
-from qmpc.losses import TDResult, model_rolled_batch, td_loss
+from qmpc.losses import TDResult, conservative_gap, model_rolled_batch, td_loss
 from qmpc.metrics import MetricsLogger, plot_learning_curve, read_metrics
 from qmpc.networks import QNetwork, build_network
+from qmpc.networks.behaviour import BehaviourPolicy
 from qmpc.plan_actor import PlanActor, acting_horizon
 from qmpc.plan_targets import PlanTargets
 from qmpc.runner import discounted_costs, run_episodes
@@ -253,7 +254,8 @@ def _train(
     cfg, ckpt = _open_run(cfg, run_dir, resume, overrides)
     torch.set_num_threads(cfg.train.torch_threads)
     st, eval_env = _new_state(cfg, t_start)
-    solvers = _build_solvers(cfg, st.spec, st.q, st.q_target)
+    st.prepare_behaviour(ckpt)  # before the layers, which copy π_β
+    solvers = _build_solvers(cfg, st.spec, st.acting(st.q), st.acting(st.q_target))
     st.layers["actor"] = solvers[2]  # its warm start is saved
     if ckpt is not None:
         st.load_state_dict(ckpt)
@@ -326,6 +328,9 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
         cfg, spec, env, q, q_target, opt, sched, buffer, rng, model_rng, model, model_opt, obs=obs, started=started
     )
     st.outcome, st.outcome_optimizer = outcome, outcome_opt
+    if tc.behaviour_weight > 0:  # fitted by TrainState.prepare_behaviour
+        with torch.random.fork_rng(devices=[]):
+            st.behaviour = BehaviourPolicy(spec.obs_dim, spec.act_dim, tc.behaviour_hidden, "silu", spec.low, spec.high)
     st.plan_actor = PlanActor(tc, eval_env) if tc.horizon > 1 else None  # reads eval_env's model, never steps it
     return st, eval_env
 
@@ -359,6 +364,16 @@ def _check_planning(cfg: Config, env) -> None:
         raise ConfigError(
             f"expected train.n_step = 1 with train.rollout_td = {tc.rollout_td} and train.target_horizon = "
             f"{tc.target_horizon} (their targets are one-step), got {tc.n_step}"
+        )
+    offline_only = {"behaviour_weight": tc.behaviour_weight, "conservative_weight": tc.conservative_weight}
+    for name, v in offline_only.items():
+        if v > 0 and tc.mode != "offline":
+            raise ConfigError(f"expected train.mode = 'offline' with train.{name} = {v:g}, got {tc.mode!r}")
+    if tc.behaviour_weight > 0 and (tc.target == "residual" or tc.horizon > 1 or tc.target_horizon > 1):
+        raise ConfigError(
+            f"expected train.target semi, double or double_detached and train.horizon = train.target_horizon = 1 "
+            f"with train.behaviour_weight = {tc.behaviour_weight:g}, got {tc.target!r}, {tc.horizon} and "
+            f"{tc.target_horizon} (the penalty is not in residual's envelope gradient nor in the plans)"
         )
     if tc.target_horizon > 1 and tc.target == "residual":
         raise ConfigError(
@@ -512,11 +527,19 @@ def _learn(st: TrainState, run: _Run) -> TDResult:
         w0 = st.buffer.warm_starts(batch.index, st.spec.low, st.spec.high) if st.cfg.solver.warm_start else None
         if w0 is not None and next_values is None:  # the argmin layers start from the plan's first action
             w0 = w0[:, : st.spec.act_dim]
-        res = td_loss(st.q, st.q_target, online, target, batch, gamma, tc.target, w0, mask, next_values)
+        score = st.behaviour is not None  # the regularised argmin, scored by Q_target alone
+        res = td_loss(st.q, st.q_target, online, target, batch, gamma, tc.target, w0, mask, next_values, score)
         st.buffer.store_argmins(batch.index, res.next_argmin, res.next_ok)
+    loss = res.loss
+    if tc.conservative_weight > 0:
+        with _timed(acc, "time/conservative_ms"):
+            gap, gap_fail = conservative_gap(st.q, online, batch)
+        loss = loss + tc.conservative_weight * gap
+        acc.setdefault("train/conservative_gap", []).append(float(gap.detach()))
+        acc.setdefault("solver/conservative_fail_frac", []).append(gap_fail)
     with _timed(acc, "time/update_ms"):  # backward (through the solves), Adam, Polyak
         st.optimizer.zero_grad()
-        res.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(st.q.parameters(), tc.grad_clip)
         st.optimizer.step()
         st.scheduler.step()
@@ -607,8 +630,8 @@ def _evaluate(st: TrainState, run: _Run) -> None:
     if _planning(st):  # at the horizon the run acts with, through the model as it is now
         horizon = acting_horizon(tc, st.step)
         controller = Controller.from_policy(st.policy(), horizon=horizon, env=run.eval_env, where="the run")
-    else:
-        controller.q.load_state_dict(st.q.state_dict())
+    else:  # (inside the behaviour penalty, whose π_β is fixed)
+        getattr(controller.q, "q", controller.q).load_state_dict(st.q.state_dict())
     ev = evaluate(controller, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale)
     eval_ms = (time.perf_counter() - t_eval) * 1e3
     st.eval_steps.append(st.step)

@@ -1,0 +1,462 @@
+"""The field's offline datasets, made locally the way the field makes them (D4RL, Minari's ``mujoco/*``).
+
+Five kinds per task (:data:`KINDS`), each a Minari dataset with id ``qmpc/<task>/<kind>-v0`` in
+Minari's datasets root (``$MINARI_DATASETS_PATH``, else ``~/.minari/datasets``), so that
+``train.dataset = "qmpc/invertedpendulum/medium-v0"`` and ``minari.load_dataset`` both find it:
+
+* ``random``: uniform random actions.
+* ``medium``: a policy at about a third of the expert's normalised return: a qmpc training run of
+  the task's launch file, stopped at the first evaluation within :data:`MEDIUM_BAND` of a third
+  (else the evaluation closest to it), acting with the launch file's exploration noise.
+* ``medium-replay``: the replay buffer of that training run up to the medium policy.
+* ``expert``: the task's shipped controller (``models/<task>.pt``) with the same noise.
+* ``medium-expert``: the ``medium`` and ``expert`` episodes together.
+
+Every dataset carries the task's reference returns in its metadata (``ref_min_score``: a uniform
+random policy, ``ref_max_score``: the expert controller without noise, 100 episodes each), for the
+normalised score ``100 · (R − R_random) / (R_expert − R_random)`` (:func:`normalized_score`).
+Everything is seeded: the same command makes the same dataset. The medium run and the reference
+returns are kept under ``<root>/qmpc/.work/<task>/`` and reused by the kinds that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qmpc.data import Episode, atomic_write, minari_root, rollouts, write_minari
+from qmpc.errors import ConfigError, InputError
+
+__all__ = [
+    "KINDS",
+    "MEDIUM_BAND",
+    "RECIPES",
+    "Recipe",
+    "buffer_episodes",
+    "checkpoint_policy",
+    "dataset_id",
+    "describe_datasets",
+    "make_dataset",
+    "normalized_score",
+    "reference_returns",
+]
+
+KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+MEDIUM_BAND = (0.25, 0.45)
+"""Normalised returns (fractions of expert − random) at which a training run's policy is medium."""
+REFERENCE_EPISODES = 100
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a task's datasets are made."""
+
+    env_id: str
+    """Gymnasium id."""
+    name: str
+    """The task's part of the dataset id (Minari's: lower case, no separators)."""
+    launch: str
+    """Launch file of the medium policy's training run (relative to the repository)."""
+    expert: str
+    """The expert controller's checkpoint (relative to the repository)."""
+    steps: int
+    """Transitions of ``random``, ``medium`` and ``expert`` (D4RL: 1M for locomotion)."""
+
+
+RECIPES = {
+    r.env_id: r
+    for r in (
+        Recipe(
+            "InvertedPendulum-v5",
+            "invertedpendulum",
+            "launch/inverted_pendulum.toml",
+            "models/inverted_pendulum.pt",
+            100_000,
+        ),
+        Recipe(
+            "InvertedDoublePendulum-v5",
+            "inverteddoublependulum",
+            "launch/inverted_double_pendulum.toml",
+            "models/inverted_double_pendulum.pt",
+            100_000,
+        ),
+        Recipe("Hopper-v5", "hopper", "launch/hopper.toml", "models/hopper.pt", 1_000_000),
+        Recipe("HalfCheetah-v5", "halfcheetah", "launch/half_cheetah.toml", "models/half_cheetah.pt", 1_000_000),
+    )
+}
+
+
+def dataset_id(env_id: str, kind: str) -> str:
+    """``qmpc/<task>/<kind>-v0``, e.g. ``qmpc/invertedpendulum/medium-v0``."""
+    _check_kind(kind)
+    name = RECIPES[env_id].name if env_id in RECIPES else re.sub(r"[^a-z0-9]", "", env_id.split("-v")[0].lower())
+    return f"qmpc/{name}/{kind}-v0"
+
+
+def normalized_score(ret: float | np.ndarray, random_return: float, expert_return: float) -> float | np.ndarray:
+    """``100 · (R − R_random) / (R_expert − R_random)``: 0 is the random policy, 100 the expert."""
+    return 100.0 * (np.asarray(ret, np.float64) - random_return) / (expert_return - random_return)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"expected a dataset kind in {KINDS}, got {kind!r}")
+
+
+def _repo_file(rel: str | None, what: str, option: str) -> Path:
+    if rel is None:
+        raise ConfigError(f"expected {option} for a task without a recipe (tasks with one: {', '.join(RECIPES)})")
+    path = Path(rel) if Path(rel).is_absolute() or Path(rel).exists() else _REPO / rel
+    if not path.is_file():
+        raise InputError(f"expected {what} at {path} (a source checkout's file, or give {option}), got none")
+    return path
+
+
+@dataclass
+class _Job:
+    """One ``make_dataset`` call, resolved."""
+
+    env_id: str
+    root: Path
+    work: Path
+    seed: int
+    steps: int
+    launch: Path | None
+    expert: Path | None
+    noise: float
+    train_steps: int | None
+    eval_every: int
+    reference_episodes: int
+    progress: bool
+
+    def env(self, seed_offset: int = 0):
+        from qmpc.env import make_env
+
+        return make_env(self.env_id, seed=self.seed + seed_offset)
+
+    def out(self, kind: str) -> Path:
+        return self.root / dataset_id(self.env_id, kind)
+
+
+def make_dataset(
+    env_id: str,
+    kind: str,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    root: str | Path | None = None,
+    launch: str | Path | None = None,
+    expert: str | Path | None = None,
+    noise: float | None = None,
+    train_steps: int | None = None,
+    eval_every: int = 250,
+    reference_episodes: int = REFERENCE_EPISODES,
+    progress: bool = True,
+) -> Path:
+    """Make the ``kind`` dataset of ``env_id`` (and whatever it needs that is not made yet: the
+    reference returns, the medium run, the two parts of ``medium-expert``) and return its directory.
+
+    ``steps``: transitions of ``random``/``medium``/``expert`` (default the recipe's); ``launch`` and
+    ``expert``: the medium run's launch file and the expert checkpoint (default the recipe's, from
+    the repository); ``noise``: exploration noise of the medium and expert policies, as a fraction
+    of the action range (default the launch file's ``train.exploration_noise``); ``train_steps``:
+    the medium run's budget (default the launch file's); ``eval_every``: how often it is evaluated;
+    ``reference_episodes``: episodes of each reference return (the field's 100; fewer for tests).
+    An existing dataset is an :class:`InputError` (delete it to make it again)."""
+    from qmpc.config import check_seed, load_config
+
+    _check_kind(kind)
+    check_seed(seed, "seed")
+    recipe = RECIPES.get(env_id)
+    root = Path(root) if root is not None else minari_root()
+    launch_path = _repo_file(str(launch) if launch else recipe and recipe.launch, "the launch file", "--launch")
+    cfg = load_config(launch_path, [])
+    if cfg.env.id != env_id:
+        raise ConfigError(f"expected a launch file for {env_id}, got one for {cfg.env.id} ({launch_path})")
+    job = _Job(
+        env_id,
+        root,
+        root / "qmpc" / ".work" / dataset_id(env_id, kind).split("/")[1] / f"seed{seed}",
+        seed,
+        int(steps if steps is not None else (recipe.steps if recipe else 100_000)),
+        launch_path,
+        _repo_file(str(expert) if expert else recipe and recipe.expert, "the expert checkpoint", "--expert"),
+        float(cfg.train.exploration_noise if noise is None else noise),
+        train_steps,
+        int(eval_every),
+        int(reference_episodes),
+        progress,
+    )
+    if min(job.steps, job.eval_every, job.reference_episodes, train_steps or 1) < 1 or not job.noise >= 0:
+        raise ConfigError(
+            f"expected steps, eval_every, reference_episodes and train_steps >= 1 and noise >= 0, got {job.steps}, "
+            f"{job.eval_every}, {job.reference_episodes}, {train_steps} and {job.noise}"
+        )
+    if job.out(kind).exists():
+        raise InputError(f"expected no dataset {dataset_id(env_id, kind)} yet, got one at {job.out(kind)}")
+    return _MAKERS[kind](job)
+
+
+# ---------------------------------------------------------------------------------------
+# References and policies
+# ---------------------------------------------------------------------------------------
+
+
+def reference_returns(job: _Job) -> dict[str, float]:
+    """``{"random": R_random, "expert": R_expert}``: mean returns of a uniform random policy and of
+    the expert controller without noise over ``job.reference_episodes`` episodes (reset seeds
+    2 000 000 + i whatever the dataset's seed; cached per task next to the medium runs)."""
+    path = job.work.parent / "references.json"
+    if path.is_file():
+        ref = json.loads(path.read_text())
+        if ref.get("expert_checkpoint") == str(job.expert) and ref.get("episodes") == job.reference_episodes:
+            return ref
+    env = job.env()
+    rng = np.random.default_rng(99)
+    low, high = env.action_space.low, env.action_space.high
+    n, seeds = job.reference_episodes, 2_000_000
+    expert = checkpoint_policy(job.expert, env, 0.0, rng)
+    ref = {
+        "random": _mean_return(env, lambda o: rng.uniform(low, high), seeds, n, "reference: random"),
+        "expert": _mean_return(env, expert, seeds, n, "reference: expert", job.progress),
+        "episodes": n,
+        "expert_checkpoint": str(job.expert),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(ref, indent=1)))
+    return ref
+
+
+def _mean_return(env, policy: Callable, seed: int, episodes: int, desc: str, progress: bool = False) -> float:
+    from tqdm import tqdm
+
+    total = 0.0
+    for i in tqdm(range(episodes), desc=desc, disable=not progress, unit="episode"):
+        obs, _ = env.reset(seed=seed + i)
+        done = False
+        while not done:
+            obs, r, term, trunc, _ = env.step(np.asarray(policy(obs), np.float32))
+            total += float(r)
+            done = term or trunc
+    return total / episodes
+
+
+def checkpoint_policy(
+    checkpoint: Path, env, noise: float, rng: np.random.Generator
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The greedy controller of ``checkpoint`` plus Gaussian noise of ``noise`` × the action range
+    (clipped to the bounds)."""
+    from qmpc.controller import Controller
+    from qmpc.env import env_spec
+
+    spec = env_spec(env)
+    ctrl = Controller.from_checkpoint(checkpoint)
+    ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
+    span = spec.high - spec.low
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        a, _ = ctrl.act(obs)
+        return np.clip(a + noise * span * rng.normal(size=spec.act_dim), spec.low, spec.high)
+
+    return act
+
+
+# ---------------------------------------------------------------------------------------
+# The kinds
+# ---------------------------------------------------------------------------------------
+
+
+def _write(job: _Job, kind: str, episodes: list[Episode], algorithm: str, extra: str = "") -> Path:
+    ref = reference_returns(job)
+    out = job.out(kind)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    returns = [float(np.sum(e.rewards)) for e in episodes]
+    desc = (
+        f"{kind} dataset of {job.env_id}, made by qmpc (qmpc datasets make {job.env_id} {kind} --seed {job.seed}): "
+        f"{algorithm}. {sum(len(e.rewards) for e in episodes)} transitions in {len(episodes)} episodes, mean "
+        f"episode return {np.mean(returns):.1f}; references over {ref['episodes']} episodes: random "
+        f"{ref['random']:.2f}, expert {ref['expert']:.2f} ({ref['expert_checkpoint']}, no noise).{extra}"
+    )
+    return write_minari(
+        episodes,
+        out,
+        job.env(),
+        algorithm,
+        dataset_id(job.env_id, kind),
+        ref_min_score=ref["random"],
+        ref_max_score=ref["expert"],
+        description=desc,
+        author="qmpc",
+    )
+
+
+def _make_random(job: _Job) -> Path:
+    env = job.env()
+    rng = np.random.default_rng([job.seed, 0])
+    low, high = env.action_space.low, env.action_space.high
+    eps = _rollouts(job, env, lambda o: rng.uniform(low, high), 0, "random")
+    return _write(job, "random", eps, "uniform random actions")
+
+
+def _make_expert(job: _Job) -> Path:
+    env = job.env()
+    policy = checkpoint_policy(job.expert, env, job.noise, np.random.default_rng([job.seed, 3]))
+    eps = _rollouts(job, env, policy, 3, "expert")
+    return _write(job, "expert", eps, f"qmpc controller {job.expert.name} + noise {job.noise:g}")
+
+
+def _make_medium(job: _Job) -> Path:
+    run = _medium_run(job)
+    env = job.env()
+    policy = checkpoint_policy(run / "policy.pt", env, job.noise, np.random.default_rng([job.seed, 1]))
+    eps = _rollouts(job, env, policy, 1, "medium")
+    return _write(job, "medium", eps, f"qmpc controller of a training run + noise {job.noise:g}", _medium_note(run))
+
+
+def _make_medium_replay(job: _Job) -> Path:
+    import torch
+
+    run = _medium_run(job)
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    eps = buffer_episodes(ckpt["buffer"], float(ckpt["config"]["train"]["cost_scale"]))
+    return _write(job, "medium-replay", eps, "the replay buffer of a qmpc training run", _medium_note(run))
+
+
+def _make_medium_expert(job: _Job) -> Path:
+    from qmpc.data import read_episodes
+
+    parts = []
+    for kind in ("medium", "expert"):
+        if not job.out(kind).exists():
+            _MAKERS[kind](job)
+        parts += read_episodes(job.out(kind))
+    return _write(job, "medium-expert", parts, "the medium and expert datasets together")
+
+
+def _rollouts(job: _Job, env, policy: Callable, kind_index: int, desc: str) -> list[Episode]:
+    from tqdm import tqdm
+
+    with tqdm(total=job.steps, desc=f"{job.env_id} {desc}", disable=not job.progress, unit="step") as bar:
+        return rollouts(
+            env, policy, job.steps, seed=10_000_000 * job.seed + 1_000_000 * kind_index, progress=bar.update
+        )
+
+
+_MAKERS: dict[str, Callable[[_Job], Path]] = {
+    "random": _make_random,
+    "medium": _make_medium,
+    "medium-replay": _make_medium_replay,
+    "expert": _make_expert,
+    "medium-expert": _make_medium_expert,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# The medium run
+# ---------------------------------------------------------------------------------------
+
+
+def _medium_run(job: _Job) -> Path:
+    """The directory with the medium policy (``policy.pt``, ``checkpoint.pt`` with its replay
+    buffer, ``medium.json``): a training run of ``job.launch`` evaluated every ``job.eval_every``
+    steps, stopped at the first evaluation in :data:`MEDIUM_BAND`; else (at the run's budget) the
+    evaluation closest to a third. Made once per task and seed; an interrupted one continues
+    from its last checkpoint (``qmpc train --resume``'s), keeping the best candidate so far."""
+    import torch
+
+    from qmpc.config import load_config
+    from qmpc.trainer import train
+
+    chosen, cand, run_dir = job.work / "medium", job.work / "candidate", job.work / "run"
+    if (chosen / "medium.json").is_file():
+        return chosen
+    ref = reference_returns(job)
+    budget = job.train_steps or load_config(job.launch, []).train.steps
+    best = json.loads((cand / "medium.json").read_text()) if (cand / "medium.json").is_file() else None
+    end = 0
+    if (run_dir / "checkpoint.pt").is_file():
+        end = int(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["loop"]["step"])
+    while end < budget and not (best and best["in_band"]):
+        end = min(end + job.eval_every, budget)
+        sets = [f"seed={job.seed}", f"run_dir={run_dir}", f"train.steps={end}"]
+        sets += [f"train.eval_every={job.eval_every}", f"train.checkpoint_every={job.eval_every}"]
+        resume = (run_dir / "checkpoint.pt").is_file()
+        cfg = load_config(job.launch, sets)
+        summary = train(cfg, resume=resume, progress=job.progress, overrides=sets[2:] if resume else ())
+        ret = summary.eval_returns[-1]
+        score = float(normalized_score(ret, ref["random"], ref["expert"])) / 100.0
+        if best is None or abs(score - 1 / 3) < abs(best["normalized"] - 1 / 3):
+            in_band = bool(MEDIUM_BAND[0] <= score <= MEDIUM_BAND[1])
+            best = {"step": end, "normalized": score, "eval_return": ret, "in_band": in_band}
+            _copy_run(run_dir, cand, best)
+    if best is None:
+        raise InputError(f"expected an evaluation in the medium run at {run_dir}, got none (a budget of {budget})")
+    shutil.rmtree(chosen, ignore_errors=True)
+    cand.rename(chosen)
+    return chosen
+
+
+def _copy_run(run_dir: Path, to: Path, note: dict) -> None:
+    """The run's checkpoint, policy and config with ``note`` as ``medium.json``, replacing ``to``
+    whole (a copy next to it, then renamed)."""
+    tmp = to.with_name(to.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("checkpoint.pt", "policy.pt", "config.toml"):
+        shutil.copy2(run_dir / name, tmp / name)
+    (tmp / "medium.json").write_text(json.dumps(note))
+    shutil.rmtree(to, ignore_errors=True)
+    tmp.rename(to)
+
+
+def _medium_note(run: Path) -> str:
+    m = json.loads((run / "medium.json").read_text())
+    band = "" if m["in_band"] else f" (no evaluation fell within {MEDIUM_BAND} of expert; the closest to a third)"
+    return (
+        f" The medium policy: the training run at step {m['step']}, evaluation return {m['eval_return']:.1f}, "
+        f"normalised {100 * m['normalized']:.1f}{band}."
+    )
+
+
+def buffer_episodes(buffer: dict, cost_scale: float) -> list[Episode]:
+    """A replay buffer's :meth:`~qmpc.data.ReplayBuffer.state_dict` as episodes, oldest first
+    (rewards ``= −cost / cost_scale``): an episode ends where a transition terminated or the next
+    one does not start at its ``next_obs``; one that ends without terminating is truncated."""
+    n, pos = int(buffer["size"]), int(buffer["pos"])
+    order = np.roll(np.arange(n), -(pos % n))  # a full ring's oldest transition is at pos
+    obs, act, cost, nxt, term = (np.asarray(buffer[k])[order] for k in ("obs", "act", "cost", "next_obs", "terminated"))
+    cut = (term[:-1] > 0) | ~(nxt[:-1] == obs[1:]).all(axis=1)
+    ends = np.r_[np.flatnonzero(cut), n - 1]
+    episodes, start = [], 0
+    for e in ends:
+        sl = slice(start, e + 1)
+        terminated = term[sl] > 0
+        truncated = np.zeros_like(terminated)
+        truncated[-1] = not terminated[-1]
+        o = np.concatenate([obs[sl], nxt[e : e + 1]])
+        episodes.append(Episode(o, act[sl], -cost[sl].astype(np.float64) / cost_scale, terminated, truncated))
+        start = e + 1
+    return episodes
+
+
+def describe_datasets(root: str | Path | None = None) -> str:
+    """A table of the ``qmpc/*`` datasets under ``root`` (default :func:`~qmpc.data.minari_root`):
+    id, transitions, episodes, mean episode return and the reference returns."""
+    root = Path(root) if root is not None else minari_root()
+    rows = []
+    for meta in sorted((root / "qmpc").glob("*/*-v*/data/metadata.json")):
+        m = json.loads(meta.read_text())
+        rows.append(
+            f"{m.get('dataset_id', meta.parents[1].name):<42} {m.get('total_steps', 0):>9} "
+            f"{m.get('total_episodes', 0):>8}"
+            f" {m.get('ref_min_score', float('nan')):>10.2f} {m.get('ref_max_score', float('nan')):>10.2f}"
+        )
+    head = f"{'dataset':<42} {'steps':>9} {'episodes':>8} {'R_random':>10} {'R_expert':>10}"
+    return "\n".join([f"qmpc datasets in {root}:", head, *rows]) if rows else f"no qmpc datasets in {root}"

@@ -1,0 +1,114 @@
+"""Issue 22's datasets: ``qmpc datasets make TASK KIND`` writes Minari datasets ``qmpc/<task>/<kind>-v0``
+the way the field makes them, with their reference returns; seeded; found by id; bad requests refused."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qmpc.cli import main
+from qmpc.config import load_config
+from qmpc.data import ReplayBuffer, load_minari, read_episodes
+from qmpc.datasets import buffer_episodes, dataset_id, make_dataset, normalized_score
+from qmpc.errors import ConfigError, InputError
+from qmpc.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = "InvertedPendulum-v5"
+SMALL = dict(steps=300, reference_episodes=2, progress=False)
+MEDIUM_RUN = dict(train_steps=40, eval_every=20)  # before learning starts: a tiny, cheap run
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("minari")
+    for kind in ("random", "medium-replay", "medium-expert"):  # medium-expert makes medium and expert
+        make_dataset(TASK, kind, root=root, **SMALL, **MEDIUM_RUN)
+    return root
+
+
+def test_every_kind_is_a_minari_dataset_with_its_references(root, monkeypatch):
+    import minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    ids = {dataset_id(TASK, k) for k in ("random", "medium", "medium-replay", "expert", "medium-expert")}
+    assert set(minari.list_local_datasets()) == ids
+    refs = set()
+    for i in ids:
+        ds = minari.load_dataset(i)
+        meta = ds.storage.metadata
+        refs.add((meta["ref_min_score"], meta["ref_max_score"]))
+        assert ds.spec.env_spec.id == TASK and ds.total_steps > 0
+    ((r_random, r_expert),) = refs  # one pair for the task
+    assert r_random < 20 and r_expert == 1000.0  # the shipped IP controller balances
+    assert normalized_score(r_expert, r_random, r_expert) == 100.0
+
+
+def test_medium_expert_is_medium_then_expert_and_medium_replay_is_the_runs_buffer(root):
+    parts = [read_episodes(root / dataset_id(TASK, k)) for k in ("medium", "expert", "medium-expert")]
+    both = parts[0] + parts[1]
+    assert len(parts[2]) == len(both)
+    for a, b in zip(parts[2], both, strict=True):
+        np.testing.assert_array_equal(a.observations, b.observations)
+        np.testing.assert_array_equal(a.actions, b.actions)
+    replay = load_minari(root / dataset_id(TASK, "medium-replay"), 4, 1, TASK)
+    ckpt = torch.load(next(root.glob("qmpc/.work/*/seed0/medium/checkpoint.pt")), weights_only=True)
+    np.testing.assert_array_equal(replay["obs"], ckpt["buffer"]["obs"].numpy())
+    np.testing.assert_allclose(replay["cost"], ckpt["buffer"]["cost"].numpy() / 0.1, rtol=1e-6)  # cost_scale
+
+
+def test_the_same_command_makes_the_same_dataset(root, tmp_path):
+    again = make_dataset(TASK, "random", root=tmp_path, **SMALL)
+    a, b = (load_minari(p, 4, 1) for p in (root / dataset_id(TASK, "random"), again))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    other = load_minari(make_dataset(TASK, "random", root=tmp_path / "s1", seed=1, **SMALL), 4, 1)
+    assert not np.array_equal(a["act"], other["act"])
+
+
+def test_buffer_episodes_split_at_terminations_and_breaks_and_undo_a_wrapped_ring():
+    buf = ReplayBuffer(1, 1, 6)
+    t = 0.0
+    for ep_len, term in ((3, True), (5, False)):  # 8 transitions into 6 slots: the ring wraps
+        for k in range(ep_len):
+            buf.add([t], [0.1 * t], -t, [t + 1], term and k == ep_len - 1)
+            t += 1
+        t += 10  # the next episode starts elsewhere
+    eps = buffer_episodes(buf.state_dict(), cost_scale=0.5)
+    assert [len(e.actions) for e in eps] == [1, 5]  # the first episode's last transition, the second whole
+    assert eps[0].terminations.tolist() == [True] and eps[1].truncations.tolist() == [False] * 4 + [True]
+    np.testing.assert_array_equal(eps[1].observations[:, 0], [13, 14, 15, 16, 17, 18])
+    np.testing.assert_allclose(eps[1].rewards, np.arange(13, 18) / 0.5)
+
+
+def test_an_offline_run_trains_on_a_dataset_id(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    sets = [f"run_dir={tmp_path / 'run'}", f'train.dataset="{dataset_id(TASK, "medium-expert")}"']
+    sets += ["train.steps=6", "train.eval_every=6", "train.eval_episodes=1", "train.checkpoint_every=6"]
+    sets += ["train.batch_size=8", "train.behaviour_weight=1.0", "train.conservative_weight=0.1"]
+    sets += ["train.behaviour_steps=20", "model.learn=false"]
+    summary = train(load_config(ROOT / "launch" / "inverted_pendulum_offline.toml", sets), progress=False)
+    assert summary.steps == 6 and len(summary.eval_returns) == 1
+
+
+def test_bad_requests_are_clear_errors(root, tmp_path, monkeypatch, capsys):
+    with pytest.raises(InputError, match="expected no dataset qmpc/invertedpendulum/random-v0 yet"):
+        make_dataset(TASK, "random", root=root, **SMALL)
+    with pytest.raises(ConfigError, match="expected a dataset kind in"):
+        make_dataset(TASK, "medium-random", root=tmp_path, **SMALL)
+    with pytest.raises(ConfigError, match="expected --launch for a task without a recipe"):
+        make_dataset("Ant-v5", "random", root=tmp_path, **SMALL)
+    with pytest.raises(ConfigError, match="expected a launch file for InvertedPendulum-v5"):
+        make_dataset(TASK, "random", root=tmp_path, launch=ROOT / "launch" / "reacher.toml", **SMALL)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "empty"))
+    with pytest.raises(InputError, match=r"in the Minari root .*empty \(make it with `qmpc datasets make"):
+        load_minari("qmpc/invertedpendulum/expert-v0", 4, 1)
+    assert main(["datasets", "make", TASK, "random", "--steps", "0"]) == 2
+    assert "expected --steps to be a finite number >= 1, got 0" in capsys.readouterr().err
+
+
+def test_datasets_list_prints_the_references(root, capsys):
+    assert main(["datasets", "list", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "qmpc/invertedpendulum/medium-expert-v0" in out and "1000.00" in out

@@ -1,0 +1,191 @@
+"""Issue 22's offline method: the behaviour-regularised argmin (``Q + ½ β ‖(u − π_β(x)) / s‖²``,
+:mod:`qmpc.networks.behaviour`) and the conservative term; their twins, sensitivities, targets
+and a run that trains, checkpoints, resumes and controls with them."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_resume_exact import assert_same_run
+
+from qmpc.bridge import ArgminLayer
+from qmpc.check import fd_errors
+from qmpc.checkpoint import load_checkpoint
+from qmpc.config import load_config
+from qmpc.controller import Controller
+from qmpc.data import Batch, collect
+from qmpc.env import make_env
+from qmpc.errors import ConfigError
+from qmpc.losses import conservative_gap, td_loss
+from qmpc.networks import build_network
+from qmpc.networks.behaviour import BehaviourPolicy, BehaviourRegularizedQ
+from qmpc.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+LOW, HIGH = np.array([-1.0, -3.0]), np.array([1.0, 2.0])
+
+
+def _wrapped(arch: str = "PICNN", weight: float = 2.0, seed: int = 0) -> BehaviourRegularizedQ:
+    torch.manual_seed(seed)
+    q = build_network(arch, 4, 2, [16, 16], "tanh", 0.01, True).double()
+    q.set_input_normalization(np.full(4, 0.1), 2.0 * np.eye(4))
+    pi = BehaviourPolicy(4, 2, [8, 8], "silu", LOW, HIGH).double()
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(400, 4))
+    pi.fit(x, np.clip(np.tanh(x[:, :2]) + 0.3, LOW, HIGH), 200, 64, 1e-2, seed)
+    return BehaviourRegularizedQ(q, pi, weight).double()
+
+
+def test_regularized_q_twin_and_closed_form_agree_with_torch():
+    """Layer 1 for the wrapper: value, gradient and Hessian in ``u`` of the CasADi twin (per sample
+    and vectorised) and of the batched oracle, against torch's autograd, to 1e-10."""
+    w = _wrapped()
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.normal(size=(6, 4)))
+    u = torch.tensor(rng.uniform(-1, 1, size=(6, 2)), requires_grad=True)
+    v = w(x, u)
+    (g,) = torch.autograd.grad(v.sum(), u, create_graph=True)
+    H = torch.stack([torch.autograd.grad(g[:, i].sum(), u, retain_graph=True)[0] for i in range(2)], dim=1)
+    theta = w.flat_parameters()
+    assert w.num_parameters == w.q.num_parameters  # π_β is not trained with Q: buffers only
+    f = w.casadi_function()
+    twin = np.array([float(f(x[i].numpy(), u[i].detach().numpy(), theta)) for i in range(6)])
+    batch = np.asarray(w.casadi_batch_function(6)(x.numpy().T, u.detach().numpy().T, theta)).ravel()
+    qo, go, Ho = w.action_oracle(x.numpy()).derivatives(u.detach().numpy())
+    for got, want in ((twin, v), (batch, v), (qo, v), (go, g), (Ho, H)):
+        np.testing.assert_allclose(got, want.detach().numpy(), rtol=0, atol=1e-10)
+
+
+def test_regularized_argmin_of_a_quadratic_q_is_its_closed_form():
+    """``Q = V + ½ (u − μ)ᵀ P (u − μ)``: ``argmin Q̃ = (P + β S⁻²)⁻¹ (P μ + β S⁻² r)`` inside the box."""
+    w = _wrapped("QuadraticQ", weight=3.0)
+    x = torch.tensor(np.random.default_rng(2).normal(size=(3, 4)))
+    layer = ArgminLayer(w, -100 * np.ones(2), 100 * np.ones(2), solver="sqpmethod", tol=1e-12, newton=False)
+    u_star, _ = layer(x)
+    r, S2 = w.behaviour_action(x.numpy()), np.diag(1.0 / ((HIGH - LOW) / 2) ** 2)
+    for b in range(3):
+        u0 = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(w.q(x[b : b + 1], u0).sum(), u0, create_graph=True)
+        P = torch.stack([torch.autograd.grad(g[0, i], u0, retain_graph=True)[0][0] for i in range(2)]).numpy()
+        mu = -np.linalg.solve(P, g[0].detach().numpy())
+        want = np.linalg.solve(P + 3.0 * S2, P @ mu + 3.0 * S2 @ r[b])
+        np.testing.assert_allclose(u_star[b].detach().numpy(), want, atol=1e-8)
+
+
+@pytest.mark.parametrize("newton", [False, True])
+def test_sensitivities_of_the_regularized_argmin_match_finite_differences(newton):
+    """``∂u*/∂θ``, ``∂u*/∂x``, ``∂V/∂θ``, ``∂V/∂x`` of ``argmin Q̃`` in a box that binds one
+    component, by the plugin and by the batched Newton, against central differences of an
+    sqpmethod solve at 1e-13."""
+    w = _wrapped()
+    x = torch.tensor(np.random.default_rng(3).normal(size=(5, 4)))
+    wide = ArgminLayer(w, -50 * np.ones(2), 50 * np.ones(2), solver="sqpmethod", tol=1e-13, newton=False)
+    u_free = wide(x)[0].detach().numpy()
+    low = np.array([np.max(u_free[:, 0]) + 0.05, -50.0])  # the first component on its lower bound
+    layer = ArgminLayer(w, low, [50.0, 50.0], solver="sqpmethod", tol=1e-13, newton=newton)
+    reference = ArgminLayer(w, low, [50.0, 50.0], solver="sqpmethod", tol=1e-13, newton=False)
+    assert layer.problem.batched == newton
+    errs = fd_errors(layer, x, n_dirs=2, reference=reference)
+    assert max(errs.values()) <= 1e-6, errs
+
+
+def _batch(n: int = 12, seed: int = 4) -> Batch:
+    rng = np.random.default_rng(seed)
+    t = torch.from_numpy
+    x, xn = rng.normal(size=(n, 4)), rng.normal(size=(n, 4))
+    u = np.clip(rng.normal(size=(n, 2)), LOW, HIGH)
+    return Batch(t(x), t(u), t(rng.normal(size=n)), t(xn), t((rng.uniform(size=n) < 0.2).astype(float)))
+
+
+def test_semi_target_of_the_regularized_argmin_is_q_target_there():
+    w, wt = _wrapped(seed=0), _wrapped(seed=5)
+    batch = _batch()
+    layer, target = (ArgminLayer(m, LOW, HIGH, tol=1e-12) for m in (w, wt))
+    res = td_loss(w.q, wt.q, layer, target, batch, 0.9, "semi", score_argmin=True)
+    u_star, v_reg = target(batch.next_obs)
+    with torch.no_grad():
+        y = batch.cost + 0.9 * (1 - batch.terminated) * wt.q(batch.next_obs, u_star)
+        want = ((w.q(batch.obs, batch.act) - y) ** 2).mean()
+    assert float(res.loss.detach()) == pytest.approx(float(want), rel=1e-10)
+    assert not torch.allclose(v_reg, wt.q(batch.next_obs, u_star))  # the penalty is not in the target
+    with pytest.raises(ConfigError, match="residual"):
+        td_loss(w.q, wt.q, layer, target, batch, 0.9, "residual", score_argmin=True)
+
+
+def test_conservative_gap_and_its_gradient():
+    """``mean(Q(x, u) − Q(x, ũ))``: non-negative for the plain argmin, and its gradient is
+    ``∂Q/∂θ`` at the data's actions minus at the argmin's (detached)."""
+    torch.manual_seed(0)
+    q = build_network("PICNN", 4, 2, [16, 16], "tanh", 0.01, True).double()
+    batch = _batch()
+    layer = ArgminLayer(q, LOW, HIGH, tol=1e-12)
+    gap, fail = conservative_gap(q, layer, batch)
+    assert fail == 0.0 and float(gap.detach()) >= 0.0
+    (grad,) = torch.autograd.grad(gap, [next(q.parameters())])
+    u_star = layer(batch.obs, grad_mode="none", w0=batch.act.numpy())[0]  # the same solve
+    ref = (q(batch.obs, batch.act) - q(batch.obs, u_star)).mean()
+    (want,) = torch.autograd.grad(ref, [next(q.parameters())])
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# A run
+# ---------------------------------------------------------------------------------------
+
+TINY_OFFLINE = [
+    "train.steps=40",
+    "train.batch_size=16",
+    "train.eval_every=20",
+    "train.eval_episodes=1",
+    "train.checkpoint_every=10",
+    "train.log_every=10",
+    "train.behaviour_steps=50",
+    "model.learn=false",
+]
+
+
+@pytest.fixture(scope="module")
+def ip_dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "ip"
+    rng = np.random.default_rng(0)
+    collect(make_env("InvertedPendulum-v5", seed=0), lambda o: rng.uniform(-3, 3, 1), 400, out, seed=0)
+    return out
+
+
+def _offline(run_dir: Path, dataset: Path, *sets: str):
+    sets = [f"run_dir={run_dir}", f'train.dataset="{dataset}"', *TINY_OFFLINE, *sets]
+    return load_config(ROOT / "launch" / "inverted_pendulum_offline.toml", sets)
+
+
+def test_an_offline_run_with_both_trains_resumes_bit_identical_and_controls_with_the_penalty(tmp_path, ip_dataset):
+    both = ["train.behaviour_weight=1.0", "train.conservative_weight=0.5"]
+    straight = train(_offline(tmp_path / "a", ip_dataset, *both), progress=False)
+    ckpt = load_checkpoint(tmp_path / "a" / "policy.pt")
+    assert ckpt["behaviour"]["weight"] == 1.0
+    ctrl = Controller.from_checkpoint(tmp_path / "a" / "policy.pt")
+    assert isinstance(ctrl.q, BehaviourRegularizedQ)
+    obs = make_env("InvertedPendulum-v5", seed=0).reset(seed=0)[0]
+    u, _ = ctrl.act(obs)
+    with torch.no_grad():  # the controller's action minimises Q̃, not Q
+        grid = torch.linspace(-3, 3, 601, dtype=torch.float64)[:, None]
+        qt = ctrl.q(torch.tensor(obs).repeat(601, 1), grid)
+    assert abs(float(u[0]) - float(grid[qt.argmin(), 0])) <= 0.011
+    b = tmp_path / "b"
+    train(_offline(b, ip_dataset, *both), progress=False, stop_at=25)
+    resumed = train(_offline(b, ip_dataset, *both), resume=True, progress=False)
+    assert resumed.eval_returns == straight.eval_returns
+    assert_same_run(tmp_path / "a", b)
+
+
+@pytest.mark.parametrize("sets", [["train.target=residual"], ["train.target_horizon=3", "model.learn=true"]])
+def test_behaviour_weight_with_residual_or_plan_targets_is_refused(tmp_path, ip_dataset, sets):
+    with pytest.raises(ConfigError, match=r"train\.behaviour_weight"):
+        train(_offline(tmp_path / "r", ip_dataset, "train.behaviour_weight=1.0", *sets), progress=False)
+
+
+@pytest.mark.parametrize("name", ["behaviour_weight", "conservative_weight"])
+def test_offline_terms_online_are_refused(tmp_path, name):
+    cfg = load_config(ROOT / "launch" / "inverted_pendulum.toml", [f"run_dir={tmp_path}", f"train.{name}=1.0"])
+    with pytest.raises(ConfigError, match=f"train.mode = 'offline' with train.{name}"):
+        train(cfg, progress=False)
