@@ -22,6 +22,7 @@ returns are kept under ``<root>/qmpc/.work/<task>/`` and reused by the kinds tha
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -68,6 +69,10 @@ class Recipe:
     """The expert controller's checkpoint (relative to the repository)."""
     steps: int
     """Transitions of ``random``, ``medium`` and ``expert`` (D4RL: 1M for locomotion)."""
+    medium_seed: int = 0
+    """Seed of the medium run for dataset seed 0 (``medium_seed + seed`` for the others): the seed
+    the expert checkpoint was trained with, so that medium and expert come from one training run
+    (the medium policy is that run stopped early, as D4RL's are)."""
 
 
 RECIPES = {
@@ -79,6 +84,7 @@ RECIPES = {
             "launch/inverted_pendulum.toml",
             "models/inverted_pendulum.pt",
             100_000,
+            medium_seed=3,  # models/inverted_pendulum.pt is seed 3's run of the launch file
         ),
         Recipe(
             "InvertedDoublePendulum-v5",
@@ -134,6 +140,7 @@ class _Job:
     train_steps: int | None
     eval_every: int
     reference_episodes: int
+    medium_seed: int
     progress: bool
 
     def env(self, seed_offset: int = 0):
@@ -167,8 +174,10 @@ def make_dataset(
     ``expert``: the medium run's launch file and the expert checkpoint (default the recipe's, from
     the repository); ``noise``: exploration noise of the medium and expert policies, as a fraction
     of the action range (default the launch file's ``train.exploration_noise``); ``train_steps``:
-    the medium run's budget (default the launch file's); ``eval_every``: how often it is evaluated;
-    ``reference_episodes``: episodes of each reference return (the field's 100; fewer for tests).
+    the medium run's budget (default the launch file's; the run's seed is the recipe's
+    :attr:`Recipe.medium_seed` plus ``seed``, with ``launch`` given just ``seed``); ``eval_every``:
+    how often it is evaluated; ``reference_episodes``: episodes of each reference return (the
+    field's 100; fewer for tests).
     An existing dataset is an :class:`InputError` (delete it to make it again)."""
     from qmpc.config import check_seed, load_config
 
@@ -192,6 +201,7 @@ def make_dataset(
         train_steps,
         int(eval_every),
         int(reference_episodes),
+        (recipe.medium_seed if recipe and launch is None else 0) + seed,
         progress,
     )
     if min(job.steps, job.eval_every, job.reference_episodes, train_steps or 1) < 1 or not job.noise >= 0:
@@ -363,39 +373,55 @@ _MAKERS: dict[str, Callable[[_Job], Path]] = {
 # ---------------------------------------------------------------------------------------
 
 
+MIN_INTERVAL = 10
+"""The finest evaluation interval of the medium run's search (training steps)."""
+
+
 def _medium_run(job: _Job) -> Path:
     """The directory with the medium policy (``policy.pt``, ``checkpoint.pt`` with its replay
     buffer, ``medium.json``): a training run of ``job.launch`` evaluated every ``job.eval_every``
-    steps, stopped at the first evaluation in :data:`MEDIUM_BAND`; else (at the run's budget) the
-    evaluation closest to a third. Made once per task and seed; an interrupted one continues
-    from its last checkpoint (``qmpc train --resume``'s), keeping the best candidate so far."""
+    steps, stopped at the first evaluation in :data:`MEDIUM_BAND`. Where one interval jumps over
+    the band (a step-like learning curve), the run goes back to the evaluation before the jump and
+    retraces it (deterministically: a resumed run is bit-identical) with evaluations five times as
+    often, down to :data:`MIN_INTERVAL`. At the run's budget, or past the band at that finest
+    interval, without an evaluation in the band: the evaluation closest to a third. Made once per
+    task and seed; an interrupted one continues from its last checkpoint, keeping its search state
+    and the best candidate so far."""
     import torch
 
     from qmpc.config import load_config
-    from qmpc.trainer import train
 
-    chosen, cand, run_dir = job.work / "medium", job.work / "candidate", job.work / "run"
+    chosen, cand, run_dir, prev = (job.work / n for n in ("medium", "candidate", "run", "prev"))
     if (chosen / "medium.json").is_file():
         return chosen
     ref = reference_returns(job)
     budget = job.train_steps or load_config(job.launch, []).train.steps
     best = json.loads((cand / "medium.json").read_text()) if (cand / "medium.json").is_file() else None
+    search = job.work / "search.json"
+    state = json.loads(search.read_text()) if search.is_file() else {"interval": job.eval_every, "score": None}
     end = 0
     if (run_dir / "checkpoint.pt").is_file():
         end = int(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["loop"]["step"])
     while end < budget and not (best and best["in_band"]):
-        end = min(end + job.eval_every, budget)
-        sets = [f"seed={job.seed}", f"run_dir={run_dir}", f"train.steps={end}"]
-        sets += [f"train.eval_every={job.eval_every}", f"train.checkpoint_every={job.eval_every}"]
-        resume = (run_dir / "checkpoint.pt").is_file()
-        cfg = load_config(job.launch, sets)
-        summary = train(cfg, resume=resume, progress=job.progress, overrides=sets[2:] if resume else ())
-        ret = summary.eval_returns[-1]
+        if end > 0:
+            _copy_run(run_dir, prev, {"step": end, "score": state["score"]})
+        end = min(end + state["interval"], budget)
+        ret = _train_to(job, run_dir, end, state["interval"])
         score = float(normalized_score(ret, ref["random"], ref["expert"])) / 100.0
         if best is None or abs(score - 1 / 3) < abs(best["normalized"] - 1 / 3):
             in_band = bool(MEDIUM_BAND[0] <= score <= MEDIUM_BAND[1])
             best = {"step": end, "normalized": score, "eval_return": ret, "in_band": in_band}
             _copy_run(run_dir, cand, best)
+        last = state["score"]
+        if last is not None and last < MEDIUM_BAND[0] and score > MEDIUM_BAND[1] and state["interval"] > MIN_INTERVAL:
+            before = json.loads((prev / "medium.json").read_text())
+            _copy_run(prev, run_dir, None)  # back to the evaluation before the jump
+            end, score = before["step"], before["score"]
+            state["interval"] = max(MIN_INTERVAL, state["interval"] // 5)
+        state["score"] = score
+        atomic_write(search, lambda tmp: Path(tmp).write_text(json.dumps(state)))
+        if score > MEDIUM_BAND[1] and state["interval"] <= MIN_INTERVAL:
+            break  # past the band at the finest interval too: the learning curve has no medium
     if best is None:
         raise InputError(f"expected an evaluation in the medium run at {run_dir}, got none (a budget of {budget})")
     shutil.rmtree(chosen, ignore_errors=True)
@@ -403,15 +429,37 @@ def _medium_run(job: _Job) -> Path:
     return chosen
 
 
-def _copy_run(run_dir: Path, to: Path, note: dict) -> None:
-    """The run's checkpoint, policy and config with ``note`` as ``medium.json``, replacing ``to``
-    whole (a copy next to it, then renamed)."""
+def _train_to(job: _Job, run_dir: Path, end: int, interval: int) -> float:
+    """Train the medium run to step ``end`` (resumed where it has a checkpoint), evaluating and
+    checkpointing every ``interval`` steps; the return of its evaluation at ``end``."""
+    from qmpc.config import load_config
+    from qmpc.trainer import train
+
+    sets = [f"seed={job.medium_seed}", f"run_dir={run_dir}", f"train.steps={end}"]
+    sets += [f"train.eval_every={interval}", f"train.checkpoint_every={interval}"]
+    resume = (run_dir / "checkpoint.pt").is_file()
+    summary = train(
+        load_config(job.launch, sets), resume=resume, progress=job.progress, overrides=sets[2:] if resume else ()
+    )
+    return float(summary.eval_returns[-1])
+
+
+def _copy_run(run_dir: Path, to: Path, note: dict | None) -> None:
+    """The run's checkpoint, policy, config and metrics (with ``note`` as ``medium.json``),
+    replacing ``to``'s whole (a copy next to it, then renamed)."""
     tmp = to.with_name(to.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("checkpoint.pt", "policy.pt", "config.toml"):
-        shutil.copy2(run_dir / name, tmp / name)
-    (tmp / "medium.json").write_text(json.dumps(note))
+    for name in ("checkpoint.pt", "policy.pt", "config.toml", "metrics.csv", "medium.json"):
+        if (run_dir / name).is_file() and not (note is not None and name == "medium.json"):
+            shutil.copy2(run_dir / name, tmp / name)
+    if note is not None:
+        (tmp / "medium.json").write_text(json.dumps(note))
+    if to.is_dir() and to.name == "run":  # the live run: keep its event files and plots
+        for name in ("checkpoint.pt", "policy.pt", "config.toml", "metrics.csv"):
+            os.replace(tmp / name, to / name)
+        shutil.rmtree(tmp)
+        return
     shutil.rmtree(to, ignore_errors=True)
     tmp.rename(to)
 

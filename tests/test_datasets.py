@@ -112,3 +112,29 @@ def test_datasets_list_prints_the_references(root, capsys):
     assert main(["datasets", "list", "--root", str(root)]) == 0
     out = capsys.readouterr().out
     assert "qmpc/invertedpendulum/medium-expert-v0" in out and "1000.00" in out
+
+
+def test_the_medium_search_retraces_a_jump_over_the_band_with_finer_evaluations(tmp_path, monkeypatch):
+    """A step-like learning curve (5 % at step 20, 100 % at 40) jumps over the band: the search goes
+    back to step 20 and evaluates every 10 steps (:data:`MIN_INTERVAL`), finding 30 % at step 30."""
+    from qmpc import datasets
+
+    curve = {20: 5.0, 40: 1000.0, 30: 300.0}
+    calls = []
+
+    def fake_train_to(job, run_dir, end, interval):
+        calls.append((end, interval))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"loop": {"step": end}}, run_dir / "checkpoint.pt")
+        for name in ("policy.pt", "config.toml", "metrics.csv"):
+            (run_dir / name).write_text(str(end))
+        return curve[end]
+
+    monkeypatch.setattr(datasets, "_train_to", fake_train_to)
+    monkeypatch.setattr(datasets, "reference_returns", lambda job: {"random": 0.0, "expert": 1000.0})
+    job = datasets._Job(TASK, tmp_path, tmp_path / "w", 0, 10, None, None, 0.1, 100, 20, 2, 0, False)
+    chosen = datasets._medium_run(job)
+    assert calls == [(20, 20), (40, 20), (30, 10)]
+    note = __import__("json").loads((chosen / "medium.json").read_text())
+    assert note == {"step": 30, "normalized": 0.3, "eval_return": 300.0, "in_band": True}
+    assert (chosen / "policy.pt").read_text() == "30"
