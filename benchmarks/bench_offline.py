@@ -118,7 +118,7 @@ def run_qmpc(args: argparse.Namespace) -> None:
             cmd = ["qmpc", "sweep", str(launch), "--seeds", *map(str, args.seeds), "--out", str(out), "--num-cpus", "1"]
             common = [f'train.dataset="{ds}"', f"train.steps={args.steps}", f"train.eval_every={args.eval_every}"]
             common += [f"train.eval_episodes={args.eval_episodes}", f"train.checkpoint_every={args.eval_every}"]
-            for s in common + sets:
+            for s in common + args.set + sets:
                 cmd += ["--set", s]
             if (out / "results.csv").is_file() or (out / "trials").exists() or any(out.glob("seed*")):
                 cmd.append("--resume")
@@ -218,10 +218,17 @@ def main() -> None:
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--algos", nargs="+", default=["bc", "td3plusbc", "iql", "cql"], choices=offline_peers.ALGOS)
     p.add_argument("--variant", action="append", default=None, help="NAME:KEY=V,KEY=V (qmpc --set overrides)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        help="qmpc --set override of every variant (default: model.learn=false, no plan uses a model here)",
+    )
     p.add_argument("--parts", nargs="+", default=["d3rlpy", "qmpc", "report"], choices=("d3rlpy", "qmpc", "report"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "offline")
     args = p.parse_args()
     args.variant = args.variant or ["plain:"]
+    args.set = ["model.learn=false"] if args.set is None else args.set
     args.out.mkdir(parents=True, exist_ok=True)
     if "d3rlpy" in args.parts:
         run_d3rlpy(args)

@@ -32,6 +32,7 @@ import numpy as np
 
 from qmpc.checkpoint import atomic_write
 from qmpc.config import apply_overrides, load_config
+from qmpc.data import dataset_path
 from qmpc.errors import ConfigError, InputError, OutputError
 
 __all__ = ["Trial", "TrialOutcome", "format_table", "plan_trials", "plot_curves", "qmpc_trial", "run_sweep"]
@@ -142,8 +143,10 @@ def plan_trials(
             full = [*sets, *(f"{k}={_literal(v)}" for k, v in point.items())]
             full += [f"seed={seed}", f"run_dir={_literal(str(run_dir))}"]
             cfg = load_config(launch, full)  # validates every key and value of this trial
-            if cfg.train.dataset and not Path(cfg.train.dataset).is_absolute():
-                full.append(f"train.dataset={_literal(os.path.abspath(cfg.train.dataset))}")
+            if cfg.train.dataset:  # where it is now, for trials that run elsewhere (a path, or an id's)
+                resolved = os.path.abspath(dataset_path(cfg.train.dataset))
+                if resolved != cfg.train.dataset:
+                    full.append(f"train.dataset={_literal(resolved)}")
             params = {"launch": str(launch), "sets": full}
             trials.append(Trial(name, seed, point, run_dir, params))
     return trials

@@ -138,3 +138,18 @@ def test_the_medium_search_retraces_a_jump_over_the_band_with_finer_evaluations(
     note = __import__("json").loads((chosen / "medium.json").read_text())
     assert note == {"step": 30, "normalized": 0.3, "eval_return": 300.0, "in_band": True}
     assert (chosen / "policy.pt").read_text() == "30"
+
+
+def test_a_sweep_finds_a_dataset_by_id(tmp_path, monkeypatch):
+    """Regression: ``qmpc sweep`` made every relative ``train.dataset`` absolute against the working
+    directory, so an id became ``$PWD/qmpc/…`` and every trial failed ("expected a Minari dataset
+    at /work/main/qmpc/invertedpendulum/random-v0")."""
+    from qmpc.sweep import plan_trials
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "root"))
+    ds = dataset_id(TASK, "random")
+    (trial,) = plan_trials(
+        ROOT / "launch" / "inverted_pendulum_offline.toml", [0], [f'train.dataset="{ds}"'], [], tmp_path
+    )
+    cfg = load_config(trial.params["launch"], trial.params["sets"])
+    assert Path(cfg.train.dataset) == tmp_path / "root" / ds
