@@ -23,13 +23,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from qmpc.data import atomic_write
 
 WORKER = Path(__file__).resolve().with_name("d3rlpy_worker.py")
 DEFAULT_VENV = Path.home() / ".cache" / "qmpc" / "d3rlpy-venv"
@@ -227,22 +228,14 @@ def _check_shapes(obs: np.ndarray, act: np.ndarray, cost: np.ndarray, next_obs: 
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Call ``write(binary_file)`` on a temporary file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # a plain new file's mode, not mkstemp's 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Call ``write(binary_file)`` on a temporary file next to ``path``, then rename it into place
+    (:func:`qmpc.data.atomic_write`)."""
+
+    def to_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, to_file)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
