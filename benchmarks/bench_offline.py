@@ -44,7 +44,10 @@ from qmpc.data import dataset_path, read_episodes
 from qmpc.datasets import dataset_id, normalized_score
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = {"InvertedPendulum-v5": "launch/inverted_pendulum_offline.toml"}
+LAUNCH = {
+    "InvertedPendulum-v5": "launch/inverted_pendulum_offline.toml",
+    "InvertedDoublePendulum-v5": "launch/inverted_double_pendulum_offline.toml",
+}
 
 
 def _references(ds_id: str) -> tuple[float, float]:
