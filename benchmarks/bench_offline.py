@@ -184,7 +184,19 @@ def report(args: argparse.Namespace) -> str:
                 f"{best.std():.1f} | {ret.mean():.1f} |"
             )
     _plot(results, args)
+    _write_curves(results, args.out / f"curves_{args.task}.csv")
     return "\n".join(lines)
+
+
+def _write_curves(results: dict, path: Path) -> None:
+    """Every evaluation of every finished run: ``dataset,method,seed,step,return``."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "method", "seed", "step", "return"])
+        for kind, methods in results.items():
+            for m, cs in methods.items():
+                for seed, (steps, rets) in sorted(cs.items()):
+                    w.writerows([kind, m, seed, st, r] for st, r in zip(steps, rets, strict=True))
 
 
 def _plot(results: dict, args: argparse.Namespace) -> None:
