@@ -119,12 +119,11 @@ def run_qmpc(args: argparse.Namespace) -> None:
         for name, sets in _variants(args.variant).items():
             out = args.out / "qmpc" / kind / name
             cmd = ["qmpc", "sweep", str(launch), "--seeds", *map(str, args.seeds), "--out", str(out), "--num-cpus", "1"]
+            cmd.append("--resume")  # finishes an interrupted benchmark; nothing to resume is a new sweep
             common = [f'train.dataset="{ds}"', f"train.steps={args.steps}", f"train.eval_every={args.eval_every}"]
             common += [f"train.eval_episodes={args.eval_episodes}", f"train.checkpoint_every={args.eval_every}"]
             for s in common + args.set + sets:
                 cmd += ["--set", s]
-            if (out / "results.csv").is_file() or (out / "trials").exists() or any(out.glob("seed*")):
-                cmd.append("--resume")
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=False)
 

@@ -6,8 +6,9 @@ Minari's datasets root (``$MINARI_DATASETS_PATH``, else ``~/.minari/datasets``),
 
 * ``random``: uniform random actions.
 * ``medium``: a policy at about a third of the expert's normalised return: a qmpc training run of
-  the task's launch file, stopped at the first evaluation within :data:`MEDIUM_BAND` of a third
-  (else the evaluation closest to it), acting with the launch file's exploration noise.
+  the task's launch file (with the seed the expert was trained with), stopped at the first
+  evaluation whose normalised return is in :data:`MEDIUM_BAND` (else the evaluation closest to a
+  third), acting with the launch file's exploration noise.
 * ``medium-replay``: the replay buffer of that training run up to the medium policy.
 * ``expert``: the task's shipped controller (``models/<task>.pt``) with the same noise.
 * ``medium-expert``: the ``medium`` and ``expert`` episodes together.
@@ -143,10 +144,10 @@ class _Job:
     medium_seed: int
     progress: bool
 
-    def env(self, seed_offset: int = 0):
+    def env(self):
         from qmpc.env import make_env
 
-        return make_env(self.env_id, seed=self.seed + seed_offset)
+        return make_env(self.env_id, seed=self.seed)
 
     def out(self, kind: str) -> Path:
         return self.root / dataset_id(self.env_id, kind)
@@ -331,10 +332,10 @@ def _make_medium(job: _Job) -> Path:
 
 
 def _make_medium_replay(job: _Job) -> Path:
-    import torch
+    from qmpc.checkpoint import load_checkpoint
 
     run = _medium_run(job)
-    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(run / "checkpoint.pt")
     eps = buffer_episodes(ckpt["buffer"], float(ckpt["config"]["train"]["cost_scale"]))
     return _write(job, "medium-replay", eps, "the replay buffer of a qmpc training run", _medium_note(run))
 
@@ -387,8 +388,7 @@ def _medium_run(job: _Job) -> Path:
     interval, without an evaluation in the band: the evaluation closest to a third. Made once per
     task and seed; an interrupted one continues from its last checkpoint, keeping its search state
     and the best candidate so far."""
-    import torch
-
+    from qmpc.checkpoint import load_checkpoint
     from qmpc.config import load_config
 
     chosen, cand, run_dir, prev = (job.work / n for n in ("medium", "candidate", "run", "prev"))
@@ -401,7 +401,7 @@ def _medium_run(job: _Job) -> Path:
     state = json.loads(search.read_text()) if search.is_file() else {"interval": job.eval_every, "score": None}
     end = 0
     if (run_dir / "checkpoint.pt").is_file():
-        end = int(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["loop"]["step"])
+        end = int(load_checkpoint(run_dir / "checkpoint.pt")["loop"]["step"])
     while end < budget and not (best and best["in_band"]):
         if end > 0:
             _copy_run(run_dir, prev, {"step": end, "score": state["score"]})

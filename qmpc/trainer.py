@@ -308,6 +308,7 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     env = make_env(cfg.env.id, seed=cfg.seed)
     eval_env = make_env(cfg.env.id, seed=cfg.seed + 10_000)
     _check_planning(cfg, env)
+    _check_offline_terms(cfg)
     spec = env_spec(env)
     buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, tc.buffer_size, plan_steps=tc.target_horizon)
     q = build_q(cfg, spec)
@@ -365,6 +366,17 @@ def _check_planning(cfg: Config, env) -> None:
             f"expected train.n_step = 1 with train.rollout_td = {tc.rollout_td} and train.target_horizon = "
             f"{tc.target_horizon} (their targets are one-step), got {tc.n_step}"
         )
+    if tc.target_horizon > 1 and tc.target == "residual":
+        raise ConfigError(
+            f"expected train.target semi, double or double_detached with train.target_horizon = "
+            f"{tc.target_horizon}, got 'residual' (the gradient through an H-step min is not built)"
+        )
+
+
+def _check_offline_terms(cfg: Config) -> None:
+    """``train.behaviour_weight`` and ``train.conservative_weight`` are offline terms; the behaviour
+    penalty is in neither ``residual``'s envelope gradient nor the plans."""
+    tc = cfg.train
     offline_only = {"behaviour_weight": tc.behaviour_weight, "conservative_weight": tc.conservative_weight}
     for name, v in offline_only.items():
         if v > 0 and tc.mode != "offline":
@@ -374,11 +386,6 @@ def _check_planning(cfg: Config, env) -> None:
             f"expected train.target semi, double or double_detached and train.horizon = train.target_horizon = 1 "
             f"with train.behaviour_weight = {tc.behaviour_weight:g}, got {tc.target!r}, {tc.horizon} and "
             f"{tc.target_horizon} (the penalty is not in residual's envelope gradient nor in the plans)"
-        )
-    if tc.target_horizon > 1 and tc.target == "residual":
-        raise ConfigError(
-            f"expected train.target semi, double or double_detached with train.target_horizon = "
-            f"{tc.target_horizon}, got 'residual' (the gradient through an H-step min is not built)"
         )
 
 
