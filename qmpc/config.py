@@ -137,6 +137,13 @@ class TrainConfig:
     """TD target mode: ``semi`` (detached target network), ``residual`` (through the min),
     ``double`` (online argmin scored by the target network, through ``u*``), ``double_detached``
     (the same target with ``u*`` detached, as Double DQN)."""
+    critics: int = field(default=1, metadata={"min": 1})
+    """Q networks trained side by side (clipped double Q for costs): the TD target's bootstrap is
+    the *largest* of their target networks' values at the argmin, ``max_i Q'_i(x⁺, u*)`` (with
+    ``u*`` the first network's argmin, as TD3 scores its actor's action), and each network regresses
+    onto it. Only the first acts, is evaluated and is shipped in ``policy.pt``; the others cost one
+    forward each. 1: one network. More than 1: ``target`` semi, double or double_detached and
+    ``target_horizon = 1``."""
     learning_starts: int = field(default=1000, metadata={"min": 0})
     """Online: random actions for this many steps before learning starts."""
     updates_per_step: int = field(default=1, metadata={"min": 1})

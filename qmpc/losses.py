@@ -14,12 +14,16 @@
 * ``double_detached``: the same target ``Q_target(x⁺, u*)`` with ``u*`` detached (Double DQN's
   target for a continuous action): the ablation that tells what the gradient through ``u*`` adds.
 
+With more critics (``train.critics``: clipped double Q for costs), the bootstrap is the *largest*
+of the target networks' values at the argmin, ``max_i Q'_i(x⁺, u*)``, and every critic regresses
+onto that one target (:func:`critic_losses`).
+
 Samples whose solve failed are masked out of the mean and counted; they never reach the loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -31,7 +35,7 @@ from qmpc.errors import ConfigError
 from qmpc.networks import QNetwork
 from qmpc.solver import Status
 
-__all__ = ["TD_MODES", "TDMode", "TDResult", "conservative_gap", "model_rolled_batch", "td_loss"]
+__all__ = ["TD_MODES", "TDMode", "TDResult", "conservative_gap", "critic_losses", "model_rolled_batch", "td_loss"]
 
 TDMode = Literal["semi", "residual", "double", "double_detached"]
 _PLANNERS = {"semi": "target", "double": "online", "double_detached": "online"}
@@ -61,6 +65,10 @@ class TDResult(NamedTuple):
     """``(B,)`` KKT residual of each of those solutions (what the certificate checked)."""
     message: str = ""
     """The NLP plugin's return status of the last failed retry of those solves (``""``: none)."""
+    target: torch.Tensor | None = None
+    """``(B,)`` the targets ``y`` and ``ok (B,)`` bool, the samples that count: what
+    :func:`critic_losses` fits the other critics to."""
+    ok: torch.Tensor | None = None
 
 
 def td_loss(
@@ -75,6 +83,7 @@ def td_loss(
     mask: torch.Tensor | None = None,
     next_values: Callable | None = None,
     score_argmin: bool = False,
+    critic_targets: Sequence[QNetwork] = (),
 ) -> TDResult:
     """TD loss of a batch. ``online_layer`` minimises ``q``; ``target_layer`` minimises ``q_target``;
     ``w0 (B, act_dim)`` is an optional start of the solves at ``x⁺`` (e.g.
@@ -84,9 +93,10 @@ def td_loss(
     ``double_detached``) in place of the layers' ``min_v``; ``gamma``: the bootstrap's discount, or
     ``(B,)`` one per sample (:meth:`~qmpc.data.ReplayBuffer.n_step`); ``score_argmin``: ``semi``'s
     target is ``q_target`` at the target layer's argmin, not the layer's minimum (the layers
-    minimise a regularised network, :class:`~qmpc.networks.behaviour.BehaviourRegularizedQ`)."""
-    if mode not in TD_MODES:
-        raise ConfigError(f"expected train.target in {TD_MODES}, got {mode!r}")
+    minimise a regularised network, :class:`~qmpc.networks.behaviour.BehaviourRegularizedQ`);
+    ``critic_targets``: the other critics' target networks (``train.critics > 1``), the bootstrap
+    the largest of all target values at the argmin (not with ``residual`` nor ``next_values``)."""
+    _check_mode(mode, next_values is not None, len(critic_targets))
     dtype = next(q.parameters()).dtype
     x, u, c, xn, term = (t.to(dtype) for t in (batch.obs, batch.act, batch.cost, batch.next_obs, batch.terminated))
     if next_values is not None:
@@ -100,6 +110,7 @@ def td_loss(
             u_star, v, res = target_layer(xn, grad_mode="none", w0=w0, return_result=True)
             if score_argmin:
                 v = q_target(xn, u_star.to(dtype))
+            v = _pessimistic(v, critic_targets, xn, u_star)
     elif mode == "residual":
         if score_argmin:
             raise ConfigError(
@@ -111,7 +122,7 @@ def td_loss(
         with torch.set_grad_enabled(not detached):
             mode_u = "none" if detached else "implicit"
             u_star, _, res = online_layer(xn, grad_mode=mode_u, w0=w0, return_result=True, uses_argmin=True)
-            v = q_target(xn, u_star)
+            v = _pessimistic(q_target(xn, u_star), critic_targets, xn, u_star)
     solved = torch.as_tensor(Status.ok(res.status), device=x.device)
     ok = solved if mask is None else solved & mask.to(device=x.device, dtype=torch.bool)
     if isinstance(gamma, torch.Tensor):
@@ -132,7 +143,45 @@ def td_loss(
         res.status,
         res.kkt_residual,
         res.message,
+        y,
+        ok,
     )
+
+
+def _check_mode(mode: str, planned: bool, critics: int) -> None:
+    """``mode`` is a TD mode, and one that the other critics (``critics`` of them) can score."""
+    if mode not in TD_MODES:
+        raise ConfigError(f"expected train.target in {TD_MODES}, got {mode!r}")
+    if critics and (mode == "residual" or planned):
+        raise ConfigError(
+            f"expected train.target semi, double or double_detached and a one-step target with more critics, got "
+            f"{mode!r}{' and a plan' if planned else ''}"
+        )
+
+
+def _pessimistic(v: torch.Tensor, critic_targets: Sequence[QNetwork], xn: torch.Tensor, u: torch.Tensor):
+    """``max(v, max_i Q'_i(x⁺, u))``: the largest cost-to-go of the critics' target networks at the
+    argmin ``u`` (clipped double Q for costs; ``v`` itself without other critics)."""
+    for qt in critic_targets:
+        v = torch.maximum(v, qt(xn, u.to(next(qt.parameters()).dtype)).to(v.dtype))
+    return v
+
+
+def critic_losses(critics: Sequence[QNetwork], batch: Batch, res: TDResult) -> torch.Tensor:
+    """The other critics' squared TD errors against ``res``'s targets (:func:`td_loss` with their
+    target networks), each a mean over the samples that count, summed (``()``: zero). The targets
+    are detached here: in ``double`` mode their gradient through ``u*`` is the first critic's."""
+    if not critics:
+        return torch.zeros(())
+    n_ok = res.ok.sum().clamp_min(1)
+    y = res.target.detach()
+    total = torch.zeros((), dtype=y.dtype)
+    for qi in critics:
+        dtype = next(qi.parameters()).dtype
+        qx = qi(batch.obs.to(dtype), batch.act.to(dtype)).to(y.dtype)
+        err = torch.where(res.ok, qx - y, torch.zeros_like(qx))
+        total = total + (err**2).sum() / n_ok
+    return total
 
 
 def conservative_gap(q: QNetwork, layer: ArgminLayer, batch: Batch) -> tuple[torch.Tensor, float]:

@@ -140,6 +140,11 @@ class TrainState:
     """``π_β`` of the behaviour-regularised argmin (``train.behaviour_weight > 0``), fitted before
     training (:meth:`prepare_behaviour`) and fixed after; else None."""
 
+    critics: torch.nn.ModuleList = field(default_factory=torch.nn.ModuleList)
+    """The Q networks besides :attr:`q` (``train.critics − 1`` of them) and their target networks
+    (:attr:`critic_targets`): empty with one critic."""
+    critic_targets: torch.nn.ModuleList = field(default_factory=torch.nn.ModuleList)
+
     plan_actor: PlanActor | None = None
     """The H-step MPC that acts (``train.horizon > 1``): the policy of its last rebuild and its
     plan are saved, so that the first step after a resume plans as the uninterrupted run's does."""
@@ -254,6 +259,9 @@ class TrainState:
             full["outcome_optimizer"] = self.outcome_optimizer.state_dict()
         if self.plan_actor is not None:
             full["plan_actor"] = self.plan_actor.state_dict()
+        if len(self.critics):
+            full["critics"] = self.critics.state_dict()
+            full["critic_targets"] = self.critic_targets.state_dict()
         return full
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -290,6 +298,9 @@ class TrainState:
             self.model_rng.bit_generator.state = ckpt["rng"]["model"]
         if self.plan_actor is not None:
             self.plan_actor.load_state_dict(ckpt.get("plan_actor"))
+        if len(self.critics):
+            self.critics.load_state_dict(ckpt["critics"])
+            self.critic_targets.load_state_dict(ckpt["critic_targets"])
         if self.outcome is not None and "outcome" in ckpt:  # older checkpoints: the heads start afresh
             self.outcome.load_state_dict(ckpt["outcome"]["state"])
             self.outcome_optimizer.load_state_dict(ckpt["outcome_optimizer"])
@@ -300,6 +311,10 @@ class TrainState:
         if missing:
             raise CheckpointError(f"expected a full training checkpoint to resume from, got one without {missing}")
         env_id, arch = self.spec.env_id, self.cfg.network.arch
+        if len(self.critics) and "critics" not in ckpt:
+            raise CheckpointError(
+                f"expected the other critics in a checkpoint of train.critics = {len(self.critics) + 1}, got none"
+            )
         if ckpt["spec"]["env_id"] != env_id or ckpt["network"]["arch"] != arch:
             raise CheckpointError(
                 f"expected a checkpoint of {env_id} / {arch}, got {ckpt['spec']['env_id']} / {ckpt['network']['arch']}"

@@ -37,7 +37,7 @@ from qmpc.data import Batch, ReplayBuffer, atomic_write, check_dataset, ensure_d
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError, OutputError, SolverError
-from qmpc.losses import TDResult, conservative_gap, model_rolled_batch, td_loss
+from qmpc.losses import TDResult, conservative_gap, critic_losses, model_rolled_batch, td_loss
 from qmpc.metrics import MetricsLogger, plot_learning_curve, read_metrics
 from qmpc.networks import QNetwork, build_network
 from qmpc.networks.behaviour import BehaviourPolicy
@@ -314,6 +314,7 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     q = build_q(cfg, spec)
     _prepare_data(cfg, spec, buffer, q)
     q_target = copy.deepcopy(q).requires_grad_(False)  # moved by Polyak averaging only, never by a gradient
+    critics = _new_critics(cfg, spec, q)
     model_rng = np.random.default_rng([cfg.seed, 1])  # the model's batches: Q's stay the same
     model, model_opt, outcome, outcome_opt = None, None, None, None
     if cfg.model.learn:
@@ -321,7 +322,7 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
         model = model.to(getattr(torch, tc.dtype))
         model_opt = torch.optim.Adam(model.parameters(), lr=cfg.model.lr)
         outcome, outcome_opt = _new_outcome(cfg, spec)
-    opt = torch.optim.Adam(q.parameters(), lr=tc.lr)
+    opt = torch.optim.Adam([*q.parameters(), *critics.parameters()], lr=tc.lr)
     decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
     obs, _ = env.reset(seed=cfg.seed)
@@ -329,11 +330,26 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
         cfg, spec, env, q, q_target, opt, sched, buffer, rng, model_rng, model, model_opt, obs=obs, started=started
     )
     st.outcome, st.outcome_optimizer = outcome, outcome_opt
+    st.critics, st.critic_targets = critics, copy.deepcopy(critics).requires_grad_(False)
     if tc.behaviour_weight > 0:  # fitted by TrainState.prepare_behaviour
         with torch.random.fork_rng(devices=[]):
             st.behaviour = BehaviourPolicy(spec.obs_dim, spec.act_dim, tc.behaviour_hidden, "silu", spec.low, spec.high)
     st.plan_actor = PlanActor(tc, eval_env) if tc.horizon > 1 else None  # reads eval_env's model, never steps it
     return st, eval_env
+
+
+def _new_critics(cfg: Config, spec: EnvSpec, q: QNetwork) -> torch.nn.ModuleList:
+    """The ``train.critics − 1`` Q networks beside ``q``, each initialised from its own seed (torch's
+    global RNG, and so everything a run draws from it, is the same as with one critic), with
+    ``q``'s input normalisation."""
+    out = torch.nn.ModuleList()
+    for i in range(1, cfg.train.critics):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 104729 * i)
+            critic = build_q(cfg, spec)
+        critic.load_state_dict({**critic.state_dict(), "obs_shift": q.obs_shift, "obs_transform": q.obs_transform})
+        out.append(critic)
+    return out
 
 
 def _new_outcome(cfg: Config, spec: EnvSpec) -> tuple[OutcomeModel, torch.optim.Optimizer]:
@@ -365,6 +381,11 @@ def _check_planning(cfg: Config, env) -> None:
         raise ConfigError(
             f"expected train.n_step = 1 with train.rollout_td = {tc.rollout_td} and train.target_horizon = "
             f"{tc.target_horizon} (their targets are one-step), got {tc.n_step}"
+        )
+    if tc.critics > 1 and (tc.target == "residual" or tc.target_horizon > 1):
+        raise ConfigError(
+            f"expected train.target semi, double or double_detached and train.target_horizon = 1 with train.critics = "
+            f"{tc.critics}, got {tc.target!r} and {tc.target_horizon} (the other critics score a one-step argmin)"
         )
     if tc.target_horizon > 1 and tc.target == "residual":
         raise ConfigError(
@@ -466,7 +487,7 @@ def _fix_normalization(st: TrainState) -> None:
     """Online: Q's input normalisation, fixed from the states of the random-action phase (before Q
     acts or learns)."""
     norm = input_normalization(st.buffer.obs[: len(st.buffer)], st.cfg.network.obs_normalization)
-    for net in (st.q, st.q_target):
+    for net in (st.q, st.q_target, *st.critics, *st.critic_targets):
         net.set_input_normalization(*norm)
 
 
@@ -535,9 +556,11 @@ def _learn(st: TrainState, run: _Run) -> TDResult:
         if w0 is not None and next_values is None:  # the argmin layers start from the plan's first action
             w0 = w0[:, : st.spec.act_dim]
         score = st.behaviour is not None  # the regularised argmin, scored by Q_target alone
-        res = td_loss(st.q, st.q_target, online, target, batch, gamma, tc.target, w0, mask, next_values, score)
+        res = td_loss(
+            st.q, st.q_target, online, target, batch, gamma, tc.target, w0, mask, next_values, score, st.critic_targets
+        )
         st.buffer.store_argmins(batch.index, res.next_argmin, res.next_ok)
-    loss = res.loss
+    loss = res.loss + critic_losses(st.critics, batch, res)
     if tc.conservative_weight > 0:
         with _timed(acc, "time/conservative_ms"):
             gap, gap_fail = conservative_gap(st.q, online, batch)
@@ -547,11 +570,16 @@ def _learn(st: TrainState, run: _Run) -> TDResult:
     with _timed(acc, "time/update_ms"):  # backward (through the solves), Adam, Polyak
         st.optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(st.q.parameters(), tc.grad_clip)
+        for net in (st.q, *st.critics):  # each critic's gradient clipped on its own
+            torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
         st.optimizer.step()
         st.scheduler.step()
         with torch.no_grad():
-            for p, pt in zip(st.q.parameters(), st.q_target.parameters(), strict=True):
+            for p, pt in zip(
+                [*st.q.parameters(), *st.critics.parameters()],
+                [*st.q_target.parameters(), *st.critic_targets.parameters()],
+                strict=True,
+            ):
                 pt.lerp_(p, tc.tau)
     return res
 
