@@ -178,7 +178,9 @@ def test_an_offline_run_with_both_trains_resumes_bit_identical_and_controls_with
     assert_same_run(tmp_path / "a", b)
 
 
-@pytest.mark.parametrize("sets", [["train.target=residual"], ["train.target_horizon=3", "model.learn=true"]])
+@pytest.mark.parametrize(
+    "sets", [["train.target=residual"], ["train.target_horizon=3", "model.learn=true", "train.n_step=1"]]
+)
 def test_behaviour_weight_with_residual_or_plan_targets_is_refused(tmp_path, ip_dataset, sets):
     with pytest.raises(ConfigError, match=r"train\.behaviour_weight"):
         train(_offline(tmp_path / "r", ip_dataset, "train.behaviour_weight=1.0", *sets), progress=False)
