@@ -66,9 +66,9 @@ class TDResult(NamedTuple):
     message: str = ""
     """The NLP plugin's return status of the last failed retry of those solves (``""``: none)."""
     target: torch.Tensor | None = None
-    """``(B,)`` the targets ``y`` and ``ok (B,)`` bool, the samples that count: what
-    :func:`critic_losses` fits the other critics to."""
+    """``(B,)`` the targets ``y``: what :func:`critic_losses` fits the other critics to."""
     ok: torch.Tensor | None = None
+    """``(B,)`` bool: the samples that count (solved, and in the mask)."""
 
 
 def td_loss(
@@ -159,7 +159,9 @@ def _check_mode(mode: str, planned: bool, critics: int) -> None:
         )
 
 
-def _pessimistic(v: torch.Tensor, critic_targets: Sequence[QNetwork], xn: torch.Tensor, u: torch.Tensor):
+def _pessimistic(
+    v: torch.Tensor, critic_targets: Sequence[QNetwork], xn: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
     """``max(v, max_i Q'_i(x⁺, u))``: the largest cost-to-go of the critics' target networks at the
     argmin ``u`` (clipped double Q for costs; ``v`` itself without other critics)."""
     for qt in critic_targets:

@@ -347,7 +347,7 @@ def _new_critics(cfg: Config, spec: EnvSpec, q: QNetwork) -> torch.nn.ModuleList
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 104729 * i)
             critic = build_q(cfg, spec)
-        critic.load_state_dict({**critic.state_dict(), "obs_shift": q.obs_shift, "obs_transform": q.obs_transform})
+        critic.set_input_normalization(*(b.detach().double().numpy() for b in (q.obs_shift, q.obs_transform)))
         out.append(critic)
     return out
 
