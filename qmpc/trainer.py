@@ -320,9 +320,9 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     if cfg.model.learn:
         model = DynamicsModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
         model = model.to(getattr(torch, tc.dtype))
-        model_opt = torch.optim.Adam(model.parameters(), lr=cfg.model.lr)
+        model_opt = torch.optim.Adam(model.parameters(), lr=cfg.model.lr, foreach=True)
         outcome, outcome_opt = _new_outcome(cfg, spec)
-    opt = torch.optim.Adam([*q.parameters(), *critics.parameters()], lr=tc.lr)
+    opt = torch.optim.Adam([*q.parameters(), *critics.parameters()], lr=tc.lr, foreach=True)
     decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
     obs, _ = env.reset(seed=cfg.seed)
@@ -360,7 +360,7 @@ def _new_outcome(cfg: Config, spec: EnvSpec) -> tuple[OutcomeModel, torch.optim.
         torch.manual_seed(cfg.seed + 7919)
         heads = OutcomeModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
     heads = heads.to(getattr(torch, cfg.train.dtype))
-    return heads, torch.optim.Adam(heads.parameters(), lr=cfg.model.lr)
+    return heads, torch.optim.Adam(heads.parameters(), lr=cfg.model.lr, foreach=True)
 
 
 def _check_planning(cfg: Config, env) -> None:
@@ -574,13 +574,12 @@ def _learn(st: TrainState, run: _Run) -> TDResult:
             torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
         st.optimizer.step()
         st.scheduler.step()
-        with torch.no_grad():
-            for p, pt in zip(
-                [*st.q.parameters(), *st.critics.parameters()],
+        with torch.no_grad():  # one fused call over every tensor (measured bit-identical to a loop of lerp_)
+            torch._foreach_lerp_(
                 [*st.q_target.parameters(), *st.critic_targets.parameters()],
-                strict=True,
-            ):
-                pt.lerp_(p, tc.tau)
+                [*st.q.parameters(), *st.critics.parameters()],
+                tc.tau,
+            )
     return res
 
 
