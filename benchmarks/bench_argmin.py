@@ -4,9 +4,10 @@
 
 A HalfCheetah-sized ``PICNN(17, 6, hidden=(64, 64))``, bounds ±1, a batch of random states.
 Rows: forward solve and backward of ``ArgminLayer`` in ``implicit`` and ``envelope`` mode (cold
-start), the same solve warm-started from the previous solution, CasADi's own nlpsol reverse
-sensitivities with respect to all weights (the alternative the tilt trick replaces), and a
-plain torch forward+backward of ``q`` on the same batch, which every ratio divides by.
+start), ``implicit`` again with CasADi's per-sample Hessians in the backward (what the closed-form
+Hessians of the network's oracle replaced), the same solve warm-started from the previous
+solution, CasADi's own nlpsol reverse sensitivities with respect to all weights (the alternative
+the tilt trick replaces), and a plain torch forward+backward of ``q`` on the same batch, which every ratio divides by.
 Times are medians over ``--repeats`` runs, in milliseconds.
 """
 
@@ -64,20 +65,25 @@ def main() -> None:
     layer = qmpc.ArgminLayer(q, low, high)
     layer(x, grad_mode="none")  # builds the batch maps (once per batch size) outside the timings
 
-    for mode in ("implicit", "envelope"):
+    # the implicit backward with CasADi's per-sample Hessians of the Lagrangian (before issue 21:
+    # the closed-form ∇²_u Q of the network's oracle is the default), on another layer of the same q
+    casadi_hessians = qmpc.ArgminLayer(q, low, high)
+    casadi_hessians.planner.action_hessian = lambda x64: None
+    casadi_hessians(x, grad_mode="none")
+    for mode, lay in (("implicit", layer), ("envelope", layer), ("implicit, CasADi Hessians", casadi_hessians)):
         fwd, bwd = [], []
         for _ in range(args.repeats):
             xg = x.clone().requires_grad_(True)
             q.zero_grad()
             t0 = time.perf_counter()
-            u, v = layer(xg, grad_mode=mode)
+            u, v = lay(xg, grad_mode=mode.split(",")[0])
             t1 = time.perf_counter()
-            loss = v.sum() + (u.sum() if mode == "implicit" else 0.0)
+            loss = v.sum() + (u.sum() if mode.startswith("implicit") else 0.0)
             loss.backward()
             t2 = time.perf_counter()
             fwd.append((t1 - t0) * 1e3)
             bwd.append((t2 - t1) * 1e3)
-        fail = layer.last_result.num_failed
+        fail = lay.last_result.num_failed
         rows.append((f"{mode}: forward (cold solve)", statistics.median(fwd)))
         rows.append((f"{mode}: backward", statistics.median(bwd)))
         rows.append((f"{mode}: forward + backward", statistics.median(fwd) + statistics.median(bwd)))

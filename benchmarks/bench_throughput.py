@@ -4,6 +4,7 @@ Stable-Baselines3 SAC (defaults), training steps per second after ``learning_sta
     pip install -e ".[benchmark]"
     python benchmarks/bench_throughput.py [--tasks inverted_pendulum half_cheetah] [--steps 300]
                                           [--variants newton plugin] [--methods qmpc SAC]
+                                          [--runs 3] [--set model.updates_per_step=1 ...]
 
 For each task, qmpc trains its launch file for ``learning_starts + --steps`` environment steps
 (the same code path as ``qmpc train``; no evaluation or checkpoint inside the timed window) and
@@ -14,7 +15,8 @@ Throughput is counted over the learning steps only. qmpc's per-stage times come 
 solves alone (``solver/solve_ms``), the update (backward, Adam, Polyak), the dynamics model's
 updates, the actor's solve and the environment step. ``--variants``: ``newton`` (the batched
 Newton of the TD target, the default) and ``plugin`` (``solver.newton = false``: one CasADi
-solve per sample).
+solve per sample). ``--runs``: the whole comparison repeated (a row per run); ``--set``: overrides
+of every qmpc run's launch file.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ STAGES = [
 ]
 
 
-def run_qmpc(task: str, steps: int, variant: str, out: Path) -> tuple[str, float, dict[str, float]]:
+def run_qmpc(
+    task: str, steps: int, variant: str, out: Path, extra: list[str] = ()
+) -> tuple[str, float, dict[str, float]]:
     cfg = load_config(ROOT / "launch" / f"{task}.toml")
     start = cfg.train.learning_starts
     sets = [
@@ -52,6 +56,7 @@ def run_qmpc(task: str, steps: int, variant: str, out: Path) -> tuple[str, float
         "train.log_every=1",
         f"solver.newton={'true' if variant == 'newton' else 'false'}",
         f'run_dir="{out / f"{task}-{variant}"}"',
+        *extra,
     ]
     cfg = load_config(ROOT / "launch" / f"{task}.toml", sets)
     train(cfg, progress=False)
@@ -94,19 +99,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500, help="learning steps timed per run")
     ap.add_argument("--variants", nargs="+", default=["newton", "plugin"], choices=["newton", "plugin"])
     ap.add_argument("--methods", nargs="+", default=["qmpc", "SAC"], choices=["qmpc", "SAC"])
+    ap.add_argument("--runs", type=int, default=1, help="repeat the whole side-by-side comparison")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of qmpc's runs")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)  # as qmpc's train.torch_threads; SAC the same
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for task in args.tasks:
+        for task in [t for _ in range(args.runs) for t in args.tasks]:
             env_id = load_config(ROOT / "launch" / f"{task}.toml").env.id
             # SAC before and after qmpc (this machine's speed drifts by ±20 % over minutes): the mean
             sac = [run_sac(env_id, args.steps)] if "SAC" in args.methods else []
             task_rows = []
             for variant in args.variants if "qmpc" in args.methods else []:
-                _, rate, stages = run_qmpc(task, args.steps, variant, Path(tmp))
+                _, rate, stages = run_qmpc(task, args.steps, variant, Path(tmp), args.set)
                 task_rows.append((env_id, variant, rate, stages))
                 print(f"{env_id} qmpc ({variant}): {rate:.1f} steps/s", flush=True)
             sac += [run_sac(env_id, args.steps)] if sac else []
@@ -115,7 +122,9 @@ def main() -> None:
     head = f"{'task':<22} {'qmpc':<7} {'steps/s':>8} {'SAC':>7} {'ratio':>6} " + " ".join(
         f"{name:>12}" for _, name in STAGES
     )
-    print(f"\n{args.steps} learning steps per run; stage times in ms per learning step\n{head}\n{'-' * len(head)}")
+    sets = f"; qmpc with {' '.join(args.set)}" if args.set else ""
+    print(f"\n{args.steps} learning steps per run{sets}; stage times in ms per learning step")
+    print(f"{head}\n{'-' * len(head)}")
     for env_id, variant, rate, sac, st in rows:
         cells = " ".join(f"{st[tag]:>12.2f}" for tag, _ in STAGES)
         print(f"{env_id:<22} {variant:<7} {rate:>8.1f} {sac:>7.1f} {rate / sac:>6.2f} {cells}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -134,6 +135,9 @@ class _Solved:
     param_names: tuple[str, ...]
     buffer_names: tuple[str, ...]
     buffers: tuple[torch.Tensor, ...]
+    hessian: Callable[[np.ndarray], np.ndarray] | None = None
+    """``u (B, nu) -> ∇²_u Q (B, nu, nu)`` in closed form with the weights of the solve (horizon 1
+    on the batched Newton's path: :meth:`~qmpc.planner.Planner.action_hessian`); None: CasADi's."""
 
 
 class ArgminLayer(nn.Module):
@@ -307,6 +311,7 @@ class ArgminLayer(nn.Module):
             res, theta, result = self._solve(x64, w0, values_only=not (grads or uses_argmin))
             params = self.planner.params
             problem, solver = self.planner.problem, self.planner.solver
+            hessian = self.planner.action_hessian(x64) if grads and mode == "implicit" else None
         u = torch.as_tensor(res.w[:, problem.u_slice(0)], dtype=x.dtype, device=x.device)
         v = torch.as_tensor(res.value, dtype=x.dtype, device=x.device)
         if grads:
@@ -323,6 +328,7 @@ class ArgminLayer(nn.Module):
                 tuple(n for n, _ in self.q.named_parameters()),
                 tuple(n for n, _ in self.q.named_buffers()),
                 tuple(b for _, b in self.q.named_buffers()),
+                hessian,
             )
             u, v = _ArgminFunction.apply(solved, x, *params)
             u = u.detach() if mode == "envelope" else u
@@ -499,7 +505,7 @@ def _adjoint(s: _Solved, gu: torch.Tensor | None, usable: np.ndarray) -> tuple[n
     seed = np.zeros((B, P.n_w))
     seed[:, P.u_slice(0)] = np.where(finite[:, None], g, 0.0)
     with s.lock:
-        adj = s.solver.adjoint(res, s.x64, s.theta, P.lbw, P.ubw, seed)
+        adj = s.solver.adjoint(res, s.x64, s.theta, P.lbw, P.ubw, seed, s.hessian)
     s.result.set_adjoint(adj)
     a, b = adj.a.copy(), adj.b.copy()
     poisoned = usable & ~finite

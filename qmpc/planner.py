@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
 from typing import Literal
 
 import casadi as ca
@@ -26,7 +27,7 @@ import torch
 from qmpc.errors import InputError
 from qmpc.networks import QNetwork
 from qmpc.problem import ControlProblem, MPCSpec
-from qmpc.solver import BatchedSolver, SolveResult, SolverOptions
+from qmpc.solver import BatchedSolver, SolveResult, SolverOptions, single_blas_thread
 
 __all__ = ["NEWTON_MIN_WEIGHTS", "NEWTON_VALUE_TOL", "Planner", "as_bounds", "split_plan"]
 
@@ -262,12 +263,24 @@ class Planner:
             theta = self.problem_theta(x64.shape[0])
             fast = {}
             if self.newton_batch(x64.shape[0]):  # the closed form proposes, the network itself certifies
-                fast = {"oracle": self.q.action_oracle(x64, self.weights64), "certificate": self._certificate(x64)}
+                with single_blas_thread():  # small GEMMs: a second BLAS thread only costs (as in the solver)
+                    oracle = self.q.action_oracle(x64, self.weights64)
+                fast = {"oracle": oracle, "certificate": self._certificate(x64)}
                 if values_only:  # values only (a TD target): the certificate's threshold decides
                     fast["newton_tol"] = max(self.options.tol, NEWTON_VALUE_TOL * self.options.kkt_tol)
             lbw, ubw = self.problem.lbw, self.problem.ubw
             res = self.solver.solve(x64, theta, lbw, ubw, w0, lam_x0, lam_g0, started=started, **fast)
             return res, theta
+
+    def action_hessian(self, x64: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
+        """``u (B, nu) -> ∇²_u Q(x, u) (B, nu, nu)`` at the states ``x64 (B, nx)`` in closed form (the
+        network's action oracle), with the weights as synced now (those of the latest solve); None
+        off the batched Newton's path (a horizon above 1, baked weights, a network without an
+        oracle): the implicit gradient then takes CasADi's Hessians."""
+        if not self.newton_batch(x64.shape[0]):
+            return None
+        q, weights = self.q, self.weights64
+        return lambda u: q.action_oracle(x64, weights).derivatives(u)[2]
 
     def _certificate(self, x64: np.ndarray):
         """``u -> (Q(x, u), ∂Q/∂u)`` by the torch network itself in float64 on the CPU, with the

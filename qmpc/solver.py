@@ -836,12 +836,25 @@ class BatchedSolver:
         lbw: np.ndarray,
         ubw: np.ndarray,
         seed: np.ndarray,
+        hessian: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> Adjoint:
         """Solve the reduced KKT system for seeds ``(B, n_w)`` on ``w*`` (see module docstring):
         CasADi evaluates the Hessian of the Lagrangian and the constraint Jacobian at the
-        solutions, :func:`qmpc.kkt.adjoint` does the rest."""
-        theta_dm = _as_dm(theta)
-        H, G = self.second_order(result.w, x0, theta_dm, result.lam_g)
+        solutions, :func:`qmpc.kkt.adjoint` does the rest. ``hessian``: ``w (B, n_w) -> (B, n_w,
+        n_w)``, the Lagrangian's Hessian by other means, for a problem without constraints ``g``
+        (horizon 1, where it is ``∇²_u Q``: e.g. in closed form from the network's oracle); CasADi
+        is then not called."""
+        P = self.problem
+        if hessian is None:
+            H, G = self.second_order(result.w, x0, _as_dm(theta), result.lam_g)
+        else:
+            if P.n_g:
+                raise InputError(f"expected a problem without constraints g with a given Hessian, got n_g = {P.n_g}")
+            with single_blas_thread():
+                H = np.asarray(hessian(result.w), dtype=np.float64)
+            if H.shape != (x0.shape[0], P.n_w, P.n_w):
+                raise InputError(f"expected a Hessian of shape {(x0.shape[0], P.n_w, P.n_w)}, got {H.shape}")
+            G = np.zeros((x0.shape[0], 0, P.n_w))
         fixed, weak = self.at_bounds(result.w, result.lam_x, lbw, ubw)
         with single_blas_thread():
             a, b, singular = kkt.adjoint(H, G, fixed, seed, Status.ok(result.status), self.problem.nx)
