@@ -107,13 +107,13 @@ def main() -> None:
     torch.set_num_threads(1)  # as qmpc's train.torch_threads; SAC the same
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for task in [t for _ in range(args.runs) for t in args.tasks]:
+        for run, task in [(r, t) for r in range(args.runs) for t in args.tasks]:
             env_id = load_config(ROOT / "launch" / f"{task}.toml").env.id
             # SAC before and after qmpc (this machine's speed drifts by ±20 % over minutes): the mean
             sac = [run_sac(env_id, args.steps)] if "SAC" in args.methods else []
             task_rows = []
             for variant in args.variants if "qmpc" in args.methods else []:
-                _, rate, stages = run_qmpc(task, args.steps, variant, Path(tmp), args.set)
+                _, rate, stages = run_qmpc(task, args.steps, variant, Path(tmp) / f"run{run}", args.set)
                 task_rows.append((env_id, variant, rate, stages))
                 print(f"{env_id} qmpc ({variant}): {rate:.1f} steps/s", flush=True)
             sac += [run_sac(env_id, args.steps)] if sac else []

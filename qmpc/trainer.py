@@ -585,7 +585,7 @@ def _learn(st: TrainState, run: _Run) -> TDResult:
 
 def _fit_model(st: TrainState) -> None:
     """The dynamics model's gradient steps of one update, on batches of its own RNG, and the
-    learned stage cost and termination heads' on the same batches."""
+    learned stage cost and termination heads' (``model.head_updates_per_step``) on the same batches."""
     t_model = time.perf_counter()
     mc, buffer, model, heads = st.cfg.model, st.buffer, st.model, st.outcome
     n = len(buffer)
@@ -596,15 +596,17 @@ def _fit_model(st: TrainState) -> None:
         heads.fit_normalization(*(torch.from_numpy(a[:n]).to(heads.x_shift.dtype) for a in (buffer.obs, buffer.cost)))
         st.outcome_ready = True
     grad_clip = st.cfg.train.grad_clip
-    for _ in range(mc.updates_per_step):
+    head_updates = mc.head_updates_per_step if heads is not None else 0
+    for k in range(max(mc.updates_per_step, head_updates)):
         mb = buffer.sample(mc.batch_size, st.model_rng)
         xs = [t.to(model.x_shift.dtype) for t in (mb.obs, mb.act, mb.next_obs)]
-        m_loss = model.loss(*xs)
-        st.model_optimizer.zero_grad()
-        m_loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        st.model_optimizer.step()
-        if heads is not None:
+        if k < mc.updates_per_step:
+            m_loss = model.loss(*xs)
+            st.model_optimizer.zero_grad()
+            m_loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            st.model_optimizer.step()
+        if k < head_updates:
             dt = heads.x_shift.dtype
             c_loss, t_loss = heads.losses(*(t.to(dt) for t in (*xs, mb.cost, mb.terminated)))
             st.outcome_optimizer.zero_grad()

@@ -298,3 +298,29 @@ def test_run_cli_with_the_learned_stage_cost(hopper_run, tmp_path, capsys, monke
     assert "Hopper-v5" in capsys.readouterr().out
     assert main([*args, "--stage-cost", "symbolic"]) == 2
     assert "symbolic stage cost" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("model_steps", "head_steps"), [(2, 1), (1, 3)])
+def test_model_and_heads_take_their_own_number_of_steps(tmp_path, model_steps, head_steps):
+    """``model.updates_per_step`` Adam steps of the dynamics model and ``model.head_updates_per_step``
+    of the heads per training step (on the same batches while both step), Q unchanged by either."""
+    runs = {}
+    for name, (m, h) in {"these": (model_steps, head_steps), "default": (4, 4)}.items():
+        cfg = config_from_dict(
+            {
+                "seed": 0,
+                "run_dir": str(tmp_path / name),
+                "env": {"id": "Hopper-v5"},
+                "network": {"arch": "PICNN", "hidden": [8]},
+                "model": {"learn": True, "hidden": [16], "updates_per_step": m, "head_updates_per_step": h},
+                "train": {"steps": 130, "batch_size": 16, "learning_starts": 100, "eval_every": 1000},
+            }
+        )
+        train(cfg, progress=False)
+        runs[name] = load_checkpoint(tmp_path / name / "checkpoint.pt")
+    ck, learned = runs["these"], 130 - 100
+    steps = {k: {int(s["step"]) for s in ck[k]["state"].values()} for k in ("model_optimizer", "outcome_optimizer")}
+    assert steps == {"model_optimizer": {learned * model_steps}, "outcome_optimizer": {learned * head_steps}}
+    for key in ("q", "q_target"):  # the model's batches have their own RNG
+        for name, t in runs["default"][key].items():
+            assert torch.equal(t, ck[key][name]), (key, name)
