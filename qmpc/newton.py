@@ -12,9 +12,10 @@ even where ``f`` is not convex), the point is projected onto the box, and an Arm
 backtracking along the projection arc keeps the value decreasing. The full step is tried with
 the oracle's derivatives (the value among them): taken, as nearly every one is, they are the next
 iteration's, and only a step that backtracks costs a value and then derivatives (measured in a
-HalfCheetah training run: 3 value calls per solve of 256 states saved, none backtracked). A sample is done when
-``r = ‖u − clip(u − ∇f(u))‖_∞ ≤ tol``; one that is not done after ``max_iter`` iterations, or
-whose line search fails, is reported unconverged (the caller retries it with another solver).
+HalfCheetah training run: 3 value calls per solve of 256 states saved, none backtracked). A
+sample is done when ``r = ‖u − clip(u − ∇f(u))‖_∞ ≤ tol``; one that is not done after
+``max_iter`` iterations, or whose line search fails, is reported unconverged (the caller retries
+it with another solver).
 """
 
 from __future__ import annotations

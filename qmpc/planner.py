@@ -23,6 +23,7 @@ from typing import Literal
 import casadi as ca
 import numpy as np
 import torch
+from torch import nn
 
 from qmpc.errors import InputError
 from qmpc.networks import QNetwork
@@ -141,15 +142,7 @@ class Planner:
         # the network's structure for torch.func.functional_call, which swaps a module's tensors
         # while it runs: never the user's module, which another thread may be using meanwhile
         self.functional_q = copy.deepcopy(self.q).requires_grad_(False)
-        # the certificate's network: another private copy in float64 (its buffers as they are now:
-        # a change of them rebuilds), its parameters views of one vector that each sync overwrites
-        # (no functional_call per solve: ~0.6 ms at batch 1)
-        self._certifier = copy.deepcopy(self.q).double().requires_grad_(False)
-        self._certifier_theta = torch.zeros(int(self._offsets[-1]), dtype=torch.float64)
-        for i, (name, shape) in enumerate(zip(self._names[0], self._shapes, strict=True)):
-            view = self._certifier_theta[self._offsets[i] : self._offsets[i + 1]].view(shape)
-            module, _, attr = name.rpartition(".")
-            setattr(self._certifier.get_submodule(module), attr, torch.nn.Parameter(view, requires_grad=False))
+        self._certifier = self._new_certifier() if newton else None
         runner = None
         if self.backend == "ray":
             if self._runner is None:
@@ -160,6 +153,19 @@ class Planner:
                 self._runner.rebuild(self.q)
             runner = self._runner
         self.solver = BatchedSolver(self.problem, self.options, runner)
+
+    def _new_certifier(self) -> nn.Module:
+        """The certificate's network: a private copy of the network on the CPU in float64 (its
+        buffers as they are now: a change of them rebuilds), its parameters views of
+        :attr:`_certifier_theta`, which each sync overwrites (no ``functional_call`` per solve,
+        which swapped every tensor in and out: ~0.6 ms at batch 1)."""
+        q = copy.deepcopy(self.q).to(device="cpu", dtype=torch.float64).requires_grad_(False)
+        self._certifier_theta = torch.zeros(int(self._offsets[-1]), dtype=torch.float64)
+        for i, (name, shape) in enumerate(zip(self._names[0], self._shapes, strict=True)):
+            view = self._certifier_theta[self._offsets[i] : self._offsets[i + 1]].view(shape)
+            module, _, attr = name.rpartition(".")
+            setattr(q.get_submodule(module), attr, nn.Parameter(view, requires_grad=False))
+        return q
 
     def _read_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """The network's parameters and buffers, re-read in one walk over its modules (a replaced
@@ -199,7 +205,8 @@ class Planner:
         self._synced = (theta_t, tuple(b.detach().clone() for b in buffers), None)
         self.theta64 = np.zeros(0) if self.bake_weights else theta
         self.weights64 = self._named_arrays(theta, bufs)
-        self._certifier_theta.numpy()[:] = theta
+        if self._certifier is not None:
+            self._certifier_theta.numpy()[:] = theta
 
     def _theta_dm(self) -> ca.DM:
         """The synced weights as a CasADi DM, converted once per change (~2 ms for 25k weights)."""
