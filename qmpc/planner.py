@@ -193,14 +193,15 @@ class Planner:
         last = self._synced
         with torch.no_grad():  # float64 holds every float32 exactly: equal here iff equal there
             theta_t = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
-        if last is not None and torch.equal(theta_t, last[0]) and _same(buffers, last[1]):
+        same_buffers = last is not None and _same(buffers, last[1])
+        if same_buffers and torch.equal(theta_t, last[0]):
             return
         theta = theta_t.numpy()
         with torch.no_grad():
             bufs = [b.detach().to("cpu", torch.float64).numpy() for b in buffers]
         if not (np.isfinite(theta).all() and all(np.isfinite(b).all() for b in bufs)):
             self._check_finite()  # names the tensor
-        if last is None or self.bake_weights or not _same(buffers, last[1]):
+        if self.bake_weights or not same_buffers:
             self._build()
         self._synced = (theta_t, tuple(b.detach().clone() for b in buffers), None)
         self.theta64 = np.zeros(0) if self.bake_weights else theta
