@@ -146,15 +146,36 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
     return ray
 
 
+class _Sigterm:
+    """The SIGTERM this process received, if any (see :func:`raise_if_terminated`)."""
+
+    signum: int | None = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Ray's own Python handler (``sys.exit(signum)``), remembering the signal: Ray's calls that
+    wait in C++ run the handlers and drop what they raise in some paths, and the process then went
+    on training (1 SIGTERM in ~20)."""
+    _Sigterm.signum = signum
+    sys.exit(signum)
+
+
+def raise_if_terminated() -> None:
+    """``SystemExit(15)`` if a SIGTERM was received and its ``SystemExit`` did not unwind the
+    process (a loop calls this once per iteration)."""
+    if _Sigterm.signum is not None:
+        raise SystemExit(_Sigterm.signum)
+
+
 def _python_sigterm() -> None:
-    """Give SIGTERM back to the Python handler ``ray.init`` installed (``sys.exit``), so that a
-    terminated process unwinds and runs its exit handlers (:func:`_at_exit`): Ray's core worker
-    puts a crash handler in its place that dumps a C stack and aborts."""
+    """Give SIGTERM back to a Python handler (:func:`_on_sigterm`: ``sys.exit`` as ``ray.init``
+    installed), so that a terminated process unwinds and runs its exit handlers
+    (:func:`_at_exit`): Ray's core worker puts a crash handler in its place that dumps a C stack
+    and aborts."""
     if threading.current_thread() is not threading.main_thread():
         return
-    handler = signal.getsignal(signal.SIGTERM)
-    if callable(handler):
-        signal.signal(signal.SIGTERM, handler)
+    if callable(signal.getsignal(signal.SIGTERM)):
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def cluster_line() -> str:
@@ -413,6 +434,9 @@ class RayRunner:
             parts = ray.get(refs)
             self.calls += 1
             return parts
+        except SystemExit:  # a SIGTERM while Ray waited: Ray raises SystemExit(1)
+            raise_if_terminated()
+            raise
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, RuntimeError):  # an evaluation inside CasADi raised, as it would here
                 raise RuntimeError(str(e.cause)) from None

@@ -34,6 +34,7 @@ from qmpc.checkpoint import CheckpointError, load_checkpoint, policy_of, save_ch
 from qmpc.config import Config, check_resumed_launch, config_to_toml, resumed_config
 from qmpc.controller import Controller
 from qmpc.data import Batch, ReplayBuffer, atomic_write, check_dataset, ensure_dir, input_normalization, load_minari
+from qmpc.distributed import raise_if_terminated
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError, OutputError, SolverError
@@ -273,6 +274,7 @@ def _train(
     try:
         while st.step < tc.steps:
             _step(st, run)
+            raise_if_terminated()
             if stop_at is not None and st.step >= stop_at:
                 break
     finally:
