@@ -36,23 +36,32 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--model", default="learned", help="model source for H > 1 (see qmpc run --model)")
     ap.add_argument("--shooting", nargs="+", default=["auto"], help="for H > 1, one row each: auto, single, multiple")
+    ap.add_argument(
+        "--trust-region",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="for H > 1, one row each: the plan's trust region around the greedy plan (qmpc run --trust-region)",
+    )
     args = ap.parse_args()
     head = (
-        f"{'task':<26} {'H':>3} {'shooting':<9} {'return (mean ± std)':>22} {'length':>7} {'step p50':>9} "
+        f"{'task':<26} {'H':>3} {'shooting':<9} {'trust':>5} {'return (mean ± std)':>22} {'length':>7} {'step p50':>9} "
         f"{'p99':>8} {'fallback':>8}"
     )
     rows = []
     for path in args.checkpoints:
         env_id = load_checkpoint(path)["spec"]["env_id"]
-        for h, shooting in [(hh, s) for hh in args.horizons for s in (args.shooting if hh > 1 else ["-"])]:
-            kw = {"shooting": shooting} if h > 1 else {}
+        rows_of = [(hh, s, t) for hh in args.horizons for s in (args.shooting if hh > 1 else ["-"])
+                   for t in (args.trust_region if hh > 1 else [0.0])]  # fmt: skip
+        for h, shooting, rho in rows_of:
+            kw = {"shooting": shooting, "trust_region": rho} if h > 1 else {}
             ctrl = Controller.from_checkpoint(path, horizon=h, model=args.model, **kw)
             shooting = ctrl.problem.shooting if h > 1 else "-"
             eps, _ = run_episodes(ctrl, make_env(env_id), args.episodes, seed=args.seed)
             rets = np.array([e.ret for e in eps])
             ms = np.concatenate([e.solve_ms for e in eps])
             row = (
-                f"{env_id:<26} {h:>3} {shooting:<9} {rets.mean():>12.1f} ± {rets.std():>7.1f} "
+                f"{env_id:<26} {h:>3} {shooting:<9} {rho:>5g} {rets.mean():>12.1f} ± {rets.std():>7.1f} "
                 f"{np.mean([e.length for e in eps]):>7.0f} {np.percentile(ms, 50):>7.2f}ms "
                 f"{np.percentile(ms, 99):>6.2f}ms {sum(e.fallback for e in eps):>8}"
             )

@@ -167,7 +167,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from qmpc.runner import format_episodes, plot_rollout, run_episodes, write_video
 
     _check_args(
-        args, {"--episodes": (1, True), "--horizon": (1, True), "--budget-ms": (0, True), "--max-iter": (1, True)}
+        args,
+        {
+            "--episodes": (1, True),
+            "--horizon": (1, True),
+            "--budget-ms": (0, True),
+            "--max-iter": (1, True),
+            "--trust-region": (0, True),
+        },
     )
     check_seed(args.seed, "--seed")
     ckpt = load_checkpoint(args.checkpoint)
@@ -193,6 +200,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         budget_ms=budget_ms,
         max_iter=args.max_iter,
         shooting=args.shooting,
+        **({"trust_region": args.trust_region} if args.trust_region else {}),
     )
     ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
     budget = f", budget {budget_ms:g} ms per step" if budget_ms else ", no time budget"
@@ -356,6 +364,13 @@ def _add_run(sub) -> None:
         choices=("auto", "single", "multiple"),
         help="horizon > 1: eliminate the predicted states (single) or keep them as variables (multiple); "
         "auto: single for a learned model or a large plan (see the README's latency table)",
+    )
+    r.add_argument(
+        "--trust-region",
+        type=float,
+        default=0.0,
+        help="horizon > 1 (single shooting): keep every action of the plan within this fraction of the action "
+        "range of the greedy plan (Q's argmin followed along the model); 0: none",
     )
     r.add_argument("--env", default=None, help="override the checkpoint's task id")
     r.add_argument("--video", default=None, help="MP4 path (MuJoCo offscreen rendering)")

@@ -149,6 +149,12 @@ class Controller:
         linearization: a :class:`~qmpc.linearize.MujocoLinearization` to use instead of
             ``dynamics``: the model is MuJoCo's linearisation along the previous plan, renewed at
             every step.
+        trust_region: 0 (default): none. ``ρ > 0`` (a plan of ``H > 1``, single shooting, finite
+            action bounds): every action of the plan stays within ``ρ · (high − low)`` of the
+            greedy plan of this step (the argmin of Q at the state and at each state the model
+            predicts under the greedy actions before it), so the plan cannot steer to states
+            where Q was never trained and is wrong; a plan that fails falls back to the greedy
+            action. ``ρ ≥ 1`` bounds nothing but still starts every step from the greedy plan.
         **options: the :class:`~qmpc.problem.MPCSpec` fields when ``low`` is not a spec
             (``horizon`` 1 by default, ``dynamics``, ``stage_cost``, ``discount`` 0.99 by default,
             ``shooting``, ``dynamics_derivatives``), and :class:`~qmpc.solver.SolverOptions`
@@ -182,6 +188,7 @@ class Controller:
         budget_ms: float = 0.0,
         linearization: MujocoLinearization | None = None,
         stage_cost_scaled: bool = False,
+        trust_region: float = 0.0,
         **options: Any,
     ):
         self.stage_cost_scaled = bool(stage_cost_scaled)
@@ -208,6 +215,7 @@ class Controller:
         if spec.horizon > 1 and spec.shooting == "single" and linearization is None:
             opts = dataclasses.replace(self.planner.options, max_wall_ms=0.0, tol=1e-8)
             self._greedy = Planner(q, MPCSpec(self.low, self.high), opts, bake_weights=True)
+        self.trust_region = self._check_trust_region(trust_region, spec)
         if self.budget_ms and spec.horizon > 1:
             self._check_budget()
         self.last_result: SolveResult | None = None
@@ -241,6 +249,27 @@ class Controller:
             if spec.stage_cost_derivatives is not None:
                 changes["stage_cost_derivatives"] = _scaled_derivatives(spec.stage_cost_derivatives, self.cost_scale)
         return spec.replace(**changes)
+
+    def _check_trust_region(self, rho: Any, spec: MPCSpec) -> float:
+        """``rho`` as a float, or an :class:`InputError` naming why this controller cannot have it."""
+        if isinstance(rho, bool) or not isinstance(rho, int | float) or not np.isfinite(rho) or rho < 0:
+            raise InputError(f"expected a finite trust_region >= 0 (a fraction of the action range), got {rho!r}")
+        if rho and self._greedy is None:
+            raise InputError(
+                f"expected a plan of horizon > 1 with single shooting and a learned or given model for a trust region, "
+                f"got horizon {spec.horizon}, {spec.shooting} shooting"
+                + (", a linearisation" if self.linearization is not None else "")
+            )
+        if rho and not (np.isfinite(self.low).all() and np.isfinite(self.high).all()):
+            raise InputError(f"expected finite action bounds for a trust region, got low {self.low}, high {self.high}")
+        return float(rho)
+
+    def _trust_bounds(self, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(lbw, ubw)`` of the plan, each ``(n_w,)``: the problem's bounds tightened to within
+        :attr:`trust_region` of the greedy plan ``ref (n_w,)``."""
+        P = self.planner.problem
+        half = np.tile(self.trust_region * (self.high - self.low), P.N + 1)
+        return np.maximum(P.lbw, ref - half), np.minimum(P.ubw, ref + half)
 
     def _check_budget(self) -> None:
         """Refuse a plan whose solver's indivisible unit of work does not fit the budget: one
@@ -390,12 +419,17 @@ class Controller:
                 st[:-1] = st[1:].copy()
             w0 = np.clip(w0, P.lbw, P.ubw)[None]
         t0 = time.perf_counter()
-        if w0 is None and self._greedy is not None:
+        bounds = None
+        if self.trust_region:  # the greedy plan of this state, and the plan kept near it
+            ref = self._greedy_start(x, t0 + 0.5e-3 * self.budget_ms if self.budget_ms else np.inf)
+            bounds = self._trust_bounds(ref[0])
+            w0 = ref if w0 is None else np.clip(w0, *bounds)
+        elif w0 is None and self._greedy is not None:
             w0 = self._greedy_start(x, t0 + 0.5e-3 * self.budget_ms if self.budget_ms else np.inf)
         if self.linearization is not None and P.N:  # linearise along the shifted plan (zeros at first)
             nominal = w0[0, : P.N * P.nu] if w0 is not None else np.tile(self.safe_action, P.N)
             self.planner.model_params = self.linearization.params(x, nominal)
-        res, _ = self.planner.solve(x[None], w0, values_only=True, started=t0)  # x checked above; w0 our plan
+        res, _ = self.planner.solve(x[None], w0, values_only=True, started=t0, bounds=bounds)  # x checked above
         self.last_result, self._last_x = res, x[None]
         solve_ms = (time.perf_counter() - t0) * 1e3
         status = int(res.status[0])
@@ -408,7 +442,7 @@ class Controller:
         self.stats["failed"] += failed
         self.stats["fallback"] += fallback
         if fallback:
-            action = w0[0, P.u_slice(0)] if w0 is not None else self.safe_action
+            action = (ref if self.trust_region else w0)[0, P.u_slice(0)] if w0 is not None else self.safe_action
             if overrun and (ok or status == Status.TIMEOUT):
                 # too late to act on, but the best plan there is for this state: the next step
                 # warm-starts from it (a solve cut short continues where it stopped)

@@ -259,13 +259,16 @@ class Planner:
         lam_g0: np.ndarray | None = None,
         values_only: bool = False,
         started: float | None = None,
+        bounds: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[SolveResult, ca.DM | np.ndarray]:
         """Solve for every row of ``x64 (B, nx)`` (float64, validated by the caller) from the
         optional warm start ``w0 (B, n_w)`` (and multipliers); returns the result and the
         parameter vector it was solved with. ``values_only``: no sensitivities will be asked of
         this solve (the batched Newton may stop at a looser residual, :data:`NEWTON_VALUE_TOL`).
-        ``started``: where the wall-time limit counts from (see :meth:`BatchedSolver.solve`). Call
-        with :attr:`lock` held when the result's sensitivities follow."""
+        ``started``: where the wall-time limit counts from (see :meth:`BatchedSolver.solve`).
+        ``bounds``: ``(lbw, ubw)``, each ``(n_w,)``, inside the problem's own (a trust region;
+        validated by the caller). Call with :attr:`lock` held when the result's sensitivities
+        follow."""
         with self.lock:
             self.sync()
             theta = self.problem_theta(x64.shape[0])
@@ -276,7 +279,7 @@ class Planner:
                 fast = {"oracle": oracle, "certificate": self._certificate(x64)}
                 if values_only:  # values only (a TD target): the certificate's threshold decides
                     fast["newton_tol"] = max(self.options.tol, NEWTON_VALUE_TOL * self.options.kkt_tol)
-            lbw, ubw = self.problem.lbw, self.problem.ubw
+            lbw, ubw = (self.problem.lbw, self.problem.ubw) if bounds is None else bounds
             res = self.solver.solve(x64, theta, lbw, ubw, w0, lam_x0, lam_g0, started=started, **fast)
             return res, theta
 

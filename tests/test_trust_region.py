@@ -1,0 +1,68 @@
+"""Issue 19: a plan kept near what Q knows. ``Controller(trust_region=ρ)`` bounds every action of
+the plan to within ``ρ · (high − low)`` of the greedy plan of the same step (Q's argmin followed
+along the model); ρ → 0 is the greedy controller, a large ρ the free plan."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qmpc
+from qmpc.cli import main
+from qmpc.env import make_env
+from qmpc.errors import InputError
+
+REACHER = Path(__file__).resolve().parents[1] / "models" / "reacher.pt"
+
+
+def _deviations(rho: float, steps: int = 12) -> tuple[list[float], dict]:
+    """Largest |plan's first action − greedy action| per step of the plan's own rollout."""
+    greedy = qmpc.Controller.from_checkpoint(REACHER)
+    plan = qmpc.Controller.from_checkpoint(REACHER, horizon=3, model="learned", trust_region=rho)
+    env = make_env("Reacher-v5")
+    obs, _ = env.reset(seed=3)
+    out = []
+    for _ in range(steps):
+        a, _ = plan.act(obs)
+        out.append(float(np.abs(a - greedy.act(obs)[0]).max()))
+        obs, *_ = env.step(a)
+    return out, plan.stats
+
+
+def test_a_vanishing_trust_region_is_the_greedy_controller():
+    dev, stats = _deviations(1e-9)
+    assert max(dev) < 1e-6 and stats["fallback"] == 0
+
+
+def test_the_plan_stays_within_its_trust_region_and_moves_inside_it():
+    free, _ = _deviations(0.0)
+    rho = 0.02  # Reacher's actions span [-1, 1]: 0.04
+    dev, stats = _deviations(rho)
+    assert stats["fallback"] == 0
+    assert max(dev) <= 2 * rho + 1e-9
+    assert max(free) > 2 * rho  # the free plan goes further: the bound is active
+    assert max(dev) > 2 * rho - 1e-6  # and the constrained plan goes to it
+
+
+@pytest.mark.parametrize("rho", [-0.1, float("nan"), float("inf"), True, "0.1"])
+def test_a_bad_trust_region_is_refused(rho):
+    with pytest.raises(InputError, match="trust_region"):
+        qmpc.Controller.from_checkpoint(REACHER, horizon=3, model="learned", trust_region=rho)
+
+
+def test_a_trust_region_needs_a_single_shooting_plan():
+    with pytest.raises(InputError, match="horizon 1"):
+        qmpc.Controller.from_checkpoint(REACHER, horizon=1, trust_region=0.1)
+    with pytest.raises(InputError, match="multiple shooting"):
+        qmpc.Controller.from_checkpoint(REACHER, horizon=3, model="learned", shooting="multiple", trust_region=0.1)
+
+
+def test_run_refuses_a_negative_trust_region(tmp_path, capsys):
+    assert main(["run", str(REACHER), "--horizon", "3", "--trust-region", "-1", "--plot", str(tmp_path / "p.png")]) != 0
+    assert "expected --trust-region to be a finite number >= 0, got -1" in capsys.readouterr().err
+
+
+def test_run_plans_with_a_trust_region(tmp_path, capsys):
+    args = ["run", str(REACHER), "--horizon", "3", "--trust-region", "0.05", "--episodes", "1", "--budget-ms", "0"]
+    assert main([*args, "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").exists()
