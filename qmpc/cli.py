@@ -178,8 +178,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     check_seed(args.seed, "--seed")
     ckpt = load_checkpoint(args.checkpoint)
+    trained = ckpt.get("config", {}).get("train", {})
     if args.horizon is None:  # the horizon it was trained to act with
-        args.horizon = int(ckpt.get("config", {}).get("train", {}).get("horizon", 1))
+        args.horizon = int(trained.get("horizon", 1))
+    if args.trust_region is None:  # the trust region it was trained (or set) to plan with
+        args.trust_region = float(trained.get("trust_region", 0.0)) if args.horizon > 1 else 0.0
     # in the working directory: never next to the checkpoint (models/ of the repository, a run directory)
     default_plot = Path.cwd() / f"rollout_{Path(args.checkpoint).stem}_h{args.horizon}.png"
     what = "--plot" if args.plot else "the plot (set its path with --plot)"
@@ -204,7 +207,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
     budget = f", budget {budget_ms:g} ms per step" if budget_ms else ", no time budget"
-    print(f"{env_id}: {args.episodes} episodes, horizon {args.horizon}{budget}, checkpoint {args.checkpoint}")
+    trust = f", trust region {args.trust_region:g}" if args.trust_region else ""
+    print(f"{env_id}: {args.episodes} episodes, horizon {args.horizon}{trust}{budget}, checkpoint {args.checkpoint}")
     eps, frames = run_episodes(ctrl, env, args.episodes, seed=args.seed, render=bool(args.video))
     print(format_episodes(eps))
     plot_rollout(eps[0], spec.low, spec.high, plot, title=f"{env_id}, horizon {args.horizon}")
@@ -368,9 +372,10 @@ def _add_run(sub) -> None:
     r.add_argument(
         "--trust-region",
         type=float,
-        default=0.0,
+        default=None,
         help="horizon > 1 (single shooting): keep every action of the plan within this fraction of the action "
-        "range of the greedy plan (Q's argmin followed along the model); 0: none",
+        "range of the greedy plan (Q's argmin followed along the model); 0: none (default: the checkpoint's "
+        "train.trust_region)",
     )
     r.add_argument("--env", default=None, help="override the checkpoint's task id")
     r.add_argument("--video", default=None, help="MP4 path (MuJoCo offscreen rendering)")

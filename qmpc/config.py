@@ -186,6 +186,11 @@ class TrainConfig:
     """Online, ``horizon > 1``: steps between rebuilds of the acting plan from the current Q, model
     and heads (a rebuild takes ~60 ms; in between the plan uses them as they were at its last
     rebuild, and they are saved with it, so that a resumed run plans exactly as the uninterrupted one)."""
+    trust_region: float = field(default=0.0, metadata={"min": 0.0})
+    """Plans (``horizon > 1`` here, and ``qmpc run --horizon H`` on this run's checkpoints by
+    default): every action of a plan stays within this fraction of the action range of the step's
+    greedy plan (Q's argmin followed along the model), so that a plan cannot steer to states where
+    Q is wrong (:class:`~qmpc.controller.Controller`'s ``trust_region``). 0: none."""
     rollout_td: int = field(default=0, metadata={"min": 0})
     """Steps ``K`` of the model-rolled TD loss (0: off). With ``K > 0`` each update also fits Q at the
     states the learned model predicts ``k = 1 … K`` steps ahead of the batch's states under the

@@ -259,6 +259,7 @@ class Controller:
                 f"expected a plan of horizon > 1 with single shooting and a learned or given model for a trust region, "
                 f"got horizon {spec.horizon}, {spec.shooting} shooting"
                 + (", a linearisation" if self.linearization is not None else "")
+                + " (qmpc run --trust-region 0 plans without one)"
             )
         if rho and not (np.isfinite(self.low).all() and np.isfinite(self.high).all()):
             raise InputError(f"expected finite action bounds for a trust region, got low {self.low}, high {self.high}")

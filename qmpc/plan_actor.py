@@ -66,7 +66,10 @@ class PlanActor:
         return None if c is None or c.problem.horizon != horizon or c.warm_plan is None else c.warm_plan.copy()
 
     def _build(self, horizon: int) -> None:
-        self.controller = Controller.from_policy(self.source, horizon=horizon, env=self.env, where="the run")
+        rho = self.tc.trust_region if horizon > 1 else 0.0
+        self.controller = Controller.from_policy(
+            self.source, horizon=horizon, env=self.env, where="the run", trust_region=rho
+        )
 
     def state_dict(self) -> dict[str, Any] | None:
         """The policy of the last rebuild, its horizon and the current plan (None before the first)."""

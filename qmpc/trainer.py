@@ -667,7 +667,10 @@ def _evaluate(st: TrainState, run: _Run) -> None:
     controller = run.evaluator
     if _planning(st):  # at the horizon the run acts with, through the model as it is now
         horizon = acting_horizon(tc, st.step)
-        controller = Controller.from_policy(st.policy(), horizon=horizon, env=run.eval_env, where="the run")
+        rho = tc.trust_region if horizon > 1 else 0.0
+        controller = Controller.from_policy(
+            st.policy(), horizon=horizon, env=run.eval_env, where="the run", trust_region=rho
+        )
     else:  # (inside the behaviour penalty, whose π_β is fixed)
         getattr(controller.q, "q", controller.q).load_state_dict(st.q.state_dict())
     ev = evaluate(controller, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale)

@@ -67,6 +67,29 @@ def test_qmpc_run_plans_at_the_trained_horizon(tmp_path, capsys):
     assert "horizon 1," in capsys.readouterr().out
 
 
+def test_a_run_plans_within_its_trust_region_and_qmpc_run_keeps_it(tmp_path, capsys, monkeypatch):
+    import qmpc.controller as controller
+
+    built = []
+    init = controller.Controller.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        built.append((self.problem.horizon, self.trust_region))
+
+    monkeypatch.setattr(controller.Controller, "__init__", spy)
+    run = tmp_path / "r"
+    sets = ["train.steps=20", "train.horizon=2", "train.horizon_warmup=0", "train.eval_every=20"]
+    train(_ip(run, *sets, "train.trust_region=0.05"), progress=False)
+    assert {b for b in built if b[0] > 1} == {(2, 0.05)}  # the acting plan and the evaluation's
+    capsys.readouterr()
+    assert main(["run", str(run / "policy.pt"), "--episodes", "1", "--plot", str(tmp_path / "p.png")]) == 0
+    assert "horizon 2, trust region 0.05," in capsys.readouterr().out
+    free = ["--trust-region", "0", "--plot", str(tmp_path / "q.png")]
+    assert main(["run", str(run / "policy.pt"), "--episodes", "1", *free]) == 0
+    assert built[-1] == (2, 0.0) and "trust region" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
