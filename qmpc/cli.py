@@ -164,6 +164,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from qmpc.controller import Controller
     from qmpc.data import ensure_output_file
     from qmpc.env import env_spec, make_env
+    from qmpc.errors import InputError
     from qmpc.runner import format_episodes, plot_rollout, run_episodes, write_video
 
     _check_args(
@@ -181,7 +182,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     trained = ckpt.get("config", {}).get("train", {})
     if args.horizon is None:  # the horizon it was trained to act with
         args.horizon = int(trained.get("horizon", 1))
-    if args.trust_region is None:  # the trust region it was trained (or set) to plan with
+    rho_given = args.trust_region is not None
+    if not rho_given:  # the trust region it was trained (or set) to plan with
         args.trust_region = float(trained.get("trust_region", 0.0)) if args.horizon > 1 else 0.0
     # in the working directory: never next to the checkpoint (models/ of the repository, a run directory)
     default_plot = Path.cwd() / f"rollout_{Path(args.checkpoint).stem}_h{args.horizon}.png"
@@ -195,16 +197,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # real time by default: a control step must fit the task's control period
     dt = getattr(env.unwrapped, "dt", None)
     budget_ms = (1e3 * float(dt) if dt else 0.0) if args.budget_ms is None else args.budget_ms
-    ctrl = Controller.from_checkpoint(
-        args.checkpoint,
-        horizon=args.horizon,
-        model=args.model,
-        stage_cost=args.stage_cost,
-        budget_ms=budget_ms,
-        max_iter=args.max_iter,
-        shooting=args.shooting,
-        **({"trust_region": args.trust_region} if args.trust_region else {}),
-    )
+    kw = {"horizon": args.horizon, "model": args.model, "stage_cost": args.stage_cost, "budget_ms": budget_ms,
+          "max_iter": args.max_iter, "shooting": args.shooting}  # fmt: skip
+    try:
+        ctrl = Controller.from_checkpoint(args.checkpoint, trust_region=args.trust_region, **kw)
+    except InputError as e:  # the checkpoint's trust region, on a plan it does not apply to: none
+        if rho_given or not args.trust_region or "for a trust region" not in str(e):
+            raise
+        args.trust_region = 0.0
+        ctrl = Controller.from_checkpoint(args.checkpoint, **kw)
     ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
     budget = f", budget {budget_ms:g} ms per step" if budget_ms else ", no time budget"
     trust = f", trust region {args.trust_region:g}" if args.trust_region else ""

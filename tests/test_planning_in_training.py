@@ -88,6 +88,11 @@ def test_a_run_plans_within_its_trust_region_and_qmpc_run_keeps_it(tmp_path, cap
     free = ["--trust-region", "0", "--plot", str(tmp_path / "q.png")]
     assert main(["run", str(run / "policy.pt"), "--episodes", "1", *free]) == 0
     assert built[-1] == (2, 0.0) and "trust region" not in capsys.readouterr().out
+    multiple = ["--shooting", "multiple", "--plot", str(tmp_path / "m.png")]  # the checkpoint's ρ does not apply
+    assert main(["run", str(run / "policy.pt"), "--episodes", "1", *multiple]) == 0
+    assert built[-1] == (2, 0.0) and "trust region" not in capsys.readouterr().out
+    assert main(["run", str(run / "policy.pt"), "--episodes", "1", "--trust-region", "0.05", *multiple]) == 2
+    assert "single shooting" in capsys.readouterr().err  # asked for: refused
 
 
 @pytest.mark.parametrize(
