@@ -153,8 +153,10 @@ class Controller:
             action bounds): every action of the plan stays within ``ρ · (high − low)`` of the
             greedy plan of this step (the argmin of Q at the state and at each state the model
             predicts under the greedy actions before it), so the plan cannot steer to states
-            where Q was never trained and is wrong; a plan that fails falls back to the greedy
-            action. ``ρ ≥ 1`` bounds nothing but still starts every step from the greedy plan.
+            where Q was never trained and is wrong; the plan starts from the shifted previous
+            plan clipped into the region (the greedy plan at an episode's start); a plan that
+            fails falls back to the greedy action. ``ρ ≥ 1`` bounds nothing (the free plan, at the
+            cost of the greedy plan's ``H + 1`` solves).
         **options: the :class:`~qmpc.problem.MPCSpec` fields when ``low`` is not a spec
             (``horizon`` 1 by default, ``dynamics``, ``stage_cost``, ``discount`` 0.99 by default,
             ``shooting``, ``dynamics_derivatives``), and :class:`~qmpc.solver.SolverOptions`
