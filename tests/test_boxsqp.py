@@ -133,3 +133,29 @@ def test_box_qp_takes_an_empty_batch_and_any_iteration_budget():
     assert d.shape == (0, 4) and done.shape == (0,)
     d, done = boxsqp.box_qp(g, H, lo, hi, tol=1e-9, max_iter=0)  # one solve at least
     assert d.shape == (3, 4) and (d >= lo).all() and (d <= hi).all()
+
+
+@pytest.mark.parametrize("kind", ["random", "ill-conditioned"])
+def test_a_single_qp_takes_the_batchs_exchanges(kind):
+    # box_qp of one problem (a controller's plan) runs on vectors: the same guesses, solves and
+    # exchanges as the batch's row bookkeeping, so the same step (Murty's rule included: the
+    # ill-conditioned steps exchange one component at a time on some samples)
+    if kind == "random":
+        g, H, lo, hi = _random_qps(120, 8, seed=3)
+    else:
+        rng = np.random.default_rng(10)
+        Q = np.linalg.qr(rng.normal(size=(120, 10, 10)))[0]
+        lam = 10 ** rng.uniform(-5, 0, (120, 10))
+        H = np.einsum("bij,bj,bkj->bik", Q, lam, Q)
+        g, lo, hi = 0.3 * rng.normal(size=(120, 10)), -rng.uniform(0, 2, (120, 10)), rng.uniform(0, 2, (120, 10))
+    d, done = boxsqp.box_qp(g, H, lo, hi, tol=1e-9)
+    for b in range(g.shape[0]):
+        d1, done1 = boxsqp.box_qp(g[b : b + 1], H[b : b + 1], lo[b : b + 1], hi[b : b + 1], tol=1e-9)
+        assert done1[0] == done[b]
+        np.testing.assert_allclose(d1[0], d[b], rtol=0, atol=1e-12)
+    for budget in (1, 2):  # the iteration budget is the batch's too
+        d2, done2 = boxsqp.box_qp(g[:1], H[:1], lo[:1], hi[:1], tol=1e-9, max_iter=budget)
+        db, doneb = boxsqp.box_qp(np.repeat(g[:1], 2, 0), np.repeat(H[:1], 2, 0), np.repeat(lo[:1], 2, 0),
+                                  np.repeat(hi[:1], 2, 0), tol=1e-9, max_iter=budget)  # fmt: skip
+        assert done2[0] == doneb[0]
+        np.testing.assert_allclose(d2[0], db[0], rtol=0, atol=1e-12)

@@ -210,3 +210,34 @@ def test_multiple_shooting_converges_without_convexification():
     layer(x, grad_mode="none")
     assert (layer.last_result.status == qmpc.Status.SOLVED).all(), layer.last_result.status
     assert qmpc.ArgminLayer(q, -1.0, 1.0).solver.options.convexify == "eigen-clip"
+
+
+def test_a_single_state_plan_that_raises_inside_casadi_is_contained():
+    """The one-state path (a controller's plan, evaluated through CasADi's buffers) contains an
+    evaluation that raises as the batch's does: FAILED after the retries, no exception, an action
+    in bounds; a state where nothing raises gets the batch's plan."""
+    from qmpc.problem import CasadiStageDerivatives
+
+    f, c, _, _ = linear_model(3, 2, seed=0)
+    inner = CasadiStageDerivatives(f, 2)
+
+    def derivatives(X, U, P):
+        if (X[:, 0] > 50).any():
+            raise FloatingPointError("a model derivative that fails at the marked state")
+        return inner(X, U, P)
+
+    q = make_network("PICNN", 3, 2, 0)
+    kw = dict(horizon=3, dynamics=f, stage_cost=c, shooting="single", grad_mode="none", workers=1)
+    layer = qmpc.ArgminLayer(q, -1.0, 1.0, dynamics_derivatives=derivatives, **kw)
+    bad = torch.zeros(1, 3, dtype=torch.float64)
+    bad[0, 0] = 100.0
+    u, v = layer(bad)
+    assert layer.last_result.status[0] == qmpc.Status.FAILED
+    assert (torch.abs(u) <= 1).all() and torch.isfinite(u).all()
+    good = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    u_batch, v_batch = layer(good)
+    for i in range(2):
+        u_one, v_one = layer(good[i : i + 1])
+        assert layer.last_result.status[0] == qmpc.Status.SOLVED
+        torch.testing.assert_close(u_one, u_batch[i : i + 1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(v_one, v_batch[i : i + 1], rtol=0, atol=1e-12)
