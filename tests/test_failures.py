@@ -231,7 +231,7 @@ def test_a_single_state_plan_that_raises_inside_casadi_is_contained():
     layer = qmpc.ArgminLayer(q, -1.0, 1.0, dynamics_derivatives=derivatives, **kw)
     bad = torch.zeros(1, 3, dtype=torch.float64)
     bad[0, 0] = 100.0
-    u, v = layer(bad)
+    u, _ = layer(bad)
     assert layer.last_result.status[0] == qmpc.Status.FAILED
     assert (torch.abs(u) <= 1).all() and torch.isfinite(u).all()
     good = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.0, 0.0]], dtype=torch.float64)
