@@ -29,6 +29,13 @@ import qmpc
 from qmpc.env import env_spec, make_env
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return bool(np.isfinite(float(text)))
+    except ValueError:
+        return False
+
+
 def percentiles(ms: list[float]) -> tuple[float, float, float]:
     a = np.asarray(ms)
     return float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.max())
@@ -127,7 +134,9 @@ def codegen_rows(P, theta, lbw, ubw, xs: np.ndarray, label: str) -> None:
 
 SHIPPED = {
     "inverted_pendulum": 40.0,
+    "inverted_pendulum_plan": 40.0,
     "inverted_double_pendulum": 50.0,
+    "inverted_double_pendulum_plan": 50.0,
     "reacher": 20.0,
     "half_cheetah": 50.0,
     "hopper": 8.0,
@@ -136,13 +145,13 @@ SHIPPED = {
 """Shipped checkpoints and their tasks' control periods (ms): the latency a step must meet."""
 
 
-def closed_loop_row(path, horizon: int, shooting: str, steps: int, seed: int = 100) -> dict:
+def closed_loop_row(path, horizon: int, shooting: str, steps: int, seed: int = 100, trust_region: float = 0.0) -> dict:
     """The controller of a shipped checkpoint in closed loop on its own rollout (no time budget,
     so every step is solved to the end): solve rate, fallbacks, step-time percentiles, return."""
     from qmpc.checkpoint import load_checkpoint
     from qmpc.solver import Status
 
-    kw = {"shooting": shooting} if horizon > 1 else {}
+    kw = {"shooting": shooting, "trust_region": trust_region} if horizon > 1 else {}
     ctrl = qmpc.Controller.from_checkpoint(path, horizon=horizon, model="learned", **kw)
     env = make_env(load_checkpoint(path)["spec"]["env_id"])
     obs, _ = env.reset(seed=seed)
@@ -163,25 +172,41 @@ def closed_loop_row(path, horizon: int, shooting: str, steps: int, seed: int = 1
     p50, p99, mx = percentiles(ms)
     shooting = ctrl.problem.shooting if horizon > 1 else "-"
     return {"H": horizon, "shooting": shooting, "steps": n, "solved": solved / n, "first": first / n,
-            "fallback": ctrl.stats["fallback"], "p50": p50, "p99": p99, "max": mx, "return": ret}  # fmt: skip
+            "fallback": ctrl.stats["fallback"], "p50": p50, "p99": p99, "max": mx, "return": ret,
+            "rho": ctrl.trust_region if horizon > 1 else 0.0}  # fmt: skip
 
 
-def shipped_table(root, steps: int, horizons: tuple[int, ...], shootings: tuple[str, ...]) -> None:
-    """One row per shipped checkpoint, horizon and shooting, on the states of its own rollout."""
+def _trust_regions(path, shooting: str, asked: tuple[str, ...]) -> list[float]:
+    """The trust regions of a plan's rows: ``checkpoint`` is the one ``qmpc run`` plans with by
+    default (the checkpoint's ``train.trust_region``, 0 without one); none for multiple shooting."""
+    from qmpc.checkpoint import load_checkpoint
+
+    if shooting != "single":
+        return [0.0]
+    own = float(load_checkpoint(path).get("config", {}).get("train", {}).get("trust_region", 0.0))
+    return sorted({own if a == "checkpoint" else float(a) for a in asked})
+
+
+def shipped_table(
+    root, steps: int, horizons: tuple[int, ...], shootings: tuple[str, ...], trust: tuple[str, ...] = ("checkpoint",)
+) -> None:
+    """One row per shipped checkpoint, horizon, shooting and trust region, on the states of its own rollout."""
     print(f"\nshipped checkpoints, closed loop on their own rollouts ({steps} steps each, no budget, learned model)")
     head = (
-        f"{'checkpoint':<28} {'H':>2} {'shooting':<9} {'solved':>7} {'1st try':>7} {'fallback':>8} {'p50':>7} "
-        f"{'p99':>7} {'max':>7} {'period':>6} {'return':>9}"
+        f"{'checkpoint':<36} {'H':>2} {'shooting':<9} {'rho':>5} {'solved':>7} {'1st try':>7} {'fallback':>8} "
+        f"{'p50':>7} {'p99':>7} {'max':>7} {'period':>6} {'return':>9}"
     )
     print(head)
     print("-" * len(head))
     for task, period in SHIPPED.items():
         path = root / "models" / f"{task}.pt"
-        cases = [(1, "-")] + [(h, s) for h in horizons if h > 1 for s in shootings]
-        for horizon, shooting in cases:
-            r = closed_loop_row(path, horizon, shooting, steps)
+        cases = [(1, "-", 0.0)] + [
+            (h, s, rho) for h in horizons if h > 1 for s in shootings for rho in _trust_regions(path, s, trust)
+        ]
+        for horizon, shooting, rho in cases:
+            r = closed_loop_row(path, horizon, shooting, steps, trust_region=rho)
             print(
-                f"{'models/' + path.name:<28} {r['H']:>2} {r['shooting']:<9} {100 * r['solved']:>6.1f}% "
+                f"{'models/' + path.name:<36} {r['H']:>2} {r['shooting']:<9} {r['rho']:>5g} {100 * r['solved']:>6.1f}% "
                 f"{100 * r['first']:>6.1f}% {r['fallback']:>8} {r['p50']:>7.2f} {r['p99']:>7.2f} {r['max']:>7.2f} "
                 f"{period:>6.0f} {r['return']:>9.1f}",
                 flush=True,
@@ -204,9 +229,23 @@ def main() -> None:
         "--shootings", nargs="+", default=["single", "multiple"], choices=["single", "multiple"],
         help="shootings of the shipped table's rows with H > 1",
     )  # fmt: skip
+    ap.add_argument(
+        "--trust-regions", nargs="+", default=["checkpoint"],
+        help="trust regions of the shipped single-shooting plans: numbers, or 'checkpoint' (its own, as qmpc run)",
+    )  # fmt: skip
+    ap.add_argument("--checkpoints", nargs="+", default=None, help="only these of the shipped checkpoints (names)")
     args = ap.parse_args()
+    for name in args.checkpoints or []:
+        if name not in SHIPPED:
+            ap.error(f"expected --checkpoints among {sorted(SHIPPED)}, got {name!r}")
+    for rho in args.trust_regions:
+        if rho != "checkpoint" and not (_is_number(rho) and 0.0 <= float(rho)):
+            ap.error(f"expected --trust-regions as numbers >= 0 or 'checkpoint', got {rho!r}")
+    if args.checkpoints:
+        for name in set(SHIPPED) - set(args.checkpoints):
+            SHIPPED.pop(name)
     if args.shipped_only:
-        shipped_table(root, args.shipped_steps, tuple(args.horizons), tuple(args.shootings))
+        shipped_table(root, args.shipped_steps, tuple(args.horizons), tuple(args.shootings), tuple(args.trust_regions))
         return
     print(f"casadi {ca.__version__}, torch {torch.__version__}; {args.steps} control steps per row; times in ms")
     head = (
@@ -272,7 +311,7 @@ def main() -> None:
                     f"{np.percentile(step_ms, 50):>15.3f}",
                     flush=True,
                 )
-    shipped_table(root, args.shipped_steps, tuple(args.horizons), tuple(args.shootings))
+    shipped_table(root, args.shipped_steps, tuple(args.horizons), tuple(args.shootings), tuple(args.trust_regions))
 
 
 if __name__ == "__main__":

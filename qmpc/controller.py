@@ -310,9 +310,10 @@ class Controller:
         ``time.perf_counter()``) the remaining steps repeat the last greedy action."""
         P, theta = self.planner.problem, self.planner.problem_theta()
         w, xk, u = np.zeros(P.n_w), x, self.safe_action
+        self._greedy.sync()  # once for the H + 1 solves of this step
         for k in range(P.N + 1):
             if time.perf_counter() <= deadline and np.isfinite(xk).all():
-                res, _ = self._greedy.solve(xk[None], None, values_only=True)
+                res, _ = self._greedy.solve(xk[None], None, values_only=True, sync=False)
                 u = np.clip(res.w[0], self.low, self.high) if Status.ok(res.status)[0] else self.safe_action
                 if k < P.N:
                     xk = P.model_step(xk, u, k, theta)

@@ -260,6 +260,7 @@ class Planner:
         values_only: bool = False,
         started: float | None = None,
         bounds: tuple[np.ndarray, np.ndarray] | None = None,
+        sync: bool = True,
     ) -> tuple[SolveResult, ca.DM | np.ndarray]:
         """Solve for every row of ``x64 (B, nx)`` (float64, validated by the caller) from the
         optional warm start ``w0 (B, n_w)`` (and multipliers); returns the result and the
@@ -267,10 +268,13 @@ class Planner:
         this solve (the batched Newton may stop at a looser residual, :data:`NEWTON_VALUE_TOL`).
         ``started``: where the wall-time limit counts from (see :meth:`BatchedSolver.solve`).
         ``bounds``: ``(lbw, ubw)``, each ``(n_w,)``, inside the problem's own (a trust region;
-        validated by the caller). Call with :attr:`lock` held when the result's sensitivities
-        follow."""
+        validated by the caller). ``sync=False``: the caller has called :meth:`sync` since the
+        network last changed (a controller's solves within one step: each sync walks the network's
+        modules and compares every weight, ~0.2 ms). Call with :attr:`lock` held when the result's
+        sensitivities follow."""
         with self.lock:
-            self.sync()
+            if sync:
+                self.sync()
             theta = self.problem_theta(x64.shape[0])
             fast = {}
             if self.newton_batch(x64.shape[0]):  # the closed form proposes, the network itself certifies

@@ -66,3 +66,20 @@ def test_run_plans_with_a_trust_region(tmp_path, capsys):
     args = ["run", str(REACHER), "--horizon", "3", "--trust-region", "0.05", "--episodes", "1", "--budget-ms", "0"]
     assert main([*args, "--plot", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").exists()
+
+
+def test_the_greedy_plan_follows_a_change_of_the_network_between_steps():
+    # the H + 1 greedy solves of a step sync with the network once, at the step's start
+    import torch
+
+    plan = qmpc.Controller.from_checkpoint(REACHER, horizon=3, model="learned", trust_region=1e-9)
+    env = make_env("Reacher-v5")
+    obs, _ = env.reset(seed=3)
+    before, _ = plan.act(obs)
+    with torch.no_grad():  # an update between two control steps
+        for p in plan.q.parameters():
+            p.mul_(1.3)
+    after, _ = plan.act(obs)
+    fresh, _ = qmpc.Controller(plan.q, plan.low, plan.high).act(obs)
+    assert np.abs(after - before).max() > 1e-3  # the change moved the greedy action
+    np.testing.assert_allclose(after, fresh, atol=1e-6)
