@@ -134,7 +134,7 @@ def _box_qp_one(g, H, lo, hi, tol: float, max_iter: int, deadline: float) -> tup
         bound = np.where(lower, lo, hi)
         d = np.linalg.solve(np.where(held[:, None], eye, H), np.where(held, bound, -g))
         d = np.where(held, bound, d)  # held ones exactly on their bound
-        mu = H @ d + g
+        mu = np.einsum("ij,j->i", H, d) + g  # the batch's arithmetic: the same exchanges
         to_lower, to_upper = ~held & (d < lo - e), ~held & (d > hi + e)
         misplaced = to_lower | to_upper | (lower & (mu < -e)) | (upper & (mu > e))
         count = int(misplaced.sum())
@@ -145,7 +145,7 @@ def _box_qp_one(g, H, lo, hi, tol: float, max_iter: int, deadline: float) -> tup
             misplaced = idx == n - 1 - int(np.argmax(misplaced[::-1]))
         lower, upper = np.where(misplaced, to_lower, lower), np.where(misplaced, to_upper, upper)
     d = np.clip(d, lo, hi)
-    mu = H @ d + g
+    mu = np.einsum("ij,j->i", H, d) + g
     return d, bool(np.abs(d - np.clip(d - mu, lo, hi)).max() <= tol)
 
 

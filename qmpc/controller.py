@@ -310,7 +310,8 @@ class Controller:
         ``time.perf_counter()``) the remaining steps repeat the last greedy action."""
         P, theta = self.planner.problem, self.planner.problem_theta()
         w, xk, u = np.zeros(P.n_w), x, self.safe_action
-        self._greedy.sync()  # once for the H + 1 solves of this step
+        with self._greedy.lock:  # once for the H + 1 solves of this step
+            self._greedy.sync()
         for k in range(P.N + 1):
             if time.perf_counter() <= deadline and np.isfinite(xk).all():
                 res, _ = self._greedy.solve(xk[None], None, values_only=True, sync=False)

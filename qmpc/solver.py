@@ -412,7 +412,9 @@ class _Buffered:
     def __call__(self, *args: np.ndarray) -> list[np.ndarray]:
         for dst, a in zip(self._ins, args, strict=True):
             dst[:] = a.reshape(-1)
-        self._eval()  # raises RuntimeError as a call does
+        self._eval()  # an exception inside raises RuntimeError, as a call does
+        if self._buf.ret():  # a failure reported by a return code leaves the last outputs in place
+            raise RuntimeError(f"evaluation of {self._fn.name()} failed")
         return [o.reshape(size, order="F").copy() for o, size in zip(self._outs, self._sizes, strict=True)]
 
 
@@ -424,7 +426,7 @@ class PlanOracle:
         self.solver, self.x0, self.theta = solver, x0, theta
         self._one: tuple[_Buffered, _Buffered] | None = None  # one state (a controller's plan)
         if x0.shape[0] == 1:
-            objective, derivatives = solver.buffered("objective"), solver.buffered("plan_derivatives")
+            objective, derivatives = solver.one_state("objective"), solver.one_state("plan_derivatives")
             if objective is not None and derivatives is not None:
                 self._one, self._theta64 = (objective, derivatives), np.asarray(theta, dtype=np.float64)
 
@@ -451,7 +453,7 @@ class PlanOracle:
                 return fn(u, self.x0, self._theta64)
             except RuntimeError:
                 n = self.solver.problem.n_w
-                return [np.full(s, v) for s, v in zip([(1,), (n,), (n, n)], fill, strict=False)]
+                return [np.full(s, v) for s, v in zip([(1,), (n,), (n, n)][: len(fill)], fill, strict=True)]
 
     def _contained(self, fn, u: np.ndarray, rows: np.ndarray, fill: list[float]) -> list[np.ndarray]:
         """``fn`` over the rows; if an evaluation raises inside CasADi (e.g. a model's derivative
@@ -536,7 +538,7 @@ class BatchedSolver:
                 )
             )
         self._maps: dict[tuple[str, int, int], ca.Function] = {}
-        self._buffered: dict[tuple[str, int], _Buffered | None] = {}
+        self._one_state = threading.local()  # _Buffered by method name, per thread
         o = self.options
         other = next(p for p in PLUGINS if p != o.plugin)
         plugins = {"auto": [o.plugin, other], "same": [o.plugin]}.get(o.retry_plugin, [o.retry_plugin])
@@ -561,14 +563,14 @@ class BatchedSolver:
         return ca.nlpsol(name, options.plugin, self.problem.nlp, opts)
 
     # -- batched evaluations ------------------------------------------------------------
-    def buffered(self, method: str) -> _Buffered | None:
+    def one_state(self, method: str) -> _Buffered | None:
         """The problem's function ``method`` for one state at a time, through its buffers, one per
         calling thread (None where an input or output is sparse)."""
-        key = (method, threading.get_ident())
-        if key not in self._buffered:
+        cache = self._one_state.__dict__
+        if method not in cache:
             fn = getattr(self.problem, method)
-            self._buffered[key] = _Buffered(fn) if _Buffered.applies(fn) else None
-        return self._buffered[key]
+            cache[method] = _Buffered(fn) if _Buffered.applies(fn) else None
+        return cache[method]
 
     def _base(self, method: str, worker: int = 0) -> ca.Function:
         return self._solve_one[worker] if method == "run_plugin" else getattr(self.problem, method)

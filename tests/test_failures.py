@@ -241,3 +241,42 @@ def test_a_single_state_plan_that_raises_inside_casadi_is_contained():
         assert layer.last_result.status[0] == qmpc.Status.SOLVED
         torch.testing.assert_close(u_one, u_batch[i : i + 1], rtol=0, atol=1e-12)
         torch.testing.assert_close(v_one, v_batch[i : i + 1], rtol=0, atol=1e-12)
+
+
+def test_a_one_state_evaluation_that_reports_failure_by_its_return_code_raises():
+    """Evaluated through CasADi's buffers, a function that reports failure by a return code (not
+    an exception) leaves its last outputs in the buffer: the one-state path must raise, as a call
+    does, rather than read them as this evaluation's."""
+    from qmpc.solver import _Buffered
+
+    class Flaky(ca.Callback):
+        def __init__(self):
+            ca.Callback.__init__(self)
+            self.fail = False
+            self.construct("flaky", {})
+
+        def get_n_in(self):
+            return 1
+
+        def get_n_out(self):
+            return 1
+
+        def has_eval_buffer(self):
+            return True
+
+        def eval_buffer(self, arg, res):
+            if self.fail:
+                return 1
+            np.frombuffer(res[0], dtype=np.float64)[:] = 2.0 * np.frombuffer(arg[0], dtype=np.float64)
+            return 0
+
+    flaky = Flaky()
+    x = ca.MX.sym("x")
+    fn = ca.Function("f", [x], [flaky(x)])
+    one = _Buffered(fn)
+    np.testing.assert_array_equal(one(np.array([1.5]))[0], [[3.0]])
+    flaky.fail = True
+    with pytest.raises(RuntimeError):
+        fn(4.0)
+    with pytest.raises(RuntimeError, match="evaluation of f failed"):
+        one(np.array([4.0]))
