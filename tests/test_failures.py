@@ -147,11 +147,9 @@ def test_singular_kkt_is_flagged_and_keeps_value_gradient():
         torch.testing.assert_close(a, b)
 
 
-def test_a_solve_that_raises_inside_casadi_is_contained():
-    """An evaluation that raises inside CasADi (here the single-shooting Hessian's Python model
-    derivatives, for one marked state) makes the mapped batch call raise 'Evaluation failed'.
-    The solver must contain it: the batch is solved row by row, the other samples solve, the
-    raising one is retried, then counted as FAILED; nothing raises, actions stay in bounds."""
+def _plan_layers_raising_at_marked_states():
+    """A single-shooting H = 3 layer whose Python model derivatives raise at states with
+    ``x[0] > 50``, and the same layer with derivatives that never raise."""
     from qmpc.problem import CasadiStageDerivatives
 
     f, c, _, _ = linear_model(3, 2, seed=0)
@@ -164,14 +162,22 @@ def test_a_solve_that_raises_inside_casadi_is_contained():
 
     q = make_network("PICNN", 3, 2, 0)
     kw = dict(horizon=3, dynamics=f, stage_cost=c, shooting="single", grad_mode="none", workers=1)
-    layer = qmpc.ArgminLayer(q, -1.0, 1.0, dynamics_derivatives=derivatives, **kw)
+    raising = qmpc.ArgminLayer(q, -1.0, 1.0, dynamics_derivatives=derivatives, **kw)
+    return raising, qmpc.ArgminLayer(q, -1.0, 1.0, dynamics_derivatives=inner, **kw)
+
+
+def test_a_solve_that_raises_inside_casadi_is_contained():
+    """An evaluation that raises inside CasADi (here the single-shooting Hessian's Python model
+    derivatives, for one marked state) makes the mapped batch call raise 'Evaluation failed'.
+    The solver must contain it: the batch is solved row by row, the other samples solve, the
+    raising one is retried, then counted as FAILED; nothing raises, actions stay in bounds."""
+    layer, ok = _plan_layers_raising_at_marked_states()
     x = torch.zeros(3, 3, dtype=torch.float64)
     x[1, 0] = 100.0
     u, v = layer(x)
     np.testing.assert_array_equal(layer.last_result.status, [qmpc.Status.SOLVED, qmpc.Status.FAILED, 0])
     assert layer.counters["failed"] == 1
     assert (torch.abs(u) <= 1).all() and torch.isfinite(u).all()
-    ok = qmpc.ArgminLayer(q, -1.0, 1.0, dynamics_derivatives=inner, **kw)
     u_ok, v_ok = ok(x[[0, 2]])
     torch.testing.assert_close(u[[0, 2]], u_ok)
     torch.testing.assert_close(v[[0, 2]], v_ok)
@@ -216,19 +222,7 @@ def test_a_single_state_plan_that_raises_inside_casadi_is_contained():
     """The one-state path (a controller's plan, evaluated through CasADi's buffers) contains an
     evaluation that raises as the batch's does: FAILED after the retries, no exception, an action
     in bounds; a state where nothing raises gets the batch's plan."""
-    from qmpc.problem import CasadiStageDerivatives
-
-    f, c, _, _ = linear_model(3, 2, seed=0)
-    inner = CasadiStageDerivatives(f, 2)
-
-    def derivatives(X, U, P):
-        if (X[:, 0] > 50).any():
-            raise FloatingPointError("a model derivative that fails at the marked state")
-        return inner(X, U, P)
-
-    q = make_network("PICNN", 3, 2, 0)
-    kw = dict(horizon=3, dynamics=f, stage_cost=c, shooting="single", grad_mode="none", workers=1)
-    layer = qmpc.ArgminLayer(q, -1.0, 1.0, dynamics_derivatives=derivatives, **kw)
+    layer, _ = _plan_layers_raising_at_marked_states()
     bad = torch.zeros(1, 3, dtype=torch.float64)
     bad[0, 0] = 100.0
     u, _ = layer(bad)
