@@ -139,7 +139,9 @@ def test_demo_runs_with_a_tiny_budget(tmp_path, capsys):
 
 SHIPPED = [
     ("inverted_pendulum", 900.0),
+    ("inverted_pendulum_plan", 900.0),
     ("inverted_double_pendulum", 9000.0),
+    ("inverted_double_pendulum_plan", 9000.0),
     ("reacher", -15.0),
     ("half_cheetah", 3000.0),
 ]
@@ -150,7 +152,7 @@ def test_shipped_checkpoint_runs(name, floor, tmp_path, capsys):
     """``qmpc run models/<name>.pt`` works right after install (each trained by ``qmpc train
     launch/<name>.toml``) and does its task: 1000 = the pendulum balanced for the whole episode,
     ~9350 the double pendulum, about −4 … −9 for Reacher (a random policy gets about −43), ~4900
-    for HalfCheetah (100k steps)."""
+    for HalfCheetah (100k steps). The ``_plan`` ones plan at H = 3 (their training horizon) by default."""
     plot = tmp_path / "p.png"
     assert (
         main(["run", str(ROOT / "models" / f"{name}.pt"), "--episodes", "1", "--budget-ms", "0", "--plot", str(plot)])
@@ -160,6 +162,7 @@ def test_shipped_checkpoint_runs(name, floor, tmp_path, capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.strip().startswith("0 "))
     assert float(row.split()[1]) >= floor  # return of episode 0
+    assert ("horizon 3" in out) == name.endswith("_plan")
 
 
 def test_shipped_reacher_plans_through_its_learned_model(tmp_path, capsys):
