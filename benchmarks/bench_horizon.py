@@ -45,12 +45,14 @@ def main() -> None:
     )
     args = ap.parse_args()
     head = (
-        f"{'task':<26} {'H':>3} {'shooting':<9} {'trust':>5} {'return (mean ± std)':>22} {'length':>7} {'step p50':>9} "
-        f"{'p99':>8} {'fallback':>8}"
+        f"{'checkpoint':<22} {'task':<26} {'H':>3} {'shooting':<9} {'trust':>5} {'return (mean ± std)':>22} "
+        f"{'length':>7} {'step p50':>9} {'p99':>8} {'fallback':>8}"
     )
     rows = []
     for path in args.checkpoints:
         env_id = load_checkpoint(path)["spec"]["env_id"]
+        p = Path(path)
+        label = (p.parent.name if p.name == "policy.pt" else p.stem)[:22]  # a run directory's, or the file's
         rows_of = [(hh, s, t) for hh in args.horizons for s in (args.shooting if hh > 1 else ["-"])
                    for t in (args.trust_region if hh > 1 else [0.0])]  # fmt: skip
         for h, shooting, rho in rows_of:
@@ -61,7 +63,7 @@ def main() -> None:
             rets = np.array([e.ret for e in eps])
             ms = np.concatenate([e.solve_ms for e in eps])
             row = (
-                f"{env_id:<26} {h:>3} {shooting:<9} {rho:>5g} {rets.mean():>12.1f} ± {rets.std():>7.1f} "
+                f"{label:<22} {env_id:<26} {h:>3} {shooting:<9} {rho:>5g} {rets.mean():>12.1f} ± {rets.std():>7.1f} "
                 f"{np.mean([e.length for e in eps]):>7.0f} {np.percentile(ms, 50):>7.2f}ms "
                 f"{np.percentile(ms, 99):>6.2f}ms {sum(e.fallback for e in eps):>8}"
             )
