@@ -36,13 +36,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--model", default="learned", help="model source for H > 1 (see qmpc run --model)")
     ap.add_argument("--shooting", nargs="+", default=["auto"], help="for H > 1, one row each: auto, single, multiple")
-    ap.add_argument(
-        "--trust-region",
-        type=float,
-        nargs="+",
-        default=[0.0],
-        help="for H > 1, one row each: the plan's trust region around the greedy plan (qmpc run --trust-region)",
-    )
+    rho_help = "for H > 1, one row each: the plan's trust region around the greedy plan (qmpc run --trust-region)"
+    ap.add_argument("--trust-region", type=float, nargs="+", default=[0.0], help=rho_help)
     args = ap.parse_args()
     head = (
         f"{'checkpoint':<22} {'task':<26} {'H':>3} {'shooting':<9} {'trust':>5} {'return (mean ± std)':>22} "
