@@ -188,9 +188,15 @@ def _trust_regions(path, shooting: str, asked: tuple[str, ...]) -> list[float]:
 
 
 def shipped_table(
-    root, steps: int, horizons: tuple[int, ...], shootings: tuple[str, ...], trust: tuple[str, ...] = ("checkpoint",)
+    root,
+    steps: int,
+    horizons: tuple[int, ...],
+    shootings: tuple[str, ...],
+    trust: tuple[str, ...] = ("checkpoint",),
+    names: tuple[str, ...] | None = None,
 ) -> None:
-    """One row per shipped checkpoint, horizon, shooting and trust region, on the states of its own rollout."""
+    """One row per shipped checkpoint (of ``names``, default all), horizon, shooting and trust
+    region, on the states of its own rollout."""
     print(f"\nshipped checkpoints, closed loop on their own rollouts ({steps} steps each, no budget, learned model)")
     head = (
         f"{'checkpoint':<36} {'H':>2} {'shooting':<9} {'rho':>5} {'solved':>7} {'1st try':>7} {'fallback':>8} "
@@ -199,6 +205,8 @@ def shipped_table(
     print(head)
     print("-" * len(head))
     for task, period in SHIPPED.items():
+        if names and task not in names:
+            continue
         path = root / "models" / f"{task}.pt"
         cases = [(1, "-", 0.0)] + [
             (h, s, rho) for h in horizons if h > 1 for s in shootings for rho in _trust_regions(path, s, trust)
@@ -241,11 +249,10 @@ def main() -> None:
     for rho in args.trust_regions:
         if rho != "checkpoint" and not (_is_number(rho) and 0.0 <= float(rho)):
             ap.error(f"expected --trust-regions as numbers >= 0 or 'checkpoint', got {rho!r}")
-    if args.checkpoints:
-        for name in set(SHIPPED) - set(args.checkpoints):
-            SHIPPED.pop(name)
+    shipped = (args.shipped_steps, tuple(args.horizons), tuple(args.shootings), tuple(args.trust_regions))
+    names = tuple(args.checkpoints or ())
     if args.shipped_only:
-        shipped_table(root, args.shipped_steps, tuple(args.horizons), tuple(args.shootings), tuple(args.trust_regions))
+        shipped_table(root, *shipped, names=names)
         return
     print(f"casadi {ca.__version__}, torch {torch.__version__}; {args.steps} control steps per row; times in ms")
     head = (
@@ -311,7 +318,7 @@ def main() -> None:
                     f"{np.percentile(step_ms, 50):>15.3f}",
                     flush=True,
                 )
-    shipped_table(root, args.shipped_steps, tuple(args.horizons), tuple(args.shootings), tuple(args.trust_regions))
+    shipped_table(root, *shipped, names=names)
 
 
 if __name__ == "__main__":
