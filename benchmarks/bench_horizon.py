@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qmpc.checkpoint import load_checkpoint
-from qmpc.controller import Controller
+from qmpc.controller import TERMINATIONS, Controller
 from qmpc.env import make_env
 from qmpc.runner import run_episodes
 
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--shooting", nargs="+", default=["auto"], help="for H > 1, one row each: auto, single, multiple")
     rho_help = "for H > 1, one row each: the plan's trust region around the greedy plan (qmpc run --trust-region)"
     ap.add_argument("--trust-region", type=float, nargs="+", default=[0.0], help=rho_help)
+    ap.add_argument("--termination", default="auto", choices=TERMINATIONS, help="for H > 1 (qmpc run --termination)")
     args = ap.parse_args()
     head = (
         f"{'checkpoint':<22} {'task':<26} {'H':>3} {'shooting':<9} {'trust':>5} {'return (mean ± std)':>22} "
@@ -52,7 +53,7 @@ def main() -> None:
                    for t in (args.trust_region if hh > 1 else [0.0])]  # fmt: skip
         for h, shooting, rho in rows_of:
             kw = {"shooting": shooting, "trust_region": rho} if h > 1 else {}
-            ctrl = Controller.from_checkpoint(path, horizon=h, model=args.model, **kw)
+            ctrl = Controller.from_checkpoint(path, horizon=h, model=args.model, termination=args.termination, **kw)
             shooting = ctrl.problem.shooting if h > 1 else "-"
             eps, _ = run_episodes(ctrl, make_env(env_id), args.episodes, seed=args.seed)
             rets = np.array([e.ret for e in eps])
@@ -64,7 +65,8 @@ def main() -> None:
             )
             rows.append(row)
             print(row, flush=True)
-    print(f"\n{args.episodes} episodes per row (seeds {args.seed}…), model for H > 1: {args.model}")
+    print(f"\n{args.episodes} episodes per row (seeds {args.seed}…), model for H > 1: {args.model}, "
+          f"termination: {args.termination}")  # fmt: skip
     print(head)
     print("-" * len(head))
     print("\n".join(rows))

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qmpc.controller import MODELS
+from qmpc.controller import MODELS, TERMINATIONS
 from qmpc.errors import QmpcError
 
 __all__ = ["main"]
@@ -182,6 +182,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     trained = ckpt.get("config", {}).get("train", {})
     if args.horizon is None:  # the horizon it was trained to act with
         args.horizon = int(trained.get("horizon", 1))
+    if args.termination is None:  # what it was trained (or set) to plan with
+        args.termination = "auto" if trained.get("plan_termination", True) else "none"
     rho_given = args.trust_region is not None
     if not rho_given:  # the trust region it was trained (or set) to plan with
         args.trust_region = float(trained.get("trust_region", 0.0)) if args.horizon > 1 else 0.0
@@ -198,7 +200,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     dt = getattr(env.unwrapped, "dt", None)
     budget_ms = (1e3 * float(dt) if dt else 0.0) if args.budget_ms is None else args.budget_ms
     kw = {"horizon": args.horizon, "model": args.model, "stage_cost": args.stage_cost, "budget_ms": budget_ms,
-          "max_iter": args.max_iter, "shooting": args.shooting}  # fmt: skip
+          "max_iter": args.max_iter, "shooting": args.shooting, "termination": args.termination}  # fmt: skip
     try:
         ctrl = Controller.from_checkpoint(args.checkpoint, trust_region=args.trust_region, **kw)
     except InputError as e:  # the checkpoint's trust region, on a plan it does not apply to: none
@@ -354,6 +356,14 @@ def _add_run(sub) -> None:
         help="stage cost for horizon > 1: symbolic (qmpc.costs: InvertedPendulum, InvertedDoublePendulum, "
         "Reacher, HalfCheetah, qmpc tasks) or learned (checkpoint trained with model.learn, any task); "
         "auto: symbolic where there is one. The checkpoint's learned termination, if it has one, weights the plan",
+    )
+    r.add_argument(
+        "--termination",
+        default=None,
+        choices=TERMINATIONS,
+        help="horizon > 1: learned (the checkpoint's learned termination weights the plan by the probability of "
+        "still being alive), none (the plan ignores that an episode ends), auto: learned where the checkpoint has "
+        "it (default: auto, or none for a checkpoint trained with train.plan_termination = false)",
     )
     r.add_argument(
         "--budget-ms",

@@ -191,6 +191,11 @@ class TrainConfig:
     default): every action of a plan stays within this fraction of the action range of the step's
     greedy plan (Q's argmin followed along the model), so that a plan cannot steer to states where
     Q is wrong (:class:`~qmpc.controller.Controller`'s ``trust_region``). 0: none."""
+    plan_termination: bool = True
+    """Plans (acting and evaluating at ``horizon > 1``, ``target_horizon > 1``, and ``qmpc run`` on
+    this run's checkpoints by default): the learned termination weights each stage and Q by the
+    predicted probability of still being alive, so that a plan that ends the episode is costly.
+    false: the plans ignore termination (an ablation; the heads are still trained)."""
     rollout_td: int = field(default=0, metadata={"min": 0})
     """Steps ``K`` of the model-rolled TD loss (0: off). With ``K > 0`` each update also fits Q at the
     states the learned model predicts ``k = 1 … K`` steps ahead of the batch's states under the

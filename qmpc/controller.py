@@ -31,7 +31,7 @@ from qmpc.planner import Planner, as_bounds
 from qmpc.problem import MPCSpec
 from qmpc.solver import SolveResult, SolverOptions, Status
 
-__all__ = ["MODELS", "STAGE_COST_SOURCES", "Controller", "model_functions", "trained_units"]
+__all__ = ["MODELS", "STAGE_COST_SOURCES", "TERMINATIONS", "Controller", "model_functions", "trained_units"]
 
 _SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(MPCSpec)) - {"low", "high"}
 
@@ -47,6 +47,12 @@ STAGE_COST_SOURCES = ("auto", "symbolic", "learned")
 ``learned`` (the checkpoint's :class:`~qmpc.dynamics.OutcomeModel`, any task, trained with
 ``model.learn``), ``auto`` (symbolic where there is one, else learned)."""
 
+TERMINATIONS = ("auto", "learned", "none")
+"""Termination in a plan of ``H > 1``: ``learned`` (the checkpoint's learned termination weights
+each stage and Q by the probability of still being alive; a checkpoint without the heads is an
+error), ``none`` (the plan ignores that an episode ends), ``auto`` (learned where the checkpoint has
+the heads, else none)."""
+
 
 def has_symbolic_cost(env) -> bool:
     """Whether ``env``'s task has a symbolic stage cost (:func:`qmpc.costs.stage_cost`)."""
@@ -54,20 +60,25 @@ def has_symbolic_cost(env) -> bool:
     return hasattr(env.unwrapped, "casadi_model") or spec_id in STAGE_COSTS
 
 
-def model_functions(ckpt: dict, model: str = "auto", env=None, stage_cost_source: str = "auto") -> dict[str, Any]:
+def model_functions(
+    ckpt: dict, model: str = "auto", env=None, stage_cost_source: str = "auto", termination: str = "auto"
+) -> dict[str, Any]:
     """Controller keywords (``dynamics`` or ``linearization``, ``stage_cost`` and, where the
     checkpoint has learned heads, ``termination``) for a checkpoint's task from the chosen sources.
 
     The stage cost is symbolic or learned (``stage_cost_source``, see :data:`STAGE_COST_SOURCES`).
     The learned termination probability weights the plan (:attr:`qmpc.problem.MPCSpec.termination`)
-    whenever the checkpoint has the learned heads, with either stage cost: a plan that falls is
-    costly (with a symbolic cost too, e.g. InvertedPendulum-v5's constant −1 per step alive). A
+    whenever the checkpoint has the learned heads (``termination``, see :data:`TERMINATIONS`), with
+    either stage cost: a plan that falls is costly (with a symbolic cost too, e.g.
+    InvertedPendulum-v5's constant −1 per step alive). A
     learned cost is in Q's units already (``stage_cost_scaled``: not multiplied by ``cost_scale``
     again)."""
     if model not in MODELS:
         raise InputError(f"expected model in {MODELS}, got {model!r}")
     if stage_cost_source not in STAGE_COST_SOURCES:
         raise InputError(f"expected stage cost in {STAGE_COST_SOURCES}, got {stage_cost_source!r}")
+    if termination not in TERMINATIONS:
+        raise InputError(f"expected termination in {TERMINATIONS}, got {termination!r}")
     env = env if env is not None else make_env(ckpt["spec"]["env_id"])
     exact = hasattr(env.unwrapped, "casadi_model")
     if model in ("exact", "mujoco") and not exact:
@@ -79,9 +90,12 @@ def model_functions(ckpt: dict, model: str = "auto", env=None, stage_cost_source
     if source == "auto":
         source = "symbolic" if has_symbolic_cost(env) else "learned"
     out: dict[str, Any] = {}
-    if "outcome" in ckpt or source == "learned":
+    if termination == "learned" or (termination == "auto" and "outcome" in ckpt) or source == "learned":
         heads = outcome_from_checkpoint(ckpt)
-        out.update(termination=heads.termination_function(), termination_derivatives=heads.termination_derivatives())
+        if termination != "none":
+            out.update(
+                termination=heads.termination_function(), termination_derivatives=heads.termination_derivatives()
+            )
         if source == "learned":
             out.update(
                 stage_cost=heads.cost_function(),
@@ -334,13 +348,21 @@ class Controller:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, horizon: int = 1, model: str = "auto", stage_cost: str = "auto", **kw: Any
+        cls,
+        path: str | Path,
+        horizon: int = 1,
+        model: str = "auto",
+        stage_cost: str = "auto",
+        termination: str = "auto",
+        **kw: Any,
     ) -> Controller:
         """Load a checkpoint written by ``qmpc train``. For ``horizon > 1`` the model comes from
-        ``model`` (see :data:`MODELS`) and the stage cost from ``stage_cost`` (see
-        :data:`STAGE_COST_SOURCES`; with the checkpoint's learned termination, if it has one:
-        :func:`model_functions`) unless ``dynamics`` and ``stage_cost`` are passed in ``kw``."""
-        return cls.from_policy(load_checkpoint(path), horizon, model, stage_cost, where=str(path), **kw)
+        ``model`` (see :data:`MODELS`), the stage cost from ``stage_cost`` (see
+        :data:`STAGE_COST_SOURCES`) and the termination from ``termination`` (see
+        :data:`TERMINATIONS`; :func:`model_functions`) unless ``dynamics`` and ``stage_cost`` are
+        passed in ``kw``."""
+        ckpt = load_checkpoint(path)
+        return cls.from_policy(ckpt, horizon, model, stage_cost, where=str(path), termination=termination, **kw)
 
     @classmethod
     def from_policy(
@@ -351,6 +373,7 @@ class Controller:
         stage_cost: str = "auto",
         env=None,
         where: str = "the checkpoint",
+        termination: str = "auto",
         **kw: Any,
     ) -> Controller:
         """:meth:`from_checkpoint` of a checkpoint already in memory (a policy dict of
@@ -358,6 +381,8 @@ class Controller:
         environment of its task for the model's sources (default: a new one)."""
         if isinstance(stage_cost, ca.Function):  # a stage cost Function passed as a keyword
             kw["stage_cost"], stage_cost = stage_cost, "auto"
+        if isinstance(termination, ca.Function):  # likewise a termination Function (kept: not the heads')
+            kw["termination"], termination = termination, "none"
         for name, trained in trained_units(ckpt).items():  # plan in the units Q was trained in
             if name in kw and not np.isclose(kw[name], trained, rtol=1e-12, atol=0.0):
                 raise InputError(
@@ -366,7 +391,7 @@ class Controller:
                 )
             kw[name] = trained
         if horizon > 1 and "dynamics" not in kw and "linearization" not in kw:
-            kw.update(model_functions(ckpt, model, env, stage_cost_source=stage_cost))
+            kw.update(model_functions(ckpt, model, env, stage_cost_source=stage_cost, termination=termination))
         q = network_from_checkpoint(ckpt)
         low, high = spec_arrays(ckpt["spec"])
         return cls(q, low, high, horizon=horizon, env_id=ckpt["spec"]["env_id"], **kw)

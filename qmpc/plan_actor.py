@@ -18,7 +18,7 @@ from qmpc.config import TrainConfig
 from qmpc.controller import Controller
 from qmpc.data import as_numpy
 
-__all__ = ["PlanActor", "acting_horizon"]
+__all__ = ["PlanActor", "acting_horizon", "plan_termination"]
 
 
 def acting_horizon(tc: TrainConfig, step: int) -> int:
@@ -28,6 +28,12 @@ def acting_horizon(tc: TrainConfig, step: int) -> int:
         return tc.horizon
     done = (step - tc.learning_starts + 1) / tc.horizon_warmup
     return int(np.clip(1 + np.floor(done * (tc.horizon - 1)), 1, tc.horizon))
+
+
+def plan_termination(tc: TrainConfig) -> str:
+    """The run's plans' termination source (:data:`~qmpc.controller.TERMINATIONS`):
+    ``train.plan_termination``."""
+    return "auto" if tc.plan_termination else "none"
 
 
 class PlanActor:
@@ -68,8 +74,9 @@ class PlanActor:
     def _build(self, horizon: int) -> None:
         rho = self.tc.trust_region if horizon > 1 else 0.0
         self.controller = Controller.from_policy(
-            self.source, horizon=horizon, env=self.env, where="the run", trust_region=rho
-        )
+            self.source, horizon=horizon, env=self.env, where="the run", trust_region=rho,
+            termination=plan_termination(self.tc),
+        )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any] | None:
         """The policy of the last rebuild, its horizon and the current plan (None before the first)."""

@@ -32,9 +32,9 @@ class PlanObjective:
     """The plan objective ``J(u_0 … u_{H−1})`` of ``V_H`` for the states ``x0 (B, nx)``, as a
     :class:`~qmpc.newton.Oracle` of the flattened actions ``u (R, H · nu)`` of rows ``rows``."""
 
-    def __init__(self, q, model, heads, x0: torch.Tensor, horizon: int, gamma: float):
+    def __init__(self, q, model, heads, x0: torch.Tensor, horizon: int, gamma: float, termination: bool = True):
         self.q, self.model, self.heads = q, model, heads
-        self.x0, self.H, self.gamma = x0, int(horizon), float(gamma)
+        self.x0, self.H, self.gamma, self.termination = x0, int(horizon), float(gamma), bool(termination)
         self.nu = q.act_dim
 
     def objective(self, u: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,8 @@ class PlanObjective:
         for k in range(self.H - 1):
             xn = self.model(x, us[:, k])
             J = J + self.gamma**k * alive * self.heads.cost(x, us[:, k], xn)
-            alive = alive * (1.0 - self.heads.termination(x, us[:, k], xn))
+            if self.termination:  # (else the plan ignores that an episode ends)
+                alive = alive * (1.0 - self.heads.termination(x, us[:, k], xn))
             x = xn
         return J + self.gamma ** (self.H - 1) * alive * self.q(x, us[:, -1]).reshape(-1)
 
@@ -103,13 +104,18 @@ class PlanTargets:
         low, high: ``(nu,)`` action bounds.
         horizon: ``H ≥ 2``; gamma: the discount.
         tol, max_iter: the box SQP's stopping residual and iteration budget.
+        termination: weight the stages and Q by the heads' probability of still being alive
+            (``train.plan_termination``).
     """
 
-    def __init__(self, q, q_target, model, heads, low, high, horizon: int, gamma: float, tol=1e-5, max_iter=10):
+    def __init__(
+        self, q, q_target, model, heads, low, high, horizon: int, gamma: float, tol=1e-5, max_iter=10, termination=True
+    ):
         self.sources = (q, q_target, model, heads)
         self.copies = tuple(copy.deepcopy(m).double().requires_grad_(False) for m in self.sources)
         self.low, self.high = np.asarray(low, np.float64), np.asarray(high, np.float64)
         self.horizon, self.gamma, self.tol, self.max_iter = int(horizon), float(gamma), tol, max_iter
+        self.termination = bool(termination)
 
     def __call__(
         self, x: torch.Tensor, u0: np.ndarray, planner: str = "target", through_plan: bool = False
@@ -126,8 +132,9 @@ class PlanTargets:
                 dst.load_state_dict(src.state_dict())
         q, q_target, model, heads = self.copies
         x64 = x.detach().to(torch.float64)
-        scorer = PlanObjective(q_target, model, heads, x64, self.horizon, self.gamma)
-        solver = scorer if planner == "target" else PlanObjective(q, model, heads, x64, self.horizon, self.gamma)
+        args = (x64, self.horizon, self.gamma, self.termination)
+        scorer = PlanObjective(q_target, model, heads, *args)
+        solver = scorer if planner == "target" else PlanObjective(q, model, heads, *args)
         lb, ub = np.tile(self.low, self.horizon), np.tile(self.high, self.horizon)
         u0 = np.asarray(u0, np.float64)
         start = np.clip(u0 if u0.shape[1] == lb.size else np.tile(u0, (1, self.horizon)), lb, ub)
@@ -159,7 +166,7 @@ class PlanTargets:
         q64, (q_train, *_) = self.copies[0], self.sources
         weights = {n: p.to(torch.float64) for n, p in q_train.named_parameters()}  # differentiable cast
         live = _Functional(q64, weights)
-        obj = PlanObjective(live, self.copies[2], self.copies[3], solver.x0, self.horizon, self.gamma)
+        obj = PlanObjective(live, self.copies[2], self.copies[3], solver.x0, self.horizon, self.gamma, self.termination)
         Ut = torch.from_numpy(U).requires_grad_(True)
         (g,) = torch.autograd.grad(obj.objective(Ut, solver.x0).sum(), Ut, create_graph=True)
         tilt = (torch.from_numpy(lam) * g).sum(dim=1)

@@ -42,7 +42,7 @@ from qmpc.losses import TDResult, conservative_gap, critic_losses, model_rolled_
 from qmpc.metrics import MetricsLogger, plot_learning_curve, read_metrics
 from qmpc.networks import QNetwork, build_network
 from qmpc.networks.behaviour import BehaviourPolicy
-from qmpc.plan_actor import PlanActor, acting_horizon
+from qmpc.plan_actor import PlanActor, acting_horizon, plan_termination
 from qmpc.plan_targets import PlanTargets
 from qmpc.runner import discounted_costs, run_episodes
 from qmpc.solver import Status
@@ -535,7 +535,10 @@ def _plan_targets(cfg: Config, st: TrainState) -> PlanTargets | None:
     tc = cfg.train
     if tc.target_horizon == 1:
         return None
-    return PlanTargets(st.q, st.q_target, st.model, st.outcome, st.spec.low, st.spec.high, tc.target_horizon, tc.gamma)
+    low, high = st.spec.low, st.spec.high
+    return PlanTargets(
+        st.q, st.q_target, st.model, st.outcome, low, high, tc.target_horizon, tc.gamma, termination=tc.plan_termination
+    )
 
 
 def _learn(st: TrainState, run: _Run) -> TDResult:
@@ -669,8 +672,9 @@ def _evaluate(st: TrainState, run: _Run) -> None:
         horizon = acting_horizon(tc, st.step)
         rho = tc.trust_region if horizon > 1 else 0.0
         controller = Controller.from_policy(
-            st.policy(), horizon=horizon, env=run.eval_env, where="the run", trust_region=rho
-        )
+            st.policy(), horizon=horizon, env=run.eval_env, where="the run", trust_region=rho,
+            termination=plan_termination(tc),
+        )  # fmt: skip
     else:  # (inside the behaviour penalty, whose π_β is fixed)
         getattr(controller.q, "q", controller.q).load_state_dict(st.q.state_dict())
     ev = evaluate(controller, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale)

@@ -3,6 +3,8 @@ derivatives, the survival-weighted plan objective, and planning on a task withou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import casadi as ca
 import numpy as np
 import pytest
@@ -278,6 +280,22 @@ def test_controller_plans_with_the_learned_cost_on_hopper(hopper_run):
     assert ctrl.stats["fallback"] == 0 and ctrl.stats["steps"] == 20
     # auto: learned where there is no symbolic cost
     assert Controller.from_checkpoint(path, horizon=3, model="learned").problem.spec.stage_cost.name() == "learned_cost"
+
+
+def test_the_plans_termination_is_chosen_by_its_source(hopper_run):
+    """``termination``: ``auto`` and ``learned`` weigh the plan by the heads' termination, ``none``
+    ignores it; ``learned`` on a checkpoint without heads is an error, ``auto`` plans without."""
+    path = hopper_run / "policy.pt"
+    kw = {"horizon": 3, "model": "learned"}
+    for source, weighted in (("auto", True), ("learned", True), ("none", False)):
+        spec = Controller.from_checkpoint(path, termination=source, **kw).problem.spec
+        assert (spec.termination is not None) == weighted and spec.stage_cost.name() == "learned_cost"
+    with pytest.raises(qmpc.InputError, match=r"expected termination in \('auto', 'learned', 'none'\), got 'yes'"):
+        Controller.from_checkpoint(path, termination="yes", **kw)
+    ip = Path(__file__).resolve().parents[1] / "models" / "inverted_pendulum.pt"  # no heads, symbolic cost
+    with pytest.raises(CheckpointError, match="stage cost and termination"):
+        Controller.from_checkpoint(ip, horizon=3, model="learned", termination="learned")
+    assert Controller.from_checkpoint(ip, horizon=3, model="learned").problem.spec.termination is None
 
 
 def test_checkpoint_without_heads_is_a_clear_error(hopper_run, tmp_path):

@@ -62,12 +62,14 @@ def test_objective_derivatives_match_finite_differences(horizon):
         np.testing.assert_allclose(H[:, :, j], fd_H, rtol=1e-5, atol=1e-7)
 
 
-def test_plan_values_match_the_casadi_plan_of_the_twins():
+@pytest.mark.parametrize("termination", [True, False])
+def test_plan_values_match_the_casadi_plan_of_the_twins(termination):
     """``V_H`` from the torch objective and the batched box SQP equals the value CasADi's plan
-    (the networks' exact twins: Q, the model, the cost and termination heads) finds."""
+    (the networks' exact twins: Q, the model, the cost and termination heads) finds; without
+    termination (``train.plan_termination = false``), CasADi's plan without it."""
     q, model, heads = _networks()
     x = _states(12)
-    targets = PlanTargets(q, q, model, heads, LOW, HIGH, 3, 0.95, tol=1e-10, max_iter=50)
+    targets = PlanTargets(q, q, model, heads, LOW, HIGH, 3, 0.95, tol=1e-10, max_iter=50, termination=termination)
     res = targets(x, np.zeros((12, NU)))
     assert Status.ok(res.status).all() and res.plan.shape == (12, 3 * NU)
     spec = MPCSpec(
@@ -77,7 +79,7 @@ def test_plan_values_match_the_casadi_plan_of_the_twins():
         dynamics=model.casadi_function(),
         dynamics_derivatives=model.stage_derivatives(),
         stage_cost=heads.cost_function(),
-        termination=heads.termination_function(),
+        termination=heads.termination_function() if termination else None,
         discount=0.95,
         shooting="single",
     )

@@ -95,6 +95,34 @@ def test_a_run_plans_within_its_trust_region_and_qmpc_run_keeps_it(tmp_path, cap
     assert "single shooting" in capsys.readouterr().err  # asked for: refused
 
 
+def test_a_run_that_plans_without_termination_and_qmpc_run_keeps_it(tmp_path, capsys, monkeypatch):
+    """``train.plan_termination = false`` (the ablation): the acting and evaluating plans ignore the
+    learned termination, and so does ``qmpc run`` on the run's checkpoint unless told otherwise."""
+    import qmpc.controller as controller
+
+    built = []
+    init = controller.Controller.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        built.append((self.problem.horizon, self.problem.spec.termination is not None))
+
+    monkeypatch.setattr(controller.Controller, "__init__", spy)
+    run = tmp_path / "r"
+    sets = ["train.steps=20", "train.horizon=2", "train.horizon_warmup=0", "train.eval_every=20"]
+    train(_ip(run, *sets, "train.plan_termination=false"), progress=False)
+    assert {b for b in built if b[0] > 1} == {(2, False)}  # the acting plan and the evaluation's
+    assert "outcome" in load_checkpoint(run / "policy.pt")  # the heads are still trained
+    plot = ["--episodes", "1", "--plot", str(tmp_path / "p.png")]
+    assert main(["run", str(run / "policy.pt"), *plot]) == 0
+    assert built[-1] == (2, False)
+    assert main(["run", str(run / "policy.pt"), *plot, "--termination", "learned"]) == 0
+    assert built[-1] == (2, True)
+    built.clear()
+    train(_ip(tmp_path / "t", *sets), progress=False)  # the default: the plans weigh termination
+    assert {b for b in built if b[0] > 1} == {(2, True)}
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
