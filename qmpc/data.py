@@ -376,10 +376,14 @@ def _open_minari(path: str | Path):
     given, path = str(path), dataset_path(path)
     data_dir = path / "data" if (path / "data").is_dir() else path
     if not (data_dir / "metadata.json").is_file():
-        how = ""
+        how, there = "", []
         if path != Path(given):
             how = f" in the Minari root {minari_root()} (make it with `qmpc datasets make TASK KIND`)"
-        raise InputError(f"expected a Minari dataset at {given}{how} (with data/metadata.json), got none")
+            root = minari_root()
+            found = [m for d in ("*", "*/*", "*/*/*") for m in root.glob(f"{d}/data/metadata.json")]
+            there = sorted(str(m.parent.parent.relative_to(root)) for m in found)
+        listed = f"; the datasets there: {', '.join(there[:8])}{' …' if len(there) > 8 else ''}" if there else ""
+        raise InputError(f"expected a Minari dataset at {given}{how} (with data/metadata.json), got none{listed}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -104,6 +104,12 @@ def test_bad_requests_are_clear_errors(root, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "empty"))
     with pytest.raises(InputError, match=r"in the Minari root .*empty \(make it with `qmpc datasets make"):
         load_minari("qmpc/invertedpendulum/expert-v0", 4, 1)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))  # a mistyped id: the error lists what is there
+    with pytest.raises(
+        InputError,
+        match=r"got none; the datasets there: qmpc/invertedpendulum/expert-v0, .*qmpc/invertedpendulum/random-v0",
+    ):
+        load_minari("qmpc/InvertedPendulum-v5/random-v0", 4, 1)
     assert main(["datasets", "make", TASK, "random", "--steps", "0"]) == 2
     assert "expected --steps to be a finite number >= 1, got 0" in capsys.readouterr().err
 
