@@ -114,10 +114,11 @@ def test_a_run_that_plans_without_termination_and_qmpc_run_keeps_it(tmp_path, ca
     assert {b for b in built if b[0] > 1} == {(2, False)}  # the acting plan and the evaluation's
     assert "outcome" in load_checkpoint(run / "policy.pt")  # the heads are still trained
     plot = ["--episodes", "1", "--plot", str(tmp_path / "p.png")]
+    capsys.readouterr()
     assert main(["run", str(run / "policy.pt"), *plot]) == 0
-    assert built[-1] == (2, False)
+    assert built[-1] == (2, False) and "horizon 2, the plan ignores termination," in capsys.readouterr().out
     assert main(["run", str(run / "policy.pt"), *plot, "--termination", "learned"]) == 0
-    assert built[-1] == (2, True)
+    assert built[-1] == (2, True) and "ignores termination" not in capsys.readouterr().out
     built.clear()
     train(_ip(tmp_path / "t", *sets), progress=False)  # the default: the plans weigh termination
     assert {b for b in built if b[0] > 1} == {(2, True)}
