@@ -27,10 +27,14 @@ import numpy as np
 from qmpc.kkt import kkt_residual
 from qmpc.newton import BoxNewtonResult, Oracle, solve_box
 
-__all__ = ["FLOOR", "convexified", "solve_box_sqp"]
+__all__ = ["FLOOR", "LAZY_RESIDUAL", "convexified", "solve_box_sqp"]
 
 FLOOR = 1e-8
 """The default eigenvalue floor of :func:`convexified` in :func:`solve_box_sqp` (see its ``floor``)."""
+
+LAZY_RESIDUAL = 1e-3
+""":func:`solve_box_sqp` asks an oracle with a ``first_order`` for the first order alone after a
+full step from a residual at most this (a wrong guess costs one first-order evaluation)."""
 
 
 def convexified(H: np.ndarray, floor: float, held: np.ndarray | None = None) -> np.ndarray:
@@ -189,6 +193,7 @@ def solve_box_sqp(
     armijo: float = 1e-4,
     max_backtracks: int = 20,
     deadline: float = np.inf,
+    hessian_at_solution: bool = True,
 ) -> BoxNewtonResult:
     """Minimise every ``f_b`` over the box ``lb ≤ u ≤ ub`` (``(n,)`` each) from ``u0 (B, n)``;
     ``floor``: the eigenvalue floor of :func:`convexified`, relative to the largest. A small one
@@ -200,12 +205,21 @@ def solve_box_sqp(
     ``deadline``: a ``time.perf_counter()`` after which nothing new starts: no iteration, no Newton
     step of the QP, no backtrack (the samples still running keep their last accepted iterate,
     unconverged; an evaluation or an eigen-decomposition already started runs to its end). Never
-    raises on a sample that does not converge (``converged`` is False)."""
+    raises on a sample that does not converge (``converged`` is False).
+
+    An oracle with ``first_order(u, rows) -> (f, ∇f)`` (the same values as ``derivatives``') is
+    asked for the Hessian only where an iteration needs it: after a full step from a residual of
+    at most :data:`LAZY_RESIDUAL`, which Newton's quadratic convergence usually ends, the first
+    order comes first and the Hessian only if the sample is not done (measured on the shipped
+    Hopper and Walker2d plans at H = 3: see docs/benchmarks.md). ``hessian_at_solution``: the
+    result's ``hessian`` at every last iterate (False: where it was skipped, the previous one's)."""
     u = np.clip(np.asarray(u0, np.float64), lb, ub)
     B = u.shape[0]
     f, g, H = oracle.derivatives(u, np.arange(B))
     r = _residual(u, f, g, H, lb, ub)
     its = np.zeros(B, int)
+    first_order = callable(getattr(oracle, "first_order", None))
+    stale = np.zeros(B, bool)  # the Hessian is not at u (skipped where the sample was done)
     live = np.flatnonzero((r > tol) & np.isfinite(r))
     for _ in range(max_iter):
         if live.size == 0 or time.perf_counter() > deadline:
@@ -230,11 +244,27 @@ def solve_box_sqp(
         moved = live[accepted]
         its[live] += 1
         u[moved] = un[accepted]
-        if moved.size:
-            f[moved], g[moved], H[moved] = oracle.derivatives(u[moved], moved)
-            r[moved] = _residual(u[moved], f[moved], g[moved], H[moved], lb, ub)
+        lazy = (step[accepted] == 1.0) & (r[moved] <= LAZY_RESIDUAL) if first_order else np.zeros(moved.size, bool)
+        _evaluate(oracle, moved[~lazy], moved[lazy], u, f, g, H, r, stale, lb, ub, tol)
         live = moved[(r[moved] > tol) & np.isfinite(r[moved])]  # stuck or non-finite samples stop here
+    if hessian_at_solution and stale.any():
+        rows = np.flatnonzero(stale)
+        H[rows] = oracle.derivatives(u[rows], rows)[2]
     return BoxNewtonResult(u, f, g, r, r <= tol, its, H)
+
+
+def _evaluate(oracle, full, lazy, u, f, g, H, r, stale, lb, ub, tol) -> None:
+    """The value, gradient, Hessian and residual at the new iterates of rows ``full``, in place;
+    of rows ``lazy`` the first order alone, then the Hessian of those not done after all."""
+    if lazy.size:
+        f[lazy], g[lazy] = oracle.first_order(u[lazy], lazy)
+        r[lazy] = _residual(u[lazy], f[lazy], g[lazy], None, lb, ub)
+        stale[lazy] = True
+        full = np.sort(np.concatenate([full, lazy[r[lazy] > tol]]))
+    if full.size:
+        f[full], g[full], H[full] = oracle.derivatives(u[full], full)
+        r[full] = _residual(u[full], f[full], g[full], H[full], lb, ub)
+        stale[full] = False
 
 
 def _on_bounds(u: np.ndarray, step: np.ndarray, d: np.ndarray, lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
@@ -248,8 +278,10 @@ def _on_bounds(u: np.ndarray, step: np.ndarray, d: np.ndarray, lb: np.ndarray, u
 
 def _residual(u, f, g, H, lb, ub) -> np.ndarray:
     """The projected-gradient residual; ``inf`` where the value or a derivative is not finite (a
-    rollout that overflowed: the sample stops, unconverged)."""
-    finite = np.isfinite(f) & np.isfinite(g).all(axis=1) & np.isfinite(H).all(axis=(1, 2))
+    rollout that overflowed: the sample stops, unconverged); ``H`` None: not checked."""
+    finite = np.isfinite(f) & np.isfinite(g).all(axis=1)
+    if H is not None:
+        finite &= np.isfinite(H).all(axis=(1, 2))
     r = np.full(u.shape[0], np.inf)
     r[finite] = kkt_residual(u[finite], g[finite], np.zeros((int(finite.sum()), 0)), lb, ub)
     return r

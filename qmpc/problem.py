@@ -481,7 +481,11 @@ class ControlProblem:
         )
         self.hess_lag: ca.Function | None = None
         self.plan_derivatives: ca.Function | None = None
+        self.plan_first_order: ca.Function | None = None
         if single:
+            self.plan_first_order = ca.Function(
+                "plan_first_order", [w, x0, theta], [J, grad_L], ["w", "x0", "theta"], ["f", "g"]
+            )
             self.hess_lag = self._condensed_hessian(w, x0, theta, lam_g, us, xs, params, q_function, q_derivatives)
             hess_L = self.hess_lag(w, ca.vertcat(x0, theta), 1.0, lam_g)
             self.plan_derivatives = ca.Function(

@@ -424,11 +424,11 @@ class PlanOracle:
 
     def __init__(self, solver: BatchedSolver, x0: np.ndarray, theta: ca.DM):
         self.solver, self.x0, self.theta = solver, x0, theta
-        self._one: tuple[_Buffered, _Buffered] | None = None  # one state (a controller's plan)
+        self._one: tuple[_Buffered, _Buffered, _Buffered] | None = None  # one state (a controller's plan)
         if x0.shape[0] == 1:
-            objective, derivatives = solver.one_state("objective"), solver.one_state("plan_derivatives")
-            if objective is not None and derivatives is not None:
-                self._one, self._theta64 = (objective, derivatives), np.asarray(theta, dtype=np.float64)
+            fns = tuple(solver.one_state(m) for m in ("objective", "plan_derivatives", "plan_first_order"))
+            if all(f is not None for f in fns):
+                self._one, self._theta64 = fns, np.asarray(theta, dtype=np.float64)
 
     def value(self, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if self._one is not None:
@@ -445,6 +445,16 @@ class PlanOracle:
         else:
             f, g, H = self._contained(self.solver.plan_derivatives, u, rows, fill)
         return np.where(np.isfinite(f), f, np.inf), g, H  # non-finite: the SQP stops the sample
+
+    def first_order(self, u: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``J`` and ``∇J`` alone (the same values as :meth:`derivatives`', without the Hessian)."""
+        fill = [np.inf, np.nan]
+        if self._one is not None:
+            f, g = self._buffered(self._one[2], u, fill)
+            f, g = f.reshape(1), g.reshape(1, -1)
+        else:
+            f, g = self._contained(self.solver.plan_first_order, u, rows, fill)
+        return np.where(np.isfinite(f), f, np.inf), g
 
     def _buffered(self, fn: _Buffered, u: np.ndarray, fill: list[float]) -> list[np.ndarray]:
         """The one state's outputs (``fill`` where the evaluation raises inside CasADi)."""
@@ -727,7 +737,9 @@ class BatchedSolver:
         u0 = self.cold_start(x0, theta_dm, lbw, ubw) if w0 is None else np.clip(w0, lbw, ubw)
         oracle = PlanOracle(self, x0, theta_dm)
         deadline = self.deadline.at if self.deadline is not None else np.inf
-        nr = solve_box_sqp(oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter, deadline=deadline)
+        nr = solve_box_sqp(
+            oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter, deadline=deadline, hessian_at_solution=False
+        )
         w, value, res = nr.u, nr.value, nr.residual
         lam_x = np.where((w <= lbw) | (w >= ubw), -nr.grad, 0.0)
         lam_g = np.zeros((B, 0))
@@ -745,6 +757,11 @@ class BatchedSolver:
         """Single shooting: ``J (B,)``, ``∇J (B, n_w)`` and ``∇²J (B, n_w, n_w)`` in one call."""
         f, g, H = self._batched("plan_derivatives", (w, x0, theta), matrix_out=True)
         return f.reshape(-1), g.reshape(g.shape[0], -1), H
+
+    def plan_first_order(self, w: np.ndarray, x0: np.ndarray, theta: ca.DM) -> tuple[np.ndarray, np.ndarray]:
+        """Single shooting: ``J (B,)`` and ``∇J (B, n_w)``, without the Hessian."""
+        f, g = self._batched("plan_first_order", (w, x0, theta))
+        return f.reshape(-1), g.reshape(g.shape[0], -1)
 
     def objective(self, w: np.ndarray, x0: np.ndarray, theta: ca.DM) -> np.ndarray:
         """``J (B,)`` of the plans ``w (B, n_w)`` from ``x0 (B, nx)``."""

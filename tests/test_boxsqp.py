@@ -159,3 +159,45 @@ def test_a_single_qp_takes_the_batchs_exchanges(kind):
                                   np.repeat(hi[:1], 2, 0), tol=1e-9, max_iter=budget)  # fmt: skip
         assert done2[0] == doneb[0]
         np.testing.assert_allclose(d2[0], db[0], rtol=0, atol=1e-12)
+
+
+class _Quartic:
+    """``f_b(u) = Σ a (u − c)² + Σ u⁴ / 4``: a strict interior minimum, Newton converges fast."""
+
+    def __init__(self, a: np.ndarray, c: np.ndarray):
+        self.a, self.c, self.hessians = a, c, 0
+
+    def value(self, u, rows):
+        return (self.a[rows] * (u - self.c[rows]) ** 2 + u**4 / 4).sum(axis=1)
+
+    def derivatives(self, u, rows):
+        self.hessians += len(rows)
+        g = 2 * self.a[rows] * (u - self.c[rows]) + u**3
+        H = np.zeros((len(rows), u.shape[1], u.shape[1]))
+        idx = np.arange(u.shape[1])
+        H[:, idx, idx] = 2 * self.a[rows] + 3 * u**2
+        return self.value(u, rows), g, H
+
+
+class _QuarticFirstOrder(_Quartic):
+    def first_order(self, u, rows):
+        return self.value(u, rows), 2 * self.a[rows] * (u - self.c[rows]) + u**3
+
+
+def test_the_sqp_asks_for_a_hessian_only_where_an_iteration_needs_it():
+    """An oracle with ``first_order``: the same iterates to the bit, with fewer Hessians (the last
+    one, of a sample that is done, is skipped); ``hessian_at_solution`` gives the last iterate's."""
+    rng = np.random.default_rng(0)
+    B, n = 40, 4
+    a, c = rng.uniform(0.5, 2.0, (B, n)), rng.uniform(-2.0, 2.0, (B, n))
+    lb, ub = -np.ones(n), np.ones(n)  # some minima outside the box: on a bound
+    u0 = rng.uniform(-1.0, 1.0, (B, n))
+    plain, lazy = _Quartic(a, c), _QuarticFirstOrder(a, c)
+    ref = boxsqp.solve_box_sqp(plain, u0, lb, ub, tol=1e-12)
+    res = boxsqp.solve_box_sqp(lazy, u0, lb, ub, tol=1e-12, hessian_at_solution=False)
+    assert ref.converged.all() and res.converged.all()
+    for name in ("u", "value", "grad", "residual", "iterations"):
+        np.testing.assert_array_equal(getattr(res, name), getattr(ref, name))
+    assert lazy.hessians <= plain.hessians - B // 2, (lazy.hessians, plain.hessians)
+    at = boxsqp.solve_box_sqp(_QuarticFirstOrder(a, c), u0, lb, ub, tol=1e-12)  # hessian_at_solution
+    np.testing.assert_array_equal(at.hessian, ref.hessian)
