@@ -210,9 +210,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ctrl = Controller.from_checkpoint(args.checkpoint, **kw)
     ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
     budget = f", budget {budget_ms:g} ms per step" if budget_ms else ", no time budget"
-    trust = f", trust region {args.trust_region:g}" if args.trust_region else ""
-    trust += ", the plan ignores termination" if args.horizon > 1 and args.termination == "none" else ""
-    print(f"{env_id}: {args.episodes} episodes, horizon {args.horizon}{trust}{budget}, checkpoint {args.checkpoint}")
+    plan = f", trust region {args.trust_region:g}" if args.trust_region else ""
+    plan += ", the plan ignores termination" if args.horizon > 1 and args.termination == "none" else ""
+    print(f"{env_id}: {args.episodes} episodes, horizon {args.horizon}{plan}{budget}, checkpoint {args.checkpoint}")
     eps, frames = run_episodes(ctrl, env, args.episodes, seed=args.seed, render=bool(args.video))
     print(format_episodes(eps))
     plot_rollout(eps[0], spec.low, spec.high, plot, title=f"{env_id}, horizon {args.horizon}")

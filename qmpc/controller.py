@@ -90,9 +90,10 @@ def model_functions(
     if source == "auto":
         source = "symbolic" if has_symbolic_cost(env) else "learned"
     out: dict[str, Any] = {}
-    if termination == "learned" or (termination == "auto" and "outcome" in ckpt) or source == "learned":
-        heads = outcome_from_checkpoint(ckpt)
-        if termination != "none":
+    weighted = termination == "learned" or (termination == "auto" and "outcome" in ckpt)
+    if weighted or source == "learned":
+        heads = outcome_from_checkpoint(ckpt)  # a clear error where the checkpoint has none
+        if weighted:
             out.update(
                 termination=heads.termination_function(), termination_derivatives=heads.termination_derivatives()
             )

@@ -378,8 +378,8 @@ def _open_minari(path: str | Path):
     if not (data_dir / "metadata.json").is_file():
         how, there = "", []
         if path != Path(given):
-            how = f" in the Minari root {minari_root()} (make it with `qmpc datasets make TASK KIND`)"
             root = minari_root()
+            how = f" in the Minari root {root} (make it with `qmpc datasets make TASK KIND`)"
             found = [m for d in ("*", "*/*", "*/*/*") for m in root.glob(f"{d}/data/metadata.json")]
             there = sorted(str(m.parent.parent.relative_to(root)) for m in found)
         listed = f"; the datasets there: {', '.join(there[:8])}{' …' if len(there) > 8 else ''}" if there else ""

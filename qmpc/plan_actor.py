@@ -18,7 +18,7 @@ from qmpc.config import TrainConfig
 from qmpc.controller import Controller
 from qmpc.data import as_numpy
 
-__all__ = ["PlanActor", "acting_horizon", "plan_termination"]
+__all__ = ["PlanActor", "acting_horizon", "plan_controller"]
 
 
 def acting_horizon(tc: TrainConfig, step: int) -> int:
@@ -30,10 +30,15 @@ def acting_horizon(tc: TrainConfig, step: int) -> int:
     return int(np.clip(1 + np.floor(done * (tc.horizon - 1)), 1, tc.horizon))
 
 
-def plan_termination(tc: TrainConfig) -> str:
-    """The run's plans' termination source (:data:`~qmpc.controller.TERMINATIONS`):
-    ``train.plan_termination``."""
-    return "auto" if tc.plan_termination else "none"
+def plan_controller(tc: TrainConfig, policy: dict[str, Any], horizon: int, env: Any) -> Controller:
+    """The controller a run plans with at ``horizon``, acting or evaluating: from the run's
+    ``policy`` (:meth:`~qmpc.train_state.TrainState.policy`), within ``train.trust_region`` for
+    ``horizon > 1``, weighing the learned termination unless ``train.plan_termination`` is false."""
+    rho = tc.trust_region if horizon > 1 else 0.0
+    termination = "auto" if tc.plan_termination else "none"
+    return Controller.from_policy(
+        policy, horizon=horizon, env=env, where="the run", trust_region=rho, termination=termination
+    )
 
 
 class PlanActor:
@@ -72,11 +77,7 @@ class PlanActor:
         return None if c is None or c.problem.horizon != horizon or c.warm_plan is None else c.warm_plan.copy()
 
     def _build(self, horizon: int) -> None:
-        rho = self.tc.trust_region if horizon > 1 else 0.0
-        self.controller = Controller.from_policy(
-            self.source, horizon=horizon, env=self.env, where="the run", trust_region=rho,
-            termination=plan_termination(self.tc),
-        )  # fmt: skip
+        self.controller = plan_controller(self.tc, self.source, horizon, self.env)
 
     def state_dict(self) -> dict[str, Any] | None:
         """The policy of the last rebuild, its horizon and the current plan (None before the first)."""

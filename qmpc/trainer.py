@@ -42,7 +42,7 @@ from qmpc.losses import TDResult, conservative_gap, critic_losses, model_rolled_
 from qmpc.metrics import MetricsLogger, plot_learning_curve, read_metrics
 from qmpc.networks import QNetwork, build_network
 from qmpc.networks.behaviour import BehaviourPolicy
-from qmpc.plan_actor import PlanActor, acting_horizon, plan_termination
+from qmpc.plan_actor import PlanActor, acting_horizon, plan_controller
 from qmpc.plan_targets import PlanTargets
 from qmpc.runner import discounted_costs, run_episodes
 from qmpc.solver import Status
@@ -669,12 +669,7 @@ def _evaluate(st: TrainState, run: _Run) -> None:
     t_eval = time.perf_counter()
     controller = run.evaluator
     if _planning(st):  # at the horizon the run acts with, through the model as it is now
-        horizon = acting_horizon(tc, st.step)
-        rho = tc.trust_region if horizon > 1 else 0.0
-        controller = Controller.from_policy(
-            st.policy(), horizon=horizon, env=run.eval_env, where="the run", trust_region=rho,
-            termination=plan_termination(tc),
-        )  # fmt: skip
+        controller = plan_controller(tc, st.policy(), acting_horizon(tc, st.step), run.eval_env)
     else:  # (inside the behaviour penalty, whose π_β is fixed)
         getattr(controller.q, "q", controller.q).load_state_dict(st.q.state_dict())
     ev = evaluate(controller, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale)
