@@ -27,7 +27,12 @@ import numpy as np
 
 from qmpc.kkt import kkt_residual
 
-__all__ = ["BoxNewtonResult", "Oracle", "solve_box"]
+__all__ = ["LAZY_RESIDUAL", "BoxNewtonResult", "Oracle", "solve_box"]
+
+LAZY_RESIDUAL = 1e-3
+"""An iteration whose samples all start from a projected-gradient residual at most this asks an
+oracle with a ``first_order`` for the value and gradient alone at the full step, and the Hessian
+only of the samples that the step did not end (Newton's quadratic convergence usually ends them)."""
 
 
 class Oracle(Protocol):
@@ -108,6 +113,20 @@ def _positive_definite(H: np.ndarray, delta: float) -> np.ndarray:
     return ok & (piv.min(axis=1) > delta * scale)
 
 
+def _full_step(oracle: Oracle, u: np.ndarray, rows: np.ndarray, lazy: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Value, gradient and Hessian at the full steps ``u (R, nu)`` of ``rows``; of the ``lazy`` ones
+    the first order alone (their Hessians NaN: asked for only if the step does not end them)."""
+    if not lazy.any():
+        return oracle.derivatives(u, rows)
+    f, g = np.empty(len(u)), np.empty_like(u)
+    H = np.full((len(u), u.shape[1], u.shape[1]), np.nan)
+    f[lazy], g[lazy] = oracle.first_order(u[lazy], rows[lazy])
+    eager = ~lazy
+    if eager.any():
+        f[eager], g[eager], H[eager] = oracle.derivatives(u[eager], rows[eager])
+    return f, g, H
+
+
 def solve_box(
     oracle: Oracle,
     u0: np.ndarray,
@@ -136,26 +155,28 @@ def solve_box(
     lb, ub = (np.broadcast_to(b, u.shape) for b in (lb, ub))  # per sample: a row subset is theirs
     f, g, H = oracle.derivatives(u, rows)
     r = kkt_residual(u, g, np.zeros((B, 0)), lb, ub)
+    first_order = callable(getattr(oracle, "first_order", None))
     its = np.zeros(B, int)
     live = np.flatnonzero(r > tol)
     for _ in range(max_iter):
         if live.size == 0 or time.perf_counter() > deadline:
             break
         ul, gl, lbl, ubl = u[live], g[live], lb[live], ub[live]
+        lazy = (r[live] <= LAZY_RESIDUAL) & first_order  # the full step may end these: no Hessian yet
         e = np.minimum(eps, r[live])[:, None]
         held = ((ul - lbl <= e) & (gl > 0)) | ((ubl - ul <= e) & (gl < 0))
         d = _direction(gl, H[live], held, delta)
         step, fl = np.ones(live.size), f[live]
         accepted = np.zeros(live.size, bool)
         un, gn, Hn = ul.copy(), gl.copy(), H[live]
-        known = np.zeros(live.size, bool)  # accepted with the derivatives at the new point in hand
+        known = np.zeros(live.size, bool)  # accepted with the first order at the new point in hand
         for b in range(max_backtracks):
             todo = np.flatnonzero(~accepted)
             if todo.size == 0 or time.perf_counter() > deadline:
                 break
             trial = np.clip(ul[todo] + step[todo, None] * d[todo], lbl[todo], ubl[todo])
             if b == 0:  # the full step: most are taken, and then its derivatives are the next ones
-                ft, gt, Ht = oracle.derivatives(trial, live[todo])
+                ft, gt, Ht = _full_step(oracle, trial, live[todo], lazy[todo])
             else:
                 ft = oracle.value(trial, live[todo])
             decrease = armijo * np.einsum("bi,bi->b", gl[todo], trial - ul[todo])
@@ -175,6 +196,9 @@ def solve_box(
             f[later], g[later], H[later] = oracle.derivatives(u[later], later)
         if moved.size:
             r[moved] = kkt_residual(u[moved], g[moved], np.zeros((moved.size, 0)), lb[moved], ub[moved])
+        more = live[known & lazy][r[live[known & lazy]] > tol]  # not done after all: their Hessians
+        if more.size:
+            H[more] = oracle.derivatives(u[more], more)[2]
         # done: converged, or stuck (no acceptable step: the caller retries these elsewhere)
         live = moved[r[moved] > tol]
     return BoxNewtonResult(u, f, g, r, r <= tol, its)

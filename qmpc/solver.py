@@ -55,6 +55,7 @@ import itertools
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -218,6 +219,28 @@ class ChunkRunner(Protocol):
     workers: int
 
     def run(self, method: str, chunks: list[list]) -> list[list[np.ndarray]] | None: ...
+
+
+CHECK_EVERY = 10
+"""The batched Newton's closed-form values and gradients are checked against the network itself
+on the first solve of a solver and every this many after (:meth:`BatchedSolver._certify`)."""
+CHECK_TOL = 0.01
+"""How far (a fraction of ``kkt_tol``) a closed-form gradient may be from the network's."""
+
+
+def _agree(value, grad, v_ind, g_ind, grad_tol: float) -> bool:
+    """Whether closed-form values ``(B,)`` and gradients ``(B, nu)`` are those of an independent
+    evaluation: gradients within ``grad_tol`` (absolute, plus ``1e-9`` relative), values within
+    ``1e-9`` relative; a value or gradient finite in one and not in the other disagrees."""
+    a = np.column_stack([value, grad])
+    b = np.column_stack([v_ind, g_ind])
+    fin = np.isfinite(a)
+    if not np.array_equal(fin, np.isfinite(b)):
+        return False
+    tol = np.full(a.shape, grad_tol)
+    tol[:, 0] = 0.0
+    tol = tol + 1e-9 * (1.0 + np.abs(b))
+    return bool(np.all(np.abs(a - b)[fin] <= tol[fin]))
 
 
 Certificate = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -518,6 +541,10 @@ class BatchedSolver:
             self.options = dataclasses.replace(self.options, convexify="eigen-clip" if reduced else "none")
         P = problem
         self.deadline = _Deadline() if self.options.max_wall_ms else None
+        self.oracle_agrees = True
+        """Whether the batched Newton's closed form has agreed with the network at every check
+        (:meth:`_certify`); False: every solve is certified by the network."""
+        self._newton_solves = 0
         if self.deadline is not None:  # threadpoolctl's first use scans every loaded library: not in a step
             single_blas_thread()
         self.nlpsol = self._nlpsol("qmpc_nlp", self.options, self.deadline)
@@ -712,7 +739,7 @@ class BatchedSolver:
         u0 = np.clip(np.zeros((x0.shape[0], P.n_w)), lbw, ubw) if w0 is None else w0
         tol = o.tol if newton_tol is None else newton_tol
         nr = newton.solve_box(oracle, u0, lbw, ubw, tol=tol, max_iter=o.max_iter)
-        w, value, lam_x, res = self._certify(nr.u, x0, theta_dm, lbw, ubw, certificate)
+        w, value, lam_x, res = self._certify(nr, x0, theta_dm, lbw, ubw, certificate)
         lam_g = np.zeros((x0.shape[0], 0))
         status = np.where(res <= o.kkt_tol, Status.SOLVED, Status.FAILED).astype(np.int8)
         bad = np.flatnonzero(status != Status.SOLVED)
@@ -769,28 +796,48 @@ class BatchedSolver:
 
     def _certify(
         self,
-        u: np.ndarray,
+        nr: newton.BoxNewtonResult,
         x0: np.ndarray,
         theta_dm: ca.DM | np.ndarray,
         lbw: np.ndarray,
         ubw: np.ndarray,
         certificate: Certificate | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Horizon 1: ``(u, value, lam_x, residual)`` of candidate minimisers ``u (B, nu)``: ``Q``
-        and ``∂Q/∂u`` evaluated for the whole batch at once, independently of how ``u`` was found
-        (``certificate``, e.g. the torch network itself; else the CasADi twin, vectorised), then
-        the projected-gradient residual (the same certificate as every other solve) and the
-        bound multipliers ``−∂Q/∂u`` at the components on a bound (CasADi's sign)."""
-        B = u.shape[0]
-        if certificate is not None:
-            value, grad = certificate(u)
-        else:
-            q, grad = self.problem.batch_first_order(B)(u.reshape(-1), x0.T, theta_dm)
-            value, grad = np.asarray(q).reshape(B), np.asarray(grad).T
+        """Horizon 1: ``(u, value, lam_x, residual)`` of the batched Newton's last iterates: the
+        projected-gradient residual (the same certificate as every other solve) and the bound
+        multipliers ``−∂Q/∂u`` at the components on a bound (CasADi's sign).
+
+        The values and gradients are the closed form's, checked against an evaluation independent
+        of it (``certificate``, the torch network itself; else the CasADi twin, vectorised) on the
+        first solve and every :data:`CHECK_EVERY`-th after. Where they disagree (more than
+        :data:`CHECK_TOL` of ``kkt_tol`` in a gradient, or ``1e-9`` relative in a value: a closed
+        form that is not the network's), every later solve of this solver takes the independent
+        evaluation's values and gradients instead, with a warning; until then a check changes no
+        result."""
+        u, B = nr.u, nr.u.shape[0]
+        value, grad = nr.value, nr.grad
+        check = not self.oracle_agrees or self._newton_solves % CHECK_EVERY == 0
+        self._newton_solves += 1
+        if check:
+            if certificate is not None:
+                v_ind, g_ind = certificate(u)
+            else:
+                q, g = self.problem.batch_first_order(B)(u.reshape(-1), x0.T, theta_dm)
+                v_ind, g_ind = np.asarray(q).reshape(B), np.asarray(g).T
+            if self.oracle_agrees and not _agree(value, grad, v_ind, g_ind, CHECK_TOL * self.options.kkt_tol):
+                self.oracle_agrees = False
+                warnings.warn(
+                    "the closed-form derivatives of the network's action_oracle disagree with the network itself; "
+                    "this solver certifies every solve by the network from now on (slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if not self.oracle_agrees:
+                value, grad = v_ind, g_ind
         res = kkt.kkt_residual(u, grad, np.zeros((B, 0)), lbw, ubw)
         res[~np.isfinite(value)] = np.inf
         lam_x = np.where((u <= lbw) | (u >= ubw), -grad, 0.0)
-        return u.copy(), value, lam_x, res
+        return u.copy(), value.copy(), lam_x, res
 
     def _finish_by_plugin(self, bad, x0, theta_dm, lbw, ubw, out) -> str:
         """The samples ``bad`` that a Newton or SQP left unconverged, by the plugin from their

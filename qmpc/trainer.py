@@ -322,9 +322,9 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     if cfg.model.learn:
         model = DynamicsModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
         model = model.to(getattr(torch, tc.dtype))
-        model_opt = torch.optim.Adam(model.parameters(), lr=cfg.model.lr, foreach=True)
+        model_opt = torch.optim.Adam(model.parameters(), lr=cfg.model.lr, fused=True)
         outcome, outcome_opt = _new_outcome(cfg, spec)
-    opt = torch.optim.Adam([*q.parameters(), *critics.parameters()], lr=tc.lr, foreach=True)
+    opt = torch.optim.Adam([*q.parameters(), *critics.parameters()], lr=tc.lr, fused=True)
     decay = (lambda k: max(0.0, 1.0 - k / (tc.steps * tc.updates_per_step))) if tc.lr_schedule == "linear" else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay or (lambda k: 1.0))
     obs, _ = env.reset(seed=cfg.seed)
@@ -362,7 +362,7 @@ def _new_outcome(cfg: Config, spec: EnvSpec) -> tuple[OutcomeModel, torch.optim.
         torch.manual_seed(cfg.seed + 7919)
         heads = OutcomeModel(spec.obs_dim, spec.act_dim, cfg.model.hidden, cfg.model.activation)
     heads = heads.to(getattr(torch, cfg.train.dtype))
-    return heads, torch.optim.Adam(heads.parameters(), lr=cfg.model.lr, foreach=True)
+    return heads, torch.optim.Adam(heads.parameters(), lr=cfg.model.lr, fused=True)
 
 
 def _check_planning(cfg: Config, env) -> None:

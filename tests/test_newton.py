@@ -186,3 +186,99 @@ def test_one_box_per_sample_when_samples_converge_at_different_iterations():
     for b in range(B):
         one = solve_box(_Quartic(c[b : b + 1]), np.zeros((1, n)), lb[b], ub[b], tol=1e-10, max_iter=60)
         np.testing.assert_allclose(res.u[b], one.u[0], atol=1e-9)
+
+
+class _Counting:
+    """An oracle seen through a counter of the rows whose Hessian it computed; ``first_order``
+    is offered only if the inner oracle has it and ``lazy``."""
+
+    def __init__(self, inner, lazy: bool):
+        self.inner, self.hessian_rows = inner, 0
+        self.value = inner.value
+        if lazy:
+            self.first_order = inner.first_order
+
+    def derivatives(self, u, rows):
+        self.hessian_rows += len(u)
+        return self.inner.derivatives(u, rows)
+
+
+@pytest.mark.parametrize("hidden", [(8,), (8, 6, 4)])
+def test_the_first_order_is_the_derivatives_first_two_outputs_bit_for_bit(hidden):
+    q = _picnn(hidden=hidden)
+    rng = np.random.default_rng(8)
+    oracle = q.action_oracle(rng.normal(size=(7, 5)))
+    u, rows = rng.uniform(-1, 1, size=(4, 3)), np.array([6, 0, 3, 3])
+    f, g = oracle.first_order(u, rows)
+    f2, g2, _ = oracle.derivatives(u, rows)
+    np.testing.assert_array_equal(f, f2)
+    np.testing.assert_array_equal(g, g2)
+    np.testing.assert_array_equal(f, oracle.value(u, rows))
+
+
+def test_the_newton_asks_for_a_hessian_only_where_an_iteration_needs_it():
+    """With the oracle's ``first_order``, the Newton takes the same iterates as with ``derivatives``
+    alone (to rounding: BLAS may round a row differently in a batch of another size) and computes
+    fewer Hessians (those of the steps that did not end a sample). Warm starts near the solution,
+    as in training, where most samples end in 1–2 steps."""
+    q = _picnn(hidden=(8, 8))
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(64, 5))
+    lb, ub = -0.5 * np.ones(3), 0.5 * np.ones(3)
+    exact = solve_box(q.action_oracle(x), np.zeros((64, 3)), lb, ub, tol=1e-12)
+    u0 = np.clip(exact.u + rng.normal(scale=1e-3, size=exact.u.shape), lb, ub)
+    eager, lazy = _Counting(q.action_oracle(x), False), _Counting(q.action_oracle(x), True)
+    a = solve_box(eager, u0, lb, ub, tol=1e-10)
+    b = solve_box(lazy, u0, lb, ub, tol=1e-10)
+    for name in ("u", "value", "grad"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=0, atol=1e-14, err_msg=name)
+    for name in ("converged", "iterations"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.converged.all()
+    assert lazy.hessian_rows < eager.hessian_rows
+
+
+class _Misreported:
+    """A closed form whose gradient is off by ``0.1`` in its first component (and, to the Newton,
+    consistent: it converges to the wrong point)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def value(self, u, rows):
+        return self.inner.value(u, rows) + 0.1 * u[:, 0]
+
+    def derivatives(self, u, rows):
+        f, g, H = self.inner.derivatives(u, rows)
+        return f + 0.1 * u[:, 0], g + np.array([0.1, 0.0, 0.0]), H
+
+
+def test_a_closed_form_that_is_not_the_network_is_caught_by_the_check_and_not_used():
+    """The batched Newton's closed form is checked against the network on the first solve and every
+    CHECK_EVERY-th: one that disagrees (here a wrong gradient) warns once, and every solve from then
+    on is certified by the network itself: its wrong minimisers fail and the plugin finds the right
+    ones. A closed form that agrees is checked on schedule and changes no result."""
+    from qmpc.planner import Planner
+    from qmpc.problem import MPCSpec
+    from qmpc.solver import CHECK_EVERY, SolverOptions
+
+    q = _picnn(hidden=(8, 8))
+    x = np.random.default_rng(10).normal(size=(16, 5))
+    planner = Planner(q, MPCSpec(-50 * np.ones(3), 50 * np.ones(3)), SolverOptions(tol=1e-10))  # interior minima
+    planner.sync()
+    lb, ub, theta = planner.problem.lbw, planner.problem.ubw, planner.problem_theta(16)
+    solver, cert = planner.solver, planner._certificate(x)
+    right = solver.solve(x, theta, lb, ub, oracle=q.action_oracle(x), certificate=cert)
+    assert (right.status == qmpc.Status.SOLVED).all() and solver.oracle_agrees
+    for _ in range(CHECK_EVERY):  # checked (the first and the CHECK_EVERY-th) or not: the same answers
+        again = solver.solve(x, theta, lb, ub, oracle=q.action_oracle(x), certificate=cert)
+        np.testing.assert_array_equal(again.w, right.w)
+        np.testing.assert_array_equal(again.value, right.value)
+    solver._newton_solves = 0  # the next solve is checked
+    with pytest.warns(RuntimeWarning, match="disagree with the network"):
+        wrong = solver.solve(x, theta, lb, ub, oracle=_Misreported(q.action_oracle(x)), certificate=cert)
+    assert not solver.oracle_agrees
+    assert (wrong.status == qmpc.Status.RETRIED).all()  # the network rejected them; the plugin solved
+    np.testing.assert_allclose(wrong.w, right.w, atol=1e-6)
+    again = solver.solve(x, theta, lb, ub, oracle=_Misreported(q.action_oracle(x)), certificate=cert)
+    assert (again.status == qmpc.Status.RETRIED).all()  # unchecked by schedule, certified by the network
