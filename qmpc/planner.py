@@ -172,9 +172,13 @@ class Planner:
         Parameter or submodule is picked up), with the shapes the planner was built for."""
         params: list[torch.Tensor] = []
         buffers: list[torch.Tensor] = []
-        for m in self.q.modules():
-            params.extend(m.parameters(recurse=False))
-            buffers.extend(m.buffers(recurse=False))
+        seen: set[int] = set()  # a tensor shared by two modules counts once, as in q.parameters()
+        for m in self.q.modules():  # each module's own tensors, from its dicts (its generators cost more)
+            for own, out in ((m._parameters, params), (m._buffers, buffers)):
+                for t in own.values():
+                    if t is not None and id(t) not in seen:
+                        seen.add(id(t))
+                        out.append(t)
         shapes = tuple(p.shape for p in params)
         if shapes != self._shapes:
             raise InputError(
@@ -192,7 +196,7 @@ class Planner:
         self._params = params
         last = self._synced
         with torch.no_grad():  # float64 holds every float32 exactly: equal here iff equal there
-            theta_t = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
+            theta_t = torch.cat([p.detach().reshape(-1) for p in params]).to("cpu", torch.float64)
         same_buffers = last is not None and _same(buffers, last[1])
         if same_buffers and torch.equal(theta_t, last[0]):
             return
@@ -277,7 +281,7 @@ class Planner:
                 self.sync()
             theta = self.problem_theta(x64.shape[0])
             fast = {}
-            if self.newton_batch(x64.shape[0]):  # the closed form proposes, the network itself certifies
+            if self.newton_batch(x64.shape[0]):  # the closed form solves, the network checks it
                 with single_blas_thread():  # small GEMMs: a second BLAS thread only costs (as in the solver)
                     oracle = self.q.action_oracle(x64, self.weights64)
                 fast = {"oracle": oracle, "certificate": self._certificate(x64)}
@@ -299,9 +303,9 @@ class Planner:
 
     def _certificate(self, x64: np.ndarray):
         """``u -> (Q(x, u), ∂Q/∂u)`` by the torch network itself in float64 on the CPU, with the
-        weights of the solve: the independent evaluation that certifies the batched Newton's
-        solutions (measured on a HalfCheetah-sized batch of 256: ~2 ms; the vectorised CasADi
-        twin took ~33 ms)."""
+        weights of the solve: the independent evaluation that checks the batched Newton's closed
+        form (:meth:`~qmpc.solver.BatchedSolver._certify`; measured on a HalfCheetah-sized batch of
+        256: ~2 ms; the vectorised CasADi twin took ~33 ms)."""
         q, x = self._certifier, torch.from_numpy(x64)
 
         def value_grad(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -717,8 +717,9 @@ class BatchedSolver:
         ``oracle`` (horizon 1, a problem with a ``q_batch``): closed-form values and derivatives
         of Q in ``u`` for these states and ``theta`` (e.g. ``PICNN.action_oracle(x0)``). The whole
         batch is then solved by the batched projected Newton (:mod:`qmpc.newton`) and certified
-        by an evaluation independent of the oracle (:meth:`_certify`: ``certificate``, else the
-        vectorised twin); the samples that fail the certificate go to the plugin, warm-started at
+        on the oracle's gradient, the oracle checked on schedule against an evaluation independent
+        of it (:meth:`_certify`: ``certificate``, else the vectorised twin); the samples that
+        fail the certificate go to the plugin, warm-started at
         the Newton iterate, then to its retries (``RETRIED`` if they pass). ``newton_tol``: the
         Newton's stopping residual (default ``tol``). ``started``: the ``time.perf_counter()`` the
         wall-time limit counts from (default: now; a controller passes the start of its step).
