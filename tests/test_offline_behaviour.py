@@ -52,9 +52,13 @@ def test_regularized_q_twin_and_closed_form_agree_with_torch():
     f = w.casadi_function()
     twin = np.array([float(f(x[i].numpy(), u[i].detach().numpy(), theta)) for i in range(6)])
     batch = np.asarray(w.casadi_batch_function(6)(x.numpy().T, u.detach().numpy().T, theta)).ravel()
-    qo, go, Ho = w.action_oracle(x.numpy()).derivatives(u.detach().numpy())
+    oracle = w.action_oracle(x.numpy())
+    qo, go, Ho = oracle.derivatives(u.detach().numpy())
     for got, want in ((twin, v), (batch, v), (qo, v), (go, g), (Ho, H)):
         np.testing.assert_allclose(got, want.detach().numpy(), rtol=0, atol=1e-10)
+    q1, g1 = oracle.first_order(u.detach().numpy())  # the Newton's Hessian-free step: the same bits
+    np.testing.assert_array_equal(q1, qo)
+    np.testing.assert_array_equal(g1, go)
 
 
 def test_regularized_argmin_of_a_quadratic_q_is_its_closed_form():

@@ -181,6 +181,14 @@ class PenalizedOracle:
     def __init__(self, inner, reference: np.ndarray, weight: float, scale: np.ndarray):
         self.inner, self.r, self.beta = inner, reference, weight
         self.inv2 = 1.0 / np.asarray(scale, np.float64) ** 2
+        if callable(getattr(inner, "first_order", None)):  # the Newton then skips Hessians it does not need
+            self.first_order = self._first_order
+
+    def _first_order(self, u: np.ndarray, rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """``(value, gradient)``: :meth:`derivatives`' first two outputs, bit for bit."""
+        q, g = self.inner.first_order(u, rows)
+        d = u - self.r[rows]
+        return q + 0.5 * self.beta * (d * d * self.inv2).sum(axis=1), g + self.beta * d * self.inv2
 
     def value(self, u: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         d = u - self.r[rows]
