@@ -12,7 +12,9 @@ even where ``f`` is not convex), the point is projected onto the box, and an Arm
 backtracking along the projection arc keeps the value decreasing. The full step is tried with
 the oracle's derivatives (the value among them): taken, as nearly every one is, they are the next
 iteration's, and only a step that backtracks costs a value and then derivatives (measured in a
-HalfCheetah training run: 3 value calls per solve of 256 states saved, none backtracked). A
+HalfCheetah training run: 3 value calls per solve of 256 states saved, none backtracked). Near
+the solution (:data:`LAZY_RESIDUAL`) the full step gets the oracle's ``first_order`` instead, where
+it has one, and the Hessian only if the sample goes on. A
 sample is done when ``r = ‖u − clip(u − ∇f(u))‖_∞ ≤ tol``; one that is not done after
 ``max_iter`` iterations, or whose line search fails, is reported unconverged (the caller retries
 it with another solver).
@@ -30,9 +32,10 @@ from qmpc.kkt import kkt_residual
 __all__ = ["LAZY_RESIDUAL", "BoxNewtonResult", "Oracle", "solve_box"]
 
 LAZY_RESIDUAL = 1e-3
-"""An iteration whose samples all start from a projected-gradient residual at most this asks an
-oracle with a ``first_order`` for the value and gradient alone at the full step, and the Hessian
-only of the samples that the step did not end (Newton's quadratic convergence usually ends them)."""
+"""A sample whose iteration starts from a projected-gradient residual at most this gets, from an
+oracle with a ``first_order``, the value and gradient alone at its full step, and its Hessian only
+if the step did not end it (Newton's quadratic convergence usually does). Measured per TD-target
+solve of 256 HalfCheetah states: Hessian rows 706 → 466 (1e-4: 522, 1e-5: 580)."""
 
 
 class Oracle(Protocol):
@@ -196,7 +199,8 @@ def solve_box(
             f[later], g[later], H[later] = oracle.derivatives(u[later], later)
         if moved.size:
             r[moved] = kkt_residual(u[moved], g[moved], np.zeros((moved.size, 0)), lb[moved], ub[moved])
-        more = live[known & lazy][r[live[known & lazy]] > tol]  # not done after all: their Hessians
+        first_only = live[known & lazy]
+        more = first_only[r[first_only] > tol]  # not done after all: their Hessians
         if more.size:
             H[more] = oracle.derivatives(u[more], more)[2]
         # done: converged, or stuck (no acceptable step: the caller retries these elsewhere)

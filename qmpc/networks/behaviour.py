@@ -187,17 +187,20 @@ class PenalizedOracle:
     def _first_order(self, u: np.ndarray, rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """``(value, gradient)``: :meth:`derivatives`' first two outputs, bit for bit."""
         q, g = self.inner.first_order(u, rows)
-        d = u - self.r[rows]
-        return q + 0.5 * self.beta * (d * d * self.inv2).sum(axis=1), g + self.beta * d * self.inv2
+        p, gp = self._penalty(u, rows)
+        return q + p, g + gp
 
     def value(self, u: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
-        d = u - self.r[rows]
-        return self.inner.value(u, rows) + 0.5 * self.beta * (d * d * self.inv2).sum(axis=1)
+        return self.inner.value(u, rows) + self._penalty(u, rows)[0]
 
     def derivatives(
         self, u: np.ndarray, rows: np.ndarray | slice = slice(None)
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         q, g, H = self.inner.derivatives(u, rows)
+        p, gp = self._penalty(u, rows)
+        return q + p, g + gp, H + self.beta * np.diag(self.inv2)[None]
+
+    def _penalty(self, u: np.ndarray, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
+        """``½ β ‖(u − r) / s‖² (R,)`` and its gradient ``(R, nu)``."""
         d = u - self.r[rows]
-        q = q + 0.5 * self.beta * (d * d * self.inv2).sum(axis=1)
-        return q, g + self.beta * d * self.inv2, H + self.beta * np.diag(self.inv2)[None]
+        return 0.5 * self.beta * (d * d * self.inv2).sum(axis=1), self.beta * d * self.inv2

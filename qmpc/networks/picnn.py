@@ -320,21 +320,15 @@ class PICNNActionOracle:
 
     def value(self, u: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """``Q (R,)`` at actions ``u (R, nu)`` for the states ``rows`` of the batch."""
-        z = None
-        for k, L in enumerate(self.layers):
-            out = (u * L["v"][rows]) @ L["Wy"].T + L["c"][rows]
-            if z is not None:
-                out += (z * L["s"][rows]) @ L["Wz"].T
-            if k < len(self.layers) - 1:
-                z = np_softplus(out)
-        return out[:, 0] + 0.5 * self.m * np.einsum("bi,bi->b", u, u)
+        return self._forward(u, self._rows(rows), slopes=False)[0]
 
     def first_order(self, u: np.ndarray, rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """``(Q (R,), ∇_u Q (R, nu))`` at ``u (R, nu)`` for the states ``rows``, bit for bit those of
         :meth:`derivatives`, without the Hessian: one forward and one reverse pass (what the
         batched Newton asks at a trial point that may end the solve)."""
-        q, acts = self._forward(u, rows)
-        return q, self._reverse(u, rows, acts)[0]
+        at = self._rows(rows)
+        q, acts = self._forward(u, at)
+        return q, self._reverse(u, at, acts)[0]
 
     def derivatives(
         self, u: np.ndarray, rows: np.ndarray | slice = slice(None)
@@ -348,45 +342,54 @@ class PICNNActionOracle:
         ``J_0 = v_0 ∘ W_yᵀ`` is separable: its term is ``(v vᵀ) ∘ (c_0 K)`` with
         ``K = W_y[:, i] W_y[:, j]`` computed once, a GEMM of ``R × n × nu²``."""
         R, nu = u.shape
-        q, acts = self._forward(u, rows)
-        grad, curv = self._reverse(u, rows, acts)
-        v0 = self.layers[0]["v"][rows]
+        at = self._rows(rows)
+        q, acts = self._forward(u, at)
+        grad, curv = self._reverse(u, at, acts)
+        v0 = at[0]["v"]
         H0 = (curv[0] @ self.K0).reshape(R, nu, nu)
         H = H0 * v0[:, :, None] * v0[:, None, :]
         H += self.m * np.eye(nu)
         J = v0[:, :, None] * self.layers[0]["WyT"][None]  # ∂out_0/∂u, (R, nu, n)
         for k in range(1, len(self.layers) - 1):
-            L = self.layers[k]
-            M = ((L["s"][rows] * acts[k - 1][1])[:, None, :] * J).reshape(R * nu, -1)  # s ∘ softplus' ∘ J
+            L, A = self.layers[k], at[k]
+            M = ((A["s"] * acts[k - 1][1])[:, None, :] * J).reshape(R * nu, -1)  # s ∘ softplus' ∘ J
             J = (M @ L["Wz"].T).reshape(R, nu, -1)
-            J += L["v"][rows][:, :, None] * L["WyT"][None]
+            J += A["v"][:, :, None] * L["WyT"][None]
             H += np.matmul(J * curv[k][:, None, :], J.transpose(0, 2, 1))
         return q, grad, H
 
-    def _forward(self, u: np.ndarray, rows: np.ndarray | slice) -> tuple[np.ndarray, list[tuple]]:
-        """``Q (R,)`` (the operations of :meth:`value`, in its order) and each hidden layer's
-        ``softplus(out_k), softplus'(out_k), softplus''(out_k)``."""
+    def _rows(self, rows: np.ndarray | slice) -> list[dict[str, np.ndarray]]:
+        """Each layer's state-dependent constants ``v``, ``c`` (and ``s``) at the states ``rows``,
+        indexed once per call (the forward, reverse and Hessian passes all read them)."""
+        return [{k: L[k][rows] for k in ("v", "c", "s") if k in L} for L in self.layers]
+
+    def _forward(self, u: np.ndarray, at: list[dict], slopes: bool = True) -> tuple[np.ndarray, list[tuple]]:
+        """``Q (R,)`` and, with ``slopes``, each hidden layer's ``softplus(out_k), softplus'(out_k),
+        softplus''(out_k)`` (without: the softplus alone, what :meth:`value` needs)."""
         z, acts = None, []
-        for k, L in enumerate(self.layers):
-            out = (u * L["v"][rows]) @ L["Wy"].T + L["c"][rows]
+        for k, (L, A) in enumerate(zip(self.layers, at, strict=True)):
+            out = (u * A["v"]) @ L["Wy"].T + A["c"]
             if z is not None:
-                out += (z * L["s"][rows]) @ L["Wz"].T
+                out += (z * A["s"]) @ L["Wz"].T
             if k < len(self.layers) - 1:
-                acts.append(np_activation("softplus", out))
-                z = acts[-1][0]
+                if slopes:
+                    acts.append(np_activation("softplus", out))
+                    z = acts[-1][0]
+                else:
+                    z = np_softplus(out)
         return out[:, 0] + 0.5 * self.m * np.einsum("bi,bi->b", u, u), acts
 
-    def _reverse(self, u: np.ndarray, rows: np.ndarray | slice, acts: list[tuple]) -> tuple[np.ndarray, list]:
+    def _reverse(self, u: np.ndarray, at: list[dict], acts: list[tuple]) -> tuple[np.ndarray, list]:
         """The reverse pass: ``∇_u Q (R, nu)`` and, per hidden layer, the weights
         ``c_k = ḡ_{z_{k+1}} ∘ softplus''(out_k) (R, n_k)`` of its Hessian term (``ḡ`` the adjoints)."""
         g_out = np.ones((u.shape[0], 1))
         grad = self.m * u
         curv = [None] * (len(self.layers) - 1)
         for k in range(len(self.layers) - 1, -1, -1):
-            L = self.layers[k]
-            grad += (g_out @ L["Wy"]) * L["v"][rows]  # out_k depends on u through (u ∘ v_k) W_yᵀ
+            L, A = self.layers[k], at[k]
+            grad += (g_out @ L["Wy"]) * A["v"]  # out_k depends on u through (u ∘ v_k) W_yᵀ
             if k > 0:
-                g_z = (g_out @ L["Wz"]) * L["s"][rows]  # adjoint of z_k = softplus(out_{k−1})
+                g_z = (g_out @ L["Wz"]) * A["s"]  # adjoint of z_k = softplus(out_{k−1})
                 _, dz, d2z = acts[k - 1]
                 curv[k - 1] = g_z * d2z
                 g_out = g_z * dz
