@@ -48,6 +48,7 @@ DEMO_CONFIG = {
         "activation": "tanh",
         "action_curvature": 0.01,
         "state_dependent_curvature": False,
+        "layer_norm": False,
         "obs_normalization": "whiten",
     },
     "solver": {

@@ -338,6 +338,7 @@ def network_kwargs(cfg: Config) -> dict:
         "activation": n.activation,
         "action_curvature": n.action_curvature,
         "state_dependent_curvature": n.state_dependent_curvature,
+        "layer_norm": n.layer_norm,
     }
 
 

@@ -79,7 +79,14 @@ class RunSummary(NamedTuple):
 def build_q(cfg: Config, spec: EnvSpec) -> QNetwork:
     n = cfg.network
     q = build_network(
-        n.arch, spec.obs_dim, spec.act_dim, n.hidden, n.activation, n.action_curvature, n.state_dependent_curvature
+        n.arch,
+        spec.obs_dim,
+        spec.act_dim,
+        n.hidden,
+        n.activation,
+        n.action_curvature,
+        n.state_dependent_curvature,
+        n.layer_norm,
     )
     return q.to(getattr(torch, cfg.train.dtype))
 

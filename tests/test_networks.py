@@ -16,6 +16,7 @@ CONFIGS = [
     (qmpc.QuadraticQ, {"hidden": (), "state_dependent_curvature": False}),
     (qmpc.PICNN, {}),
     (qmpc.PICNN, {"hidden": (16, 8, 4), "activation": "tanh"}),
+    (qmpc.PICNN, {"activation": "silu", "layer_norm": True}),
     (qmpc.MLPQ, {}),
     (qmpc.MLPQ, {"activation": "silu", "action_curvature": 0.3}),
     (qmpc.MLPQ, {"activation": "sigmoid"}),
@@ -52,16 +53,27 @@ def test_baked_twin_is_the_symbolic_twin(cls, kw):
 
 
 @pytest.mark.parametrize(
-    "kw", [{"hidden": (16, 16)}, {"hidden": (16, 8, 4), "activation": "tanh"}, {"hidden": (8,), "activation": "silu"}]
+    "kw",
+    [
+        {"hidden": (16, 16)},
+        {"hidden": (16, 8, 4), "activation": "tanh"},
+        {"hidden": (8,), "activation": "silu"},
+        {"hidden": (16, 8, 4), "activation": "tanh", "layer_norm": True},
+        {"hidden": (8,), "activation": "softplus", "layer_norm": True},
+    ],
 )
 def test_picnn_numpy_derivatives_match_the_twin(kw):
     """The closed-form value, gradient and Hessian the controller uses, against CasADi's AD of the
-    twin (with an input normalisation) and central differences of the gradient."""
+    twin (with an input normalisation, and layer norms with scales and shifts away from 1 and 0)
+    and central differences of the gradient."""
     torch.manual_seed(0)
     q = qmpc.PICNN(5, 3, **kw).double()
     with torch.no_grad():
         q.obs_shift.copy_(torch.randn(5))
         q.obs_transform.copy_(torch.eye(5) + 0.2 * torch.randn(5, 5))
+        for norm in getattr(q, "x_norm", []):
+            norm.weight.uniform_(0.3, 2.0)
+            norm.bias.uniform_(-0.5, 0.5)
     d = q.numpy_derivatives()
     f = q.casadi_function(baked=True)
     z = ca.MX.sym("z", 8)
@@ -114,8 +126,9 @@ def test_flat_parameter_layout_roundtrip():
         q2.load_flat_parameters(theta[:-1])
 
 
-def test_picnn_is_convex_in_u():
-    q = qmpc.PICNN(3, 2, hidden=(16, 16), action_curvature=0.0).double()
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_picnn_is_convex_in_u(layer_norm):
+    q = qmpc.PICNN(3, 2, hidden=(16, 16), action_curvature=0.0, layer_norm=layer_norm).double()
     for _ in range(10):
         x = torch.randn(1, 3, dtype=torch.float64)
         u = 3 * torch.randn(2, dtype=torch.float64)

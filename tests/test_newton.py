@@ -12,19 +12,24 @@ from qmpc.kkt import kkt_residual
 from qmpc.newton import solve_box
 
 
-def _picnn(nx=5, nu=3, hidden=(8, 6), activation="tanh", normalized=True, seed=0):
+def _picnn(nx=5, nu=3, hidden=(8, 6), activation="tanh", normalized=True, seed=0, layer_norm=False):
     torch.manual_seed(seed)
-    q = qmpc.PICNN(nx, nu, hidden=hidden, activation=activation).double()
+    q = qmpc.PICNN(nx, nu, hidden=hidden, activation=activation, layer_norm=layer_norm).double()
     if normalized:
         rng = np.random.default_rng(seed)
         q.set_input_normalization(rng.normal(size=nx), rng.normal(size=(nx, nx)))
+    with torch.no_grad():  # layer norms' scales and shifts away from their initial 1 and 0
+        for norm in getattr(q, "x_norm", []):
+            norm.weight.uniform_(0.3, 2.0)
+            norm.bias.uniform_(-0.5, 0.5)
     return q
 
 
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["", "layer_norm"])
 @pytest.mark.parametrize("activation", ["tanh", "softplus", "sigmoid", "silu"])
 @pytest.mark.parametrize("hidden", [(8,), (8, 6, 4)])
-def test_oracle_matches_autograd(activation, hidden):
-    q = _picnn(hidden=hidden, activation=activation)
+def test_oracle_matches_autograd(activation, hidden, layer_norm):
+    q = _picnn(hidden=hidden, activation=activation, layer_norm=layer_norm)
     g = torch.Generator().manual_seed(1)
     x, u = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(9, 3, generator=g, dtype=torch.float64)
     oracle = q.action_oracle(x.numpy())
@@ -41,8 +46,9 @@ def test_oracle_matches_autograd(activation, hidden):
     np.testing.assert_allclose(oracle.value(u.numpy()[rows], rows), v[rows], rtol=0, atol=1e-12)
 
 
-def test_vectorised_twin_matches_the_network():
-    q = _picnn(activation="silu")
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_vectorised_twin_matches_the_network(layer_norm):
+    q = _picnn(activation="silu", layer_norm=layer_norm)
     g = torch.Generator().manual_seed(2)
     x, u = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
     f = q.casadi_batch_function(6)

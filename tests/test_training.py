@@ -312,3 +312,24 @@ def test_evaluation_logs_the_bias_of_q_against_monte_carlo(tmp_path):
             gaps.append(ctrl.q.double()(x, torch.as_tensor(e.actions[valid])).numpy().reshape(-1) - g[valid])
     assert ev.q_bias == pytest.approx(np.mean(np.concatenate(gaps)), rel=1e-9)
     assert env_spec(env).env_id == ctrl.env_id
+
+
+def test_a_layer_norm_picnn_trains_reloads_and_plans(tmp_path):
+    """``network.layer_norm``: the run's checkpoint rebuilds the same network (its layer norms
+    included) and a controller plans with it at H = 3 through the learned model."""
+    cfg = _online_cfg(tmp_path / "ln", learn_model=True)
+    cfg.network.arch, cfg.network.layer_norm = "PICNN", True
+    train(cfg, progress=False)
+    ckpt = load_checkpoint(tmp_path / "ln" / "checkpoint.pt")
+    assert ckpt["network"]["layer_norm"] is True
+    assert any(k.startswith("x_norm.") for k in ckpt["q"])
+    ctrl = qmpc.Controller.from_checkpoint(tmp_path / "ln" / "checkpoint.pt", horizon=3, model="learned")
+    assert ctrl.q.layer_norm
+    for k, v in ctrl.q.state_dict().items():
+        torch.testing.assert_close(v, ckpt["q"][k].to(v.dtype), rtol=0, atol=0)
+    env = make_env(cfg.env.id, seed=0)
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        a, info = ctrl.act(obs)
+        assert not info["fallback"]
+        obs, *_ = env.step(a)

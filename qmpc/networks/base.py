@@ -24,6 +24,8 @@ __all__ = [
     "QNetwork",
     "ThetaView",
     "activation_twins",
+    "layer_norm_np",
+    "layer_norm_twin",
     "linear_twin",
     "make_mlp",
     "mlp_twin",
@@ -161,6 +163,25 @@ def linear_twin(view: ThetaView, lin: nn.Linear, z):
         return out
     b = view(lin.bias)
     return out + (ca.repmat(b, 1, z.size2()) if z.size2() > 1 else b)
+
+
+def layer_norm_twin(view: ThetaView, ln: nn.LayerNorm, a):
+    """CasADi twin of ``nn.LayerNorm(d)`` (biased variance, learned scale and shift) over the
+    ``d`` rows of ``a``; ``a`` may hold one sample per column."""
+    d, B = a.size1(), a.size2()
+    c = a - ca.repmat(ca.sum1(a) / d, d, 1)
+    s = ca.sqrt(ca.sum1(c * c) / d + ln.eps)
+    n = c / ca.repmat(s, d, 1)
+    gamma, beta = view(ln.weight), view(ln.bias)
+    return n * ca.repmat(gamma, 1, B) + ca.repmat(beta, 1, B)
+
+
+def layer_norm_np(a: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, s)``: ``a (…, d)`` normalised over its last axis, ``n = (a − mean) / s`` with
+    ``s = sqrt(var + eps) (…, 1)`` (the biased variance, as ``nn.LayerNorm``), before its scale and shift."""
+    c = a - a.mean(axis=-1, keepdims=True)
+    s = np.sqrt((c * c).mean(axis=-1, keepdims=True) + eps)
+    return c / s, s
 
 
 def sequential_twin(seq: nn.Module, z, view: ThetaView):

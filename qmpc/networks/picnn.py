@@ -21,6 +21,8 @@ from qmpc.networks.base import (
     QNetwork,
     ThetaView,
     activation_twins,
+    layer_norm_np,
+    layer_norm_twin,
     linear_twin,
     np64,
     np_activation,
@@ -70,7 +72,8 @@ class _PICNNLayer(nn.Module):
 class PICNN(QNetwork):
     """Partially input-convex Q network (Amos, Xu & Kolter 2017), convex in u for every x.
 
-    The state path ``x̃_{k+1} = act(W̃_k x̃_k + b̃_k)`` is unconstrained; the convex path uses
+    The state path ``x̃_{k+1} = act(W̃_k x̃_k + b̃_k)`` (with ``layer_norm``:
+    ``act(LN(W̃_k x̃_k + b̃_k))``) is unconstrained; the convex path uses
     non-negative weights (softplus of free parameters) on ``z`` and softplus activations, so
     ``Q`` is convex in ``u``. ``½ action_curvature ‖u‖²`` is added so that ``argmin_u Q`` is
     unique and the KKT matrix the sensitivities need is non-singular.
@@ -81,6 +84,9 @@ class PICNN(QNetwork):
         hidden: widths of the convex path (the state path has the same widths).
         activation: smooth activation of the state path.
         action_curvature: ``m ≥ 0`` of the ``½ m ‖u‖²`` term (``m > 0``: strongly convex).
+        layer_norm: layer normalisation (``nn.LayerNorm``: learned scale and shift, ε = 1e-5) of
+            each state-path layer before its activation. The convex path is untouched: ``Q`` stays
+            convex in ``u``, and its closed-form derivatives include the normalisation's.
     """
 
     convex_in_u = True
@@ -93,6 +99,7 @@ class PICNN(QNetwork):
         hidden: Sequence[int] = (64, 64),
         activation: str = "softplus",
         action_curvature: float = 1e-2,
+        layer_norm: bool = False,
     ):
         super().__init__(obs_dim, act_dim)
         if action_curvature < 0:
@@ -107,6 +114,9 @@ class PICNN(QNetwork):
         self.x_path = nn.ModuleList(nn.Linear(xs[i], xs[i + 1]) for i in range(len(self.hidden)))
         zs = (0, *self.hidden, 1)
         self.layers = nn.ModuleList(_PICNNLayer(xs[k], zs[k], act_dim, zs[k + 1]) for k in range(len(zs) - 1))
+        self.layer_norm = bool(layer_norm)
+        if self.layer_norm:  # registered only when asked: a network without keeps its state_dict
+            self.x_norm = nn.ModuleList(nn.LayerNorm(h) for h in self.hidden)
 
     def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         xt, z = self._prepare(x, u), None
@@ -114,7 +124,8 @@ class PICNN(QNetwork):
             z = layer(xt, z, u)
             if k < len(self.layers) - 1:
                 z = softplus_t(z)
-                xt = self.act_t(self.x_path[k](xt))
+                pre = self.x_path[k](xt)
+                xt = self.act_t(self.x_norm[k](pre) if self.layer_norm else pre)
         return z.squeeze(-1) + 0.5 * self.action_curvature * (u**2).sum(-1)
 
     def numpy_derivatives(self) -> Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray, np.ndarray]]:
@@ -160,7 +171,8 @@ class PICNN(QNetwork):
             z = layer.twin(view, xt, z, u)
             if k < len(self.layers) - 1:
                 z = softplus_c(z)
-                xt = self.act_c(linear_twin(view, self.x_path[k], xt))
+                pre = linear_twin(view, self.x_path[k], xt)
+                xt = self.act_c(layer_norm_twin(view, self.x_norm[k], pre) if self.layer_norm else pre)
         return z + 0.5 * self.action_curvature * ca.sum1(u * u)
 
 
@@ -171,11 +183,13 @@ class PICNN(QNetwork):
 
 def _numpy_weights(q: PICNN) -> tuple[np.ndarray, np.ndarray, list, list[dict[str, np.ndarray]]]:
     """float64 copies of the weights of ``q`` for :meth:`PICNN.numpy_derivatives`: the input
-    normalisation ``T (nx, nx)`` and ``shift (nx,)``, the state path ``[(W, b), …]`` and, per layer
+    normalisation ``T (nx, nx)`` and ``shift (nx,)``, the state path ``[(W, b, ln), …]`` (``ln``: the
+    layer norm's ``(scale, shift, eps)``, or None) and, per layer
     of the convex path, its matrices by name (``Wz`` already the non-negative ``softplus(Wz_raw)``)."""
     arr = np64
     T, shift = arr(q.obs_transform), arr(q.obs_shift)
-    path = [(arr(lin.weight), arr(lin.bias)) for lin in q.x_path]
+    norms = [(arr(n.weight), arr(n.bias), n.eps) for n in q.x_norm] if q.layer_norm else [None] * len(q.x_path)
+    path = [(arr(lin.weight), arr(lin.bias), ln) for lin, ln in zip(q.x_path, norms, strict=True)]
     layers = []
     for lay in q.layers:
         d = {
@@ -226,11 +240,15 @@ def _forward_tape(
             z, dz, d2z = np_activation("softplus", out)
             rec.update(dz=dz, d2z=d2z, Jout=Jout)
             Jz = dz[:, None] * Jout
-            W, b = path[k]
-            pre = W @ xt + b
+            W, b, ln = path[k]
+            pre, Jpre = W @ xt + b, W @ Jxt
+            if ln is not None:  # pre ← LN(pre): n = (pre − mean) / s, ∂n = (P − n nᵀ/d) ∂pre / s
+                n, s = layer_norm_np(pre, ln[2])
+                Jn = (Jpre - Jpre.mean(axis=0) - np.outer(n, n @ Jpre) / n.size) / s
+                rec["ln"] = (n, s.item(), Jpre)
+                pre, Jpre = ln[0] * n + ln[1], ln[0][:, None] * Jn
             xt, da, d2a = np_activation(act, pre)
-            Jpre = W @ Jxt
-            rec.update(da=da, d2a=d2a, Jpre=Jpre)
+            rec.update(da=da, d2a=d2a, Jpre=Jpre)  # Jpre: the activation's argument's Jacobian
             Jxt = da[:, None] * Jpre
         tape.append(rec)
     return out, Jout, tape
@@ -260,9 +278,11 @@ def _add_second_order_terms(
         g_p1 = L["Wy"].T @ g_out
         H += _cross(Ju, g_p1, r["Jv1"])
         g_xt += L["Wyx"].T @ (u * g_p1)
-        if g_xt_next is not None:  # xt_{k+1} = act(W xt_k + b)
+        if g_xt_next is not None:  # xt_{k+1} = act(W xt_k + b), or act(LN(W xt_k + b))
             g_pre = g_xt_next * r["da"]
             H += _quad(r["Jpre"], g_xt_next * r["d2a"])
+            if "ln" in r:
+                g_pre = _layer_norm_reverse(H, path[k][2][0] * g_pre, *r["ln"])
             g_xt += path[k][0].T @ g_pre
         g_z = None
         if "z" in r:
@@ -277,6 +297,19 @@ def _add_second_order_terms(
             H += _quad(rp["Jout"], g_z * rp["d2z"])
             g_out = g_z * rp["dz"]
         g_xt_next = g_xt
+
+
+def _layer_norm_reverse(H: np.ndarray, g: np.ndarray, n: np.ndarray, s: float, J: np.ndarray) -> np.ndarray:
+    """The reverse step through ``n = (a − mean(a)) / s`` (``s = sqrt(var(a) + ε)``, ``a (d,)``
+    with Jacobian ``J (d, nx+nu)``) for the adjoint ``g`` of ``n``: adds ``Jᵀ ∇²(gᵀn) J`` to
+    ``H`` in place and returns the adjoint of ``a``, ``r / s`` with ``r = P g − (nᵀg) n / d``
+    (``P = I − 11ᵀ/d``). ``∇²(gᵀn) = −(r nᵀ + n rᵀ + (nᵀg)(P − n nᵀ/d)) / (d s²)``."""
+    d, alpha = n.size, n @ g
+    r = g - g.mean() - alpha * n / d
+    a, b, one = J.T @ r, J.T @ n, J.sum(axis=0)
+    ab = np.outer(a, b)
+    H -= (ab + ab.T + alpha * (J.T @ J - np.outer(one, one) / d - np.outer(b, b) / d)) / (d * s * s)
+    return r / s
 
 
 class PICNNActionOracle:
@@ -316,7 +349,10 @@ class PICNNActionOracle:
                 Wy = rec["Wy"]
                 self.K0 = (Wy[:, :, None] * Wy[:, None, :]).reshape(Wy.shape[0], -1)
             if k < len(q.layers) - 1:
-                xt = np_activation(q.activation, xt @ w[f"x_path.{k}.weight"].T + w[f"x_path.{k}.bias"])[0]
+                pre = xt @ w[f"x_path.{k}.weight"].T + w[f"x_path.{k}.bias"]
+                if q.layer_norm:
+                    pre = layer_norm_np(pre, q.x_norm[k].eps)[0] * w[f"x_norm.{k}.weight"] + w[f"x_norm.{k}.bias"]
+                xt = np_activation(q.activation, pre)[0]
 
     def value(self, u: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """``Q (R,)`` at actions ``u (R, nu)`` for the states ``rows`` of the batch."""

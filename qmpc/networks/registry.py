@@ -31,7 +31,7 @@ class Architecture:
 
 REGISTRY: dict[str, Architecture] = {
     "QuadraticQ": Architecture(QuadraticQ, ("activation", "state_dependent_curvature")),
-    "PICNN": Architecture(PICNN, ("activation", "action_curvature")),
+    "PICNN": Architecture(PICNN, ("activation", "action_curvature", "layer_norm")),
     "MLPQ": Architecture(MLPQ, ("activation", "action_curvature")),
 }
 """Every architecture, by the name that launch files and checkpoints use (never rename one: the
@@ -52,6 +52,7 @@ def build_network(
     activation: str = "tanh",
     action_curvature: float = 0.01,
     state_dependent_curvature: bool = True,
+    layer_norm: bool = False,
 ) -> QNetwork:
     """A Q network by architecture name, taking the options that apply to it (:attr:`Architecture.options`)."""
     if arch not in REGISTRY:
@@ -60,6 +61,7 @@ def build_network(
         "activation": activation,
         "action_curvature": action_curvature,
         "state_dependent_curvature": state_dependent_curvature,
+        "layer_norm": layer_norm,
     }
     entry = REGISTRY[arch]
     return entry.cls(obs_dim, act_dim, hidden, **{option: given[option] for option in entry.options})
