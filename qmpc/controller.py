@@ -30,8 +30,6 @@ from qmpc.networks import QNetwork
 from qmpc.planner import Planner, as_bounds
 from qmpc.problem import MPCSpec
 from qmpc.solver import SolveResult, SolverOptions, Status
-import os
-GREEDY_NEWTON = os.environ.get("QMPC_GN", "1") == "1"
 
 __all__ = ["MODELS", "STAGE_COST_SOURCES", "TERMINATIONS", "Controller", "model_functions", "trained_units"]
 
@@ -233,7 +231,7 @@ class Controller:
         self._greedy: Planner | None = None  # horizon 1: the start of a plan (built here: not in a step)
         if spec.horizon > 1 and spec.shooting == "single" and linearization is None:
             opts = dataclasses.replace(self.planner.options, max_wall_ms=0.0, tol=1e-8)
-            self._greedy = Planner(q, MPCSpec(self.low, self.high), opts, bake_weights=not GREEDY_NEWTON)
+            self._greedy = Planner(q, MPCSpec(self.low, self.high), opts, bake_weights=True)
         self.trust_region = self._check_trust_region(trust_region, spec)
         if self.budget_ms and spec.horizon > 1:
             self._check_budget()
