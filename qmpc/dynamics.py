@@ -47,6 +47,13 @@ class MLPStageDerivatives:
         Ws[-1], bs[-1] = dsc[:, None] * Ws[-1], dsc * bs[-1] + ds
         self.Ws, self.bs, self.activation, self.nx = Ws, bs, model.activation, nx
 
+    def step(self, X: np.ndarray, U: np.ndarray) -> np.ndarray:
+        """``x⁺ (K, nx)`` at ``X (K, nx)``, ``U (K, nu)``: the model's forward pass alone."""
+        h = np.concatenate([X, U], axis=1)
+        for W, b in zip(self.Ws[:-1], self.bs[:-1], strict=True):
+            h = np_activation(self.activation, h @ W.T + b)[0]
+        return X + h @ self.Ws[-1].T + self.bs[-1]
+
     def __call__(self, X: np.ndarray, U: np.ndarray, P: np.ndarray | None = None):
         nx = self.nx
         h = np.concatenate([X, U], axis=1)  # (K, nz)
@@ -167,22 +174,34 @@ def rollout_error(model: DynamicsModel, obs: np.ndarray, act: np.ndarray, next_o
     return float(np.linalg.norm(pred - next_obs) / max(1e-12, np.linalg.norm(next_obs - obs)))
 
 
-def _scalar_mlp_derivatives(Ws: list, bs: list, activation: str, Z: np.ndarray):
+def _scalar_mlp_value(Ws: list, bs: list, activation: str, Z: np.ndarray) -> np.ndarray:
+    """``y (K,)`` of a scalar MLP at ``Z (K, nz)`` (the forward pass of :func:`_scalar_mlp_derivatives`)."""
+    h = Z
+    for W, b in zip(Ws[:-1], bs[:-1], strict=True):
+        h = np_activation(activation, h @ W.T + b)[0]
+    return h @ Ws[-1][0] + bs[-1][0]
+
+
+def _scalar_mlp_derivatives(Ws: list, bs: list, activation: str, Z: np.ndarray, hessian: bool = True):
     """``(y (K,), ∇y (K, nz), ∇²y (K, nz, nz))`` of a scalar MLP ``y = W_L h_{L−1} + b_L`` at ``Z (K, nz)``,
-    in closed form (the Hessian is ``Σ_l J_lᵀ diag(ḡ_l ⊙ σ''(a_l)) J_l``, as in :class:`MLPStageDerivatives`)."""
+    in closed form (the Hessian is ``Σ_l J_lᵀ diag(ḡ_l ⊙ σ''(a_l)) J_l``, as in :class:`MLPStageDerivatives`).
+    ``hessian=False``: ``∇²y`` None, and no Jacobian is carried forward (the reverse pass alone)."""
     h, Ja, d1s, d2s, J = Z, [], [], [], None
     for W, b in zip(Ws[:-1], bs[:-1], strict=True):
         a = h @ W.T + b
-        Jl = np.broadcast_to(W, (a.shape[0], *W.shape)) if J is None else W @ J
         h, d1, d2 = np_activation(activation, a)
-        Ja.append(Jl), d1s.append(d1), d2s.append(d2)
-        J = d1[:, :, None] * Jl
+        d1s.append(d1), d2s.append(d2)
+        if hessian:
+            Jl = np.broadcast_to(W, (a.shape[0], *W.shape)) if J is None else W @ J
+            Ja.append(Jl)
+            J = d1[:, :, None] * Jl
     y = h @ Ws[-1][0] + bs[-1][0]
     g = np.broadcast_to(Ws[-1][0], h.shape)  # ∂y/∂h_L
-    H = np.zeros((Z.shape[0], Z.shape[1], Z.shape[1]))
-    for layer in reversed(range(len(Ja))):
-        Jl = Ja[layer]
-        H = H + np.swapaxes(Jl, 1, 2) @ ((g * d2s[layer])[:, :, None] * Jl)
+    H = np.zeros((Z.shape[0], Z.shape[1], Z.shape[1])) if hessian else None
+    for layer in reversed(range(len(d1s))):
+        if hessian:
+            Jl = Ja[layer]
+            H = H + np.swapaxes(Jl, 1, 2) @ ((g * d2s[layer])[:, :, None] * Jl)
         g = (g * d1s[layer]) @ Ws[layer]
     return y, g, H
 
@@ -288,19 +307,41 @@ class OutcomeModel(nn.Module):
         Ws, bs = self._folded(self.cost_net)
         cs, csc = float(self.c_shift[0]), float(self.c_scale[0])
 
-        def derivatives(X, U, Xn):
-            y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, np.concatenate([X, U, Xn], axis=1))
-            return cs + csc * y, csc * g, csc * H
+        def derivatives(X, U, Xn, hessian: bool = True):
+            y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, np.concatenate([X, U, Xn], axis=1), hessian)
+            return cs + csc * y, csc * g, (csc * H if hessian else None)
 
         return derivatives
+
+    def cost_value(self):
+        """``(X, U, Xn) -> c (K,)``: :meth:`cost_derivatives`' values alone."""
+        Ws, bs = self._folded(self.cost_net)
+        cs, csc = float(self.c_shift[0]), float(self.c_scale[0])
+
+        def value(X, U, Xn):
+            return cs + csc * _scalar_mlp_value(Ws, bs, self.activation, np.concatenate([X, U, Xn], axis=1))
+
+        return value
+
+    def termination_value(self):
+        """``(X, U, Xn) -> p (K,)``: :meth:`termination_derivatives`' values alone."""
+        Ws, bs = self._folded(self.term_net)
+
+        def value(X, U, Xn):
+            y = _scalar_mlp_value(Ws, bs, self.activation, np.concatenate([X, U, Xn], axis=1))
+            return np_activation("sigmoid", y)[0]
+
+        return value
 
     def termination_derivatives(self):
         """Like :meth:`cost_derivatives`, of the termination probability ``p = sigmoid(logit)``."""
         Ws, bs = self._folded(self.term_net)
 
-        def derivatives(X, U, Xn):
-            y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, np.concatenate([X, U, Xn], axis=1))
+        def derivatives(X, U, Xn, hessian: bool = True):
+            y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, np.concatenate([X, U, Xn], axis=1), hessian)
             p, d1, d2 = np_activation("sigmoid", y)
+            if not hessian:
+                return p, d1[:, None] * g, None
             return p, d1[:, None] * g, d2[:, None, None] * g[:, :, None] * g[:, None, :] + d1[:, None, None] * H
 
         return derivatives

@@ -8,9 +8,11 @@ with the value of the best plan through the learned model,
 ``f̂`` the dynamics model, ``ĉ`` and ``p̂`` the learned stage cost and termination probability
 (:class:`~qmpc.dynamics.OutcomeModel`). ``V_1(x) = min_u Q(x, u)`` is the usual target. The plans of
 a batch are solved together by the batched box SQP of :mod:`qmpc.boxsqp` on the objective's value,
-gradient and exact Hessian from torch (float64 copies of the networks; the Hessian by one second
-backward pass over the batch repeated once per action), the framework-free solver's torch adapter. Samples whose plan
-does not converge are masked from the loss and counted, as the H = 1 target's failed solves are.
+gradient and exact Hessian: in closed form with numpy (:mod:`qmpc.plan_batch`) for a Q with
+closed-form derivatives (PICNN), else from torch (:class:`PlanObjective`: float64 copies of the
+networks; the Hessian by one second backward pass over the batch repeated once per action). Samples
+whose plan does not converge are masked from the loss and counted, as the H = 1 target's failed
+solves are.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 
 from qmpc.boxsqp import solve_box_sqp
+from qmpc.networks.base import np64
+from qmpc.plan_batch import PlanBatchOracle, PlanClosedForms
 from qmpc.solver import Status
 
 __all__ = ["PlanObjective", "PlanTargets", "PlanValues"]
@@ -116,6 +120,9 @@ class PlanTargets:
         self.low, self.high = np.asarray(low, np.float64), np.asarray(high, np.float64)
         self.horizon, self.gamma, self.tol, self.max_iter = int(horizon), float(gamma), tol, max_iter
         self.termination = bool(termination)
+        self.closed_form = True
+        """Plan on the closed forms of :mod:`qmpc.plan_batch` where Q has them (False: torch's, the
+        reference the tests compare with)."""
 
     def __call__(
         self, x: torch.Tensor, u0: np.ndarray, planner: str = "target", through_plan: bool = False
@@ -132,9 +139,8 @@ class PlanTargets:
                 dst.load_state_dict(src.state_dict())
         q, q_target, model, heads = self.copies
         x64 = x.detach().to(torch.float64)
-        args = (x64, self.horizon, self.gamma, self.termination)
-        scorer = PlanObjective(q_target, model, heads, *args)
-        solver = scorer if planner == "target" else PlanObjective(q, model, heads, *args)
+        scorer = self._objective(q_target, model, heads, x64)
+        solver = scorer if planner == "target" else self._objective(q, model, heads, x64)
         lb, ub = np.tile(self.low, self.horizon), np.tile(self.high, self.horizon)
         u0 = np.asarray(u0, np.float64)
         start = np.clip(u0 if u0.shape[1] == lb.size else np.tile(u0, (1, self.horizon)), lb, ub)
@@ -144,10 +150,30 @@ class PlanTargets:
         status = np.where(ok, Status.SOLVED, Status.FAILED).astype(np.int8)
         v = torch.from_numpy(np.where(ok, value, 0.0))
         if through_plan and planner == "online":
-            v = v + self._through_plan(solver, scorer, res, ok, lb, ub)
+            v = v + self._through_plan(x64, scorer, res, ok, lb, ub)
         return PlanValues(v, res.u, status, res.residual, (time.perf_counter() - t0) * 1e3)
 
-    def _through_plan(self, solver, scorer, res, ok, lb, ub) -> torch.Tensor:
+    def _objective(self, q, model, heads, x64: torch.Tensor):
+        """The plan objective of ``q`` (a float64 copy) at the states ``x64``: the closed forms of
+        :mod:`qmpc.plan_batch` where ``q`` has them (PICNN: measured on InvertedPendulum-v5 at H = 3,
+        see docs/benchmarks.md), else :class:`PlanObjective` (torch)."""
+        if not hasattr(q, "numpy_batch_derivatives") or not self.closed_form:
+            return PlanObjective(q, model, heads, x64, self.horizon, self.gamma, self.termination)
+        weights = {n: np64(t) for n, t in (*q.named_parameters(), *q.named_buffers())}
+        stage = model.stage_derivatives()
+        forms = PlanClosedForms(
+            step=stage.step,
+            model=stage,
+            cost=heads.cost_derivatives(),
+            cost_value=heads.cost_value(),
+            q=q.numpy_batch_derivatives(),
+            q_value=lambda X, U: q.action_oracle(X, weights).value(U),
+            termination=heads.termination_derivatives() if self.termination else None,
+            termination_value=heads.termination_value() if self.termination else None,
+        )
+        return PlanBatchOracle(forms, x64.numpy(), self.horizon, self.gamma)
+
+    def _through_plan(self, x64: torch.Tensor, scorer, res, ok, lb, ub) -> torch.Tensor:
         """``(B,)`` zeros whose gradient in ``q``'s weights is ``∇_U J_target(U*)ᵀ ∂U*/∂θ``. At a plan
         ``U*`` with the components on a bound held, ``∇_F J_θ(U*) = 0`` on the free ones ``F``;
         differentiating it, ``∂U*_F/∂θ = −H_FF⁻¹ ∂_θ ∇_F J_θ``, so with ``λ = H_FF⁻¹ a_F``,
@@ -166,9 +192,9 @@ class PlanTargets:
         q64, (q_train, *_) = self.copies[0], self.sources
         weights = {n: p.to(torch.float64) for n, p in q_train.named_parameters()}  # differentiable cast
         live = _Functional(q64, weights)
-        obj = PlanObjective(live, self.copies[2], self.copies[3], solver.x0, self.horizon, self.gamma, self.termination)
+        obj = PlanObjective(live, self.copies[2], self.copies[3], x64, self.horizon, self.gamma, self.termination)
         Ut = torch.from_numpy(U).requires_grad_(True)
-        (g,) = torch.autograd.grad(obj.objective(Ut, solver.x0).sum(), Ut, create_graph=True)
+        (g,) = torch.autograd.grad(obj.objective(Ut, x64).sum(), Ut, create_graph=True)
         tilt = (torch.from_numpy(lam) * g).sum(dim=1)
         return tilt.detach() - tilt
 

@@ -42,11 +42,21 @@ def _states(n: int) -> torch.Tensor:
     return 0.5 * torch.randn(n, NX, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
 
+def _objective(kind: str, q, model, heads, x0, horizon, termination=True):
+    """The plan objective of the targets: ``torch`` (:class:`PlanObjective`) or ``closed`` (the
+    closed forms of :mod:`qmpc.plan_batch`, as :class:`PlanTargets` builds them)."""
+    if kind == "torch":
+        return PlanObjective(q, model, heads, x0, horizon, 0.95, termination=termination)
+    targets = PlanTargets(q, q, model, heads, LOW, HIGH, horizon, 0.95, termination=termination)
+    return targets._objective(q, model, heads, x0)
+
+
+@pytest.mark.parametrize("kind", ["torch", "closed"])
 @pytest.mark.parametrize("horizon", [1, 3])
-def test_objective_derivatives_match_finite_differences(horizon):
+def test_objective_derivatives_match_finite_differences(horizon, kind):
     q, model, heads = _networks()
     x0 = _states(4)
-    obj = PlanObjective(q, model, heads, x0, horizon, 0.95)
+    obj = _objective(kind, q, model, heads, x0, horizon)
     rng = np.random.default_rng(0)
     u = rng.uniform(-0.8, 0.8, size=(4, horizon * NU))
     rows = np.arange(4)
@@ -60,6 +70,46 @@ def test_objective_derivatives_match_finite_differences(horizon):
         fd_H = (obj.derivatives(u + d, rows)[1] - obj.derivatives(u - d, rows)[1]) / (2 * eps)
         np.testing.assert_allclose(g[:, j], fd_g, rtol=1e-6, atol=1e-8)
         np.testing.assert_allclose(H[:, :, j], fd_H, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["plain", "no termination", "certain termination", "layer norm"])
+@pytest.mark.parametrize("horizon", [2, 3, 4])
+def test_closed_forms_are_the_torch_objective(horizon, case):
+    """The closed-form value, gradient and exact Hessian of a batch of plans (:mod:`qmpc.plan_batch`)
+    against torch's of the same networks, with a termination of ~0.1 a step, none, one certain to
+    terminate (``1 − p ≈ 1e-26``: no division by it), and a PICNN with layer norms."""
+    q, model, heads = _networks()
+    if case == "certain termination":
+        with torch.no_grad():
+            heads.term_net[-1].bias.fill_(60.0)
+    if case == "layer norm":
+        torch.manual_seed(4)
+        q = qmpc.PICNN(NX, NU, hidden=(8, 8), action_curvature=0.1, layer_norm=True).double()
+        with torch.no_grad():
+            for norm in q.x_norm:
+                norm.weight.uniform_(0.3, 2.0)
+                norm.bias.uniform_(-0.5, 0.5)
+    x0, term = _states(7), case != "no termination"
+    ref = _objective("torch", q, model, heads, x0, horizon, term)
+    closed = _objective("closed", q, model, heads, x0, horizon, term)
+    u = np.random.default_rng(horizon).uniform(-0.9, 0.9, size=(5, horizon * NU))
+    rows = np.array([6, 0, 3, 3, 1])
+    for got, want in zip(closed.derivatives(u, rows), ref.derivatives(u, rows), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(closed.value(u, rows), ref.value(u, rows), rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(closed.gradient(u, rows), closed.derivatives(u, rows)[1])
+
+
+def test_plan_targets_are_the_same_on_the_closed_forms_and_on_torch():
+    q, model, heads = _networks()
+    x = _states(16)
+    targets = PlanTargets(q, q, model, heads, LOW, HIGH, 3, 0.95, tol=1e-10, max_iter=50)
+    closed = targets(x, np.zeros((16, NU)))
+    targets.closed_form = False
+    ref = targets(x, np.zeros((16, NU)))
+    assert Status.ok(closed.status).all() and Status.ok(ref.status).all()
+    np.testing.assert_allclose(closed.value.numpy(), ref.value.numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(closed.plan, ref.plan, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("termination", [True, False])
