@@ -58,7 +58,7 @@ class NetworkConfig:
     """QuadraticQ only: the curvature in u depends on x (False: a constant matrix)."""
     layer_norm: bool = False
     """PICNN only: layer normalisation (learned scale and shift) of each state-path layer before
-    its activation; Q stays convex in u (ignored by the other architectures)."""
+    its activation; Q stays convex in u (refused with the other architectures)."""
     obs_normalization: str = field(default="none", metadata={"choices": ("none", "standardize", "whiten")})
     """Fixed input normalisation of the states: ``standardize`` (per-dimension mean and std) or
     ``whiten`` (mean and covariance; decorrelates, e.g., positions and velocities). Its statistics

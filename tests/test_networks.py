@@ -184,3 +184,11 @@ def test_network_input_validation():
     q = qmpc.MLPQ(3, 2)
     with pytest.raises(qmpc.InputError, match=r"expected u of shape \(4, 2\)"):
         q(torch.zeros(4, 3), torch.zeros(4, 3))
+
+
+def test_layer_norm_is_refused_where_the_architecture_has_none():
+    from qmpc.networks.registry import build_network
+
+    with pytest.raises(qmpc.InputError, match=r"expected arch in \['PICNN'\] for layer_norm = true, got 'MLPQ'"):
+        build_network("MLPQ", 3, 2, (8,), layer_norm=True)
+    assert build_network("PICNN", 3, 2, (8,), layer_norm=True).layer_norm

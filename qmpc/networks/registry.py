@@ -64,4 +64,7 @@ def build_network(
         "layer_norm": layer_norm,
     }
     entry = REGISTRY[arch]
+    if layer_norm and "layer_norm" not in entry.options:  # asked for explicitly: not silently dropped
+        with_it = sorted(name for name, e in REGISTRY.items() if "layer_norm" in e.options)
+        raise InputError(f"expected arch in {with_it} for layer_norm = true, got {arch!r}")
     return entry.cls(obs_dim, act_dim, hidden, **{option: given[option] for option in entry.options})
