@@ -27,7 +27,7 @@ import torch
 from qmpc.boxsqp import solve_box_sqp
 from qmpc.networks.base import np64
 from qmpc.plan_batch import PlanBatchOracle, PlanClosedForms
-from qmpc.solver import Status
+from qmpc.solver import Status, single_blas_thread
 
 __all__ = ["PlanObjective", "PlanTargets", "PlanValues"]
 
@@ -144,13 +144,14 @@ class PlanTargets:
         lb, ub = np.tile(self.low, self.horizon), np.tile(self.high, self.horizon)
         u0 = np.asarray(u0, np.float64)
         start = np.clip(u0 if u0.shape[1] == lb.size else np.tile(u0, (1, self.horizon)), lb, ub)
-        res = solve_box_sqp(solver, start, lb, ub, tol=self.tol, max_iter=self.max_iter)
-        value = res.value if solver is scorer else scorer.value(res.u, np.arange(len(res.u)))
-        ok = res.converged & np.isfinite(value)
-        status = np.where(ok, Status.SOLVED, Status.FAILED).astype(np.int8)
-        v = torch.from_numpy(np.where(ok, value, 0.0))
-        if through_plan and planner == "online":
-            v = v + self._through_plan(x64, scorer, res, ok, lb, ub)
+        with single_blas_thread():  # numpy's GEMMs of the closed forms: a second BLAS thread only waits
+            res = solve_box_sqp(solver, start, lb, ub, tol=self.tol, max_iter=self.max_iter)
+            value = res.value if solver is scorer else scorer.value(res.u, np.arange(len(res.u)))
+            ok = res.converged & np.isfinite(value)
+            status = np.where(ok, Status.SOLVED, Status.FAILED).astype(np.int8)
+            v = torch.from_numpy(np.where(ok, value, 0.0))
+            if through_plan and planner == "online":
+                v = v + self._through_plan(x64, scorer, res, ok, lb, ub)
         return PlanValues(v, res.u, status, res.residual, (time.perf_counter() - t0) * 1e3)
 
     def _objective(self, q, model, heads, x64: torch.Tensor):
