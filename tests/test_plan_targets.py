@@ -100,6 +100,38 @@ def test_closed_forms_are_the_torch_objective(horizon, case):
     np.testing.assert_array_equal(closed.gradient(u, rows), closed.derivatives(u, rows)[1])
 
 
+@pytest.mark.parametrize("termination", [True, False])
+def test_closed_forms_are_the_controllers_condensed_hessian(termination):
+    """The batch's closed forms against the controller's own single-shooting derivatives (CasADi's
+    rollout and gradient, the condensed Hessian's callback) of the same networks, plan by plan."""
+    from qmpc.solver import PlanOracle
+
+    q, model, heads = _networks()
+    spec = MPCSpec(
+        LOW,
+        HIGH,
+        horizon=3,
+        dynamics=model.casadi_function(),
+        dynamics_derivatives=model.stage_derivatives(),
+        stage_cost=heads.cost_function(),
+        stage_cost_derivatives=heads.cost_derivatives(),
+        termination=heads.termination_function() if termination else None,
+        termination_derivatives=heads.termination_derivatives() if termination else None,
+        discount=0.95,
+        shooting="single",
+    )
+    planner = Planner(q, spec, SolverOptions(workers=1), bake_weights=True)
+    x = _states(3)
+    closed = _objective("closed", q, model, heads, x, 3, termination)
+    u = np.random.default_rng(7).uniform(-0.9, 0.9, size=(3, 3 * NU))
+    for b in range(3):
+        one = PlanOracle(planner.solver, x[b : b + 1].numpy(), planner.problem_theta())
+        want = one.derivatives(u[b : b + 1], np.arange(1))
+        got = closed.derivatives(u[b : b + 1], np.array([b]))
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
+
+
 def test_plan_targets_are_the_same_on_the_closed_forms_and_on_torch():
     q, model, heads = _networks()
     x = _states(16)
