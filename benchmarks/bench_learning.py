@@ -11,11 +11,11 @@ seeds, evaluating the deterministic policy every ``--eval-every`` steps on the s
 Every (task, method, seed) is one trial of the sweep machinery of ``qmpc sweep`` (:mod:`qmpc.sweep`,
 Ray Tune): trials run side by side, one CPU each, and each writes ``--out/<task>-<method>/seed<s>/
 result.json``. A killed benchmark continues where it stopped: finished trials are read back, qmpc
-runs resume from their checkpoints (SAC runs start again). Prints, per task, the mean ± std over
-seeds of the final and best evaluation returns, the seeds solved (IP: 1000, IDP: 9300) in all and
-by every second evaluation, and writes, per task, the mean curves with a band across seeds
-(``curves_<task>.png``) and one row per trial (``results_<task>.csv``). Returns are sums
-of rewards (= −total cost).
+runs resume from their checkpoints, SAC runs from theirs (``sac.pkl``, after each evaluation).
+Prints, per task, the mean ± std over seeds of the final and best evaluation returns, the seeds
+solved (IP: 1000, IDP: 9300) in all and by every second evaluation, and writes, per task, the mean
+curves with a band across seeds (``curves_<task>.png``) and one row per trial
+(``results_<task>.csv``). Returns are sums of rewards (= −total cost).
 """
 
 from __future__ import annotations
@@ -46,11 +46,46 @@ def eval_policy(policy, env_id: str, episodes: int, seed: int) -> float:
     return float(np.mean(rets))
 
 
-def run_sac(env_id: str, steps: int, seed: int, eval_every: int, episodes: int) -> tuple[list, list, float]:
+def run_sac(
+    env_id: str, steps: int, seed: int, eval_every: int, episodes: int, run_dir: Path | None = None
+) -> tuple[list, list, float]:
+    """SB3 SAC with its defaults, evaluated every ``eval_every`` steps. With ``run_dir`` it writes
+    ``sac.pkl`` there after each evaluation (atomically: the model, its replay buffer and the curve
+    so far) and a run that finds one continues from it (not bit for bit: the episode that was cut
+    off starts again, and the random streams are not restored)."""
+    import io
+    import pickle
+
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
-    xs, ys = [], []
+    from qmpc.data import atomic_write
+
+    ckpt = run_dir / "sac.pkl" if run_dir is not None else None
+    xs, ys, before = [], [], 0.0
+    # buffer_size = steps: the default 1e6 is never reached in a run of ``steps``, so the same
+    # transitions are kept and sampled; only the preallocated memory (and the checkpoint) is smaller
+    model = SAC("MlpPolicy", make_env(env_id, seed=seed), seed=seed, verbose=0, device="cpu", buffer_size=steps)
+    if ckpt is not None and ckpt.exists():
+        with open(ckpt, "rb") as f:
+            saved = pickle.load(f)
+        model = SAC.load(io.BytesIO(saved["model"]), env=make_env(env_id, seed=seed), device="cpu")
+        model.load_replay_buffer(io.BytesIO(saved["buffer"]))
+        xs, ys, before = saved["eval_steps"], saved["eval_returns"], saved["seconds"]
+    t0 = time.perf_counter()
+
+    def save() -> None:
+        model_bytes, buffer_bytes = io.BytesIO(), io.BytesIO()
+        model.save(model_bytes)
+        model.save_replay_buffer(buffer_bytes)
+        state = {"model": model_bytes.getvalue(), "buffer": buffer_bytes.getvalue(), "eval_steps": xs,
+                 "eval_returns": ys, "seconds": before + time.perf_counter() - t0}  # fmt: skip
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                pickle.dump(state, f)
+
+        atomic_write(ckpt, write)
 
     class Eval(BaseCallback):
         def _on_step(self) -> bool:
@@ -58,21 +93,24 @@ def run_sac(env_id: str, steps: int, seed: int, eval_every: int, episodes: int) 
                 pol = lambda o: self.model.predict(o, deterministic=True)[0]  # noqa: E731
                 xs.append(self.num_timesteps)
                 ys.append(eval_policy(pol, env_id, episodes, 10_000 + seed))
+                if ckpt is not None:
+                    save()
             return True
 
-    t0 = time.perf_counter()
-    model = SAC("MlpPolicy", make_env(env_id, seed=seed), seed=seed, verbose=0, device="cpu")
-    model.learn(total_timesteps=steps, callback=Eval())
-    return xs, ys, time.perf_counter() - t0
+    left = steps - model.num_timesteps
+    if left > 0:
+        model.learn(total_timesteps=left, callback=Eval(), reset_num_timesteps=model.num_timesteps == 0)
+    return xs, ys, before + time.perf_counter() - t0
 
 
 def sac_trial(trial: Trial) -> dict:
-    """One SAC run as a sweep trial (the same ``result.json`` as a qmpc trial)."""
+    """One SAC run as a sweep trial (the same ``result.json`` as a qmpc trial), continuing from its
+    ``sac.pkl`` if a killed sweep left one."""
     import torch
 
     torch.set_num_threads(1)
     p = trial.params
-    xs, ys, sec = run_sac(p["env_id"], p["steps"], trial.seed, p["eval_every"], p["episodes"])
+    xs, ys, sec = run_sac(p["env_id"], p["steps"], trial.seed, p["eval_every"], p["episodes"], Path(trial.run_dir))
     return {"eval_steps": xs, "eval_returns": ys, "steps": p["steps"], "seconds": sec, "fail_frac": 0.0}
 
 

@@ -289,3 +289,28 @@ def test_address_auto_joins_only_a_cluster_of_ray_start(tmp_path_factory, capsys
         head.wait(timeout=60)
         shutil.rmtree(started, ignore_errors=True)
         shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_a_sac_baseline_run_continues_from_its_checkpoint(tmp_path):
+    """``bench_learning.py``'s SAC trials write ``sac.pkl`` after each evaluation; a run stopped
+    after its second evaluation continues from there to the budget (same evaluation steps as a
+    run never stopped), its replay buffer and step count restored."""
+    pytest.importorskip("stable_baselines3")
+    import importlib.util
+    import pickle
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_learning.py"
+    spec = importlib.util.spec_from_file_location("bench_learning", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = tmp_path / "sac"
+    xs, ys, _ = bench.run_sac("InvertedPendulum-v5", 200, 0, 100, 1, run)  # "killed" at 200 of 400
+    assert xs == [100, 200] and len(ys) == 2
+    saved = pickle.loads((run / "sac.pkl").read_bytes())
+    assert saved["eval_steps"] == [100, 200]
+    xs, ys, _ = bench.run_sac("InvertedPendulum-v5", 400, 0, 100, 1, run)
+    assert xs == [100, 200, 300, 400] and len(ys) == 4 and all(np.isfinite(ys))
+    saved = pickle.loads((run / "sac.pkl").read_bytes())
+    assert saved["eval_steps"] == [100, 200, 300, 400] and saved["seconds"] > 0
