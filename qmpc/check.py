@@ -61,11 +61,19 @@ class CheckRow:
         return bool(np.isfinite(self.error) and self.error <= self.tolerance)
 
 
-def make_network(arch: str, nx: int, nu: int, seed: int, hidden=(8, 8)) -> QNetwork:
-    """A small float64 network of a given architecture, seeded."""
+def make_network(arch: str, nx: int, nu: int, seed: int, hidden=(8, 8), layer_norm: bool = False) -> QNetwork:
+    """A small float64 network of a given architecture, seeded; ``layer_norm`` (PICNN): with layer
+    norms whose scales and shifts are drawn away from their initial 1 and 0."""
     torch.manual_seed(seed)
     kw = {"action_curvature": 0.5} if "action_curvature" in REGISTRY[arch].options else {}
-    return ARCHITECTURES[arch](nx, nu, hidden=hidden, **kw).double()
+    if layer_norm:
+        kw["layer_norm"] = True
+    q = ARCHITECTURES[arch](nx, nu, hidden=hidden, **kw).double()
+    with torch.no_grad():
+        for norm in getattr(q, "x_norm", []):
+            norm.weight.uniform_(0.3, 2.0)
+            norm.bias.uniform_(-0.5, 0.5)
+    return q
 
 
 def linear_model(nx: int, nu: int, seed: int = 0) -> tuple[ca.Function, ca.Function, np.ndarray, np.ndarray]:
@@ -119,6 +127,7 @@ def make_scenario(
     nu: int = 2,
     model: Model = "linear",
     workers: int = 1,
+    layer_norm: bool = False,
 ) -> tuple[ArgminLayer, torch.Tensor]:
     """A layer and a batch of states whose solutions have the requested bound activity.
 
@@ -131,9 +140,10 @@ def make_scenario(
     ``model`` (horizon > 1): ``linear`` (:func:`linear_model`), ``mlp`` (:func:`mlp_model`, a
     stage cost reading ``x⁺``) or ``mlp-tv`` (the same, time-varying: random ``model_params``).
     The layer solves with ``plugin`` at ``tol``; its twin at sqpmethod/1e-13 on the same network
-    is what :func:`fd_errors` differentiates by central differences.
+    is what :func:`fd_errors` differentiates by central differences. ``layer_norm``: the network's
+    (:func:`make_network`).
     """
-    q = make_network(arch, nx, nu, seed)
+    q = make_network(arch, nx, nu, seed, layer_norm=layer_norm)
     n_p = 2 * nx if model == "mlp-tv" else 0
     f, c = linear_model(nx, nu, seed)[:2] if model == "linear" else mlp_model(nx, nu, seed, n_p)
     kw = dict(horizon=horizon, dynamics=f, stage_cost=c, discount=0.9, dynamics_params=n_p)
@@ -443,12 +453,17 @@ def run_checks(quick: bool = True) -> Iterator[CheckRow]:
     for arch in ARCHITECTURES:
         e = twin_errors(make_network(arch, 4, 2, 0))
         yield CheckRow(f"twin {arch}: value/grad/Hessian", max(e.values()), 1e-10)
+    e = twin_errors(make_network("PICNN", 4, 2, 0, layer_norm=True))
+    yield CheckRow("twin PICNN layer_norm: value/grad/Hessian", max(e.values()), 1e-10)
     for arch, bounds, h, plugin, tol, model in fd_cases(quick):
         batch = 8 if plugin == "newton" else 3  # the batched Newton takes batches of 8 and more
         layer, x = make_scenario(arch, bounds, h, plugin, tol=tol, model=model, batch=batch)
         e = fd_errors(layer, x, n_dirs=1 if quick or tol > 1e-13 else 3)
         where = "" if model == "linear" else f" model={model}"
         yield CheckRow(f"FD {arch} H={h} bounds={bounds}{where} {plugin} tol={tol:.0e}", max(e.values()), 1e-6)
+    layer, x = make_scenario("PICNN", "mixed", 1, "newton", tol=1e-8, batch=8, layer_norm=True)
+    e = fd_errors(layer, x, n_dirs=1)
+    yield CheckRow("FD PICNN layer_norm H=1 bounds=mixed newton tol=1e-08", max(e.values()), 1e-6)
     e = clip_closed_form()
     yield CheckRow("closed form: diagonal quadratic, u*=clip(mu)", max(e.values()), 1e-9)
     for h in (1, 3):

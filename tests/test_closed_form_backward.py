@@ -22,9 +22,10 @@ def _grads(layer, x, casadi: bool):
     return gx.numpy(), torch.cat([t.reshape(-1) for t in gth]).numpy()
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("bounds", ["inactive", "active", "mixed"])
-def test_closed_form_hessian_backward_matches_casadi_kkt(bounds):
-    layer, x = make_scenario("PICNN", bounds, 1, "newton", tol=1e-10, batch=16)
+def test_closed_form_hessian_backward_matches_casadi_kkt(bounds, layer_norm):
+    layer, x = make_scenario("PICNN", bounds, 1, "newton", tol=1e-10, batch=16, layer_norm=layer_norm)
     assert layer.problem.batched and layer.planner.action_hessian(x.numpy()) is not None
     fast = _grads(layer, x, casadi=False)
     ref = _grads(layer, x, casadi=True)

@@ -275,3 +275,16 @@ def test_qmpc_check_rows():
     rows = list(run_checks(quick=True))
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
     assert any("ipopt tol=1e-08" in r.name for r in rows) and any("model=mlp" in r.name for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("horizon", "plugin", "bounds"),
+    [(1, "newton", "mixed"), (1, "newton", "active"), (1, "sqpmethod", "mixed"), (3, "sqpmethod", "mixed")],
+)
+def test_finite_differences_through_a_layer_normed_picnn(horizon, plugin, bounds):
+    """``network.layer_norm``: the argmin's and the value's sensitivities in the state and in every
+    weight (the layer norms' scales and shifts among them) against central differences."""
+    layer, x = make_scenario("PICNN", bounds, horizon, plugin, tol=1e-10, batch=8, layer_norm=True)
+    assert any(n.startswith("x_norm.") for n, _ in layer.q.named_parameters())
+    errs = fd_errors(layer, x, n_dirs=2)
+    assert max(errs.values()) <= 1e-6, errs
