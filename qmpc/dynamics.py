@@ -182,22 +182,30 @@ def _scalar_mlp_value(Ws: list, bs: list, activation: str, Z: np.ndarray) -> np.
     return h @ Ws[-1][0] + bs[-1][0]
 
 
-def _scalar_mlp_derivatives(Ws: list, bs: list, activation: str, Z: np.ndarray, hessian: bool = True):
+def _scalar_mlp_derivatives(
+    Ws: list, bs: list, activation: str, Z: np.ndarray, hessian: bool = True, directions: np.ndarray | None = None
+):
     """``(y (K,), ∇y (K, nz), ∇²y (K, nz, nz))`` of a scalar MLP ``y = W_L h_{L−1} + b_L`` at ``Z (K, nz)``,
     in closed form (the Hessian is ``Σ_l J_lᵀ diag(ḡ_l ⊙ σ''(a_l)) J_l``, as in :class:`MLPStageDerivatives`).
-    ``hessian=False``: ``∇²y`` None, and no Jacobian is carried forward (the reverse pass alone)."""
+    ``hessian=False``: ``∇²y`` None, and no Jacobian is carried forward (the reverse pass alone).
+    ``directions (K, nz, n)``: the Hessian along them, ``Dᵀ ∇²y D (K, n, n)``, with the Jacobians
+    carried along the ``n`` directions instead of the ``nz`` inputs (fewer when ``n < nz``)."""
     h, Ja, d1s, d2s, J = Z, [], [], [], None
     for W, b in zip(Ws[:-1], bs[:-1], strict=True):
         a = h @ W.T + b
         h, d1, d2 = np_activation(activation, a)
         d1s.append(d1), d2s.append(d2)
         if hessian:
-            Jl = np.broadcast_to(W, (a.shape[0], *W.shape)) if J is None else W @ J
+            if J is None:
+                Jl = np.broadcast_to(W, (a.shape[0], *W.shape)) if directions is None else W @ directions
+            else:
+                Jl = W @ J
             Ja.append(Jl)
             J = d1[:, :, None] * Jl
     y = h @ Ws[-1][0] + bs[-1][0]
     g = np.broadcast_to(Ws[-1][0], h.shape)  # ∂y/∂h_L
-    H = np.zeros((Z.shape[0], Z.shape[1], Z.shape[1])) if hessian else None
+    n = Z.shape[1] if directions is None else directions.shape[2]
+    H = np.zeros((Z.shape[0], n, n)) if hessian else None
     for layer in reversed(range(len(d1s))):
         if hessian:
             Jl = Ja[layer]
@@ -307,8 +315,9 @@ class OutcomeModel(nn.Module):
         Ws, bs = self._folded(self.cost_net)
         cs, csc = float(self.c_shift[0]), float(self.c_scale[0])
 
-        def derivatives(X, U, Xn, hessian: bool = True):
-            y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, np.concatenate([X, U, Xn], axis=1), hessian)
+        def derivatives(X, U, Xn, hessian: bool = True, directions: np.ndarray | None = None):
+            Z = np.concatenate([X, U, Xn], axis=1)
+            y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, Z, hessian, directions)
             return cs + csc * y, csc * g, (csc * H if hessian else None)
 
         return derivatives
@@ -337,12 +346,14 @@ class OutcomeModel(nn.Module):
         """Like :meth:`cost_derivatives`, of the termination probability ``p = sigmoid(logit)``."""
         Ws, bs = self._folded(self.term_net)
 
-        def derivatives(X, U, Xn, hessian: bool = True):
-            y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, np.concatenate([X, U, Xn], axis=1), hessian)
+        def derivatives(X, U, Xn, hessian: bool = True, directions: np.ndarray | None = None):
+            Z = np.concatenate([X, U, Xn], axis=1)
+            y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, Z, hessian, directions)
             p, d1, d2 = np_activation("sigmoid", y)
             if not hessian:
                 return p, d1[:, None] * g, None
-            return p, d1[:, None] * g, d2[:, None, None] * g[:, :, None] * g[:, None, :] + d1[:, None, None] * H
+            gd = g if directions is None else np.einsum("kz,kzn->kn", g, directions)  # ∇y along the directions
+            return p, d1[:, None] * g, d2[:, None, None] * gd[:, :, None] * gd[:, None, :] + d1[:, None, None] * H
 
         return derivatives
 

@@ -44,8 +44,8 @@ class PlanClosedForms(NamedTuple):
     """``(X, U) -> (A (K, nx, nx), B (K, nx, nu), hess)`` with ``hess(Λ (K, nx)) -> (K, nz, nz)`` the
     Hessians of ``λᵀ f`` in ``(x, u)`` (:class:`~qmpc.dynamics.MLPStageDerivatives`)."""
     cost: Derivs
-    """``(X, U, X⁺, hessian=True) -> (c (K,), ∇c (K, n3), ∇²c (K, n3, n3))`` in ``(x, u, x⁺)`` (the
-    Hessian None with ``hessian=False``)."""
+    """``(X, U, X⁺, hessian=True, directions=None) -> (c (K,), ∇c (K, n3), ∇²c)`` in ``(x, u, x⁺)``:
+    the Hessian ``(K, n3, n3)``, along ``directions (K, n3, n)`` ``(K, n, n)``, None with ``hessian=False``."""
     cost_value: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
     """``(X, U, X⁺) -> c (K,)``."""
     q: Derivs
@@ -121,14 +121,16 @@ class PlanBatchOracle:
             return qv, gq[:, nx:], (Hq[:, nx:, nx:] if hessian else None)
         Xs, Us, Xn = (a.reshape(R * N, -1) for a in (X[:, :N], U[:, :N], X[:, 1:]))
         # stage functions over every plan and stage at once, (R, N, …)
-        c, gc, Hc = _per_stage(F.cost(Xs, Us, Xn, hessian=hessian), R, N)
-        if F.termination is not None:
-            p, gp, Hp = _per_stage(F.termination(Xs, Us, Xn, hessian=hessian), R, N)
-        else:
-            p, gp, Hp = np.zeros((R, N)), np.zeros_like(gc), None if Hc is None else np.zeros_like(Hc)
         qv, gq, Hq = F.q(X[:, N], U[:, N], hessian=hessian)
         A, B, hess_f = F.model(Xs, Us)
         A, B = A.reshape(R, N, nx, nx), B.reshape(R, N, nx, nu)
+        T = _stage_maps(A, B, n) if hessian else None  # (R, N, n3, n) and (R, nz, n)
+        D = None if T is None else T[0].reshape(R * N, -1, n)  # the heads' Hessians along the actions
+        c, gc, M_c = _per_stage(F.cost(Xs, Us, Xn, hessian=hessian, directions=D), R, N)
+        if F.termination is not None:
+            p, gp, M_p = _per_stage(F.termination(Xs, Us, Xn, hessian=hessian, directions=D), R, N)
+        else:
+            p, gp, M_p = np.zeros((R, N)), np.zeros_like(gc), None if M_c is None else np.zeros_like(M_c)
         w = SurvivalTerms(gamma ** np.arange(N + 1) * np.concatenate([c, qv[:, None]], axis=1), 1.0 - p)
         # the explicit partials in the states, for the costates
         coef_c = w.s[:, :N] * gamma ** np.arange(N)  # of each stage cost's gradient
@@ -148,24 +150,12 @@ class PlanBatchOracle:
         J = np.einsum("ri,ri->r", w.s, w.t)
         if not hessian:
             return J, grad.reshape(R, n), None
-        # the rollout's sensitivities S_k = ∂x_k/∂w and each stage's map T_k = ∂(x_k, u_k, x_{k+1})/∂w
-        S = np.zeros((R, N + 1, nx, n))
-        for k in range(N):
-            S[:, k + 1] = A[:, k] @ S[:, k]
-            S[:, k + 1, :, k * nu : (k + 1) * nu] += B[:, k]
-        Eu = np.zeros((N + 1, nu, n))
-        for k in range(N + 1):
-            Eu[k, :, k * nu : (k + 1) * nu] = np.eye(nu)
-        Eb = np.broadcast_to(Eu, (R, N + 1, nu, n))
-        T = np.concatenate([S[:, :N], Eb[:, :N], S[:, 1:]], axis=2)  # (R, N, n3, n)
-        TN = np.concatenate([S[:, N], Eb[:, N]], axis=1)  # (R, nz, n)
+        T, TN = T
         Tt = np.swapaxes(T, 2, 3)
         a_c = gamma ** np.arange(N)[None, :, None] * (Tt @ gc[..., None])[..., 0]  # ∇t_i, i < N
         a_q = gamma**N * (np.swapaxes(TN, 1, 2) @ gq[..., None])[..., 0]
         a_t = np.concatenate([a_c, a_q[:, None]], axis=1)  # (R, N + 1, n)
         b = -(Tt @ gp[..., None])[..., 0]  # ∇q_j (R, N, n)
-        M_c = Tt @ Hc @ T  # (R, N, n, n)
-        M_p = Tt @ Hp @ T
         M_q = np.swapaxes(TN, 1, 2) @ Hq @ TN
         Hs = np.einsum("rk,rkij->rij", coef_c, M_c) + coef_q[:, None, None] * M_q
         Hs -= np.einsum("rk,rkij->rij", w.rho, M_p)
@@ -177,6 +167,23 @@ class PlanBatchOracle:
         Txu = T[:, :, : nx + nu]
         Hs += np.einsum("rkai,rkab,rkbj->rij", Txu, Hf, Txu)
         return J, grad.reshape(R, n), 0.5 * (Hs + np.swapaxes(Hs, 1, 2))
+
+
+def _stage_maps(A: np.ndarray, B: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each stage's map to the actions ``T_k = ∂(x_k, u_k, x_{k+1})/∂w (R, N, n3, n)`` and the last
+    state's and action's ``T_N (R, nz, n)``, from the rollout's sensitivities ``S_{k+1} = A_k S_k + B_k E_k``
+    (``A (R, N, nx, nx)``, ``B (R, N, nx, nu)``, ``S_0 = 0``)."""
+    R, N, nx, nu = *A.shape[:3], B.shape[3]
+    S = np.zeros((R, N + 1, nx, n))
+    for k in range(N):
+        S[:, k + 1] = A[:, k] @ S[:, k]
+        S[:, k + 1, :, k * nu : (k + 1) * nu] += B[:, k]
+    Eu = np.zeros((N + 1, nu, n))
+    for k in range(N + 1):
+        Eu[k, :, k * nu : (k + 1) * nu] = np.eye(nu)
+    Eb = np.broadcast_to(Eu, (R, N + 1, nu, n))
+    T = np.concatenate([S[:, :N], Eb[:, :N], S[:, 1:]], axis=2)
+    return T, np.concatenate([S[:, N], Eb[:, N]], axis=1)
 
 
 def _per_stage(out: tuple, R: int, N: int) -> list:
