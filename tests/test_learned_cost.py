@@ -65,6 +65,24 @@ def test_heads_twins_and_closed_form_derivatives(activation):
         np.testing.assert_allclose(H, np.swapaxes(H, 1, 2), atol=1e-12)
 
 
+def test_heads_derivatives_along_directions_and_without_hessian():
+    """``directions=D``: the Hessian along them, ``Dᵀ ∇² D``; ``hessian=False``: the same value and
+    gradient, no Hessian (what the H-step targets' plans ask of the heads)."""
+    m, x, u, xn = _heads("silu")
+    X, U, Xn = x.numpy()[:6], u.numpy()[:6], xn.numpy()[:6]
+    D = np.random.default_rng(3).normal(size=(6, 2 * NX + NU, 4))
+    for derivatives in (m.cost_derivatives(), m.termination_derivatives()):
+        v, g, H = derivatives(X, U, Xn)
+        v2, g2, H2 = derivatives(X, U, Xn, directions=D)
+        np.testing.assert_array_equal(v, v2)
+        np.testing.assert_array_equal(g, g2)
+        np.testing.assert_allclose(H2, np.swapaxes(D, 1, 2) @ H @ D, rtol=1e-12, atol=1e-12)
+        v3, g3, H3 = derivatives(X, U, Xn, hessian=False)
+        np.testing.assert_array_equal(v, v3)
+        np.testing.assert_allclose(g3, g, rtol=0, atol=1e-15)
+        assert H3 is None
+
+
 def _problem_parts():
     x, u, xn = ca.SX.sym("x", NX), ca.SX.sym("u", NU), ca.SX.sym("x_next", NX)
     A = np.array([[1.0, 0.1, 0.0], [0.0, 0.9, 0.2], [0.1, 0.0, 0.95]])
