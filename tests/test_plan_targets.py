@@ -100,6 +100,24 @@ def test_closed_forms_are_the_torch_objective(horizon, case):
     np.testing.assert_array_equal(closed.gradient(u, rows), closed.derivatives(u, rows)[1])
 
 
+def _casadi_spec(model, heads, termination: bool, closed_forms: bool = False) -> MPCSpec:
+    """The H = 3 single-shooting plan of the networks' CasADi twins (``closed_forms``: with the heads'
+    closed-form derivatives, as the controller plans; else CasADi's AD of the twins)."""
+    return MPCSpec(
+        LOW,
+        HIGH,
+        horizon=3,
+        dynamics=model.casadi_function(),
+        dynamics_derivatives=model.stage_derivatives(),
+        stage_cost=heads.cost_function(),
+        stage_cost_derivatives=heads.cost_derivatives() if closed_forms else None,
+        termination=heads.termination_function() if termination else None,
+        termination_derivatives=heads.termination_derivatives() if termination and closed_forms else None,
+        discount=0.95,
+        shooting="single",
+    )
+
+
 @pytest.mark.parametrize("termination", [True, False])
 def test_closed_forms_are_the_controllers_condensed_hessian(termination):
     """The batch's closed forms against the controller's own single-shooting derivatives (CasADi's
@@ -107,20 +125,7 @@ def test_closed_forms_are_the_controllers_condensed_hessian(termination):
     from qmpc.solver import PlanOracle
 
     q, model, heads = _networks()
-    spec = MPCSpec(
-        LOW,
-        HIGH,
-        horizon=3,
-        dynamics=model.casadi_function(),
-        dynamics_derivatives=model.stage_derivatives(),
-        stage_cost=heads.cost_function(),
-        stage_cost_derivatives=heads.cost_derivatives(),
-        termination=heads.termination_function() if termination else None,
-        termination_derivatives=heads.termination_derivatives() if termination else None,
-        discount=0.95,
-        shooting="single",
-    )
-    planner = Planner(q, spec, SolverOptions(workers=1), bake_weights=True)
+    planner = Planner(q, _casadi_spec(model, heads, termination, closed_forms=True), SolverOptions(workers=1), True)
     x = _states(3)
     closed = _objective("closed", q, model, heads, x, 3, termination)
     u = np.random.default_rng(7).uniform(-0.9, 0.9, size=(3, 3 * NU))
@@ -154,17 +159,7 @@ def test_plan_values_match_the_casadi_plan_of_the_twins(termination):
     targets = PlanTargets(q, q, model, heads, LOW, HIGH, 3, 0.95, tol=1e-10, max_iter=50, termination=termination)
     res = targets(x, np.zeros((12, NU)))
     assert Status.ok(res.status).all() and res.plan.shape == (12, 3 * NU)
-    spec = MPCSpec(
-        LOW,
-        HIGH,
-        horizon=3,
-        dynamics=model.casadi_function(),
-        dynamics_derivatives=model.stage_derivatives(),
-        stage_cost=heads.cost_function(),
-        termination=heads.termination_function() if termination else None,
-        discount=0.95,
-        shooting="single",
-    )
+    spec = _casadi_spec(model, heads, termination)
     ref, _ = Planner(q, spec, SolverOptions(tol=1e-10, workers=1), bake_weights=True).solve(x.numpy())
     assert Status.ok(ref.status).all()
     np.testing.assert_allclose(res.value.numpy(), ref.value, rtol=1e-9, atol=1e-9)
