@@ -63,15 +63,15 @@ def run_sac(
 
     ckpt = run_dir / "sac.pkl" if run_dir is not None else None
     xs, ys, before = [], [], 0.0
-    # buffer_size = steps: the default 1e6 is never reached in a run of ``steps``, so the same
-    # transitions are kept and sampled; only the preallocated memory (and the checkpoint) is smaller
-    model = SAC("MlpPolicy", make_env(env_id, seed=seed), seed=seed, verbose=0, device="cpu", buffer_size=steps)
     if ckpt is not None and ckpt.exists():
         with open(ckpt, "rb") as f:
             saved = pickle.load(f)
         model = SAC.load(io.BytesIO(saved["model"]), env=make_env(env_id, seed=seed), device="cpu")
         model.load_replay_buffer(io.BytesIO(saved["buffer"]))
         xs, ys, before = saved["eval_steps"], saved["eval_returns"], saved["seconds"]
+    else:  # buffer_size = steps: the default 1e6 is never reached in a run of ``steps``, so the same
+        # transitions are kept and sampled; only the preallocated memory (and the checkpoint) is smaller
+        model = SAC("MlpPolicy", make_env(env_id, seed=seed), seed=seed, verbose=0, device="cpu", buffer_size=steps)
     t0 = time.perf_counter()
 
     def save() -> None:

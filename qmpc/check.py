@@ -42,6 +42,7 @@ __all__ = [
     "make_scenario",
     "mlp_model",
     "run_checks",
+    "spread_layer_norms",
     "twin_errors",
 ]
 
@@ -68,7 +69,13 @@ def make_network(arch: str, nx: int, nu: int, seed: int, hidden=(8, 8), layer_no
     kw = {"action_curvature": 0.5} if "action_curvature" in REGISTRY[arch].options else {}
     if layer_norm:
         kw["layer_norm"] = True
-    q = ARCHITECTURES[arch](nx, nu, hidden=hidden, **kw).double()
+    return spread_layer_norms(ARCHITECTURES[arch](nx, nu, hidden=hidden, **kw).double())
+
+
+def spread_layer_norms(q: QNetwork) -> QNetwork:
+    """``q`` with its layer norms' scales drawn from U(0.3, 2) and shifts from U(−0.5, 0.5) (torch's
+    generator), away from their initial 1 and 0, so that checks of them see both; a network without
+    layer norms is returned unchanged."""
     with torch.no_grad():
         for norm in getattr(q, "x_norm", []):
             norm.weight.uniform_(0.3, 2.0)

@@ -49,9 +49,7 @@ class MLPStageDerivatives:
 
     def step(self, X: np.ndarray, U: np.ndarray) -> np.ndarray:
         """``x⁺ (K, nx)`` at ``X (K, nx)``, ``U (K, nu)``: the model's forward pass alone."""
-        h = np.concatenate([X, U], axis=1)
-        for W, b in zip(self.Ws[:-1], self.bs[:-1], strict=True):
-            h = np_activation(self.activation, h @ W.T + b)[0]
+        h = _last_hidden(self.Ws, self.bs, self.activation, np.concatenate([X, U], axis=1))
         return X + h @ self.Ws[-1].T + self.bs[-1]
 
     def __call__(self, X: np.ndarray, U: np.ndarray, P: np.ndarray | None = None):
@@ -174,12 +172,17 @@ def rollout_error(model: DynamicsModel, obs: np.ndarray, act: np.ndarray, next_o
     return float(np.linalg.norm(pred - next_obs) / max(1e-12, np.linalg.norm(next_obs - obs)))
 
 
-def _scalar_mlp_value(Ws: list, bs: list, activation: str, Z: np.ndarray) -> np.ndarray:
-    """``y (K,)`` of a scalar MLP at ``Z (K, nz)`` (the forward pass of :func:`_scalar_mlp_derivatives`)."""
-    h = Z
+def _last_hidden(Ws: list, bs: list, activation: str, h: np.ndarray) -> np.ndarray:
+    """An MLP's last hidden layer ``(K, width)`` at its inputs ``h (K, n_in)``: the forward pass
+    through every layer but the linear output one."""
     for W, b in zip(Ws[:-1], bs[:-1], strict=True):
         h = np_activation(activation, h @ W.T + b)[0]
-    return h @ Ws[-1][0] + bs[-1][0]
+    return h
+
+
+def _scalar_mlp_value(Ws: list, bs: list, activation: str, Z: np.ndarray) -> np.ndarray:
+    """``y (K,)`` of a scalar MLP at ``Z (K, nz)`` (the forward pass of :func:`_scalar_mlp_derivatives`)."""
+    return _last_hidden(Ws, bs, activation, Z) @ Ws[-1][0] + bs[-1][0]
 
 
 def _scalar_mlp_derivatives(

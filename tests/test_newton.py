@@ -8,6 +8,7 @@ import torch
 from torch.func import grad, hessian, vmap
 
 import qmpc
+from qmpc.check import spread_layer_norms
 from qmpc.kkt import kkt_residual
 from qmpc.newton import solve_box
 
@@ -18,11 +19,7 @@ def _picnn(nx=5, nu=3, hidden=(8, 6), activation="tanh", normalized=True, seed=0
     if normalized:
         rng = np.random.default_rng(seed)
         q.set_input_normalization(rng.normal(size=nx), rng.normal(size=(nx, nx)))
-    with torch.no_grad():  # layer norms' scales and shifts away from their initial 1 and 0
-        for norm in getattr(q, "x_norm", []):
-            norm.weight.uniform_(0.3, 2.0)
-            norm.bias.uniform_(-0.5, 0.5)
-    return q
+    return spread_layer_norms(q)  # layer norms' scales and shifts away from their initial 1 and 0
 
 
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["", "layer_norm"])

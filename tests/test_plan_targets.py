@@ -10,6 +10,7 @@ import torch
 from test_resume_exact import TINY, assert_same_run
 
 import qmpc
+from qmpc.check import spread_layer_norms
 from qmpc.config import load_config
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.errors import ConfigError
@@ -84,11 +85,7 @@ def test_closed_forms_are_the_torch_objective(horizon, case):
             heads.term_net[-1].bias.fill_(60.0)
     if case == "layer norm":
         torch.manual_seed(4)
-        q = qmpc.PICNN(NX, NU, hidden=(8, 8), action_curvature=0.1, layer_norm=True).double()
-        with torch.no_grad():
-            for norm in q.x_norm:
-                norm.weight.uniform_(0.3, 2.0)
-                norm.bias.uniform_(-0.5, 0.5)
+        q = spread_layer_norms(qmpc.PICNN(NX, NU, hidden=(8, 8), action_curvature=0.1, layer_norm=True).double())
     x0, term = _states(7), case != "no termination"
     ref = _objective("torch", q, model, heads, x0, horizon, term)
     closed = _objective("closed", q, model, heads, x0, horizon, term)
