@@ -74,6 +74,9 @@ class Recipe:
     """Seed of the medium run for dataset seed 0 (``medium_seed + seed`` for the others): the seed
     the expert checkpoint was trained with, so that medium and expert come from one training run
     (the medium policy is that run stopped early, as D4RL's are)."""
+    sets: tuple[str, ...] = ()
+    """Config overrides (``KEY=VALUE``) of the medium run on top of :attr:`launch`: the settings the
+    expert was trained with, pinned where the launch file has moved on since."""
 
 
 RECIPES = {
@@ -86,6 +89,7 @@ RECIPES = {
             "models/inverted_pendulum.pt",
             100_000,
             medium_seed=3,  # models/inverted_pendulum.pt is seed 3's run of the launch file
+            sets=("network.layer_norm=false",),  # as it was then (the datasets of docs/benchmarks.md)
         ),
         Recipe(
             "InvertedDoublePendulum-v5",
@@ -143,6 +147,8 @@ class _Job:
     reference_episodes: int
     medium_seed: int
     progress: bool
+    sets: tuple[str, ...] = ()
+    """The recipe's :attr:`Recipe.sets` (none with a launch file of the caller's)."""
 
     def env(self):
         from qmpc.env import make_env
@@ -187,7 +193,8 @@ def make_dataset(
     recipe = RECIPES.get(env_id)
     root = Path(root) if root is not None else minari_root()
     launch_path = _repo_file(str(launch) if launch else recipe and recipe.launch, "the launch file", "--launch")
-    cfg = load_config(launch_path, [])
+    pinned = tuple(recipe.sets) if recipe and launch is None else ()
+    cfg = load_config(launch_path, list(pinned))
     if cfg.env.id != env_id:
         raise ConfigError(f"expected a launch file for {env_id}, got one for {cfg.env.id} ({launch_path})")
     job = _Job(
@@ -204,6 +211,7 @@ def make_dataset(
         int(reference_episodes),
         (recipe.medium_seed if recipe and launch is None else 0) + seed,
         progress,
+        pinned,
     )
     if min(job.steps, job.eval_every, job.reference_episodes, train_steps or 1) < 1 or not job.noise >= 0:
         raise ConfigError(
@@ -395,7 +403,7 @@ def _medium_run(job: _Job) -> Path:
     if (chosen / "medium.json").is_file():
         return chosen
     ref = reference_returns(job)
-    budget = job.train_steps or load_config(job.launch, []).train.steps
+    budget = job.train_steps or load_config(job.launch, list(job.sets)).train.steps
     best = json.loads((cand / "medium.json").read_text()) if (cand / "medium.json").is_file() else None
     search = job.work / "search.json"
     state = json.loads(search.read_text()) if search.is_file() else {"interval": job.eval_every, "score": None}
@@ -436,7 +444,7 @@ def _train_to(job: _Job, run_dir: Path, end: int, interval: int) -> float:
     from qmpc.trainer import train
 
     sets = [f"seed={job.medium_seed}", f"run_dir={run_dir}", f"train.steps={end}"]
-    sets += [f"train.eval_every={interval}", f"train.checkpoint_every={interval}"]
+    sets += [f"train.eval_every={interval}", f"train.checkpoint_every={interval}", *job.sets]
     resume = (run_dir / "checkpoint.pt").is_file()
     summary = train(
         load_config(job.launch, sets), resume=resume, progress=job.progress, overrides=sets[2:] if resume else ()

@@ -3,6 +3,14 @@
 bit-identical: run it with the same launch file and overrides on the code before and after the
 change (each with its own ``run_dir``) and compare the two JSON files, which must be identical.
 
+Bit for bit only on the same machine: the same code and library versions on two machines of this
+project differ in the last digits (TD losses by 2e-7, an evaluation return by 5e-10, relative; not
+through numpy's, OpenBLAS's or torch's own SIMD dispatch, which give the same bits here when forced
+down to AVX2; probably MKL's kernels inside torch, which follow the CPU: forced to AVX2 they change
+the bits here). So the
+fingerprint also carries per-tensor sums of the final weights (``weight_sums``) and names the
+kernels it ran on (``machine``); tests/test_bit_identical.py compares the numbers to a tolerance.
+
     python tests/fingerprint.py launch/inverted_pendulum.toml [--set key=value ...] --out FP.json
 """
 
@@ -45,6 +53,33 @@ def digest(obj) -> str:
     return h.hexdigest()
 
 
+def machine() -> str:
+    """The SIMD kernels this process computes with: torch's CPU capability, OpenBLAS's core type
+    (numpy's BLAS) and numpy's highest dispatched CPU feature."""
+    import threadpoolctl
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    blas = [i.get("architecture") for i in threadpoolctl.threadpool_info() if i.get("internal_api") == "openblas"]
+    npy = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+    return f"torch {torch.backends.cpu.get_cpu_capability()}, openblas {blas[0] if blas else None}, numpy {npy[-1:]}"
+
+
+def weight_sums(obj) -> list[float]:
+    """Sum and sum of absolute values of every tensor in ``obj`` (the order of :func:`digest`), in float64."""
+    out: list[float] = []
+
+    def walk(o):
+        if isinstance(o, dict):
+            for k in sorted(o, key=str):
+                walk(o[k])
+        elif isinstance(o, torch.Tensor) and o.is_floating_point():
+            t = o.detach().double()
+            out.extend((float(t.sum()), float(t.abs().sum())))
+
+    walk(obj)
+    return out
+
+
 def fingerprint(launch: str, overrides: list[str]) -> dict:
     """Train ``launch`` with ``overrides`` and fingerprint the run."""
     cfg = load_config(launch, overrides)
@@ -64,6 +99,8 @@ def run_fingerprint(run_dir: str | Path) -> dict:
         "optimizer": digest(ck["optimizer"]["state"]),
         "model": digest(ck["model"]["state"]) if "model" in ck else None,
         "td_loss": [float(v) for v in m["train/td_loss"][1]] if "train/td_loss" in m else [],
+        "machine": machine(),
+        "weight_sums": weight_sums({"q": ck["q"], "q_target": ck["q_target"]}),
     }
     return out
 

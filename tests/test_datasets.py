@@ -159,3 +159,22 @@ def test_a_sweep_finds_a_dataset_by_id(tmp_path, monkeypatch):
     )
     cfg = load_config(trial.params["launch"], trial.params["sets"])
     assert Path(cfg.train.dataset) == tmp_path / "root" / ds
+
+
+def test_a_recipes_pinned_settings_reach_the_medium_run(tmp_path, monkeypatch):
+    """A recipe pins the settings its expert was trained with (``Recipe.sets``), so that a launch file
+    that moves on does not change the datasets: the medium run trains with them, and a launch file
+    given by the caller gets none of them."""
+    import dataclasses
+
+    from qmpc import datasets
+
+    recipe = dataclasses.replace(datasets.RECIPES[TASK], sets=("train.gamma=0.5",))
+    monkeypatch.setitem(datasets.RECIPES, TASK, recipe)
+    make_dataset(TASK, "medium", root=tmp_path / "pinned", **SMALL, **MEDIUM_RUN)
+    launch = ROOT / recipe.launch
+    make_dataset(TASK, "medium", root=tmp_path / "own", launch=launch, **SMALL, **MEDIUM_RUN)
+    (pinned,) = (tmp_path / "pinned").glob("qmpc/.work/*/seed0/medium/config.toml")
+    (own,) = (tmp_path / "own").glob("qmpc/.work/*/seed0/medium/config.toml")
+    assert load_config(pinned, []).train.gamma == 0.5
+    assert load_config(own, []).train.gamma == load_config(launch, []).train.gamma != 0.5
