@@ -29,7 +29,7 @@ from qmpc.linearize import MujocoLinearization
 from qmpc.networks import QNetwork
 from qmpc.planner import Planner, as_bounds
 from qmpc.problem import MPCSpec
-from qmpc.solver import SolveResult, SolverOptions, Status
+from qmpc.solver import SolveResult, SolverOptions, Status, box_qpsol
 
 __all__ = ["MODELS", "STAGE_COST_SOURCES", "TERMINATIONS", "Controller", "model_functions", "trained_units"]
 
@@ -182,6 +182,8 @@ class Controller:
               horizons (an SQP iteration at H = 10 costs ~3 ms at HalfCheetah size and the last one
               only moves the plan by ~1e-6; measured: 3.1 → 2.6 iterations per step). A solution
               is accepted by the same certificate either way (``kkt_tol``, 1e-6);
+            * ``qpsol``: the QP solver of ``sqpmethod``; default :func:`~qmpc.solver.box_qpsol`
+              (DAQP) for the greedy solves (horizon 1, and a plan's greedy start), qrqp for plans;
             * ``retry`` (default True): retry a failed solve cold with the other plugin before
               falling back to the shifted plan. Measured on the shipped InvertedPendulum-v5
               controller over 10 episodes: with the retry 1000 ± 0 and no fallback (p99 ≈ 10 ms:
@@ -218,6 +220,9 @@ class Controller:
         spec = self._spec(q, low, high, options)
         options.setdefault("max_iter", 50)
         options.setdefault("tol", 1e-8 if spec.horizon == 1 else 1e-6)
+        box_qp = options.get("qpsol") or box_qpsol()  # the greedy solves' (bounds only)
+        if spec.horizon == 1:
+            options["qpsol"] = box_qp
         try:
             opts = SolverOptions(plugin=options.pop("solver", "sqpmethod"), workers=1, max_wall_ms=budget_ms, **options)
         except TypeError as e:
@@ -230,7 +235,7 @@ class Controller:
         self.safe_action = np.clip(mid, self.low, self.high)  # the bounds' midpoint, else 0 clipped
         self._greedy: Planner | None = None  # horizon 1: the start of a plan (built here: not in a step)
         if spec.horizon > 1 and spec.shooting == "single" and linearization is None:
-            opts = dataclasses.replace(self.planner.options, max_wall_ms=0.0, tol=1e-8)
+            opts = dataclasses.replace(self.planner.options, max_wall_ms=0.0, tol=1e-8, qpsol=box_qp)
             self._greedy = Planner(q, MPCSpec(self.low, self.high), opts, bake_weights=True)
         self.trust_region = self._check_trust_region(trust_region, spec)
         if self.budget_ms and spec.horizon > 1:

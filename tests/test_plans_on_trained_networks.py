@@ -115,3 +115,38 @@ def test_double_pendulum_h5_closed_loop_solves_every_step_by_the_sqp_itself():
             obs, _ = env.reset(seed=101)
             ctrl.reset()
     assert names.count("SOLVED") == len(names), names
+
+
+HOPPER_STATES = [  # models/hopper.pt's own greedy rollout (reset seed 100), steps 2, 4 and 6
+    [1.2502100569189736, -0.01423529987826376, -0.007299842235836726, -0.01566902396485387, -0.009276177642499895,
+     -0.29200633878681537, -0.13240130727383237, -2.146397194766895, -1.1332937596517276, -2.5601727204776723,
+     0.16931049439548596],
+    [1.246097017775389, -0.06423482867523563, -0.03806736219153386, -0.06897809692916686, 0.017095468640367054,
+     -0.3499267031605756, -0.39121124324831136, -3.5314166026737164, -2.643721846328308, -2.996631793241799,
+     3.056741255273483],
+    [1.237984209290393, -0.10746123256142671, -0.07174673146522684, -0.10549716599188538, 0.08633636101818802,
+     -0.1596702232152443, -0.6182500400131294, -2.3627201765678425, -1.965637695777504, -1.8775256594433802,
+     5.442592187689661],
+]  # fmt: skip
+
+
+def test_hopper_greedy_solves_converge_on_the_first_attempt():
+    """Regression: on these states of the trained Hopper (each solved alone, no previous plan)
+    sqpmethod's first attempt failed and IPOPT's retry took 8-20 ms. Two causes: CasADi's default
+    line search (3 backtracks of 0.8) cannot shorten a step below half, so the SQP cycled between
+    two points to the iteration limit; and qrqp ended solves with a zero step and multipliers on
+    bounds that were not active. Now 20 backtracks and DAQP (:func:`qmpc.solver.box_qpsol`) for the
+    greedy solves: the first attempt converges, to the batched Newton's argmin."""
+    from qmpc.planner import Planner
+    from qmpc.problem import MPCSpec
+
+    ctrl = qmpc.Controller.from_checkpoint(MODELS / "hopper.pt")
+    newton = Planner(ctrl.q, MPCSpec(ctrl.low, ctrl.high), ctrl.planner.options)
+    assert newton.newton_path
+    for x in np.array(HOPPER_STATES):
+        ctrl.reset()
+        a, info = ctrl.act(x)
+        assert Status(info["status"]) == Status.SOLVED and not info["fallback"], Status(info["status"]).name
+        ref, _ = newton.solve(x[None])
+        assert Status(ref.status[0]) == Status.SOLVED
+        np.testing.assert_allclose(a, ref.w[0], atol=1e-6)
