@@ -193,7 +193,7 @@ def make_dataset(
     recipe = RECIPES.get(env_id)
     root = Path(root) if root is not None else minari_root()
     launch_path = _repo_file(str(launch) if launch else recipe and recipe.launch, "the launch file", "--launch")
-    pinned = tuple(recipe.sets) if recipe and launch is None else ()
+    pinned = recipe.sets if recipe and launch is None else ()
     cfg = load_config(launch_path, list(pinned))
     if cfg.env.id != env_id:
         raise ConfigError(f"expected a launch file for {env_id}, got one for {cfg.env.id} ({launch_path})")

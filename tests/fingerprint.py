@@ -7,9 +7,9 @@ Bit for bit only on the same machine: the same code and library versions on two 
 project differ in the last digits (TD losses by 2e-7, an evaluation return by 5e-10, relative; not
 through numpy's, OpenBLAS's or torch's own SIMD dispatch, which give the same bits here when forced
 down to AVX2; probably MKL's kernels inside torch, which follow the CPU: forced to AVX2 they change
-the bits here). So the
-fingerprint also carries per-tensor sums of the final weights (``weight_sums``) and names the
-kernels it ran on (``machine``); tests/test_bit_identical.py compares the numbers to a tolerance.
+the bits here). So the fingerprint also carries per-tensor sums of the final weights
+(``weight_sums``) and names the kernels it ran on (``machine``, for the record: MKL's path is not
+among them); tests/test_bit_identical.py compares the numbers to a tolerance.
 
     python tests/fingerprint.py launch/inverted_pendulum.toml [--set key=value ...] --out FP.json
 """

@@ -117,7 +117,8 @@ def test_double_pendulum_h5_closed_loop_solves_every_step_by_the_sqp_itself():
     assert names.count("SOLVED") == len(names), names
 
 
-HOPPER_STATES = [  # models/hopper.pt's own greedy rollout (reset seed 100), steps 2, 4 and 6
+HOPPER_STATES = [  # of models/hopper.pt's greedy rollout (reset seed 100): the first three where, each solved alone,
+    # the code before the fix failed its first attempt
     [1.2502100569189736, -0.01423529987826376, -0.007299842235836726, -0.01566902396485387, -0.009276177642499895,
      -0.29200633878681537, -0.13240130727383237, -2.146397194766895, -1.1332937596517276, -2.5601727204776723,
      0.16931049439548596],
