@@ -108,6 +108,9 @@ class Planner:
         self._params = tuple(q.parameters())
         self._shapes = tuple(p.shape for p in self._params)  # the structure the twin is built for
         self._synced: tuple[torch.Tensor, tuple[torch.Tensor, ...], ca.DM | None] | None = None
+        self.version = 0
+        """How many times :meth:`sync` found the network's values changed (what a caller that keeps
+        solutions between solves compares to know they are still of this network)."""
         self._names = ([n for n, _ in q.named_parameters()], [n for n, _ in q.named_buffers()])
         sizes = [int(np.prod(shape)) for shape in self._shapes]
         self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
@@ -208,6 +211,7 @@ class Planner:
         if self.bake_weights or not same_buffers:
             self._build()
         self._synced = (theta_t, tuple(b.detach().clone() for b in buffers), None)
+        self.version += 1
         self.theta64 = np.zeros(0) if self.bake_weights else theta
         self.weights64 = self._named_arrays(theta, bufs)
         if self._certifier is not None:

@@ -83,3 +83,68 @@ def test_the_greedy_plan_follows_a_change_of_the_network_between_steps():
     fresh, _ = qmpc.Controller(plan.q, plan.low, plan.high).act(obs)
     assert np.abs(after - before).max() > 1e-3  # the change moved the greedy action
     np.testing.assert_allclose(after, fresh, atol=1e-6)
+
+
+def _greedy_calls(plan) -> list[int]:
+    """Counts the greedy solves of each step of ``plan`` (appends a 0 per step to fill)."""
+    calls = []
+    solve = plan._greedy.solve
+
+    def counted(*a, **k):
+        calls[-1] += 1
+        return solve(*a, **k)
+
+    plan._greedy.solve = counted
+    return calls
+
+
+def test_the_greedy_plan_is_carried_between_steps_with_two_solves():
+    # from an episode's second step: the previous greedy plan shifted, its first action solved
+    # anew at the state and its last at the state the model predicts under the others
+    plan = qmpc.Controller.from_checkpoint(REACHER, horizon=5, model="learned", trust_region=0.05)
+    calls = _greedy_calls(plan)
+    env = make_env("Reacher-v5")
+    obs, _ = env.reset(seed=3)
+    P, nu = plan.problem, plan.q.act_dim
+    refs = []
+    for _ in range(3):
+        calls.append(0)
+        a, _ = plan.act(obs)
+        refs.append(plan._ref[1].reshape(-1, nu).copy())
+        x = obs
+        obs, *_ = env.step(a)
+    assert calls == [5, 2, 2]
+    old, new = refs[-2], refs[-1]
+    np.testing.assert_array_equal(new[1:-1], old[2:])  # the middle: carried
+    greedy = qmpc.Controller(plan.q, plan.low, plan.high)
+    np.testing.assert_allclose(new[0], greedy.act(x)[0], atol=1e-6)  # the first: greedy at the state
+    theta = plan.planner.problem_theta()
+    xk = x
+    for k in range(P.N):
+        xk = P.model_step(xk, new[k], k, theta)
+    greedy.reset()
+    np.testing.assert_allclose(new[-1], greedy.act(xk)[0], atol=1e-6)  # the last: at the predicted state
+
+
+def test_a_new_episode_or_a_changed_network_solves_the_whole_greedy_plan():
+    import torch
+
+    plan = qmpc.Controller.from_checkpoint(REACHER, horizon=4, model="learned", trust_region=0.05)
+    calls = _greedy_calls(plan)
+    env = make_env("Reacher-v5")
+    obs, _ = env.reset(seed=3)
+    for _ in range(2):
+        calls.append(0)
+        obs, *_ = env.step(plan.act(obs)[0])
+    plan.reset()  # an episode's start
+    calls.append(0)
+    obs, *_ = env.step(plan.act(obs)[0])
+    with torch.no_grad():  # an update between two control steps
+        for p in plan.q.parameters():
+            p.mul_(1.1)
+    calls.append(0)
+    plan.act(obs)
+    plan.warm_plan = plan.warm_plan  # a plan set from outside
+    calls.append(0)
+    plan.act(obs)
+    assert calls == [4, 2, 4, 4, 4]
