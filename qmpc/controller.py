@@ -174,6 +174,10 @@ class Controller:
             (the greedy plan at an episode's start); a plan that fails falls back to the greedy
             action. ``ρ ≥ 1`` bounds nothing (the free plan, at the cost of the greedy plan's
             solves).
+        carry_greedy: with a trust region, carry the greedy plan from step to step (two greedy
+            solves a step; see :meth:`_greedy_start`); False: the whole greedy plan every step
+            (``H`` solves). Training's plan actor passes False: the carried plan is state its
+            checkpoints do not hold, and its launch files were measured so.
         **options: the :class:`~qmpc.problem.MPCSpec` fields when ``low`` is not a spec
             (``horizon`` 1 by default, ``dynamics``, ``stage_cost``, ``discount`` 0.99 by default,
             ``shooting``, ``dynamics_derivatives``), and :class:`~qmpc.solver.SolverOptions`
@@ -210,6 +214,7 @@ class Controller:
         linearization: MujocoLinearization | None = None,
         stage_cost_scaled: bool = False,
         trust_region: float = 0.0,
+        carry_greedy: bool = True,
         **options: Any,
     ):
         self.stage_cost_scaled = bool(stage_cost_scaled)
@@ -240,6 +245,7 @@ class Controller:
             opts = dataclasses.replace(self.planner.options, max_wall_ms=0.0, tol=1e-8, qpsol=box_qp)
             self._greedy = Planner(q, MPCSpec(self.low, self.high), opts, bake_weights=True)
         self.trust_region = self._check_trust_region(trust_region, spec)
+        self.carry_greedy = bool(carry_greedy)
         if self.budget_ms and spec.horizon > 1:
             self._check_budget()
         self.last_result: SolveResult | None = None
@@ -488,7 +494,7 @@ class Controller:
         bounds = None
         if self.trust_region:  # the greedy plan of this state, and the plan kept near it
             deadline = t0 + 0.5e-3 * self.budget_ms if self.budget_ms else np.inf
-            ref = self._greedy_start(x, deadline, carry=self._plan is not None)
+            ref = self._greedy_start(x, deadline, carry=self.carry_greedy and self._plan is not None)
             bounds = self._trust_bounds(ref[0])
             w0 = ref if w0 is None else np.clip(w0, *bounds)
         elif w0 is None and self._greedy is not None:

@@ -33,11 +33,13 @@ def acting_horizon(tc: TrainConfig, step: int) -> int:
 def plan_controller(tc: TrainConfig, policy: dict[str, Any], horizon: int, env: Any) -> Controller:
     """The controller a run plans with at ``horizon``, acting or evaluating: from the run's
     ``policy`` (:meth:`~qmpc.train_state.TrainState.policy`), within ``train.trust_region`` for
-    ``horizon > 1``, weighing the learned termination unless ``train.plan_termination`` is false."""
+    ``horizon > 1``, weighing the learned termination unless ``train.plan_termination`` is false;
+    the whole greedy plan every step (``carry_greedy=False``: nothing outside :class:`PlanActor`'s
+    state, so a resumed run acts as the unstopped one)."""
     rho = tc.trust_region if horizon > 1 else 0.0
     termination = "auto" if tc.plan_termination else "none"
     return Controller.from_policy(
-        policy, horizon=horizon, env=env, where="the run", trust_region=rho, termination=termination
+        policy, horizon=horizon, env=env, where="the run", trust_region=rho, termination=termination, carry_greedy=False
     )
 
 

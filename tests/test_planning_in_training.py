@@ -76,12 +76,15 @@ def test_a_run_plans_within_its_trust_region_and_qmpc_run_keeps_it(tmp_path, cap
     def spy(self, *a, **kw):
         init(self, *a, **kw)
         built.append((self.problem.horizon, self.trust_region))
+        carried.append(self.carry_greedy)
 
+    carried = []
     monkeypatch.setattr(controller.Controller, "__init__", spy)
     run = tmp_path / "r"
     sets = ["train.steps=20", "train.horizon=2", "train.horizon_warmup=0", "train.eval_every=20"]
     train(_ip(run, *sets, "train.trust_region=0.05"), progress=False)
     assert {b for b in built if b[0] > 1} == {(2, 0.05)}  # the acting plan and the evaluation's
+    assert not any(carried)  # the whole greedy plan every step: nothing outside the checkpoint
     capsys.readouterr()
     assert main(["run", str(run / "policy.pt"), "--episodes", "1", "--plot", str(tmp_path / "p.png")]) == 0
     assert "horizon 2, trust region 0.05," in capsys.readouterr().out

@@ -148,3 +148,15 @@ def test_a_new_episode_or_a_changed_network_solves_the_whole_greedy_plan():
     calls.append(0)
     plan.act(obs)
     assert calls == [4, 2, 4, 4, 4]
+
+
+def test_a_controller_that_does_not_carry_solves_the_whole_greedy_plan_every_step():
+    # what training's plan actor builds (carry_greedy=False): its launch files were measured so
+    plan = qmpc.Controller.from_checkpoint(REACHER, horizon=3, model="learned", trust_region=0.05, carry_greedy=False)
+    calls = _greedy_calls(plan)
+    env = make_env("Reacher-v5")
+    obs, _ = env.reset(seed=3)
+    for _ in range(3):
+        calls.append(0)
+        obs, *_ = env.step(plan.act(obs)[0])
+    assert calls == [3, 3, 3]
