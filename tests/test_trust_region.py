@@ -86,7 +86,7 @@ def test_the_greedy_plan_follows_a_change_of_the_network_between_steps():
 
 
 def _greedy_calls(plan) -> list[int]:
-    """Counts the greedy solves of each step of ``plan`` (appends a 0 per step to fill)."""
+    """Counts the greedy solves of each step of ``plan`` (:func:`_steps` appends a 0 per step)."""
     calls = []
     solve = plan._greedy.solve
 
@@ -98,27 +98,31 @@ def _greedy_calls(plan) -> list[int]:
     return calls
 
 
+def _steps(plan, env, obs, n: int, calls: list[int], refs: list | None = None):
+    """``n`` closed-loop steps of ``plan`` from ``obs``; ``refs`` gets each step's state and greedy
+    plan ``(H, nu)``. Returns the last observation."""
+    for _ in range(n):
+        calls.append(0)
+        a, _ = plan.act(obs)
+        if refs is not None:
+            refs.append((obs, plan._ref[1].reshape(-1, plan.q.act_dim).copy()))
+        obs, *_ = env.step(a)
+    return obs
+
+
 def test_the_greedy_plan_is_carried_between_steps_with_two_solves():
     # from an episode's second step: the previous greedy plan shifted, its first action solved
     # anew at the state and its last at the state the model predicts under the others
     plan = qmpc.Controller.from_checkpoint(REACHER, horizon=5, model="learned", trust_region=0.05)
-    calls = _greedy_calls(plan)
+    calls, refs = _greedy_calls(plan), []
     env = make_env("Reacher-v5")
-    obs, _ = env.reset(seed=3)
-    P, nu = plan.problem, plan.q.act_dim
-    refs = []
-    for _ in range(3):
-        calls.append(0)
-        a, _ = plan.act(obs)
-        refs.append(plan._ref[1].reshape(-1, nu).copy())
-        x = obs
-        obs, *_ = env.step(a)
+    _steps(plan, env, env.reset(seed=3)[0], 3, calls, refs)
     assert calls == [5, 2, 2]
-    old, new = refs[-2], refs[-1]
+    (_, old), (x, new) = refs[-2:]
     np.testing.assert_array_equal(new[1:-1], old[2:])  # the middle: carried
     greedy = qmpc.Controller(plan.q, plan.low, plan.high)
     np.testing.assert_allclose(new[0], greedy.act(x)[0], atol=1e-6)  # the first: greedy at the state
-    theta = plan.planner.problem_theta()
+    P, theta = plan.problem, plan.planner.problem_theta()
     xk = x
     for k in range(P.N):
         xk = P.model_step(xk, new[k], k, theta)
@@ -132,21 +136,15 @@ def test_a_new_episode_or_a_changed_network_solves_the_whole_greedy_plan():
     plan = qmpc.Controller.from_checkpoint(REACHER, horizon=4, model="learned", trust_region=0.05)
     calls = _greedy_calls(plan)
     env = make_env("Reacher-v5")
-    obs, _ = env.reset(seed=3)
-    for _ in range(2):
-        calls.append(0)
-        obs, *_ = env.step(plan.act(obs)[0])
+    obs = _steps(plan, env, env.reset(seed=3)[0], 2, calls)
     plan.reset()  # an episode's start
-    calls.append(0)
-    obs, *_ = env.step(plan.act(obs)[0])
+    obs = _steps(plan, env, obs, 1, calls)
     with torch.no_grad():  # an update between two control steps
         for p in plan.q.parameters():
             p.mul_(1.1)
-    calls.append(0)
-    plan.act(obs)
+    obs = _steps(plan, env, obs, 1, calls)
     plan.warm_plan = plan.warm_plan  # a plan set from outside
-    calls.append(0)
-    plan.act(obs)
+    _steps(plan, env, obs, 1, calls)
     assert calls == [4, 2, 4, 4, 4]
 
 
@@ -155,8 +153,5 @@ def test_a_controller_that_does_not_carry_solves_the_whole_greedy_plan_every_ste
     plan = qmpc.Controller.from_checkpoint(REACHER, horizon=3, model="learned", trust_region=0.05, carry_greedy=False)
     calls = _greedy_calls(plan)
     env = make_env("Reacher-v5")
-    obs, _ = env.reset(seed=3)
-    for _ in range(3):
-        calls.append(0)
-        obs, *_ = env.step(plan.act(obs)[0])
+    _steps(plan, env, env.reset(seed=3)[0], 3, calls)
     assert calls == [3, 3, 3]
