@@ -341,9 +341,9 @@ class Controller:
         state the model predicts under the others, each warm-started from the shifted action: two
         solves at any horizon instead of H. The middle actions are then greedy at the states the
         previous step predicted (one step older predictions). Measured on the three Hopper-v5
-        100k checkpoints at H = 3 within ρ = 0.1, 5 episodes each from seed 100: returns 953 against
-        895 with the full greedy plan (842/1583/435 against 926/1333/425), the greedy plan's p50
-        3.3 → 2.3 ms (``docs/benchmarks.md``). A network that changed since (training between
+        100k checkpoints within ρ = 0.1, 5 episodes each from seed 100: returns 913 against 895
+        with the whole greedy plan at H = 3, 851 against 779 at H = 5; ``models/hopper.pt``'s step
+        p50 at H = 5 13.4 → 10.1 ms (``docs/benchmarks.md``, round 6). A network that changed since (training between
         steps) gets the full greedy plan. Past ``deadline`` (a ``time.perf_counter()``) no solve
         starts: the remaining actions are the carried ones, else the last greedy action."""
         P, theta = self.planner.problem, self.planner.problem_theta()
@@ -361,8 +361,9 @@ class Controller:
                 u = acts[k]
             elif live and time.perf_counter() <= deadline:
                 u = self._greedy_action(xk, None if acts is None else acts[k])
-            else:
-                live, u = False, u if acts is None else acts[k]
+            else:  # past the deadline, or a predicted state that is not finite: no solve
+                live = False
+                u = u if acts is None else acts[k]
             if live and k < P.N:
                 xk = P.model_step(xk, u, k, theta)
             w[P.u_slice(k)] = u
