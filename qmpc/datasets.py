@@ -97,6 +97,8 @@ RECIPES = {
             "launch/inverted_double_pendulum.toml",
             "models/inverted_double_pendulum.pt",
             100_000,
+            # models/inverted_double_pendulum.pt is seed 0's run of the launch file before session 13
+            sets=("train.critics=1", "model.updates_per_step=4", "model.head_updates_per_step=4"),
         ),
         Recipe("Hopper-v5", "hopper", "launch/hopper.toml", "models/hopper.pt", 1_000_000),
         Recipe("HalfCheetah-v5", "halfcheetah", "launch/half_cheetah.toml", "models/half_cheetah.pt", 1_000_000),
