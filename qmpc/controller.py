@@ -343,9 +343,10 @@ class Controller:
         previous step predicted (one step older predictions). Measured on the three Hopper-v5
         100k checkpoints within ρ = 0.1, 5 episodes each from seed 100: returns 913 against 895
         with the whole greedy plan at H = 3, 851 against 779 at H = 5; ``models/hopper.pt``'s step
-        p50 at H = 5 13.4 → 10.1 ms (``docs/benchmarks.md``, round 6). A network that changed since (training between
-        steps) gets the full greedy plan. Past ``deadline`` (a ``time.perf_counter()``) no solve
-        starts: the remaining actions are the carried ones, else the last greedy action."""
+        p50 at H = 5 13.4 → 10.1 ms (``docs/benchmarks.md``, round 6). A network that changed
+        since (training between steps) gets the full greedy plan. Past ``deadline`` (a
+        ``time.perf_counter()``) no solve starts: the remaining actions are the carried ones, else
+        the last greedy action."""
         P, theta = self.planner.problem, self.planner.problem_theta()
         with self._greedy.lock:  # once for the solves of this step
             self._greedy.sync()
