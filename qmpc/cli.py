@@ -101,9 +101,8 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     if args.action == "list":
         print(describe_datasets(args.root))
         return 0
-    _check_args(
-        args, {"--steps": (1, True), "--noise": (0, True), "--train-steps": (1, True), "--eval-every": (1, True)}
-    )
+    positive = {"--steps": (1, True), "--train-steps": (1, True), "--eval-every": (1, True), "--envs": (1, True)}
+    _check_args(args, {**positive, "--noise": (0, True)})
     out = make_dataset(
         args.task,
         args.kind,
@@ -115,6 +114,7 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
         noise=args.noise,
         train_steps=args.train_steps,
         eval_every=args.eval_every,
+        envs=args.envs,
         progress=not args.no_progress,
     )
     print(f"wrote {dataset_id(args.task, args.kind)} to {out}")
@@ -300,6 +300,9 @@ def _add_datasets(sub) -> None:
     m.add_argument("--noise", type=float, default=None, help="policy noise (default: the launch file's exploration)")
     m.add_argument("--train-steps", type=int, default=None, help="the medium run's budget (default: the launch file's)")
     m.add_argument("--eval-every", type=int, default=250, help="steps between the medium run's evaluations")
+    m.add_argument(
+        "--envs", type=int, default=None, help="environments the controllers act in at once (default: the recipe's)"
+    )
     m.add_argument("--no-progress", action="store_true")
     ls = act.add_parser("list", help="the qmpc datasets in the datasets root, with their references")
     ls.add_argument("--root", default=None)

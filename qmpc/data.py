@@ -11,7 +11,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -20,9 +20,11 @@ from qmpc.errors import ConfigError, InputError, OutputError
 
 __all__ = [
     "Batch",
+    "BatchPolicy",
     "Episode",
     "ReplayBuffer",
     "atomic_write",
+    "batch_rollouts",
     "check_dataset",
     "dataset_path",
     "ensure_dir",
@@ -288,6 +290,78 @@ def rollouts(env, policy, steps: int, seed: int = 0, progress=None) -> list[Epis
                 break
         episodes.append(Episode(np.array(o), np.array(a), np.array(r), np.array(te), np.array(tr), ep_seed))
     return episodes
+
+
+class BatchPolicy(Protocol):
+    """What :func:`batch_rollouts` acts with."""
+
+    def __call__(self, obs: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        """Actions ``(n, act_dim)`` for observations ``obs (n, obs_dim)`` of the environments
+        ``slots (n,)`` (indices into the list of environments); ``fresh (n,)``: the step is the
+        first of its episode (forget that slot's previous episode)."""
+        ...
+
+
+def batch_rollouts(
+    envs: list, policy: BatchPolicy, seed: int = 0, steps: int | None = None, episodes: int | None = None, progress=None
+) -> list[Episode]:
+    """:func:`rollouts` with ``len(envs)`` environments stepped together and one call of ``policy``
+    per step for all of them (a batched solve). Episode ``i`` is reset with seed ``seed + i``, in the
+    order episodes start (environment by environment); the episodes come back in that order.
+
+    ``steps``: stop after this many transitions (the episodes then running are kept, marked
+    truncated; in a step that would pass it, only the first environments act). ``episodes``:
+    start no more than this many, and run each to its end. At least one of the two.
+    Deterministic for a deterministic ``policy`` (and one whose random draws follow its calls)."""
+    if steps is None and episodes is None:
+        raise InputError("expected steps or episodes (or both), got neither")
+    if not envs:
+        raise InputError("expected at least one environment, got none")
+    live: list[dict | None] = [None] * len(envs)
+    finished: list[tuple[int, Episode]] = []
+    started = done = 0
+
+    def start(k: int) -> None:
+        nonlocal started
+        live[k] = None
+        if (episodes is not None and started >= episodes) or (steps is not None and done >= steps):
+            return
+        obs, _ = envs[k].reset(seed=seed + started)
+        live[k] = {"i": started, "o": [obs], "a": [], "r": [], "te": [], "tr": []}
+        started += 1
+
+    def finish(k: int) -> None:
+        e = live[k]
+        if e["a"]:
+            ep = Episode(np.array(e["o"]), np.array(e["a"]), np.array(e["r"]), np.array(e["te"]), np.array(e["tr"]))
+            finished.append((e["i"], ep._replace(seed=seed + e["i"])))
+
+    for k in range(len(envs)):
+        start(k)
+    while any(e is not None for e in live):
+        slots = np.array([k for k, e in enumerate(live) if e is not None])
+        if steps is not None:
+            slots = slots[: steps - done]
+        fresh = np.array([not live[k]["a"] for k in slots])
+        acts = np.asarray(policy(np.stack([live[k]["o"][-1] for k in slots]), slots, fresh), dtype=np.float32)
+        for k, act in zip(slots, acts, strict=True):
+            obs, rew, term, trunc, _ = envs[k].step(act)
+            done += 1
+            e = live[k]
+            e["o"].append(obs), e["a"].append(act), e["r"].append(float(rew)), e["te"].append(bool(term))
+            e["tr"].append(bool(trunc and not term))
+            if term or trunc:
+                finish(k)
+                start(k)
+        if progress is not None:
+            progress(len(slots))
+        if steps is not None and done >= steps:  # cut the episodes still running
+            for k, e in enumerate(live):
+                if e is not None and e["a"]:
+                    e["tr"][-1] = not e["te"][-1]
+                    finish(k)
+            break
+    return [ep for _, ep in sorted(finished, key=lambda t: t[0])]
 
 
 def collect(env, policy, steps: int, out: str | Path, seed: int = 0, algorithm: str = "random", progress=None) -> Path:

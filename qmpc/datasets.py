@@ -22,6 +22,7 @@ returns are kept under ``<root>/qmpc/.work/<task>/`` and reused by the kinds tha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qmpc.data import Episode, atomic_write, minari_root, rollouts, write_minari
+from qmpc.data import BatchPolicy, Episode, atomic_write, batch_rollouts, minari_root, rollouts, write_minari
 from qmpc.errors import ConfigError, InputError
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "RECIPES",
     "Recipe",
     "buffer_episodes",
+    "checkpoint_batch_policy",
     "checkpoint_policy",
     "dataset_id",
     "describe_datasets",
@@ -53,6 +55,8 @@ KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 MEDIUM_BAND = (0.25, 0.45)
 """Normalised returns (fractions of expert − random) at which a training run's policy is medium."""
 REFERENCE_EPISODES = 100
+BATCH_ENVS = 100
+"""The locomotion recipes' :attr:`Recipe.envs` (1M transitions each of ``medium`` and ``expert``)."""
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -77,6 +81,11 @@ class Recipe:
     sets: tuple[str, ...] = ()
     """Config overrides (``KEY=VALUE``) of the medium run on top of :attr:`launch`: the settings the
     expert was trained with, pinned where the launch file has moved on since."""
+    envs: int = 1
+    """Environments the controllers' rollouts (``medium``, ``expert``, the expert's reference) run
+    at once, with one batched solve of all their argmins a step (:func:`checkpoint_batch_policy`);
+    1: one environment and the controller's own solve a step (how the IP and IDP datasets of
+    ``docs/benchmarks.md`` were made; ``envs`` changes which noise each step draws)."""
 
 
 RECIPES = {
@@ -100,8 +109,15 @@ RECIPES = {
             # models/inverted_double_pendulum.pt is seed 0's run of the launch file before session 13
             sets=("train.critics=1", "model.updates_per_step=4", "model.head_updates_per_step=4"),
         ),
-        Recipe("Hopper-v5", "hopper", "launch/hopper.toml", "models/hopper.pt", 1_000_000),
-        Recipe("HalfCheetah-v5", "halfcheetah", "launch/half_cheetah.toml", "models/half_cheetah.pt", 1_000_000),
+        Recipe("Hopper-v5", "hopper", "launch/hopper.toml", "models/hopper.pt", 1_000_000, envs=BATCH_ENVS),
+        Recipe(
+            "HalfCheetah-v5",
+            "halfcheetah",
+            "launch/half_cheetah.toml",
+            "models/half_cheetah.pt",
+            1_000_000,
+            envs=BATCH_ENVS,
+        ),
     )
 }
 
@@ -151,6 +167,8 @@ class _Job:
     progress: bool
     sets: tuple[str, ...] = ()
     """The recipe's :attr:`Recipe.sets` (none with a launch file of the caller's)."""
+    envs: int = 1
+    """:attr:`Recipe.envs`, or the caller's."""
 
     def env(self):
         from qmpc.env import make_env
@@ -174,6 +192,7 @@ def make_dataset(
     train_steps: int | None = None,
     eval_every: int = 250,
     reference_episodes: int = REFERENCE_EPISODES,
+    envs: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Make the ``kind`` dataset of ``env_id`` (and whatever it needs that is not made yet: the
@@ -186,7 +205,8 @@ def make_dataset(
     the medium run's budget (default the launch file's; the run's seed is the recipe's
     :attr:`Recipe.medium_seed` plus ``seed``, with ``launch`` given just ``seed``); ``eval_every``:
     how often it is evaluated; ``reference_episodes``: episodes of each reference return (the
-    field's 100; fewer for tests).
+    field's 100; fewer for tests); ``envs``: environments the controllers act in at once (default
+    the recipe's :attr:`Recipe.envs`, else 1).
     An existing dataset is an :class:`InputError` (delete it to make it again)."""
     from qmpc.config import check_seed, load_config
 
@@ -214,11 +234,12 @@ def make_dataset(
         (recipe.medium_seed if recipe and launch is None else 0) + seed,
         progress,
         pinned,
+        int(envs if envs is not None else (recipe.envs if recipe else 1)),
     )
-    if min(job.steps, job.eval_every, job.reference_episodes, train_steps or 1) < 1 or not job.noise >= 0:
+    if min(job.steps, job.eval_every, job.reference_episodes, train_steps or 1, job.envs) < 1 or not job.noise >= 0:
         raise ConfigError(
-            f"expected steps, eval_every, reference_episodes and train_steps >= 1 and noise >= 0, got {job.steps}, "
-            f"{job.eval_every}, {job.reference_episodes}, {train_steps} and {job.noise}"
+            f"expected steps, eval_every, reference_episodes, train_steps and envs >= 1 and noise >= 0, got "
+            f"{job.steps}, {job.eval_every}, {job.reference_episodes}, {train_steps}, {job.envs} and {job.noise}"
         )
     if job.out(kind).exists():
         raise InputError(f"expected no dataset {dataset_id(env_id, kind)} yet, got one at {job.out(kind)}")
@@ -243,13 +264,15 @@ def reference_returns(job: _Job) -> dict[str, float]:
     rng = np.random.default_rng(99)
     low, high = env.action_space.low, env.action_space.high
     n, seeds = job.reference_episodes, 2_000_000
-    expert = checkpoint_policy(job.expert, env, 0.0, rng)
-    ref = {
-        "random": _mean_return(env, lambda o: rng.uniform(low, high), seeds, n, "reference: random"),
-        "expert": _mean_return(env, expert, seeds, n, "reference: expert", job.progress),
-        "episodes": n,
-        "expert_checkpoint": str(job.expert),
-    }
+    ref = {"random": _mean_return(env, lambda o: rng.uniform(low, high), seeds, n, "reference: random")}
+    if job.envs > 1:
+        envs = [job.env() for _ in range(min(job.envs, n))]
+        policy = checkpoint_batch_policy(job.expert, env, 0.0, rng, len(envs))
+        eps = _batch_rollouts(job, envs, policy, "reference: expert", seeds, episodes=n)
+        ref["expert"] = float(np.mean([np.sum(e.rewards) for e in eps]))
+    else:
+        ref["expert"] = _mean_return(env, checkpoint_policy(job.expert, env, 0.0, rng), seeds, n, "reference: expert")
+    ref.update(episodes=n, expert_checkpoint=str(job.expert), envs=job.envs)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(ref, indent=1)))
     return ref
@@ -287,6 +310,47 @@ def checkpoint_policy(
         return np.clip(a + noise * span * rng.normal(size=spec.act_dim), spec.low, spec.high)
 
     return act
+
+
+def checkpoint_batch_policy(checkpoint: Path, env, noise: float, rng: np.random.Generator, envs: int) -> BatchPolicy:
+    """:func:`checkpoint_policy` for ``envs`` environments at once (:func:`~qmpc.data.batch_rollouts`):
+    the argmins of Q at all their states in one batched solve (a PICNN's: the projected Newton on
+    its closed form, certified as a training run's TD targets are; a state's argmin is the same
+    alone and in a batch), each warm-started from its environment's previous action, plus the
+    noise, drawn ``(n, act_dim)`` a step. A state whose solve fails acts as the controller
+    falls back: its previous action (the bounds' midpoint at an episode's first step);
+    ``policy.failed`` counts them."""
+    return _BatchGreedy(checkpoint, env, noise, rng, envs)
+
+
+class _BatchGreedy:
+    def __init__(self, checkpoint: Path, env, noise: float, rng: np.random.Generator, envs: int):
+        from qmpc.controller import Controller
+        from qmpc.env import env_spec
+        from qmpc.planner import Planner
+        from qmpc.problem import MPCSpec
+
+        spec = env_spec(env)
+        ctrl = Controller.from_checkpoint(checkpoint)  # its checks, network and bounds
+        ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
+        opts = dataclasses.replace(ctrl.planner.options, workers=1)
+        self.planner = Planner(ctrl.q, MPCSpec(ctrl.low, ctrl.high), opts)  # weights as a parameter: the Newton
+        self.low, self.high, self.safe = ctrl.low, ctrl.high, ctrl.safe_action
+        self.scale, self.rng = noise * (spec.high - spec.low), rng
+        self.previous = np.tile(self.safe, (envs, 1))
+        self.failed = 0
+
+    def __call__(self, obs: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        from qmpc.solver import Status
+
+        self.previous[slots[fresh]] = self.safe
+        warm = self.previous[slots]
+        res, _ = self.planner.solve(np.asarray(obs, np.float64), warm.copy())
+        ok = Status.ok(res.status)
+        self.failed += int((~ok).sum())
+        u = np.clip(np.where(ok[:, None], res.w[:, : len(self.low)], warm), self.low, self.high)
+        self.previous[slots] = u
+        return np.clip(u + self.scale * self.rng.normal(size=u.shape), self.low, self.high)
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,18 +391,30 @@ def _make_random(job: _Job) -> Path:
 
 
 def _make_expert(job: _Job) -> Path:
-    env = job.env()
-    policy = checkpoint_policy(job.expert, env, job.noise, np.random.default_rng([job.seed, 3]))
-    eps = _rollouts(job, env, policy, 3, "expert")
-    return _write(job, "expert", eps, f"qmpc controller {job.expert.name} + noise {job.noise:g}")
+    eps = _controller_rollouts(job, job.expert, 3, "expert")
+    return _write(job, "expert", eps, f"qmpc controller {job.expert.name} + noise {job.noise:g}{_envs_note(job)}")
 
 
 def _make_medium(job: _Job) -> Path:
     run = _medium_run(job)
-    env = job.env()
-    policy = checkpoint_policy(run / "policy.pt", env, job.noise, np.random.default_rng([job.seed, 1]))
-    eps = _rollouts(job, env, policy, 1, "medium")
-    return _write(job, "medium", eps, f"qmpc controller of a training run + noise {job.noise:g}", _medium_note(run))
+    eps = _controller_rollouts(job, run / "policy.pt", 1, "medium")
+    algorithm = f"qmpc controller of a training run + noise {job.noise:g}{_envs_note(job)}"
+    return _write(job, "medium", eps, algorithm, _medium_note(run))
+
+
+def _envs_note(job: _Job) -> str:
+    return f" ({job.envs} environments at once, one batched solve a step)" if job.envs > 1 else ""
+
+
+def _controller_rollouts(job: _Job, checkpoint: Path, kind_index: int, desc: str) -> list[Episode]:
+    """``job.steps`` transitions of ``checkpoint``'s controller with ``job.noise``: one environment
+    (:func:`checkpoint_policy`) or ``job.envs`` at once (:func:`checkpoint_batch_policy`)."""
+    env, rng = job.env(), np.random.default_rng([job.seed, kind_index])
+    if job.envs == 1:
+        return _rollouts(job, env, checkpoint_policy(checkpoint, env, job.noise, rng), kind_index, desc)
+    envs = [job.env() for _ in range(job.envs)]
+    policy = checkpoint_batch_policy(checkpoint, env, job.noise, rng, job.envs)
+    return _batch_rollouts(job, envs, policy, desc, 10_000_000 * job.seed + 1_000_000 * kind_index, steps=job.steps)
 
 
 def _make_medium_replay(job: _Job) -> Path:
@@ -368,6 +444,14 @@ def _rollouts(job: _Job, env, policy: Callable, kind_index: int, desc: str) -> l
         return rollouts(
             env, policy, job.steps, seed=10_000_000 * job.seed + 1_000_000 * kind_index, progress=bar.update
         )
+
+
+def _batch_rollouts(job: _Job, envs: list, policy, desc: str, seed: int, **limit: int) -> list[Episode]:
+    from tqdm import tqdm
+
+    total = limit.get("steps")
+    with tqdm(total=total, desc=f"{job.env_id} {desc}", disable=not job.progress, unit="step") as bar:
+        return batch_rollouts(envs, policy, seed, progress=bar.update, **limit)
 
 
 _MAKERS: dict[str, Callable[[_Job], Path]] = {

@@ -178,3 +178,62 @@ def test_a_recipes_pinned_settings_reach_the_medium_run(tmp_path, monkeypatch):
     (own,) = (tmp_path / "own").glob("qmpc/.work/*/seed0/medium/config.toml")
     assert load_config(pinned, []).train.gamma == 0.5
     assert load_config(own, []).train.gamma == load_config(launch, []).train.gamma != 0.5
+
+
+def _feedback(obs: np.ndarray) -> np.ndarray:
+    """A deterministic IP policy that balances for a while (so episodes differ in length)."""
+    return np.clip(np.atleast_2d(obs) @ np.array([[0.5], [3.0], [0.3], [0.6]]), -3.0, 3.0)
+
+
+def test_batch_rollouts_are_the_sequential_rollouts_of_each_seed():
+    from qmpc.data import batch_rollouts, rollouts
+    from qmpc.env import make_env
+
+    one = rollouts(make_env(TASK), lambda o: _feedback(o)[0], 10_000, seed=7)[:6]
+    envs = [make_env(TASK) for _ in range(4)]
+    calls = []
+
+    def policy(obs, slots, fresh):
+        calls.append((len(slots), int(fresh.sum())))
+        return _feedback(obs)
+
+    many = batch_rollouts(envs, policy, seed=7, episodes=6)
+    assert [e.seed for e in many] == list(range(7, 13)) and calls[0] == (4, 4)
+    for a, b in zip(many, one, strict=True):  # each episode depends on its seed only
+        np.testing.assert_array_equal(a.observations, b.observations)
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.terminations, b.terminations)
+    cut = batch_rollouts(envs, policy, seed=7, steps=50)
+    assert sum(len(e.rewards) for e in cut) == 50 and len(cut) >= 4
+    for e in cut:  # each ends terminated or truncated, never both
+        assert e.terminations[-1] != e.truncations[-1] and not (e.terminations[:-1] | e.truncations[:-1]).any()
+    with pytest.raises(InputError, match="steps or episodes"):
+        batch_rollouts(envs, policy)
+
+
+def test_the_batched_controller_acts_as_the_controller(tmp_path):
+    from qmpc.datasets import checkpoint_batch_policy, checkpoint_policy
+    from qmpc.env import make_env
+
+    env = make_env(TASK)
+    ckpt = ROOT / "models" / "inverted_pendulum.pt"
+    states = np.random.default_rng(0).uniform(-0.2, 0.2, size=(16, 4))
+    alone = checkpoint_policy(ckpt, env, 0.0, np.random.default_rng(0))
+    batched = checkpoint_batch_policy(ckpt, env, 0.0, np.random.default_rng(0), 16)
+    u = batched(states, np.arange(16), np.ones(16, bool))
+    np.testing.assert_allclose(u, np.array([alone(x) for x in states]), atol=1e-6)
+    assert batched.failed == 0
+    with pytest.raises(Exception, match="expected a checkpoint for HalfCheetah-v5"):
+        checkpoint_batch_policy(ckpt, make_env("HalfCheetah-v5"), 0.0, np.random.default_rng(0), 2)
+
+
+def test_a_dataset_made_with_several_environments_at_once(tmp_path):
+    out = make_dataset(TASK, "expert", root=tmp_path, envs=3, **SMALL)
+    eps = read_episodes(out)
+    assert sum(len(e.rewards) for e in eps) == SMALL["steps"]
+    assert len(eps) >= 3 and all(e.truncations[-1] for e in eps[-3:])  # the last three were cut
+    again = read_episodes(make_dataset(TASK, "expert", root=tmp_path / "again", envs=3, **SMALL))
+    for a, b in zip(eps, again, strict=True):  # seeded: the same command, the same dataset
+        np.testing.assert_array_equal(a.actions, b.actions)
+    with pytest.raises(ConfigError, match="envs >= 1"):
+        make_dataset(TASK, "expert", root=tmp_path / "none", envs=0, **SMALL)
