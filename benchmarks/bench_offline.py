@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = {
     "InvertedPendulum-v5": "launch/inverted_pendulum_offline.toml",
     "InvertedDoublePendulum-v5": "launch/inverted_double_pendulum_offline.toml",
+    "HalfCheetah-v5": "launch/half_cheetah_offline.toml",
 }
 
 
