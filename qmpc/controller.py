@@ -31,7 +31,15 @@ from qmpc.planner import Planner, as_bounds
 from qmpc.problem import MPCSpec
 from qmpc.solver import SolveResult, SolverOptions, Status, box_qpsol
 
-__all__ = ["MODELS", "STAGE_COST_SOURCES", "TERMINATIONS", "Controller", "model_functions", "trained_units"]
+__all__ = [
+    "MODELS",
+    "STAGE_COST_SOURCES",
+    "TERMINATIONS",
+    "BatchController",
+    "Controller",
+    "model_functions",
+    "trained_units",
+]
 
 _SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(MPCSpec)) - {"low", "high"}
 
@@ -237,9 +245,7 @@ class Controller:
         self.planner = Planner(q, spec, opts, bake_weights=True)
         self.budget_ms = float(budget_ms)
         self.low, self.high = spec.low, spec.high
-        both = np.isfinite(self.low) & np.isfinite(self.high)
-        mid = 0.5 * (np.where(both, self.low, 0.0) + np.where(both, self.high, 0.0))
-        self.safe_action = np.clip(mid, self.low, self.high)  # the bounds' midpoint, else 0 clipped
+        self.safe_action = safe_action(self.low, self.high)
         self._greedy: Planner | None = None  # horizon 1: the start of a plan (built here: not in a step)
         if spec.horizon > 1 and spec.shooting == "single" and linearization is None:
             opts = dataclasses.replace(self.planner.options, max_wall_ms=0.0, tol=1e-8, qpsol=box_qp)
@@ -536,6 +542,61 @@ class Controller:
             "value": float(res.value[0]),
         }
         return action, info
+
+
+def safe_action(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The action of a step with no plan to fall back on: the bounds' midpoint where both are
+    finite, else 0, clipped to the bounds."""
+    both = np.isfinite(low) & np.isfinite(high)
+    return np.clip(0.5 * (np.where(both, low, 0.0) + np.where(both, high, 0.0)), low, high)
+
+
+class BatchController:
+    """The greedy controller (horizon 1) of ``q`` for ``envs`` environments at once: a
+    :class:`~qmpc.data.BatchPolicy` for :func:`~qmpc.data.batch_rollouts` (evaluations, datasets).
+
+    One call solves the argmins of all the states it is given in one batch (for a PICNN the
+    batched projected Newton on Q's closed form, certified by the network, the plugin for the
+    states that fail the certificate: a state's argmin is the same alone and in a batch, and the
+    same as :class:`Controller`'s to the solvers' tolerance), each warm-started from its
+    environment's previous action. A state whose solve fails acts as :class:`Controller` falls
+    back: its environment's previous action (the bounds' midpoint at an episode's first step).
+    ``q`` is followed as it changes (each call syncs its weights). ``stats``: ``steps`` and
+    ``fallback`` (failed solves), summed over calls.
+
+    Args:
+        q: the cost-to-go network.
+        low, high: the action bounds ``(act_dim,)``.
+        envs: how many environments (the largest slot index + 1 a call may name).
+        max_iter, tol: the solver's (:class:`Controller`'s defaults for horizon 1).
+    """
+
+    def __init__(self, q: QNetwork, low, high, envs: int, max_iter: int = 50, tol: float = 1e-8):
+        if isinstance(envs, bool) or not isinstance(envs, int) or envs < 1:
+            raise InputError(f"expected envs to be an int >= 1, got {envs!r}")
+        spec = MPCSpec(as_bounds(low, q.act_dim, "low"), as_bounds(high, q.act_dim, "high"))
+        opts = SolverOptions(workers=1, max_iter=max_iter, tol=tol, qpsol=box_qpsol())
+        self.planner = Planner(q, spec, opts)  # the weights as a parameter: the batched Newton's path
+        self.q, self.low, self.high = q, spec.low, spec.high
+        self.safe_action = safe_action(self.low, self.high)
+        self.previous = np.tile(self.safe_action, (envs, 1))
+        self.stats = {"steps": 0, "fallback": 0}
+
+    def __call__(self, obs: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        """Actions ``(n, act_dim)`` for ``obs (n, obs_dim)`` of environments ``slots (n,)``;
+        ``fresh (n,)``: the first step of an episode there."""
+        x = np.asarray(obs, np.float64)
+        if x.ndim != 2 or x.shape[1] != self.q.obs_dim or not np.isfinite(x).all():
+            raise InputError(f"expected finite observations of shape (n, {self.q.obs_dim}), got {x.shape}")
+        self.previous[slots[fresh]] = self.safe_action
+        warm = self.previous[slots]
+        res, _ = self.planner.solve(x, warm.copy())
+        ok = Status.ok(res.status)
+        u = np.clip(np.where(ok[:, None], res.w[:, : self.q.act_dim], warm), self.low, self.high)
+        self.previous[slots] = u
+        self.stats["steps"] += len(slots)
+        self.stats["fallback"] += int((~ok).sum())
+        return u
 
 
 def _brief(obj: Any) -> str:

@@ -22,7 +22,6 @@ returns are kept under ``<root>/qmpc/.work/<task>/`` and reused by the kinds tha
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -326,32 +325,22 @@ def checkpoint_batch_policy(checkpoint: Path, env, noise: float, rng: np.random.
 
 class _BatchGreedy:
     def __init__(self, checkpoint: Path, env, noise: float, rng: np.random.Generator, envs: int):
-        from qmpc.controller import Controller
+        from qmpc.controller import BatchController, Controller
         from qmpc.env import env_spec
-        from qmpc.planner import Planner
-        from qmpc.problem import MPCSpec
 
         spec = env_spec(env)
         ctrl = Controller.from_checkpoint(checkpoint)  # its checks, network and bounds
         ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
-        opts = dataclasses.replace(ctrl.planner.options, workers=1)
-        self.planner = Planner(ctrl.q, MPCSpec(ctrl.low, ctrl.high), opts)  # weights as a parameter: the Newton
-        self.low, self.high, self.safe = ctrl.low, ctrl.high, ctrl.safe_action
+        self.greedy = BatchController(ctrl.q, ctrl.low, ctrl.high, envs)
         self.scale, self.rng = noise * (spec.high - spec.low), rng
-        self.previous = np.tile(self.safe, (envs, 1))
-        self.failed = 0
+
+    @property
+    def failed(self) -> int:
+        return self.greedy.stats["fallback"]
 
     def __call__(self, obs: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
-        from qmpc.solver import Status
-
-        self.previous[slots[fresh]] = self.safe
-        warm = self.previous[slots]
-        res, _ = self.planner.solve(np.asarray(obs, np.float64), warm.copy())
-        ok = Status.ok(res.status)
-        self.failed += int((~ok).sum())
-        u = np.clip(np.where(ok[:, None], res.w[:, : len(self.low)], warm), self.low, self.high)
-        self.previous[slots] = u
-        return np.clip(u + self.scale * self.rng.normal(size=u.shape), self.low, self.high)
+        u = self.greedy(obs, slots, fresh)
+        return np.clip(u + self.scale * self.rng.normal(size=u.shape), self.greedy.low, self.greedy.high)
 
 
 # ---------------------------------------------------------------------------------------
