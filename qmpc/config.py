@@ -170,6 +170,15 @@ class TrainConfig:
     """Evaluate the greedy controller every this many steps."""
     eval_episodes: int = field(default=5, metadata={"min": 1})
     """Episodes per evaluation."""
+    eval_envs: int = field(default=1, metadata={"min": 1})
+    """Evaluation episodes run at once, with one batched solve of their greedy actions a step
+    (:class:`~qmpc.controller.BatchController`); the same episodes and reset seeds, the actions the
+    controller's to the solvers' tolerance. 1: the controller, one episode after another. Only for
+    evaluations of the greedy controller (``horizon`` 1): plans always run one episode at a time.
+    Measured with the shipped controllers, 10 episodes, on 2 busy cores: HalfCheetah-v5 15.2 s at 1,
+    3.8 s at 10 (returns 4820.7 and 4828.5); Hopper-v5 3.5 and 1.6 s. The actions differ by ≤ 2e-7
+    (Hopper, one episode), but where an episode can fall such differences grow: Hopper's mean
+    return was 600.0 at 1 and 727.5 at 10 (compare evaluations at one setting)."""
     checkpoint_every: int = field(default=2000, metadata={"min": 1})
     """Write a checkpoint every this many steps (and at the end)."""
     log_every: int = field(default=100, metadata={"min": 1})
@@ -365,6 +374,7 @@ RESUMABLE_KEYS = (
     "train.steps",
     "train.eval_every",
     "train.eval_episodes",
+    "train.eval_envs",
     "train.checkpoint_every",
     "train.log_every",
     "solver.max_fail_frac",

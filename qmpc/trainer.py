@@ -32,8 +32,17 @@ from tqdm import tqdm
 from qmpc.bridge import ArgminLayer
 from qmpc.checkpoint import CheckpointError, load_checkpoint, policy_of, save_checkpoint
 from qmpc.config import Config, check_resumed_launch, config_to_toml, resumed_config
-from qmpc.controller import Controller
-from qmpc.data import Batch, ReplayBuffer, atomic_write, check_dataset, ensure_dir, input_normalization, load_minari
+from qmpc.controller import BatchController, Controller
+from qmpc.data import (
+    Batch,
+    ReplayBuffer,
+    atomic_write,
+    batch_rollouts,
+    check_dataset,
+    ensure_dir,
+    input_normalization,
+    load_minari,
+)
 from qmpc.distributed import raise_if_terminated
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec, env_spec, make_env
@@ -106,25 +115,41 @@ class Evaluation(NamedTuple):
 
 
 def evaluate(
-    controller: Controller, env, episodes: int, seed: int, gamma: float = 0.99, cost_scale: float = 1.0
+    controller: Controller | BatchController,
+    env,
+    episodes: int,
+    seed: int,
+    gamma: float = 0.99,
+    cost_scale: float = 1.0,
+    envs: Sequence | None = None,
 ) -> Evaluation:
-    """The greedy controller over ``episodes`` episodes, and its Q against Monte-Carlo costs."""
-    eps, _ = run_episodes(controller, env, episodes, seed=seed)
-    steps = sum(e.length for e in eps)
+    """The greedy controller over ``episodes`` episodes (reset seeds ``seed + i``) in ``env``, and
+    its Q against Monte-Carlo costs. A :class:`~qmpc.controller.BatchController` acts in ``envs``
+    instead, as many episodes at once as there are of them (:func:`~qmpc.data.batch_rollouts`)."""
+    if isinstance(controller, BatchController):
+        before = controller.stats["fallback"]
+        eps = batch_rollouts(list(envs or ()), controller, seed, episodes=episodes)
+        runs = [(float(np.sum(e.rewards)), -e.rewards, e.observations, e.actions, e.terminations[-1]) for e in eps]
+        fallbacks = controller.stats["fallback"] - before
+    else:
+        done, _ = run_episodes(controller, env, episodes, seed=seed)
+        runs = [(e.ret, e.costs, e.observations, e.actions, e.terminated) for e in done]
+        fallbacks = sum(e.fallback for e in done)
     gaps = []
     q = controller.q
     p = next(q.parameters())
-    for e in eps:
-        g, valid = discounted_costs(cost_scale * e.costs, gamma, e.terminated)
+    for _, costs, obs, acts, terminated in runs:
+        g, valid = discounted_costs(cost_scale * costs, gamma, terminated)
         if valid.any():
             with torch.no_grad():
-                x = torch.as_tensor(e.observations[:-1][valid], dtype=p.dtype, device=p.device)
-                u = torch.as_tensor(e.actions[valid], dtype=p.dtype, device=p.device)
+                x = torch.as_tensor(obs[:-1][valid], dtype=p.dtype, device=p.device)
+                u = torch.as_tensor(acts[valid], dtype=p.dtype, device=p.device)
                 gaps.append(q(x, u).double().cpu().numpy().reshape(-1) - g[valid])
+    lengths = [len(r[1]) for r in runs]
     return Evaluation(
-        float(np.mean([e.ret for e in eps])),
-        float(np.mean([e.length for e in eps])),
-        sum(e.fallback for e in eps) / max(1, steps),
+        float(np.mean([r[0] for r in runs])),
+        float(np.mean(lengths)),
+        fallbacks / max(1, sum(lengths)),
         float(np.mean(np.concatenate(gaps))) if gaps else float("nan"),
     )
 
@@ -253,6 +278,20 @@ class _Run(NamedTuple):
     bar: tqdm
     plan_targets: PlanTargets | None = None
     """``V_H`` of the TD targets (``train.target_horizon > 1``): copies of the networks, no state."""
+    batch_evaluator: BatchController | None = None
+    """``train.eval_envs > 1``: the evaluator's network acting in :attr:`eval_envs` at once."""
+    eval_envs: tuple = ()
+    """The environments of :attr:`batch_evaluator`."""
+
+
+def _batch_evaluation(cfg: Config, evaluator: Controller) -> tuple[BatchController | None, tuple]:
+    """``train.eval_envs > 1``: a :class:`BatchController` on the evaluator's network (whose weights
+    each evaluation loads) and its environments; else none."""
+    n = cfg.train.eval_envs
+    if n == 1:
+        return None, ()
+    batch = BatchController(evaluator.q, evaluator.low, evaluator.high, n, max_iter=cfg.solver.max_iter)
+    return batch, tuple(make_env(cfg.env.id, seed=cfg.seed + 10_000) for _ in range(n))
 
 
 def _train(
@@ -277,7 +316,7 @@ def _train(
         dynamic_ncols=True,
         desc=f"{st.spec.env_id} {tc.mode} {tc.target}",
     )
-    run = _Run(run_dir, *solvers, eval_env, logger, bar, _plan_targets(cfg, st))
+    run = _Run(run_dir, *solvers, eval_env, logger, bar, _plan_targets(cfg, st), *_batch_evaluation(cfg, solvers[3]))
     try:
         while st.step < tc.steps:
             _step(st, run)
@@ -679,7 +718,8 @@ def _evaluate(st: TrainState, run: _Run) -> None:
         controller = plan_controller(tc, st.policy(), acting_horizon(tc, st.step), run.eval_env)
     else:  # (inside the behaviour penalty, whose π_β is fixed)
         getattr(controller.q, "q", controller.q).load_state_dict(st.q.state_dict())
-    ev = evaluate(controller, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale)
+        controller = run.batch_evaluator or controller
+    ev = evaluate(controller, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale, run.eval_envs)
     eval_ms = (time.perf_counter() - t_eval) * 1e3
     st.eval_steps.append(st.step)
     st.eval_returns.append(ev.ret)
