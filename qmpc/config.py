@@ -233,6 +233,11 @@ class TrainConfig:
     checkpoint); the targets score it with Q alone, ``Q_target(x⁺, u*)`` (as TD3+BC does its
     actor's action). 0: the plain argmin. Not with ``target = "residual"`` or plans (``horizon``,
     ``target_horizon`` > 1)."""
+    behaviour_scale: str = field(default="range", metadata={"choices": ("range", "residual")})
+    """Offline: ``s`` of the behaviour penalty, per action dimension: ``range``, half the action
+    range; ``residual``, the root mean square of the dataset's actions around ``π_β`` (at least
+    1/100 of half the range), which makes the penalty ``β`` times the negative log-likelihood of a
+    Gaussian behaviour policy: strong on narrow data, weak on data that covers the box."""
     behaviour_steps: int = field(default=5000, metadata={"min": 1})
     """Adam steps of ``π_β``'s least-squares fit to the dataset's actions (``batch_size``, ``lr``)."""
     behaviour_hidden: list[int] = field(default_factory=lambda: [64, 64], metadata={"item_min": 1})

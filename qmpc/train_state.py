@@ -210,7 +210,13 @@ class TrainState:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed + 4099)
             self.behaviour.fit(
-                self.buffer.obs[:n], self.buffer.act[:n], tc.behaviour_steps, tc.batch_size, tc.lr, self.cfg.seed + 4099
+                self.buffer.obs[:n],
+                self.buffer.act[:n],
+                tc.behaviour_steps,
+                tc.batch_size,
+                tc.lr,
+                self.cfg.seed + 4099,
+                tc.behaviour_scale,
             )
 
     def acting(self, q: QNetwork) -> QNetwork:

@@ -26,21 +26,27 @@ ROOT = Path(__file__).resolve().parents[1]
 LOW, HIGH = np.array([-1.0, -3.0]), np.array([1.0, 2.0])
 
 
-def _wrapped(arch: str = "PICNN", weight: float = 2.0, seed: int = 0) -> BehaviourRegularizedQ:
+def _wrapped(arch: str = "PICNN", weight: float = 2.0, seed: int = 0, scale: str = "range") -> BehaviourRegularizedQ:
     torch.manual_seed(seed)
     q = build_network(arch, 4, 2, [16, 16], "tanh", 0.01, True).double()
     q.set_input_normalization(np.full(4, 0.1), 2.0 * np.eye(4))
     pi = BehaviourPolicy(4, 2, [8, 8], "silu", LOW, HIGH).double()
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(400, 4))
-    pi.fit(x, np.clip(np.tanh(x[:, :2]) + 0.3, LOW, HIGH), 200, 64, 1e-2, seed)
+    pi.fit(x, np.clip(np.tanh(x[:, :2]) + 0.3 + 0.2 * rng.normal(size=(400, 2)), LOW, HIGH), 200, 64, 1e-2, seed, scale)
     return BehaviourRegularizedQ(q, pi, weight).double()
 
 
-def test_regularized_q_twin_and_closed_form_agree_with_torch():
+SCALES = ["range", "residual"]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_regularized_q_twin_and_closed_form_agree_with_torch(scale):
     """Layer 1 for the wrapper: value, gradient and Hessian in ``u`` of the CasADi twin (per sample
     and vectorised) and of the batched oracle, against torch's autograd, to 1e-10."""
-    w = _wrapped()
+    w = _wrapped(scale=scale)
+    s, half = w.policy_arrays()["pen_scale"], w.policy_arrays()["act_half"]
+    assert (s == half).all() if scale == "range" else (s < 0.5 * half).all()
     rng = np.random.default_rng(1)
     x = torch.tensor(rng.normal(size=(6, 4)))
     u = torch.tensor(rng.uniform(-1, 1, size=(6, 2)), requires_grad=True)
@@ -61,13 +67,15 @@ def test_regularized_q_twin_and_closed_form_agree_with_torch():
     np.testing.assert_array_equal(g1, go)
 
 
-def test_regularized_argmin_of_a_quadratic_q_is_its_closed_form():
+@pytest.mark.parametrize("scale", SCALES)
+def test_regularized_argmin_of_a_quadratic_q_is_its_closed_form(scale):
     """``Q = V + ½ (u − μ)ᵀ P (u − μ)``: ``argmin Q̃ = (P + β S⁻²)⁻¹ (P μ + β S⁻² r)`` inside the box."""
-    w = _wrapped("QuadraticQ", weight=3.0)
+    w = _wrapped("QuadraticQ", weight=3.0, scale=scale)
     x = torch.tensor(np.random.default_rng(2).normal(size=(3, 4)))
     layer = ArgminLayer(w, -100 * np.ones(2), 100 * np.ones(2), solver="sqpmethod", tol=1e-12, newton=False)
     u_star, _ = layer(x)
-    r, S2 = w.behaviour_action(x.numpy()), np.diag(1.0 / ((HIGH - LOW) / 2) ** 2)
+    want_s = (HIGH - LOW) / 2 if scale == "range" else w.policy_arrays()["pen_scale"]
+    r, S2 = w.behaviour_action(x.numpy()), np.diag(1.0 / want_s**2)
     for b in range(3):
         u0 = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
         (g,) = torch.autograd.grad(w.q(x[b : b + 1], u0).sum(), u0, create_graph=True)
@@ -78,11 +86,12 @@ def test_regularized_argmin_of_a_quadratic_q_is_its_closed_form():
 
 
 @pytest.mark.parametrize("newton", [False, True])
-def test_sensitivities_of_the_regularized_argmin_match_finite_differences(newton):
+@pytest.mark.parametrize("scale", SCALES)
+def test_sensitivities_of_the_regularized_argmin_match_finite_differences(newton, scale):
     """``∂u*/∂θ``, ``∂u*/∂x``, ``∂V/∂θ``, ``∂V/∂x`` of ``argmin Q̃`` in a box that binds one
     component, by the plugin and by the batched Newton, against central differences of an
     sqpmethod solve at 1e-13."""
-    w = _wrapped()
+    w = _wrapped(scale=scale)
     x = torch.tensor(np.random.default_rng(3).normal(size=(5, 4)))
     wide = ArgminLayer(w, -50 * np.ones(2), 50 * np.ones(2), solver="sqpmethod", tol=1e-13, newton=False)
     u_free = wide(x)[0].detach().numpy()
@@ -92,6 +101,26 @@ def test_sensitivities_of_the_regularized_argmin_match_finite_differences(newton
     assert layer.problem.batched == newton
     errs = fd_errors(layer, x, n_dirs=2, reference=reference)
     assert max(errs.values()) <= 1e-6, errs
+
+
+def test_the_residual_scale_is_the_spread_of_the_data_around_the_clone_and_old_states_load():
+    pi = BehaviourPolicy(2, 2, [8], "silu", LOW, HIGH).double()
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3000, 2))
+    spread = np.array([0.05, 0.5])  # one narrow dimension, one wide
+    a = np.clip(0.2 * np.tanh(x) + spread * rng.normal(size=(3000, 2)), LOW, HIGH)
+    pi.fit(x, a, 300, 128, 1e-2, 0, "residual")
+    with torch.no_grad():
+        rms = np.sqrt(((a - pi(torch.from_numpy(x)).numpy()) ** 2).mean(axis=0))
+    np.testing.assert_allclose(pi.pen_scale.numpy(), rms, rtol=1e-12)
+    np.testing.assert_allclose(rms, spread, rtol=0.3)  # the clone fits the mean, up to its 300 steps
+    pi.fit(x, np.full((3000, 2), 0.3), 300, 128, 1e-2, 0, "residual")  # one action: the floor
+    np.testing.assert_allclose(pi.pen_scale.numpy(), 0.01 * (HIGH - LOW) / 2, rtol=1e-12)
+    old = {k: v for k, v in pi.state_dict().items() if k != "pen_scale"}  # saved before the scale existed
+    pi.load_state_dict(old)
+    np.testing.assert_array_equal(pi.pen_scale.numpy(), pi.act_half.numpy())
+    with pytest.raises(ConfigError, match="behaviour scale"):
+        pi.fit(x, a, 1, 8, 1e-2, 0, "wide")
 
 
 def _batch(n: int = 12, seed: int = 4) -> Batch:

@@ -6,7 +6,11 @@ behaviour-regularised network adds a trust region around the data's actions to `
     Q̃(x, u) = Q(x, u) + ½ β Σ_i ((u_i − π_β(x)_i) / s_i)²,
 
 with ``π_β`` a deterministic policy cloned from the dataset (:class:`BehaviourPolicy`, fixed once
-fitted) and ``s`` half the action range. ``Q̃`` is a :class:`~qmpc.networks.QNetwork` like any
+fitted) and ``s`` half the action range, or (``scale="residual"`` of :meth:`BehaviourPolicy.fit`)
+the spread of the data's actions around ``π_β``: the penalty is then ``β`` times the negative
+log-likelihood of a Gaussian behaviour policy ``N(π_β(x), diag s²)`` (up to a constant), strong
+where the data is narrow (an expert with little noise) and weak where it covers the box (uniform
+random actions), with one ``β``. ``Q̃`` is a :class:`~qmpc.networks.QNetwork` like any
 other: its parameters are ``Q``'s alone (``π_β``'s weights are buffers, constants of the twin),
 so the CasADi problem, the batched Newton, the sensitivities ``∂u*/∂θ`` and the controller all
 work on it unchanged, and ``argmin_u Q̃`` is the offline controller.
@@ -25,6 +29,12 @@ from qmpc.errors import ConfigError, InputError
 from qmpc.networks.base import ACTIVATIONS, QNetwork, make_mlp, np_activation
 
 __all__ = ["BehaviourPolicy", "BehaviourRegularizedQ", "PenalizedOracle"]
+
+SCALES = ("range", "residual")
+"""How the penalty scales each action dimension (:meth:`BehaviourPolicy.fit`)."""
+MIN_SCALE = 0.01
+"""The ``residual`` scale's floor, as a fraction of half the action range (a dataset of one
+deterministic policy would otherwise make the penalty a hard constraint)."""
 
 
 class BehaviourPolicy(nn.Module):
@@ -47,16 +57,38 @@ class BehaviourPolicy(nn.Module):
         self.register_buffer("obs_std", torch.ones(obs_dim, dtype=torch.float64))
         self.register_buffer("act_mid", torch.as_tensor((high + low) / 2))
         self.register_buffer("act_half", torch.as_tensor((high - low) / 2))
+        self.register_buffer("pen_scale", self.act_half.clone())  # the penalty's s: half the range, or see fit
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        """As :class:`torch.nn.Module`'s; a state saved before :attr:`pen_scale` existed (whose
+        penalty was scaled by half the range) gets ``act_half`` as its scale."""
+        if "pen_scale" not in state and "act_half" in state:
+            state = {**state, "pen_scale": state["act_half"]}
+        return super().load_state_dict(state, strict, assign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xt = ((x - self.obs_mean.to(x.dtype)) / self.obs_std.to(x.dtype)).to(self.act_mid.dtype)
         out = self.act_mid + self.act_half * torch.tanh(self.net(xt.to(next(self.net.parameters()).dtype)))
         return out.to(x.dtype)
 
-    def fit(self, obs: np.ndarray, act: np.ndarray, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+    def fit(
+        self,
+        obs: np.ndarray,
+        act: np.ndarray,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        scale: str = "range",
+    ) -> list[float]:
         """Least squares on the actions of ``obs (N, obs_dim)``, ``act (N, act_dim)`` (normalised
-        by ``s``), ``steps`` Adam steps on batches drawn with ``seed``; the input standardisation
-        comes from ``obs``. Returns the loss every 100 steps."""
+        by half the range), ``steps`` Adam steps on batches drawn with ``seed``; the input
+        standardisation comes from ``obs``. ``scale``: the penalty's :attr:`pen_scale`, ``range``
+        (half the action range) or ``residual`` (per action dimension, the root mean square of
+        ``a − π_β(x)`` over the data, at least :data:`MIN_SCALE` of half the range). Returns the
+        loss every 100 steps."""
+        if scale not in SCALES:
+            raise ConfigError(f"expected a behaviour scale in {SCALES}, got {scale!r}")
         obs, act = np.asarray(obs, np.float64), np.asarray(act, np.float64)
         if obs.ndim != 2 or obs.shape[1] != self.obs_dim or act.shape != (len(obs), self.act_dim) or len(obs) == 0:
             raise InputError(
@@ -68,19 +100,30 @@ class BehaviourPolicy(nn.Module):
             self.obs_std.copy_(torch.from_numpy(np.maximum(obs.std(axis=0), 1e-6)))
         dtype = next(self.net.parameters()).dtype
         x, a = torch.from_numpy(obs).to(dtype), torch.from_numpy(act).to(dtype)
-        scale = self.act_half.to(dtype)
+        half = self.act_half.to(dtype)
         opt = torch.optim.Adam(self.net.parameters(), lr=lr)
         rng = np.random.default_rng(seed)
         losses = []
         for k in range(steps):
             i = torch.from_numpy(rng.integers(0, len(x), size=batch_size))
-            loss = (((self(x[i]) - a[i]) / scale) ** 2).sum(dim=1).mean()
+            loss = (((self(x[i]) - a[i]) / half) ** 2).sum(dim=1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             if k % 100 == 0 or k == steps - 1:
                 losses.append(float(loss.detach()))
+        with torch.no_grad():
+            self.pen_scale.copy_(self.act_half if scale == "range" else self._residual_scale(obs, act))
         return losses
+
+    def _residual_scale(self, obs: np.ndarray, act: np.ndarray, chunk: int = 65536) -> torch.Tensor:
+        """``(act_dim,)`` root mean square of ``act − π_β(obs)`` per dimension, floored."""
+        sq = np.zeros(self.act_dim)
+        for i in range(0, len(obs), chunk):
+            pred = self(torch.from_numpy(obs[i : i + chunk])).double().numpy()
+            sq += ((act[i : i + chunk] - pred) ** 2).sum(axis=0)
+        half = self.act_half.double().numpy()
+        return torch.from_numpy(np.maximum(np.sqrt(sq / len(obs)), MIN_SCALE * half))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every weight and buffer as float64 numpy, by ``state_dict`` name."""
@@ -150,7 +193,7 @@ class BehaviourRegularizedQ(QNetwork):
             if k < self.n_layers - 1:
                 z = ACTIVATIONS[self.activation][0](z)
         r = w["act_mid"] + w["act_half"] * torch.tanh(z)
-        pen = 0.5 * self.bc_weight.to(x.dtype) * (((u - r) / w["act_half"]) ** 2).sum(dim=1)
+        pen = 0.5 * self.bc_weight.to(x.dtype) * (((u - r) / w["pen_scale"]) ** 2).sum(dim=1)
         return self.q(x, u) + pen.to(u.dtype)
 
     def casadi_expr(self, x, u, theta):
@@ -158,7 +201,7 @@ class BehaviourRegularizedQ(QNetwork):
         T = ca.DM(self.q.obs_transform.detach().double().numpy())
         xq = ca.mtimes(T, x - ca.repmat(ca.DM(self.q.obs_shift.detach().double().numpy()), 1, cols))
         w = self.policy_arrays()
-        d = (u - _policy_twin(w, self.n_layers, self.activation, x)) / ca.repmat(ca.DM(w["act_half"]), 1, cols)
+        d = (u - _policy_twin(w, self.n_layers, self.activation, x)) / ca.repmat(ca.DM(w["pen_scale"]), 1, cols)
         return self.q.casadi_expr(xq, u, theta) + 0.5 * float(self.bc_weight) * ca.sum1(d * d)
 
     def action_oracle(self, x: np.ndarray, weights: dict[str, np.ndarray] | None = None) -> PenalizedOracle:
@@ -172,7 +215,7 @@ class BehaviourRegularizedQ(QNetwork):
         inner = self.q.action_oracle(x, {k[2:]: v for k, v in weights.items() if k.startswith("q.")})
         w = self.policy_arrays(weights)
         r = _policy_numpy(w, self.n_layers, self.activation, np.asarray(x, np.float64))
-        return PenalizedOracle(inner, r, float(weights["bc_weight"]), w["act_half"])
+        return PenalizedOracle(inner, r, float(weights["bc_weight"]), w["pen_scale"])
 
 
 class PenalizedOracle:
