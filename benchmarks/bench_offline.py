@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 import time
@@ -109,7 +110,7 @@ def _variants(specs: list[str]) -> dict[str, list[str]]:
     out = {}
     for spec in specs:
         name, _, sets = spec.partition(":")
-        out[name] = [s for s in sets.split(",") if s]
+        out[name] = [s for s in re.split(r",(?![^\[]*\])", sets) if s]  # commas inside [...] stay
     return out
 
 
@@ -232,7 +233,9 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--algos", nargs="+", default=["bc", "td3plusbc", "iql", "cql"], choices=offline_peers.ALGOS)
-    p.add_argument("--variant", action="append", default=None, help="NAME:KEY=V,KEY=V (qmpc --set overrides)")
+    p.add_argument(
+        "--variant", action="append", default=None, help="NAME:KEY=V,KEY=V (qmpc --set overrides; V may be [a,b])"
+    )
     p.add_argument(
         "--set",
         action="append",
