@@ -590,7 +590,7 @@ class BatchController:
             raise InputError(f"expected finite observations of shape (n, {self.q.obs_dim}), got {x.shape}")
         self.previous[slots[fresh]] = self.safe_action
         warm = self.previous[slots]
-        res, _ = self.planner.solve(x, warm.copy())
+        res, _ = self.planner.solve(x, warm.copy())  # the solve may write into its start; warm is the fallback
         ok = Status.ok(res.status)
         u = np.clip(np.where(ok[:, None], res.w[:, : self.q.act_dim], warm), self.low, self.high)
         self.previous[slots] = u

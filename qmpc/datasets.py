@@ -404,7 +404,7 @@ def _controller_rollouts(job: _Job, checkpoint: Path, kind_index: int, desc: str
         return _rollouts(job, env, checkpoint_policy(checkpoint, env, job.noise, rng), kind_index, desc)
     envs = [job.env() for _ in range(job.envs)]
     policy = checkpoint_batch_policy(checkpoint, env, job.noise, rng, job.envs)
-    return _batch_rollouts(job, envs, policy, desc, 10_000_000 * job.seed + 1_000_000 * kind_index, steps=job.steps)
+    return _batch_rollouts(job, envs, policy, desc, _rollout_seed(job, kind_index), steps=job.steps)
 
 
 def _make_medium_replay(job: _Job) -> Path:
@@ -427,13 +427,16 @@ def _make_medium_expert(job: _Job) -> Path:
     return _write(job, "medium-expert", parts, "the medium and expert datasets together")
 
 
+def _rollout_seed(job: _Job, kind_index: int) -> int:
+    """The reset seed of a kind's first episode (episode ``i``: this plus ``i``)."""
+    return 10_000_000 * job.seed + 1_000_000 * kind_index
+
+
 def _rollouts(job: _Job, env, policy: Callable, kind_index: int, desc: str) -> list[Episode]:
     from tqdm import tqdm
 
     with tqdm(total=job.steps, desc=f"{job.env_id} {desc}", disable=not job.progress, unit="step") as bar:
-        return rollouts(
-            env, policy, job.steps, seed=10_000_000 * job.seed + 1_000_000 * kind_index, progress=bar.update
-        )
+        return rollouts(env, policy, job.steps, seed=_rollout_seed(job, kind_index), progress=bar.update)
 
 
 def _batch_rollouts(job: _Job, envs: list, policy, desc: str, seed: int, **limit: int) -> list[Episode]:
