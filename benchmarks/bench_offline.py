@@ -49,6 +49,7 @@ LAUNCH = {
     "InvertedPendulum-v5": "launch/inverted_pendulum_offline.toml",
     "InvertedDoublePendulum-v5": "launch/inverted_double_pendulum_offline.toml",
     "HalfCheetah-v5": "launch/half_cheetah_offline.toml",
+    "Hopper-v5": "launch/hopper_offline.toml",
 }
 
 
