@@ -446,11 +446,7 @@ class Controller:
 
     def check_task(self, env_id: str, obs_dim: int, act_dim: int) -> None:
         """Raise if this controller was trained for another task."""
-        if (obs_dim, act_dim) != (self.q.obs_dim, self.q.act_dim) or (self.env_id and env_id != self.env_id):
-            raise CheckpointError(
-                f"expected a checkpoint for {env_id} (obs_dim {obs_dim}, act_dim {act_dim}), got one for "
-                f"{self.env_id or 'an unknown task'} (obs_dim {self.q.obs_dim}, act_dim {self.q.act_dim})"
-            )
+        _check_task(self.q, self.env_id, env_id, obs_dim, act_dim)
 
     @property
     def warm_plan(self) -> np.ndarray | None:
@@ -544,6 +540,15 @@ class Controller:
         return action, info
 
 
+def _check_task(q: QNetwork, trained_for: str, env_id: str, obs_dim: int, act_dim: int) -> None:
+    """A :class:`CheckpointError` if ``q`` (trained for ``trained_for``, "" unknown) is not for the task."""
+    if (obs_dim, act_dim) != (q.obs_dim, q.act_dim) or (trained_for and env_id != trained_for):
+        raise CheckpointError(
+            f"expected a checkpoint for {env_id} (obs_dim {obs_dim}, act_dim {act_dim}), got one for "
+            f"{trained_for or 'an unknown task'} (obs_dim {q.obs_dim}, act_dim {q.act_dim})"
+        )
+
+
 def safe_action(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """The action of a step with no plan to fall back on: the bounds' midpoint where both are
     finite, else 0, clipped to the bounds."""
@@ -569,18 +574,31 @@ class BatchController:
         low, high: the action bounds ``(act_dim,)``.
         envs: how many environments (the largest slot index + 1 a call may name).
         max_iter, tol: the solver's (:class:`Controller`'s defaults for horizon 1).
+        env_id: the task ``q`` was trained for ("" unknown; :meth:`check_task`).
     """
 
-    def __init__(self, q: QNetwork, low, high, envs: int, max_iter: int = 50, tol: float = 1e-8):
+    def __init__(self, q: QNetwork, low, high, envs: int, max_iter: int = 50, tol: float = 1e-8, env_id: str = ""):
         if isinstance(envs, bool) or not isinstance(envs, int) or envs < 1:
             raise InputError(f"expected envs to be an int >= 1, got {envs!r}")
         spec = MPCSpec(as_bounds(low, q.act_dim, "low"), as_bounds(high, q.act_dim, "high"))
         opts = SolverOptions(workers=1, max_iter=max_iter, tol=tol, qpsol=box_qpsol())
         self.planner = Planner(q, spec, opts)  # the weights as a parameter: the batched Newton's path
-        self.q, self.low, self.high = q, spec.low, spec.high
+        self.q, self.low, self.high, self.env_id = q, spec.low, spec.high, env_id
         self.safe_action = safe_action(self.low, self.high)
         self.previous = np.tile(self.safe_action, (envs, 1))
         self.stats = {"steps": 0, "fallback": 0}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, envs: int, **kw: Any) -> BatchController:
+        """The greedy controller of a checkpoint written by ``qmpc train`` (its network, bounds and
+        task; ``kw``: ``max_iter``, ``tol``)."""
+        ckpt = load_checkpoint(path)
+        low, high = spec_arrays(ckpt["spec"])
+        return cls(network_from_checkpoint(ckpt), low, high, envs, env_id=ckpt["spec"]["env_id"], **kw)
+
+    def check_task(self, env_id: str, obs_dim: int, act_dim: int) -> None:
+        """Raise if this controller was trained for another task."""
+        _check_task(self.q, self.env_id, env_id, obs_dim, act_dim)
 
     def __call__(self, obs: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         """Actions ``(n, act_dim)`` for ``obs (n, obs_dim)`` of environments ``slots (n,)``;

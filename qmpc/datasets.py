@@ -325,13 +325,12 @@ def checkpoint_batch_policy(checkpoint: Path, env, noise: float, rng: np.random.
 
 class _BatchGreedy:
     def __init__(self, checkpoint: Path, env, noise: float, rng: np.random.Generator, envs: int):
-        from qmpc.controller import BatchController, Controller
+        from qmpc.controller import BatchController
         from qmpc.env import env_spec
 
         spec = env_spec(env)
-        ctrl = Controller.from_checkpoint(checkpoint)  # its checks, network and bounds
-        ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
-        self.greedy = BatchController(ctrl.q, ctrl.low, ctrl.high, envs)
+        self.greedy = BatchController.from_checkpoint(checkpoint, envs)
+        self.greedy.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
         self.scale, self.rng = noise * (spec.high - spec.low), rng
 
     @property

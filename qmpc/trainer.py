@@ -129,29 +129,46 @@ def evaluate(
     if isinstance(controller, BatchController):
         before = controller.stats["fallback"]
         eps = batch_rollouts(list(envs or ()), controller, seed, episodes=episodes)
-        runs = [(float(np.sum(e.rewards)), -e.rewards, e.observations, e.actions, e.terminations[-1]) for e in eps]
+        runs = [
+            _Evaluated(float(np.sum(e.rewards)), -e.rewards, e.observations, e.actions, e.terminations[-1]) for e in eps
+        ]
         fallbacks = controller.stats["fallback"] - before
     else:
         done, _ = run_episodes(controller, env, episodes, seed=seed)
-        runs = [(e.ret, e.costs, e.observations, e.actions, e.terminated) for e in done]
+        runs = [_Evaluated(e.ret, e.costs, e.observations, e.actions, e.terminated) for e in done]
         fallbacks = sum(e.fallback for e in done)
     gaps = []
     q = controller.q
     p = next(q.parameters())
-    for _, costs, obs, acts, terminated in runs:
-        g, valid = discounted_costs(cost_scale * costs, gamma, terminated)
+    for run in runs:
+        g, valid = discounted_costs(cost_scale * run.costs, gamma, run.terminated)
         if valid.any():
             with torch.no_grad():
-                x = torch.as_tensor(obs[:-1][valid], dtype=p.dtype, device=p.device)
-                u = torch.as_tensor(acts[valid], dtype=p.dtype, device=p.device)
+                x = torch.as_tensor(run.observations[:-1][valid], dtype=p.dtype, device=p.device)
+                u = torch.as_tensor(run.actions[valid], dtype=p.dtype, device=p.device)
                 gaps.append(q(x, u).double().cpu().numpy().reshape(-1) - g[valid])
-    lengths = [len(r[1]) for r in runs]
+    lengths = [len(run.costs) for run in runs]
     return Evaluation(
-        float(np.mean([r[0] for r in runs])),
+        float(np.mean([run.ret for run in runs])),
         float(np.mean(lengths)),
         fallbacks / max(1, sum(lengths)),
         float(np.mean(np.concatenate(gaps))) if gaps else float("nan"),
     )
+
+
+class _Evaluated(NamedTuple):
+    """One evaluation episode, as :func:`evaluate` reads it."""
+
+    ret: float
+    """The return (sum of rewards)."""
+    costs: np.ndarray
+    """``(T,)`` stage costs (−rewards)."""
+    observations: np.ndarray
+    """``(T + 1, obs_dim)``."""
+    actions: np.ndarray
+    """``(T, act_dim)``."""
+    terminated: bool
+    """Whether the episode ended by termination (not truncation)."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def test_a_run_evaluated_many_episodes_at_once_measures_what_one_at_a_time_does(
 
 def test_the_batched_controller_acts_as_the_controller_on_a_trained_network():
     ctrl = Controller.from_checkpoint(ROOT / "models" / "inverted_pendulum.pt")
-    batch = BatchController(ctrl.q, ctrl.low, ctrl.high, 2)
+    batch = BatchController.from_checkpoint(ROOT / "models" / "inverted_pendulum.pt", 2)
+    assert batch.env_id == "InvertedPendulum-v5" and np.array_equal(batch.low, ctrl.low)
     env = make_env("InvertedPendulum-v5")
     a = evaluate(ctrl, env, 2, 10_000, 0.99, 0.1)
     b = evaluate(batch, env, 2, 10_000, 0.99, 0.1, [make_env("InvertedPendulum-v5") for _ in range(2)])
