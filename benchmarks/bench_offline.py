@@ -187,7 +187,29 @@ def report(args: argparse.Namespace) -> str:
             )
     _plot(results, args)
     _write_curves(results, args.out / f"curves_{args.task}.csv")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *verdicts(results, args)])
+
+
+def verdicts(results: dict, args: argparse.Namespace) -> list[str]:
+    """Issue 22's comparison per dataset and qmpc variant: the mean normalised score of the last
+    evaluation against the best d3rlpy algorithm's and BC's on the same dataset (the seeds each
+    finished), and by how much it is above (+) or below (−) them."""
+    lines = [
+        "| dataset | qmpc | last | best d3rlpy (last) | − best | BC (last) | − BC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, methods in results.items():
+        lo, hi = _references(dataset_id(args.task, kind))
+        score = {
+            m: float(np.mean([normalized_score(c[1][-1], lo, hi) for c in cs.values()])) for m, cs in methods.items()
+        }
+        peers = {m: v for m, v in score.items() if not m.startswith("qmpc ")}
+        for m in (m for m in score if m.startswith("qmpc ")):
+            best = max(peers, key=peers.get) if peers else None
+            vs_best = f"{best} {peers[best]:.1f} | {score[m] - peers[best]:+.1f}" if best else "— | —"
+            vs_bc = f"{peers['bc']:.1f} | {score[m] - peers['bc']:+.1f}" if "bc" in peers else "— | —"
+            lines.append(f"| {kind} | {m.removeprefix('qmpc ')} | {score[m]:.1f} | {vs_best} | {vs_bc} |")
+    return lines
 
 
 def _write_curves(results: dict, path: Path) -> None:
