@@ -8,7 +8,9 @@ Minari's datasets root (``$MINARI_DATASETS_PATH``, else ``~/.minari/datasets``),
 * ``medium``: a policy at about a third of the expert's normalised return: a qmpc training run of
   the task's launch file (with the seed the expert was trained with), stopped at the first
   evaluation whose normalised return is in :data:`MEDIUM_BAND` (else the evaluation closest to a
-  third), acting with the launch file's exploration noise.
+  third), acting with the launch file's exploration noise. Seed 0 of a task with a recipe rolls
+  out the policy that run chose, shipped in ``models/medium/`` (:attr:`Recipe.medium`: the same
+  dataset on every machine, in minutes).
 * ``medium-replay``: the replay buffer of that training run up to the medium policy.
 * ``expert``: the task's shipped controller (``models/<task>.pt``) with the same noise.
 * ``medium-expert``: the ``medium`` and ``expert`` episodes together.
@@ -85,6 +87,15 @@ class Recipe:
     at once, with one batched solve of all their argmins a step (:func:`checkpoint_batch_policy`);
     1: one environment and the controller's own solve a step (how the IP and IDP datasets of
     ``docs/benchmarks.md`` were made; ``envs`` changes which noise each step draws)."""
+    medium: str | None = None
+    """The medium policy shipped with the repository (``models/medium/<task>.pt``; where its run's
+    search stopped, ``<task>.json`` next to it): the ``medium`` dataset of seed 0 (and so
+    ``medium-expert``'s) rolls it out instead of training the run, so that it is the same on every
+    machine. A training run is not: its floating-point path differs between machines, and IP's
+    step-like learning curve made again elsewhere stopped at step 2000 where the first one stopped
+    at 3000. It is the policy that this recipe's run chose on the machine the datasets of
+    ``docs/benchmarks.md`` were made on. ``medium-replay`` still trains the run (it is the run's
+    replay buffer), as do other seeds, a launch file or a budget of the caller's."""
 
 
 RECIPES = {
@@ -98,6 +109,7 @@ RECIPES = {
             100_000,
             medium_seed=3,  # models/inverted_pendulum.pt is seed 3's run of the launch file
             sets=("network.layer_norm=false",),  # as it was then (the datasets of docs/benchmarks.md)
+            medium="models/medium/inverted_pendulum.pt",
         ),
         Recipe(
             "InvertedDoublePendulum-v5",
@@ -107,8 +119,17 @@ RECIPES = {
             100_000,
             # models/inverted_double_pendulum.pt is seed 0's run of the launch file before session 13
             sets=("train.critics=1", "model.updates_per_step=4", "model.head_updates_per_step=4"),
+            medium="models/medium/inverted_double_pendulum.pt",
         ),
-        Recipe("Hopper-v5", "hopper", "launch/hopper.toml", "models/hopper.pt", 1_000_000, envs=BATCH_ENVS),
+        Recipe(
+            "Hopper-v5",
+            "hopper",
+            "launch/hopper.toml",
+            "models/hopper.pt",
+            1_000_000,
+            envs=BATCH_ENVS,
+            medium="models/medium/hopper.pt",
+        ),
         Recipe(
             "HalfCheetah-v5",
             "halfcheetah",
@@ -117,6 +138,7 @@ RECIPES = {
             1_000_000,
             sets=("model.updates_per_step=4",),  # models/half_cheetah.pt: seed 0 before the model's schedule
             envs=BATCH_ENVS,
+            medium="models/medium/half_cheetah.pt",
         ),
     )
 }
@@ -169,6 +191,8 @@ class _Job:
     """The recipe's :attr:`Recipe.sets` (none with a launch file of the caller's)."""
     envs: int = 1
     """:attr:`Recipe.envs`, or the caller's."""
+    medium_policy: Path | None = None
+    """:attr:`Recipe.medium` where it applies (seed 0, the recipe's launch file and budget), else None."""
 
     def env(self):
         from qmpc.env import make_env
@@ -236,6 +260,8 @@ def make_dataset(
         pinned,
         int(envs if envs is not None else (recipe.envs if recipe else 1)),
     )
+    if recipe and recipe.medium and seed == 0 and launch is None and train_steps is None:
+        job.medium_policy = _repo_file(recipe.medium, "the shipped medium policy", "--train-steps (to train it)")
     if min(job.steps, job.eval_every, job.reference_episodes, train_steps or 1, job.envs) < 1 or not job.noise >= 0:
         raise ConfigError(
             f"expected steps, eval_every, reference_episodes, train_steps and envs >= 1 and noise >= 0, got "
@@ -385,10 +411,14 @@ def _make_expert(job: _Job) -> Path:
 
 
 def _make_medium(job: _Job) -> Path:
-    run = _medium_run(job)
-    eps = _controller_rollouts(job, run / "policy.pt", 1, "medium")
-    algorithm = f"qmpc controller of a training run + noise {job.noise:g}{_envs_note(job)}"
-    return _write(job, "medium", eps, algorithm, _medium_note(run))
+    if job.medium_policy is not None:  # the recipe's, shipped: the same on every machine
+        policy, note, source = job.medium_policy, job.medium_policy.with_suffix(".json"), f" ({job.medium_policy.name})"
+    else:
+        run = _medium_run(job)
+        policy, note, source = run / "policy.pt", run / "medium.json", ""
+    eps = _controller_rollouts(job, policy, 1, "medium")
+    algorithm = f"qmpc controller of a training run{source} + noise {job.noise:g}{_envs_note(job)}"
+    return _write(job, "medium", eps, algorithm, _medium_note(note))
 
 
 def _envs_note(job: _Job) -> str:
@@ -412,7 +442,9 @@ def _make_medium_replay(job: _Job) -> Path:
     run = _medium_run(job)
     ckpt = load_checkpoint(run / "checkpoint.pt")
     eps = buffer_episodes(ckpt["buffer"], float(ckpt["config"]["train"]["cost_scale"]))
-    return _write(job, "medium-replay", eps, "the replay buffer of a qmpc training run", _medium_note(run))
+    return _write(
+        job, "medium-replay", eps, "the replay buffer of a qmpc training run", _medium_note(run / "medium.json")
+    )
 
 
 def _make_medium_expert(job: _Job) -> Path:
@@ -550,8 +582,9 @@ def _copy_run(run_dir: Path, to: Path, note: dict | None) -> None:
     tmp.rename(to)
 
 
-def _medium_note(run: Path) -> str:
-    m = json.loads((run / "medium.json").read_text())
+def _medium_note(path: Path) -> str:
+    """The description's sentence on the medium policy, from its search's result (``medium.json``)."""
+    m = json.loads(path.read_text())
     band = "" if m["in_band"] else f" (no evaluation fell within {MEDIUM_BAND} of expert; the closest to a third)"
     return (
         f" The medium policy: the training run at step {m['step']}, evaluation return {m['eval_return']:.1f}, "

@@ -1,6 +1,7 @@
 """Issue 22's datasets: ``qmpc datasets make TASK KIND`` writes Minari datasets ``qmpc/<task>/<kind>-v0``
 the way the field makes them, with their reference returns; seeded; found by id; bad requests refused."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +238,25 @@ def test_a_dataset_made_with_several_environments_at_once(tmp_path):
         np.testing.assert_array_equal(a.actions, b.actions)
     with pytest.raises(ConfigError, match="envs >= 1"):
         make_dataset(TASK, "expert", root=tmp_path / "none", envs=0, **SMALL)
+
+
+def test_seed_0s_medium_rolls_out_the_shipped_medium_policy_without_training(tmp_path, monkeypatch):
+    """A recipe's ``medium`` of seed 0 is the shipped policy's rollouts (the same on every machine),
+    not a training run's: no run is trained, and without noise every action is that policy's."""
+    from qmpc import Controller, datasets
+
+    def no_run(job):
+        raise AssertionError("the medium run was trained")
+
+    monkeypatch.setattr(datasets, "_medium_run", no_run)
+    out = make_dataset(TASK, "medium", root=tmp_path, noise=0.0, **SMALL)
+    shipped = ROOT / datasets.RECIPES[TASK].medium
+    eps = read_episodes(out)
+    ctrl = Controller.from_checkpoint(shipped)
+    for e in eps[:3]:
+        ctrl.reset()
+        np.testing.assert_allclose(np.stack([ctrl.act(o)[0] for o in e.observations[:-1]]), e.actions, atol=1e-6)
+    meta = json.loads((out / "data" / "metadata.json").read_text())
+    assert "(inverted_pendulum.pt)" in meta["algorithm_name"] and "step 2000" in meta["description"]
+    with pytest.raises(AssertionError, match="medium run was trained"):  # another seed trains its own
+        make_dataset(TASK, "medium", root=tmp_path / "s1", seed=1, **SMALL)
