@@ -298,7 +298,13 @@ def _add_datasets(sub) -> None:
     m.add_argument("--launch", default=None, help="launch file of the medium policy's training (default: the recipe's)")
     m.add_argument("--expert", default=None, help="the expert's checkpoint (default: the recipe's, models/<task>.pt)")
     m.add_argument("--noise", type=float, default=None, help="policy noise (default: the launch file's exploration)")
-    m.add_argument("--train-steps", type=int, default=None, help="the medium run's budget (default: the launch file's)")
+    m.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="the medium run's budget (default: the launch file's; given, seed 0's medium trains its run too "
+        "instead of rolling out the shipped medium policy)",
+    )
     m.add_argument("--eval-every", type=int, default=250, help="steps between the medium run's evaluations")
     m.add_argument(
         "--envs", type=int, default=None, help="environments the controllers act in at once (default: the recipe's)"
