@@ -233,11 +233,15 @@ class TrainConfig:
     checkpoint); the targets score it with Q alone, ``Q_target(x⁺, u*)`` (as TD3+BC does its
     actor's action). 0: the plain argmin. Not with ``target = "residual"`` or plans (``horizon``,
     ``target_horizon`` > 1)."""
-    behaviour_scale: str = field(default="range", metadata={"choices": ("range", "residual")})
+    behaviour_scale: str = field(default="range", metadata={"choices": ("range", "residual", "value")})
     """Offline: ``s`` of the behaviour penalty, per action dimension: ``range``, half the action
     range; ``residual``, the root mean square of the dataset's actions around ``π_β`` (at least
     1/100 of half the range), which makes the penalty ``β`` times the negative log-likelihood of a
-    Gaussian behaviour policy: strong on narrow data, weak on data that covers the box."""
+    Gaussian behaviour policy: strong on narrow data, weak on data that covers the box; ``value``,
+    the residual scale over ``√V``, ``V`` the dataset's mean ``|cost-to-go|`` (Monte Carlo to each
+    episode's end, in Q's units: ``cost_scale``, ``gamma``), so that ``β`` is relative to the size
+    of Q on that data, as TD3+BC normalises its λ by the mean ``|Q|``: one ``β`` for tasks and
+    datasets whose costs differ in size."""
     behaviour_steps: int = field(default=5000, metadata={"min": 1})
     """Adam steps of ``π_β``'s least-squares fit to the dataset's actions (``batch_size``, ``lr``)."""
     behaviour_hidden: list[int] = field(default_factory=lambda: [64, 64], metadata={"item_min": 1})

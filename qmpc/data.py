@@ -27,8 +27,10 @@ __all__ = [
     "batch_rollouts",
     "check_dataset",
     "dataset_path",
+    "discounted_costs",
     "ensure_dir",
     "ensure_output_file",
+    "episode_order",
     "input_normalization",
     "load_minari",
     "minari_root",
@@ -116,6 +118,36 @@ def _floats(v) -> np.ndarray:
     return a if a.dtype.kind == "f" else a.astype(np.float64)
 
 
+def discounted_costs(
+    costs: np.ndarray, gamma: float, terminated: bool, tail: float = 0.01
+) -> tuple[np.ndarray, np.ndarray]:
+    """Monte-Carlo cost-to-go of an episode: ``G_t = Σ_{k ≥ t} γ^{k−t} c_k`` for ``costs (T,)``,
+    and the ``(T,)`` mask of the steps where it is the true discounted cost of the policy: all of
+    them after a termination (the cost is 0 from there on), else those whose unseen tail weighs at
+    most ``tail`` (``γ^{T−t} ≤ tail``; the time limit cut the rest)."""
+    T = len(costs)
+    g = np.zeros(T)
+    acc = 0.0
+    for t in range(T - 1, -1, -1):
+        acc = float(costs[t]) + gamma * acc
+        g[t] = acc
+    valid = np.ones(T, dtype=bool) if terminated else gamma ** (T - np.arange(T)) <= tail
+    return g, valid
+
+
+def episode_order(
+    size: int, pos: int, obs: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ring buffer's ``size`` transitions oldest first (the next write at ``pos``), split into
+    episodes: ``order (size,)``, the slots oldest first, and ``ends``, the positions in ``order``
+    where an episode ends (it terminated, the next transition does not start at its ``next_obs``,
+    or it is the newest)."""
+    order = np.roll(np.arange(size), -(pos % size))  # a full ring's oldest transition is at pos
+    o, nxt, term = obs[order], next_obs[order], terminated[order]
+    cut = (term[:-1] > 0) | ~(nxt[:-1] == o[1:]).all(axis=1)
+    return order, np.r_[np.flatnonzero(cut), size - 1]
+
+
 class ReplayBuffer:
     """A ring buffer of transitions in numpy (float32 storage)."""
 
@@ -186,6 +218,24 @@ class ReplayBuffer:
         self.has_argmin[slots] = False
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
+
+    def mean_cost_to_go(self, gamma: float) -> float:
+        """The mean ``|G_t|`` of the stored transitions, ``G_t`` the Monte-Carlo discounted cost to
+        their episode's end (:func:`discounted_costs`, in the buffer's cost units) over the steps
+        where it is the true one (the episode terminated, or its cut tail weighs at most 1 %; every
+        step where none is): the size of a cost-to-go on this data."""
+        if self.size == 0:
+            raise InputError("expected a non-empty replay buffer, got 0 transitions")
+        order, ends = episode_order(self.size, self.pos, self.obs, self.next_obs, self.terminated)
+        cost, term = self.cost[order].astype(np.float64), self.terminated[order]
+        g, valid, start = [], [], 0
+        for e in ends:
+            ge, ve = discounted_costs(cost[start : e + 1], gamma, bool(term[e] > 0))
+            g.append(np.abs(ge))
+            valid.append(ve)
+            start = e + 1
+        g, valid = np.concatenate(g), np.concatenate(valid)
+        return float(g[valid].mean() if valid.any() else g.mean())
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
         if self.size == 0:

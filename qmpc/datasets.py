@@ -34,7 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
-from qmpc.data import BatchPolicy, Episode, atomic_write, batch_rollouts, minari_root, rollouts, write_minari
+from qmpc.data import (
+    BatchPolicy,
+    Episode,
+    atomic_write,
+    batch_rollouts,
+    episode_order,
+    minari_root,
+    rollouts,
+    write_minari,
+)
 from qmpc.errors import ConfigError, InputError
 
 __all__ = [
@@ -597,10 +606,9 @@ def buffer_episodes(buffer: dict, cost_scale: float) -> list[Episode]:
     (rewards ``= −cost / cost_scale``): an episode ends where a transition terminated or the next
     one does not start at its ``next_obs``; one that ends without terminating is truncated."""
     n, pos = int(buffer["size"]), int(buffer["pos"])
-    order = np.roll(np.arange(n), -(pos % n))  # a full ring's oldest transition is at pos
-    obs, act, cost, nxt, term = (np.asarray(buffer[k])[order] for k in ("obs", "act", "cost", "next_obs", "terminated"))
-    cut = (term[:-1] > 0) | ~(nxt[:-1] == obs[1:]).all(axis=1)
-    ends = np.r_[np.flatnonzero(cut), n - 1]
+    arrays = {k: np.asarray(buffer[k]) for k in ("obs", "act", "cost", "next_obs", "terminated")}
+    order, ends = episode_order(n, pos, arrays["obs"], arrays["next_obs"], arrays["terminated"])
+    obs, act, cost, nxt, term = (arrays[k][order] for k in ("obs", "act", "cost", "next_obs", "terminated"))
     episodes, start = [], 0
     for e in ends:
         sl = slice(start, e + 1)

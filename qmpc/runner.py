@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from qmpc.controller import Controller
-from qmpc.data import atomic_write
+from qmpc.data import atomic_write, discounted_costs
 from qmpc.env import offscreen_gl
 from qmpc.errors import QmpcError
 
@@ -41,23 +41,6 @@ class Episode(NamedTuple):
     """Steps whose solve ran past the controller's wall-time budget."""
     terminated: bool = False
     """The episode ended in a terminal state (not by the time limit)."""
-
-
-def discounted_costs(
-    costs: np.ndarray, gamma: float, terminated: bool, tail: float = 0.01
-) -> tuple[np.ndarray, np.ndarray]:
-    """Monte-Carlo cost-to-go of an episode: ``G_t = Σ_{k ≥ t} γ^{k−t} c_k`` for ``costs (T,)``,
-    and the ``(T,)`` mask of the steps where it is the true discounted cost of the policy: all of
-    them after a termination (the cost is 0 from there on), else those whose unseen tail weighs at
-    most ``tail`` (``γ^{T−t} ≤ tail``; the time limit cut the rest)."""
-    T = len(costs)
-    g = np.zeros(T)
-    acc = 0.0
-    for t in range(T - 1, -1, -1):
-        acc = float(costs[t]) + gamma * acc
-        g[t] = acc
-    valid = np.ones(T, dtype=bool) if terminated else gamma ** (T - np.arange(T)) <= tail
-    return g, valid
 
 
 def run_episodes(

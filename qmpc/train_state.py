@@ -217,6 +217,7 @@ class TrainState:
                 tc.lr,
                 self.cfg.seed + 4099,
                 tc.behaviour_scale,
+                self.buffer.mean_cost_to_go(tc.gamma) if tc.behaviour_scale == "value" else 1.0,
             )
 
     def acting(self, q: QNetwork) -> QNetwork:

@@ -114,6 +114,12 @@ def test_the_residual_scale_is_the_spread_of_the_data_around_the_clone_and_old_s
         rms = np.sqrt(((a - pi(torch.from_numpy(x)).numpy()) ** 2).mean(axis=0))
     np.testing.assert_allclose(pi.pen_scale.numpy(), rms, rtol=1e-12)
     np.testing.assert_allclose(rms, spread, rtol=0.3)  # the clone fits the mean, up to its 300 steps
+    pi.fit(x, a, 300, 128, 1e-2, 0, "value", value=4.0)  # relative to a cost-to-go of size 4: half
+    with torch.no_grad():  # (the fit goes on from the clone it has)
+        rms = np.sqrt(((a - pi(torch.from_numpy(x)).numpy()) ** 2).mean(axis=0))
+    np.testing.assert_allclose(pi.pen_scale.numpy(), rms / 2.0, rtol=1e-12)
+    with pytest.raises(ConfigError, match="cost-to-go size > 0"):
+        pi.fit(x, a, 1, 8, 1e-2, 0, "value", value=0.0)
     pi.fit(x, np.full((3000, 2), 0.3), 300, 128, 1e-2, 0, "residual")  # one action: the floor
     np.testing.assert_allclose(pi.pen_scale.numpy(), 0.01 * (HIGH - LOW) / 2, rtol=1e-12)
     old = {k: v for k, v in pi.state_dict().items() if k != "pen_scale"}  # saved before the scale existed
@@ -224,3 +230,22 @@ def test_offline_terms_online_are_refused(tmp_path, name):
     cfg = load_config(ROOT / "launch" / "inverted_pendulum.toml", [f"run_dir={tmp_path}", f"train.{name}=1.0"])
     with pytest.raises(ConfigError, match=f"train.mode = 'offline' with train.{name}"):
         train(cfg, progress=False)
+
+
+def test_the_value_scale_is_the_residual_scale_over_the_root_of_the_datas_cost_to_go(tmp_path, ip_dataset):
+    """``train.behaviour_scale = "value"``: the same clone as ``residual`` (the same seed), its scale
+    divided by √V, V the dataset's mean |cost-to-go| in Q's units (cost_scale, gamma of the run)."""
+    from qmpc.data import ReplayBuffer, load_minari
+
+    scales = {}
+    for name in ("residual", "value"):
+        sets = ["train.behaviour_weight=1.0", f"train.behaviour_scale={name}", "train.steps=8"]
+        train(_offline(tmp_path / name, ip_dataset, *sets), progress=False)
+        scales[name] = load_checkpoint(tmp_path / name / "policy.pt")["behaviour"]["state"]["pen_scale"].numpy()
+    cfg = _offline(tmp_path / "x", ip_dataset)
+    data = load_minari(ip_dataset, 4, 1, "InvertedPendulum-v5")
+    buf = ReplayBuffer(4, 1, len(data["cost"]))
+    buf.add_many(data["obs"], data["act"], data["cost"] * cfg.train.cost_scale, data["next_obs"], data["terminated"])
+    v = buf.mean_cost_to_go(cfg.train.gamma)
+    assert 0 < v < 10 * cfg.train.cost_scale  # random IP episodes last a few steps
+    np.testing.assert_allclose(scales["value"] * np.sqrt(v), scales["residual"], rtol=1e-12)

@@ -45,3 +45,23 @@ def test_add_many_refuses_bad_input_and_adds_nothing():
     with pytest.raises(InputError, match=r"expected next_obs of shape \(6, 3\), got \(5, 3\)"):
         buf.add_many(obs, act, cost, nxt[:5], term)
     assert len(buf) == 0 and buf.pos == 0
+
+
+def test_mean_cost_to_go_is_the_monte_carlo_cost_of_each_episode():
+    """A wrapped ring: cut one-step episodes of cost 0 (their tails unseen: none counts), one that
+    terminates after 3 steps of cost 2 (every step counts) and one cut after 41 steps of cost 1
+    (the steps whose unseen tail weighs ≤ 1 % count: its first 35 at γ = 0.5)."""
+    gamma, buf = 0.5, ReplayBuffer(1, 1, 50)
+    buf.add_many(np.zeros((7, 1)), np.zeros((7, 1)), np.zeros(7), np.ones((7, 1)), np.zeros(7))  # overwritten later
+    x = np.arange(44, dtype=float)[:, None]
+    term = np.zeros(44)
+    term[2] = 1.0
+    nxt = x + 1
+    buf.add_many(x, np.zeros((44, 1)), np.r_[np.full(3, 2.0), np.ones(41)], nxt, term)
+    # the ring holds the last 50: 6 of the first 7 (one episode, cost 0), then episodes of 3 and 41
+    g3 = [2 + 2 * gamma + 2 * gamma**2, 2 + 2 * gamma, 2.0]
+    g41 = (1 - gamma ** (41 - np.arange(41))) / (1 - gamma)
+    valid41 = gamma ** (41 - np.arange(41)) <= 0.01
+    assert valid41.sum() == 35
+    want = np.r_[g3, g41[valid41]]
+    assert buf.mean_cost_to_go(gamma) == pytest.approx(want.mean(), rel=1e-12)

@@ -30,7 +30,7 @@ from qmpc.networks.base import ACTIVATIONS, QNetwork, make_mlp, np_activation
 
 __all__ = ["BehaviourPolicy", "BehaviourRegularizedQ", "PenalizedOracle"]
 
-SCALES = ("range", "residual")
+SCALES = ("range", "residual", "value")
 """How the penalty scales each action dimension (:meth:`BehaviourPolicy.fit`)."""
 MIN_SCALE = 0.01
 """The ``residual`` scale's floor, as a fraction of half the action range (a dataset of one
@@ -80,15 +80,22 @@ class BehaviourPolicy(nn.Module):
         lr: float,
         seed: int,
         scale: str = "range",
+        value: float = 1.0,
     ) -> list[float]:
         """Least squares on the actions of ``obs (N, obs_dim)``, ``act (N, act_dim)`` (normalised
         by half the range), ``steps`` Adam steps on batches drawn with ``seed``; the input
         standardisation comes from ``obs``. ``scale``: the penalty's :attr:`pen_scale`, ``range``
-        (half the action range) or ``residual`` (per action dimension, the root mean square of
-        ``a − π_β(x)`` over the data, at least :data:`MIN_SCALE` of half the range). Returns the
-        loss every 100 steps."""
+        (half the action range), ``residual`` (per action dimension, the root mean square of
+        ``a − π_β(x)`` over the data, at least :data:`MIN_SCALE` of half the range) or ``value``
+        (the residual scale over ``√value``, ``value > 0`` the size of a cost-to-go on the data:
+        :meth:`~qmpc.data.ReplayBuffer.mean_cost_to_go`). Returns the loss every 100 steps."""
         if scale not in SCALES:
             raise ConfigError(f"expected a behaviour scale in {SCALES}, got {scale!r}")
+        if scale == "value" and not (np.isfinite(value) and value > 0):
+            raise ConfigError(
+                f"expected a finite cost-to-go size > 0 for the behaviour scale 'value', got {value} (a dataset "
+                "whose costs are all 0 has none: use 'residual')"
+            )
         obs, act = np.asarray(obs, np.float64), np.asarray(act, np.float64)
         if obs.ndim != 2 or obs.shape[1] != self.obs_dim or act.shape != (len(obs), self.act_dim) or len(obs) == 0:
             raise InputError(
@@ -113,7 +120,10 @@ class BehaviourPolicy(nn.Module):
             if k % 100 == 0 or k == steps - 1:
                 losses.append(float(loss.detach()))
         with torch.no_grad():
-            self.pen_scale.copy_(self.act_half if scale == "range" else self._residual_scale(obs, act))
+            if scale == "range":
+                self.pen_scale.copy_(self.act_half)
+            else:
+                self.pen_scale.copy_(self._residual_scale(obs, act) / (np.sqrt(value) if scale == "value" else 1.0))
         return losses
 
     def _residual_scale(self, obs: np.ndarray, act: np.ndarray, chunk: int = 65536) -> torch.Tensor:
