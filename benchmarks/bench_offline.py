@@ -178,7 +178,7 @@ def report(args: argparse.Namespace) -> str:
     for kind, methods in results.items():
         lo, hi = _references(dataset_id(args.task, kind))
         for m, cs in methods.items():
-            last = np.array([normalized_score(c[1][-1], lo, hi) for c in cs.values()])
+            last = _last_scores(cs, lo, hi)
             best = np.array([normalized_score(max(c[1]), lo, hi) for c in cs.values()])
             ret = np.array([c[1][-1] for c in cs.values()])
             lines.append(
@@ -188,6 +188,11 @@ def report(args: argparse.Namespace) -> str:
     _plot(results, args)
     _write_curves(results, args.out / f"curves_{args.task}.csv")
     return "\n".join([*lines, "", *verdicts(results, args)])
+
+
+def _last_scores(curves: dict, lo: float, hi: float) -> np.ndarray:
+    """The normalised score of each seed's last evaluation, ``curves``: seed -> (steps, returns)."""
+    return np.array([normalized_score(c[1][-1], lo, hi) for c in curves.values()])
 
 
 def verdicts(results: dict, args: argparse.Namespace) -> list[str]:
@@ -200,9 +205,7 @@ def verdicts(results: dict, args: argparse.Namespace) -> list[str]:
     ]
     for kind, methods in results.items():
         lo, hi = _references(dataset_id(args.task, kind))
-        score = {
-            m: float(np.mean([normalized_score(c[1][-1], lo, hi) for c in cs.values()])) for m, cs in methods.items()
-        }
+        score = {m: float(_last_scores(cs, lo, hi).mean()) for m, cs in methods.items()}
         peers = {m: v for m, v in score.items() if not m.startswith("qmpc ")}
         for m in (m for m in score if m.startswith("qmpc ")):
             best = max(peers, key=peers.get) if peers else None
