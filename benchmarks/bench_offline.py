@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import offline_peers
 
-from qmpc.data import dataset_path, read_episodes
+from qmpc.data import dataset_metadata, read_episodes
 from qmpc.datasets import dataset_id, normalized_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ LAUNCH = {
 
 
 def _references(ds_id: str) -> tuple[float, float]:
-    meta = json.loads((dataset_path(ds_id) / "data" / "metadata.json").read_text())
+    meta = dataset_metadata(ds_id)
     return float(meta["ref_min_score"]), float(meta["ref_max_score"])
 
 

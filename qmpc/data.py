@@ -6,12 +6,13 @@ a ``truncated`` transition (time limit) still bootstraps, so only ``terminated``
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -520,14 +521,21 @@ def dataset_path(name: str | Path) -> Path:
     return minari_root() / str(name)
 
 
-def _open_minari(path: str | Path):
-    """``(MinariDataset, its episodes, path)``: :class:`InputError` for a missing, unreadable or
-    empty dataset."""
-    import warnings
+def dataset_metadata(name: str | Path) -> dict[str, Any]:
+    """The parsed ``metadata.json`` of the Minari dataset ``name`` (an id or a path, as
+    :func:`dataset_path` reads it; e.g. ``ref_min_score``, ``ref_max_score``): :class:`InputError`
+    for a missing or unreadable one."""
+    _, data_dir = _minari_dirs(name)
+    try:
+        return json.loads((data_dir / "metadata.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"expected a readable metadata.json in {data_dir}, got: {type(e).__name__}: {e}") from None
 
-    import minari
 
-    given, path = str(path), dataset_path(path)
+def _minari_dirs(name: str | Path) -> tuple[Path, Path]:
+    """``(the dataset's directory, the one holding metadata.json)``: :class:`InputError`, naming
+    the datasets there are, when there is none."""
+    given, path = str(name), dataset_path(name)
     data_dir = path / "data" if (path / "data").is_dir() else path
     if not (data_dir / "metadata.json").is_file():
         how, there = "", []
@@ -538,6 +546,17 @@ def _open_minari(path: str | Path):
             there = sorted(str(m.parent.parent.relative_to(root)) for m in found)
         listed = f"; the datasets there: {', '.join(there[:8])}{' …' if len(there) > 8 else ''}" if there else ""
         raise InputError(f"expected a Minari dataset at {given}{how} (with data/metadata.json), got none{listed}")
+    return path, data_dir
+
+
+def _open_minari(path: str | Path):
+    """``(MinariDataset, its episodes, path)``: :class:`InputError` for a missing, unreadable or
+    empty dataset."""
+    import warnings
+
+    import minari
+
+    path, data_dir = _minari_dirs(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

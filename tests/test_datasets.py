@@ -10,7 +10,7 @@ import torch
 
 from qmpc.cli import main
 from qmpc.config import load_config
-from qmpc.data import ReplayBuffer, load_minari, read_episodes
+from qmpc.data import ReplayBuffer, dataset_metadata, load_minari, read_episodes
 from qmpc.datasets import buffer_episodes, dataset_id, make_dataset, normalized_score
 from qmpc.errors import ConfigError, InputError
 from qmpc.trainer import train
@@ -44,6 +44,8 @@ def test_every_kind_is_a_minari_dataset_with_its_references(root, monkeypatch):
     ((r_random, r_expert),) = refs  # one pair for the task
     assert r_random < 20 and r_expert == 1000.0  # the shipped IP controller balances
     assert normalized_score(r_expert, r_random, r_expert) == 100.0
+    meta = dataset_metadata(dataset_id(TASK, "medium"))  # what benchmarks read: the same references
+    assert (meta["ref_min_score"], meta["ref_max_score"]) == (r_random, r_expert)
 
 
 def test_medium_expert_is_medium_then_expert_and_medium_replay_is_the_runs_buffer(root):
@@ -105,6 +107,12 @@ def test_bad_requests_are_clear_errors(root, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "empty"))
     with pytest.raises(InputError, match=r"in the Minari root .*empty \(make it with `qmpc datasets make"):
         load_minari("qmpc/invertedpendulum/expert-v0", 4, 1)
+    with pytest.raises(InputError, match=r"expected a Minari dataset at qmpc/invertedpendulum/expert-v0 in the Minari"):
+        dataset_metadata("qmpc/invertedpendulum/expert-v0")
+    (tmp_path / "broken" / "data").mkdir(parents=True)
+    (tmp_path / "broken" / "data" / "metadata.json").write_text('{"ref_min_score": ')
+    with pytest.raises(InputError, match=r"expected a readable metadata.json in .*broken/data, got: JSONDecodeError"):
+        dataset_metadata(tmp_path / "broken")
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))  # a mistyped id: the error lists what is there
     with pytest.raises(
         InputError,
