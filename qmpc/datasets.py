@@ -39,6 +39,7 @@ from qmpc.data import (
     Episode,
     atomic_write,
     batch_rollouts,
+    dataset_metadata,
     episode_order,
     minari_root,
     rollouts,
@@ -627,7 +628,7 @@ def describe_datasets(root: str | Path | None = None) -> str:
     root = Path(root) if root is not None else minari_root()
     rows = []
     for meta in sorted((root / "qmpc").glob("*/*-v*/data/metadata.json")):
-        m = json.loads(meta.read_text())
+        m = dataset_metadata(meta.parents[1])
         rows.append(
             f"{m.get('dataset_id', meta.parents[1].name):<42} {m.get('total_steps', 0):>9} "
             f"{m.get('total_episodes', 0):>8}"
