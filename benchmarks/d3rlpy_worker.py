@@ -3,6 +3,7 @@ of the d3rlpy venv (``benchmarks/offline_peers.py``: ``ensure_venv``, ``run_peer
 
     python d3rlpy_worker.py --data DATA.npz --env InvertedPendulum-v5 --algo {bc,td3plusbc,iql,cql,rebrac}
         --steps N --eval-every K --eval-episodes 10 --eval-seed 10000 --seed S --out RESULT.json [--threads 1]
+        [--device cpu|cuda]
 
 DATA.npz (D4RL layout): ``observations (N, obs_dim)``, ``actions (N, act_dim)``, ``rewards (N,)``,
 ``terminals (N,)`` (1.0 where the episode terminated at that transition), ``timeouts (N,)`` (1.0
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="the result JSON (written atomically)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default="cpu", help="torch device of the networks: cpu (default) or cuda[:N]")
     args = p.parse_args(argv)
     for name in ("steps", "eval_every", "eval_episodes", "threads"):
         if getattr(args, name) < 1:
@@ -328,6 +330,15 @@ def versions() -> dict[str, str]:
     return {k: m.version(k) for k in ("d3rlpy", "torch", "gymnasium", "mujoco")}
 
 
+def device_name(device: str) -> str:
+    """``device`` as the result records it: ``cpu`` or the GPU's name (e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)``)."""
+    import torch
+
+    if device == "cpu":
+        return "cpu"
+    return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+
+
 def write_json(path: Path, obj: dict) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temporary file + ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,7 +378,7 @@ def run(args: argparse.Namespace, t0: float) -> dict:
     dataset = make_dataset(data)
     d3rlpy.seed(args.seed)
     config, note = make_config(args.algo, args.steps, low, high, episode_returns(data))
-    algo = config.create(device=False)
+    algo = config.create(device=False if args.device == "cpu" else args.device)
     steps, rets = train(algo, dataset, args)
     return {
         "algo": args.algo,
@@ -378,6 +389,7 @@ def run(args: argparse.Namespace, t0: float) -> dict:
         "episode_returns": rets,
         "wall_s": time.perf_counter() - t0,
         "versions": versions(),
+        "device": device_name(args.device),
         "transitions": int(dataset.transition_count),
         "hyperparameters": hyperparameters(config),
         "notes": [note] if note else [],

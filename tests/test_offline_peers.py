@@ -1,0 +1,109 @@
+"""The file contract between qmpc and the d3rlpy worker (``benchmarks/offline_peers.py`` writes
+the ``.npz``, ``benchmarks/d3rlpy_worker.py`` reads it) and the worker's command line. Neither
+needs d3rlpy: the worker imports it only to train."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+peers = _module("offline_peers")
+worker = _module("d3rlpy_worker")
+
+
+def _episodes(rng: np.random.Generator, lengths: list[int], obs_dim: int = 3, act_dim: int = 2):
+    """Transitions of consecutive episodes: obs, act, cost, next_obs, terminated, episode_ends."""
+    obs, act, nxt, term, ends = [], [], [], [], []
+    for i, n in enumerate(lengths):
+        states = rng.normal(size=(n + 1, obs_dim))
+        obs.append(states[:-1])
+        nxt.append(states[1:])
+        act.append(rng.uniform(-1, 1, size=(n, act_dim)))
+        term.append(np.arange(n) == n - 1 if i % 2 == 0 else np.zeros(n, bool))  # even episodes terminate
+        ends.append(np.arange(n) == n - 1)
+    cat = np.concatenate
+    n_all = sum(lengths)
+    return cat(obs), cat(act), rng.normal(size=n_all), cat(nxt), cat(term), cat(ends)
+
+
+def test_written_npz_is_what_the_worker_reads(tmp_path: Path) -> None:
+    """Rewards are −cost, terminations and cuts land in ``terminals`` / ``timeouts``, and the
+    worker's own checks accept the file."""
+    obs, act, cost, nxt, term, ends = _episodes(np.random.default_rng(0), [4, 3, 5])
+    path = peers.write_npz(tmp_path / "d.npz", obs, act, cost, nxt, term, ends)
+    d = worker.load_npz(path, obs_dim=3, act_dim=2)
+    np.testing.assert_array_equal(d["observations"], obs.astype(np.float32))
+    np.testing.assert_array_equal(d["rewards"], (-cost).astype(np.float32))
+    assert np.flatnonzero(d["terminals"]).tolist() == [3, 11]  # episodes 0 and 2 terminate
+    assert np.flatnonzero(d["timeouts"]).tolist() == [6]  # episode 1 is cut
+    # d3rlpy's return of a cut episode leaves out its last transition (no next observation)
+    rew = -cost
+    np.testing.assert_allclose(worker.episode_returns(d), [rew[:4].sum(), rew[4:6].sum(), rew[7:].sum()], rtol=1e-5)
+
+
+def test_episode_ends_found_without_flags(tmp_path: Path) -> None:
+    """Without ``episode_ends``, an episode ends where ``next_obs`` is not the next ``obs``."""
+    obs, act, cost, nxt, term, _ends = _episodes(np.random.default_rng(1), [3, 3])
+    d = worker.load_npz(peers.write_npz(tmp_path / "d.npz", obs, act, cost, nxt, term), 3, 2)
+    assert (d["terminals"] + d["timeouts"]).nonzero()[0].tolist() == [2, 5]
+
+
+def test_write_npz_refuses_a_broken_episode(tmp_path: Path) -> None:
+    obs, act, cost, nxt, term, ends = _episodes(np.random.default_rng(2), [5])
+    nxt[1] += 1.0
+    with pytest.raises(ValueError, match=r"next_obs\[i\] == obs\[i \+ 1\].*i=1"):
+        peers.write_npz(tmp_path / "d.npz", obs, act, cost, nxt, term, ends)
+    assert not (tmp_path / "d.npz").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: d.pop("timeouts"), r"missing \['timeouts'\]"),
+        (lambda d: d["rewards"].__setitem__(2, np.nan), r"NaN/Inf in \['rewards'\]"),
+        (lambda d: d.__setitem__("actions", d["actions"][:, :1]), "expected shapes"),
+        (lambda d: d["timeouts"].__setitem__(-1, 0.0), "last transition to end an episode"),
+        (lambda d: d["terminals"].__setitem__(0, 0.5), "terminals of 0.0 and 1.0 only"),
+    ],
+)
+def test_worker_names_what_is_wrong_with_a_dataset(tmp_path: Path, damage, message: str) -> None:
+    obs, act, cost, nxt, term, ends = _episodes(np.random.default_rng(3), [4, 4])
+    good = peers.write_npz(tmp_path / "good.npz", obs, act, cost, nxt, term, ends)
+    d = dict(np.load(good))
+    damage(d)
+    np.savez(tmp_path / "bad.npz", **d)
+    with pytest.raises(worker.DataError, match=message):
+        worker.load_npz(tmp_path / "bad.npz", obs_dim=3, act_dim=2)
+
+
+def test_worker_refuses_a_file_that_is_not_an_npz(tmp_path: Path) -> None:
+    (tmp_path / "x.npz").write_text("not a zip")
+    with pytest.raises(worker.DataError, match=r"expected an \.npz \(zip\) file"):
+        worker.load_npz(tmp_path / "x.npz", 3, 2)
+    with pytest.raises(worker.DataError, match="got none"):
+        worker.load_npz(tmp_path / "missing.npz", 3, 2)
+
+
+def test_worker_command_line() -> None:
+    base = ["--data", "d.npz", "--env", "InvertedPendulum-v5", "--algo", "cql", "--steps", "10", "--eval-every", "5"]
+    args = worker.parse_args([*base, "--out", "r.json"])
+    assert (args.device, args.threads, args.eval_episodes) == ("cpu", 1, 10)
+    assert worker.parse_args([*base, "--out", "r.json", "--device", "cuda:0"]).device == "cuda:0"
+    assert worker.device_name("cpu") == "cpu"
+    with pytest.raises(SystemExit):
+        worker.parse_args([*base[:-2], "--eval-every", "0", "--out", "r.json"])
