@@ -16,7 +16,8 @@ evaluation environment; the d3rlpy worker is given the same seeds).
 * **d3rlpy** (IQL, TD3+BC, CQL, ReBRAC, BC): in its own virtual environment
   (``benchmarks/offline_peers.py``; d3rlpy 2.8 pins ``gymnasium==1.0.0``), one worker process
   per run (``benchmarks/d3rlpy_worker.py``), fed the dataset's arrays; a finished run's JSON is
-  kept and not run again.
+  kept and not run again. ``--jobs N`` runs N at a time (a many-core machine), ``--peer-device
+  cuda`` on a GPU (CQL's 10k steps take 26–58 min on one core here).
 
 ``--parts`` picks what runs (``d3rlpy``, ``qmpc``, ``report``): the two trainings can run side by
 side in two invocations on a 2-core machine, and ``report`` alone prints the table from what is
@@ -34,6 +35,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -79,32 +81,49 @@ def _npz(ds_id: str, out: Path) -> Path:
 
 
 def run_d3rlpy(args: argparse.Namespace) -> None:
+    """Every d3rlpy run of the arguments whose result JSON is not there yet, ``--jobs`` at a time
+    (worker processes); a run that fails is reported at the end and does not stop the others."""
     python = offline_peers.ensure_venv()
+    runs = []
     for kind in args.kinds:
-        ds = dataset_id(args.task, kind)
-        npz = _npz(ds, args.out)
+        npz = _npz(dataset_id(args.task, kind), args.out)
         for algo in args.algos:
             for seed in args.seeds:
                 res = args.out / "d3rlpy" / kind / algo / f"seed{seed}.json"
-                if res.is_file():
-                    continue
-                res.parent.mkdir(parents=True, exist_ok=True)
-                t0 = time.perf_counter()
-                r = offline_peers.run_peer(
-                    python,
-                    npz,
-                    args.task,
-                    algo,
-                    args.steps,
-                    args.eval_every,
-                    seed,
-                    res,
-                    args.eval_episodes,
-                    10000 + seed,
-                )
-                print(
-                    f"d3rlpy {algo} {ds} seed {seed}: last {r['returns'][-1]:.1f} in {time.perf_counter() - t0:.0f} s"
-                )
+                if not res.is_file():
+                    res.parent.mkdir(parents=True, exist_ok=True)
+                    runs.append((kind, algo, seed, npz, res))
+    failed = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(_peer_run, python, run, args): run for run in runs}
+        for fut in as_completed(futures):
+            kind, algo, seed = futures[fut][:3]
+            try:
+                print(f"d3rlpy {algo} {kind} seed {seed}: {fut.result()}", flush=True)
+            except RuntimeError as e:
+                failed.append(f"{algo} {kind} seed {seed}: {e}")
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(runs)} d3rlpy runs failed:\n" + "\n".join(failed))
+
+
+def _peer_run(python: Path, run: tuple, args: argparse.Namespace) -> str:
+    """One d3rlpy run (``run``: kind, algo, seed, npz, result path); a line about its result."""
+    _kind, algo, seed, npz, res = run
+    t0 = time.perf_counter()
+    r = offline_peers.run_peer(
+        python,
+        npz,
+        args.task,
+        algo,
+        args.steps,
+        args.eval_every,
+        seed,
+        res,
+        args.eval_episodes,
+        10000 + seed,
+        device=args.peer_device,
+    )
+    return f"last {r['returns'][-1]:.1f} in {time.perf_counter() - t0:.0f} s on {r.get('device', 'cpu')}"
 
 
 def _variants(specs: list[str]) -> dict[str, list[str]]:
@@ -268,9 +287,13 @@ def main() -> None:
         default=None,
         help="qmpc --set override of every variant (default: model.learn=false, no plan uses a model here)",
     )
+    p.add_argument("--jobs", type=int, default=1, help="d3rlpy runs at a time (one worker process each)")
+    p.add_argument("--peer-device", default="cpu", help="torch device of the d3rlpy runs: cpu, cuda, cuda:1 …")
     p.add_argument("--parts", nargs="+", default=["d3rlpy", "qmpc", "report"], choices=("d3rlpy", "qmpc", "report"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "offline")
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     args.variant = args.variant or ["plain:"]
     args.set = ["model.learn=false"] if args.set is None else args.set
     args.out.mkdir(parents=True, exist_ok=True)

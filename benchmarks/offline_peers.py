@@ -261,17 +261,20 @@ def run_peer(
     eval_seed: int = 10000,
     timeout: float | None = None,
     threads: int = 1,
+    device: str = "cpu",
 ) -> dict:
     """Train d3rlpy's ``algo`` (one of :data:`ALGOS`) on ``npz`` for ``steps`` gradient steps in the
-    venv of ``python``, evaluating every ``eval_every`` steps and at the end; its result JSON
-    (written to ``out``), parsed. Raises :class:`RuntimeError` with the worker's stderr tail when it
-    fails or runs past ``timeout`` seconds."""
+    venv of ``python`` on the torch ``device`` (``cpu``, ``cuda``, ``cuda:1`` …), evaluating every
+    ``eval_every`` steps and at the end; its result JSON (written to ``out``), parsed. Raises
+    :class:`RuntimeError` with the worker's stderr tail when it fails or runs past ``timeout``
+    seconds."""
     if algo not in ALGOS:
         raise ValueError(f"expected algo in {ALGOS}, got {algo!r}")
     out = Path(out)
     cmd = [str(python), str(WORKER), "--data", str(npz), "--env", env_id, "--algo", algo]
     cmd += ["--steps", str(steps), "--eval-every", str(eval_every), "--eval-episodes", str(eval_episodes)]
     cmd += ["--eval-seed", str(eval_seed), "--seed", str(seed), "--out", str(out), "--threads", str(threads)]
+    cmd += ["--device", device]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_clean_env(threads))
     except subprocess.TimeoutExpired as e:

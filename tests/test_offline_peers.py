@@ -107,3 +107,57 @@ def test_worker_command_line() -> None:
     assert worker.device_name("cpu") == "cpu"
     with pytest.raises(SystemExit):
         worker.parse_args([*base[:-2], "--eval-every", "0", "--out", "r.json"])
+
+
+def test_run_peer_passes_the_device_to_the_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        Path(cmd[cmd.index("--out") + 1]).write_text('{"returns": [1.0]}')
+        return type("P", (), {"returncode": 0, "stderr": ""})()
+
+    monkeypatch.setattr(peers.subprocess, "run", fake_run)
+    r = peers.run_peer("py", tmp_path / "d.npz", "Hopper-v5", "cql", 10, 5, 0, tmp_path / "r.json", device="cuda:1")
+    assert r == {"returns": [1.0]}
+    assert seen["cmd"][seen["cmd"].index("--device") + 1] == "cuda:1"
+
+
+def test_bench_runs_peers_side_by_side_and_reports_every_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``bench_offline.py --jobs``: every run is tried; a failed one is listed at the end and does
+    not stop the others; a finished one is not run again."""
+    bench = _module("bench_offline")
+    calls = []
+
+    def fake_peer(python, npz, task, algo, steps, every, seed, out, episodes, eval_seed, device="cpu"):
+        calls.append((algo, seed, device))
+        if seed == 1:
+            raise RuntimeError("worker died")
+        Path(out).write_text('{"returns": [5.0]}')
+        return {"returns": [5.0], "device": device}
+
+    monkeypatch.setattr(bench.offline_peers, "ensure_venv", lambda: Path(sys.executable))
+    monkeypatch.setattr(bench.offline_peers, "run_peer", fake_peer)
+    monkeypatch.setattr(bench, "_npz", lambda ds, out: tmp_path / "d.npz")
+    args = bench.argparse.Namespace(
+        task="Hopper-v5",
+        kinds=["medium"],
+        algos=["bc", "iql"],
+        seeds=[0, 1, 2],
+        out=tmp_path,
+        jobs=3,
+        steps=10,
+        eval_every=5,
+        eval_episodes=2,
+        peer_device="cuda",
+    )
+    with pytest.raises(SystemExit, match="2 of 6 d3rlpy runs failed"):
+        bench.run_d3rlpy(args)
+    assert sorted(calls) == [(a, s, "cuda") for a in ("bc", "iql") for s in (0, 1, 2)]
+    assert "last 5.0" in capsys.readouterr().out
+    calls.clear()
+    with pytest.raises(SystemExit, match="2 of 2 d3rlpy runs failed"):  # only the failed ones again
+        bench.run_d3rlpy(args)
+    assert sorted(calls) == [("bc", 1, "cuda"), ("iql", 1, "cuda")]
