@@ -171,6 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args,
         {
             "--episodes": (1, True),
+            "--envs": (1, True),
             "--horizon": (1, True),
             "--budget-ms": (0, True),
             "--max-iter": (1, True),
@@ -194,6 +195,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.video:
         ensure_output_file(args.video, "--video")
     env_id = args.env or ckpt["spec"]["env_id"]
+    if args.envs > 1:
+        return _run_batched(args, env_id, plot)
     env = make_env(env_id, seed=args.seed, render_mode="rgb_array" if args.video else None)
     spec = env_spec(env)
     # real time by default: a control step must fit the task's control period
@@ -219,6 +222,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"plot: {plot}")
     if args.video:
         print(f"video: {write_video(frames, args.video, fps=int(env.metadata.get('render_fps', 30)))}")
+    return 0
+
+
+def _run_batched(args: argparse.Namespace, env_id: str, plot: Path) -> int:
+    """``qmpc run --envs N``: the greedy controller in ``N`` environments at once."""
+    from qmpc.controller import BatchController
+    from qmpc.env import env_spec, make_env
+    from qmpc.errors import InputError
+    from qmpc.runner import format_episodes, plot_rollout, run_batched
+
+    if args.horizon != 1:
+        raise InputError(f"expected horizon 1 with --envs {args.envs} (batched greedy solves), got {args.horizon}")
+    if args.video:
+        raise InputError(f"expected no --video with --envs {args.envs}, got {args.video!r} (run one environment)")
+    envs = [make_env(env_id, seed=args.seed) for _ in range(args.envs)]
+    spec = env_spec(envs[0])
+    ctrl = BatchController.from_checkpoint(args.checkpoint, args.envs, max_iter=args.max_iter)
+    ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
+    print(f"{env_id}: {args.episodes} episodes in {args.envs} environments at once, horizon 1 (batched greedy "
+          f"solves), no time budget, checkpoint {args.checkpoint}")  # fmt: skip
+    eps = run_batched(ctrl, envs, args.episodes, seed=args.seed)
+    print(format_episodes(eps, timing="solve times: ms per batched solve of all environments"))
+    plot_rollout(eps[0], spec.low, spec.high, plot, title=f"{env_id}, horizon 1")
+    print(f"plot: {plot}")
     return 0
 
 
@@ -349,6 +376,13 @@ def _add_run(sub) -> None:
     r = sub.add_parser("run", help="run the controller of a checkpoint in closed loop")
     r.add_argument("checkpoint")
     r.add_argument("--episodes", type=int, default=5)
+    r.add_argument(
+        "--envs",
+        type=int,
+        default=1,
+        help="horizon 1: run this many environments together, one batched greedy solve per step for all "
+        "of them (many episodes fast; no time budget, no video)",
+    )
     r.add_argument(
         "--horizon", type=int, default=None, help="plan length (default: the checkpoint's train.horizon, else 1)"
     )

@@ -587,6 +587,7 @@ class BatchController:
         self.safe_action = safe_action(self.low, self.high)
         self.previous = np.tile(self.safe_action, (envs, 1))
         self.stats = {"steps": 0, "fallback": 0}
+        self.last_fallback = np.zeros(0, bool)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, envs: int, **kw: Any) -> BatchController:
@@ -612,6 +613,7 @@ class BatchController:
         ok = Status.ok(res.status)
         u = np.clip(np.where(ok[:, None], res.w[:, : self.q.act_dim], warm), self.low, self.high)
         self.previous[slots] = u
+        self.last_fallback = ~ok  # (n,): the environments of this call that kept their previous action
         self.stats["steps"] += len(slots)
         self.stats["fallback"] += int((~ok).sum())
         return u

@@ -6,17 +6,26 @@ rendered offscreen by MuJoCo.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from qmpc.controller import Controller
-from qmpc.data import atomic_write, discounted_costs
+from qmpc.controller import BatchController, Controller
+from qmpc.data import atomic_write, batch_rollouts, discounted_costs
 from qmpc.env import offscreen_gl
 from qmpc.errors import QmpcError
 
-__all__ = ["Episode", "discounted_costs", "format_episodes", "plot_rollout", "run_episodes", "write_video"]
+__all__ = [
+    "Episode",
+    "discounted_costs",
+    "format_episodes",
+    "plot_rollout",
+    "run_batched",
+    "run_episodes",
+    "write_video",
+]
 
 
 class Episode(NamedTuple):
@@ -81,8 +90,40 @@ def run_episodes(
     return out, frames
 
 
-def format_episodes(eps: list[Episode]) -> str:
-    """The per-episode table (costs are ``−reward``: lower is better)."""
+def run_batched(controller: BatchController, envs: list, episodes: int, seed: int = 0) -> list[Episode]:
+    """Run ``episodes`` episodes (seeds ``seed, seed+1, …``, in the order they start) in the
+    environments ``envs`` stepped together, one batched greedy solve per step for all of them
+    (:class:`~qmpc.controller.BatchController`). An episode's ``solve_ms`` is, per step, the time of
+    the batched solve it took part in; ``failed`` and ``fallback`` count its steps whose solve
+    failed (the previous action was kept)."""
+    steps: list[list[tuple[float, bool]]] = []  # per episode, in the order episodes start
+    episode_of: dict[int, int] = {}  # environment slot -> the episode running there
+
+    def policy(obs: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        for k in slots[fresh]:  # batch_rollouts starts episodes in this order
+            episode_of[int(k)] = len(steps)
+            steps.append([])
+        t0 = time.perf_counter()
+        u = controller(obs, slots, fresh)
+        ms = (time.perf_counter() - t0) * 1e3
+        for k, fell_back in zip(slots, controller.last_fallback, strict=True):
+            steps[episode_of[int(k)]].append((ms, bool(fell_back)))
+        return u
+
+    out = []
+    for ep, rec in zip(batch_rollouts(envs, policy, seed, episodes=episodes), steps, strict=True):
+        ms, fell_back = np.array([r[0] for r in rec]), sum(r[1] for r in rec)
+        costs = -np.asarray(ep.rewards, np.float64)
+        out.append(
+            Episode(-float(costs.sum()), len(costs), ep.observations, ep.actions, costs, ms, fell_back, fell_back,
+                    terminated=bool(np.any(ep.terminations)))
+        )  # fmt: skip
+    return out
+
+
+def format_episodes(eps: list[Episode], timing: str = "solve times in ms per control step") -> str:
+    """The per-episode table (costs are ``−reward``: lower is better); ``timing`` says what the
+    solve times are."""
     head = (
         f"{'episode':>7} {'return':>10} {'length':>6} {'mean cost':>10} {'solve p50':>9} {'p99':>7} {'max':>7} "
         f"{'failed':>6} {'overrun':>7} {'fallback':>8}"
@@ -96,8 +137,7 @@ def format_episodes(eps: list[Episode]) -> str:
         )
     rets = np.array([e.ret for e in eps])
     lines.append(
-        f"{'mean':>7} {rets.mean():>10.2f} ± {rets.std():.2f} over {len(eps)} episodes "
-        "(return = −total cost; solve times in ms per control step)"
+        f"{'mean':>7} {rets.mean():>10.2f} ± {rets.std():.2f} over {len(eps)} episodes (return = −total cost; {timing})"
     )
     return "\n".join(lines)
 

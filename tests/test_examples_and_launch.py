@@ -119,6 +119,25 @@ def test_train_resume_and_run_cli(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["run", str(tmp_path / "missing.pt")]) == 2
     assert "nothing at" in capsys.readouterr().err
+    _run_batched_cli(ckpt, capsys)
+
+
+def _run_batched_cli(ckpt, capsys):
+    """``qmpc run --envs N``: the greedy controller in N environments at once, the same episodes
+    (seeds, lengths, returns) as one environment after another."""
+    assert main(["run", str(ckpt), "--episodes", "3", "--envs", "2", "--plot", "batched.png"]) == 0
+    out = capsys.readouterr().out
+    assert "3 episodes in 2 environments at once" in out and "per batched solve of all environments" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]
+    assert main(["run", str(ckpt), "--episodes", "3", "--plot", "one.png"]) == 0
+    one = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]
+    assert [r[:3] for r in rows] == [r[:3] for r in one]  # episode, return (2 decimals), length
+    for bad, msg in (
+        (["--envs", "0"], "--envs to be a finite number >= 1"),
+        (["--envs", "2", "--horizon", "3"], "expected horizon 1"),
+    ):
+        assert main(["run", str(ckpt), *bad]) == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_cli_reports_bad_launch_key(tmp_path, capsys):
