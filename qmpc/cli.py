@@ -183,6 +183,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     trained = ckpt.get("config", {}).get("train", {})
     if args.horizon is None:  # the horizon it was trained to act with
         args.horizon = int(trained.get("horizon", 1))
+    if args.envs > 1 and args.horizon != 1:  # before any output file or directory is made
+        raise InputError(f"expected horizon 1 with --envs {args.envs} (batched greedy solves), got {args.horizon}")
+    if args.envs > 1 and args.video:
+        raise InputError(f"expected no --video with --envs {args.envs}, got {args.video!r} (run one environment)")
     if args.termination is None:  # what it was trained (or set) to plan with
         args.termination = "auto" if trained.get("plan_termination", True) else "none"
     rho_given = args.trust_region is not None
@@ -229,13 +233,8 @@ def _run_batched(args: argparse.Namespace, env_id: str, plot: Path) -> int:
     """``qmpc run --envs N``: the greedy controller in ``N`` environments at once."""
     from qmpc.controller import BatchController
     from qmpc.env import env_spec, make_env
-    from qmpc.errors import InputError
     from qmpc.runner import format_episodes, plot_rollout, run_batched
 
-    if args.horizon != 1:
-        raise InputError(f"expected horizon 1 with --envs {args.envs} (batched greedy solves), got {args.horizon}")
-    if args.video:
-        raise InputError(f"expected no --video with --envs {args.envs}, got {args.video!r} (run one environment)")
     envs = [make_env(env_id, seed=args.seed) for _ in range(args.envs)]
     spec = env_spec(envs[0])
     ctrl = BatchController.from_checkpoint(args.checkpoint, args.envs, max_iter=args.max_iter)

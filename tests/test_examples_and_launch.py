@@ -135,9 +135,11 @@ def _run_batched_cli(ckpt, capsys):
     for bad, msg in (
         (["--envs", "0"], "--envs to be a finite number >= 1"),
         (["--envs", "2", "--horizon", "3"], "expected horizon 1"),
+        (["--envs", "2", "--video", "novideo/roll.mp4"], "expected no --video with --envs 2"),
     ):
         assert main(["run", str(ckpt), *bad]) == 2
         assert msg in capsys.readouterr().err
+    assert not Path("novideo").exists()  # refused before any output directory is made
 
 
 def test_cli_reports_bad_launch_key(tmp_path, capsys):
