@@ -143,6 +143,13 @@ class TrainConfig:
     """Discount ``γ``."""
     tau: float = field(default=0.005, metadata={"min_exclusive": 0.0, "max": 1.0})
     """Polyak rate of the target network: ``θ' ← (1 − τ) θ' + τ θ``."""
+    policy_average: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    """Rate ``r`` of an average of Q's weights that the evaluations, ``policy.pt`` and every
+    controller built from the run use, a planning actor's (``horizon > 1``) included; the network
+    trained, its TD targets and the greedy actor that explores are unchanged. After ``t`` updates
+    the average moves towards Q by ``max(r, 1/(t+1))``: the mean of the first ``1/r`` iterates,
+    then an exponential average over about ``1/r`` updates. It smooths the argmin policy of a Q
+    that swings between updates (offline, on data that covers little of the state space). 0: Q."""
     target: str = field(default="semi", metadata={"choices": ("semi", "residual", "double", "double_detached")})
     """TD target mode: ``semi`` (detached target network), ``residual`` (through the min),
     ``double`` (online argmin scored by the target network, through ``u*``), ``double_detached``

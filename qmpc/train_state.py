@@ -145,6 +145,12 @@ class TrainState:
     (:attr:`critic_targets`): empty with one critic."""
     critic_targets: torch.nn.ModuleList = field(default_factory=torch.nn.ModuleList)
 
+    q_average: QNetwork | None = None
+    """The average of :attr:`q`'s weights that controllers use (``train.policy_average > 0``;
+    :meth:`update_average`), saved as the checkpoint's ``q`` (and :attr:`q` as ``q_train``); else None."""
+    averaged: int = 0
+    """Updates folded into :attr:`q_average` so far."""
+
     plan_actor: PlanActor | None = None
     """The H-step MPC that acts (``train.horizon > 1``): the policy of its last rebuild and its
     plan are saved, so that the first step after a resume plans as the uninterrupted run's does."""
@@ -152,6 +158,17 @@ class TrainState:
     def __post_init__(self) -> None:
         if self.solve_window is None:
             self.solve_window = SolveWindow(self.cfg.solver.fail_window)
+
+    def update_average(self) -> None:
+        """Move :attr:`q_average` towards :attr:`q` by ``max(r, 1/(t+1))`` after ``t`` earlier
+        updates (``r = train.policy_average``): the running mean of the first ``1/r`` iterates,
+        then an exponential average. Nothing without an average."""
+        if self.q_average is None:
+            return
+        rate = max(self.cfg.train.policy_average, 1.0 / (self.averaged + 1))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.q_average.parameters()), list(self.q.parameters()), rate)
+        self.averaged += 1
 
     def wall_s(self) -> float:
         """Wall time of the whole run so far, resumes included."""
@@ -178,7 +195,7 @@ class TrainState:
             "network": network_kwargs(cfg),
             "gamma": cfg.train.gamma,
             "cost_scale": cfg.train.cost_scale,
-            "q": tensors(self.q),
+            "q": tensors(self.q if self.q_average is None else self.q_average),
         }
         if self.model is not None:
             out["model"] = {"kwargs": self.model.kwargs(), "state": tensors(self.model)}
@@ -266,6 +283,9 @@ class TrainState:
             full["outcome_optimizer"] = self.outcome_optimizer.state_dict()
         if self.plan_actor is not None:
             full["plan_actor"] = self.plan_actor.state_dict()
+        if self.q_average is not None:  # "q" (the policy's) is the average
+            full["q_train"] = self.q.state_dict()
+            full["loop"]["averaged"] = self.averaged
         if len(self.critics):
             full["critics"] = self.critics.state_dict()
             full["critic_targets"] = self.critic_targets.state_dict()
@@ -275,7 +295,11 @@ class TrainState:
         """Continue from a checkpoint of :meth:`state_dict` (read by :func:`~qmpc.checkpoint.load_checkpoint`,
         which checked that its numbers are finite) of the same task and architecture."""
         self._check_resumable(ckpt)
-        self.q.load_state_dict(ckpt["q"])
+        if self.q_average is None:
+            self.q.load_state_dict(ckpt["q"])
+        else:
+            self.q.load_state_dict(ckpt["q_train"])
+            self.q_average.load_state_dict(ckpt["q"])
         self.q_target.load_state_dict(ckpt["q_target"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -290,6 +314,7 @@ class TrainState:
         self.eval_steps, self.eval_returns = s["eval_steps"], s["eval_returns"]
         self.acc = {k: list(v) for k, v in s.get("acc", {}).items()}  # older checkpoints: window lost
         self.solve_window.load_state_dict(s.get("solve_window", {}))  # older checkpoints: an empty one
+        self.averaged = s.get("averaged", 0)
         warm = ckpt.get("warm_starts", {})  # older checkpoints: none, the next solves start cold
         for name, layer in self.layers.items():
             w = warm.get(name)
@@ -321,6 +346,11 @@ class TrainState:
         if len(self.critics) and "critics" not in ckpt:
             raise CheckpointError(
                 f"expected the other critics in a checkpoint of train.critics = {len(self.critics) + 1}, got none"
+            )
+        if self.q_average is not None and "q_train" not in ckpt:
+            raise CheckpointError(
+                f"expected the trained Q (q_train) in a checkpoint of train.policy_average = "
+                f"{self.cfg.train.policy_average}, got none: the run was trained without an average"
             )
         if ckpt["spec"]["env_id"] != env_id or ckpt["network"]["arch"] != arch:
             raise CheckpointError(

@@ -396,6 +396,8 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
     )
     st.outcome, st.outcome_optimizer = outcome, outcome_opt
     st.critics, st.critic_targets = critics, copy.deepcopy(critics).requires_grad_(False)
+    if tc.policy_average > 0:  # moved by TrainState.update_average only
+        st.q_average = copy.deepcopy(q).requires_grad_(False)
     if tc.behaviour_weight > 0:  # fitted by TrainState.prepare_behaviour
         with torch.random.fork_rng(devices=[]):
             st.behaviour = BehaviourPolicy(spec.obs_dim, spec.act_dim, tc.behaviour_hidden, "silu", spec.low, spec.high)
@@ -552,7 +554,7 @@ def _fix_normalization(st: TrainState) -> None:
     """Online: Q's input normalisation, fixed from the states of the random-action phase (before Q
     acts or learns)."""
     norm = input_normalization(st.buffer.obs[: len(st.buffer)], st.cfg.network.obs_normalization)
-    for net in (st.q, st.q_target, *st.critics, *st.critic_targets):
+    for net in (st.q, st.q_target, *st.critics, *st.critic_targets, *filter(None, [st.q_average])):
         net.set_input_normalization(*norm)
 
 
@@ -648,6 +650,7 @@ def _learn(st: TrainState, run: _Run) -> TDResult:
                 [*st.q.parameters(), *st.critics.parameters()],
                 tc.tau,
             )
+        st.update_average()
     return res
 
 
@@ -727,14 +730,16 @@ def _solver_alarm(st: TrainState, res: TDResult) -> None:
 
 
 def _evaluate(st: TrainState, run: _Run) -> None:
-    """Evaluate the greedy controller of Q as it is now; log it and redraw the learning curve."""
+    """Evaluate the greedy controller of Q as it is now (its average, ``train.policy_average``); log it
+    and redraw the learning curve."""
     cfg, tc = st.cfg, st.cfg.train
     t_eval = time.perf_counter()
     controller = run.evaluator
     if _planning(st):  # at the horizon the run acts with, through the model as it is now
         controller = plan_controller(tc, st.policy(), acting_horizon(tc, st.step), run.eval_env)
     else:  # (inside the behaviour penalty, whose π_β is fixed)
-        getattr(controller.q, "q", controller.q).load_state_dict(st.q.state_dict())
+        policy_q = st.q if st.q_average is None else st.q_average
+        getattr(controller.q, "q", controller.q).load_state_dict(policy_q.state_dict())
         controller = run.batch_evaluator or controller
     ev = evaluate(controller, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale, run.eval_envs)
     eval_ms = (time.perf_counter() - t_eval) * 1e3
