@@ -159,6 +159,11 @@ class TrainState:
         if self.solve_window is None:
             self.solve_window = SolveWindow(self.cfg.solver.fail_window)
 
+    @property
+    def policy_q(self) -> QNetwork:
+        """The network whose argmin controllers use: :attr:`q_average` if there is one, else :attr:`q`."""
+        return self.q if self.q_average is None else self.q_average
+
     def update_average(self) -> None:
         """Move :attr:`q_average` towards :attr:`q` by ``max(r, 1/(t+1))`` after ``t`` earlier
         updates (``r = train.policy_average``): the running mean of the first ``1/r`` iterates,
@@ -195,7 +200,7 @@ class TrainState:
             "network": network_kwargs(cfg),
             "gamma": cfg.train.gamma,
             "cost_scale": cfg.train.cost_scale,
-            "q": tensors(self.q if self.q_average is None else self.q_average),
+            "q": tensors(self.policy_q),
         }
         if self.model is not None:
             out["model"] = {"kwargs": self.model.kwargs(), "state": tensors(self.model)}

@@ -554,7 +554,8 @@ def _fix_normalization(st: TrainState) -> None:
     """Online: Q's input normalisation, fixed from the states of the random-action phase (before Q
     acts or learns)."""
     norm = input_normalization(st.buffer.obs[: len(st.buffer)], st.cfg.network.obs_normalization)
-    for net in (st.q, st.q_target, *st.critics, *st.critic_targets, *filter(None, [st.q_average])):
+    average = [] if st.q_average is None else [st.q_average]
+    for net in (st.q, st.q_target, *st.critics, *st.critic_targets, *average):
         net.set_input_normalization(*norm)
 
 
@@ -738,8 +739,7 @@ def _evaluate(st: TrainState, run: _Run) -> None:
     if _planning(st):  # at the horizon the run acts with, through the model as it is now
         controller = plan_controller(tc, st.policy(), acting_horizon(tc, st.step), run.eval_env)
     else:  # (inside the behaviour penalty, whose π_β is fixed)
-        policy_q = st.q if st.q_average is None else st.q_average
-        getattr(controller.q, "q", controller.q).load_state_dict(policy_q.state_dict())
+        getattr(controller.q, "q", controller.q).load_state_dict(st.policy_q.state_dict())
         controller = run.batch_evaluator or controller
     ev = evaluate(controller, run.eval_env, tc.eval_episodes, cfg.seed + 10_000, tc.gamma, tc.cost_scale, run.eval_envs)
     eval_ms = (time.perf_counter() - t_eval) * 1e3
