@@ -379,7 +379,13 @@ class Controller:
 
     def _greedy_action(self, x: np.ndarray, warm: np.ndarray | None) -> np.ndarray:
         """``(nu,)``: ``argmin_u Q(x, u)`` within the bounds from the optional warm start ``warm
-        (nu,)``; the safe action if the solve fails."""
+        (nu,)``; the safe action if the solve fails. Compiled where the network has a compiled form
+        (:attr:`~qmpc.planner.Planner.compiled_greedy`); CasADi's solver where that one does not converge."""
+        fast = self._greedy.compiled_greedy
+        if fast is not None:
+            u, converged = fast.solve(x, warm)
+            if converged:
+                return np.clip(u, self.low, self.high)
         res, _ = self._greedy.solve(x[None], None if warm is None else warm[None], values_only=True, sync=False)
         return np.clip(res.w[0], self.low, self.high) if Status.ok(res.status)[0] else self.safe_action
 

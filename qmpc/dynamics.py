@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qmpc import compiled
 from qmpc.errors import InputError
 from qmpc.networks.base import ThetaView, make_mlp, mlp_twin, np64, np_activation
 
@@ -46,6 +47,7 @@ class MLPStageDerivatives:
         Ws[0][:, :nx] /= xsc
         Ws[-1], bs[-1] = dsc[:, None] * Ws[-1], dsc * bs[-1] + ds
         self.Ws, self.bs, self.activation, self.nx = Ws, bs, model.activation, nx
+        self.compiled = ("mlp", compiled.mlp_layout(Ws, bs, model.activation))  # qmpc.compiled's form
 
     def step(self, X: np.ndarray, U: np.ndarray) -> np.ndarray:
         """``x⁺ (K, nx)`` at ``X (K, nx)``, ``U (K, nu)``: the model's forward pass alone."""
@@ -323,6 +325,7 @@ class OutcomeModel(nn.Module):
             y, g, H = _scalar_mlp_derivatives(Ws, bs, self.activation, Z, hessian, directions)
             return cs + csc * y, csc * g, (csc * H if hessian else None)
 
+        derivatives.compiled = ("cost_head", compiled.mlp_layout(Ws, bs, self.activation, cs, csc))
         return derivatives
 
     def cost_value(self):
@@ -358,6 +361,7 @@ class OutcomeModel(nn.Module):
             gd = g if directions is None else np.einsum("kz,kzn->kn", g, directions)  # ∇y along the directions
             return p, d1[:, None] * g, d2[:, None, None] * gd[:, :, None] * gd[:, None, :] + d1[:, None, None] * H
 
+        derivatives.compiled = ("termination_head", compiled.mlp_layout(Ws, bs, self.activation))
         return derivatives
 
     @classmethod

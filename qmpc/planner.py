@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qmpc.compiled import GreedyNewton, pack_of
 from qmpc.errors import InputError
 from qmpc.networks import QNetwork
 from qmpc.problem import ControlProblem, MPCSpec
@@ -145,6 +146,15 @@ class Planner:
         # the network's structure for torch.func.functional_call, which swaps a module's tensors
         # while it runs: never the user's module, which another thread may be using meanwhile
         self.functional_q = copy.deepcopy(self.q).requires_grad_(False)
+        self.compiled_greedy: GreedyNewton | None = None
+        """Horizon 1 with baked weights and a network with a compiled form (a PICNN): its argmin for
+        one state at a time, compiled (:class:`~qmpc.compiled.GreedyNewton`; the controller's greedy
+        actions), with the weights of this build."""
+        if self.bake_weights and self.spec.horizon == 1 and hasattr(self.q, "numpy_derivatives"):
+            layout = pack_of(self.q.numpy_derivatives(), "picnn")
+            if layout is not None:
+                o = self.options
+                self.compiled_greedy = GreedyNewton(layout, self.spec.low, self.spec.high, o.tol, o.max_iter)
         self._certifier = self._new_certifier() if newton else None
         runner = None
         if self.backend == "ray":

@@ -45,6 +45,7 @@ from typing import NamedTuple, Protocol
 import casadi as ca
 import numpy as np
 
+from qmpc.compiled import CompiledPlan, pack_of
 from qmpc.errors import InputError
 
 __all__ = ["SHOOTING", "CasadiStageDerivatives", "ControlProblem", "MPCSpec", "StageDerivatives"]
@@ -506,6 +507,19 @@ class ControlProblem:
         self.cold_start = self._cold_start(theta, params)
         self._q_batch = q_batch if N == 0 else None
         self._batch_first_order: dict[int, ca.Function] = {}
+        self.compiled_plan = self._compiled_plan(q_derivatives) if single else None
+        """A :class:`~qmpc.compiled.CompiledPlan` of ``objective`` and ``plan_derivatives`` for one
+        state where every part of the plan has a compiled form (Q's closed form, a learned MLP
+        model, learned cost and termination heads, no model parameters) and numba is installed; else None."""
+
+    def _compiled_plan(self, q_derivatives: Callable | None) -> CompiledPlan | None:
+        spec = self.spec
+        q, model = pack_of(q_derivatives, "picnn"), pack_of(spec.dynamics_derivatives, "mlp")
+        cost = pack_of(spec.stage_cost_derivatives, "cost_head")
+        term = pack_of(spec.termination_derivatives, "termination_head")
+        if self.dynamics_params or None in (q, model, cost) or (spec.termination is not None and term is None):
+            return None
+        return CompiledPlan(q, model, cost, term if spec.termination is not None else None, self.discount, self.nu)
 
     def _graph(self, w: ca.MX, x0: ca.MX, theta: ca.MX) -> tuple[list, list, list, ca.MX, ca.MX, ca.MX | None]:
         """``(us, xs, params, J_stage, g, alive)``: the actions and states of the plan in ``w`` (single

@@ -67,7 +67,7 @@ import casadi as ca
 import numpy as np
 
 from qmpc import kkt, newton
-from qmpc.boxsqp import solve_box_sqp
+from qmpc.boxsqp import FLOOR, solve_box_sqp
 from qmpc.errors import InputError
 from qmpc.kkt import Adjoint
 from qmpc.newton import Oracle
@@ -464,13 +464,16 @@ class PlanOracle:
     def __init__(self, solver: BatchedSolver, x0: np.ndarray, theta: ca.DM):
         self.solver, self.x0, self.theta = solver, x0, theta
         self._one: tuple[_Buffered, _Buffered, _Buffered] | None = None  # one state (a controller's plan)
-        if x0.shape[0] == 1:
+        self._compiled = solver.compiled_plan if x0.shape[0] == 1 else None  # the same, compiled
+        if x0.shape[0] == 1 and self._compiled is None:
             fns = tuple(solver.one_state(m) for m in ("objective", "plan_derivatives", "plan_first_order"))
             if all(f is not None for f in fns):
                 self._one, self._theta64 = fns, np.asarray(theta, dtype=np.float64)
 
     def value(self, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        if self._one is not None:
+        if self._compiled is not None:
+            f = np.array([self._compiled.value(u[0], self.x0[0])])
+        elif self._one is not None:
             f = self._buffered(self._one[0], u, [np.inf])[0].reshape(1)
         else:
             (f,) = self._contained(self.solver.objective, u, rows, [np.inf])
@@ -478,7 +481,10 @@ class PlanOracle:
 
     def derivatives(self, u: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         fill = [np.inf, np.nan, np.nan]
-        if self._one is not None:
+        if self._compiled is not None:
+            f, g, H = self._compiled.derivatives(u[0], self.x0[0])
+            f, g, H = np.array([f]), g[None], H[None]
+        elif self._one is not None:
             f, g, H = self._buffered(self._one[1], u, fill)
             f, g, H = f.reshape(1), g.reshape(1, -1), H.reshape(1, *H.shape)
         else:
@@ -488,7 +494,10 @@ class PlanOracle:
     def first_order(self, u: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``J`` and ``∇J`` alone (the same values as :meth:`derivatives`', without the Hessian)."""
         fill = [np.inf, np.nan]
-        if self._one is not None:
+        if self._compiled is not None:
+            f, g = self._compiled.first_order(u[0], self.x0[0])
+            f, g = np.array([f]), g[None]
+        elif self._one is not None:
             f, g = self._buffered(self._one[2], u, fill)
             f, g = f.reshape(1), g.reshape(1, -1)
         else:
@@ -561,6 +570,11 @@ class BatchedSolver:
         """Whether the batched Newton's closed form has agreed with the network at every check
         (:meth:`_certify`); False: every solve is certified by the network."""
         self._newton_solves = 0
+        self.compiled_plan = problem.compiled_plan
+        """The problem's compiled plan (:class:`~qmpc.compiled.CompiledPlan`: one state's plans are
+        solved by it), checked against the problem's CasADi functions on the first solve and every
+        :data:`CHECK_EVERY`-th after; None where there is none, or once it disagreed."""
+        self._compiled_solves = 0
         if self.deadline is not None:  # threadpoolctl's first use scans every loaded library: not in a step
             single_blas_thread()
         self.nlpsol = self._nlpsol("qmpc_nlp", self.options, self.deadline)
@@ -781,9 +795,11 @@ class BatchedSolver:
         u0 = self.cold_start(x0, theta_dm, lbw, ubw) if w0 is None else np.clip(w0, lbw, ubw)
         oracle = PlanOracle(self, x0, theta_dm)
         deadline = self.deadline.at if self.deadline is not None else np.inf
-        nr = solve_box_sqp(
-            oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter, deadline=deadline, hessian_at_solution=False
-        )
+        nr = self._compiled_sqp(x0, theta_dm, u0, lbw, ubw, deadline) if B == 1 and self.compiled_plan else None
+        if nr is None:
+            nr = solve_box_sqp(
+                oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter, deadline=deadline, hessian_at_solution=False
+            )
         w, value, res = nr.u, nr.value, nr.residual
         lam_x = np.where((w <= lbw) | (w >= ubw), -nr.grad, 0.0)
         lam_g = np.zeros((B, 0))
@@ -796,6 +812,50 @@ class BatchedSolver:
         elif bad.size:
             message = self._finish_by_plugin(bad, x0, theta_dm, lbw, ubw, (w, value, lam_x, lam_g, status, res))
         return SolveResult(w, value, lam_x, lam_g, status, res, (time.perf_counter() - t0) * 1e3, message)
+
+    def _compiled_sqp(self, x0, theta_dm: ca.DM, u0, lbw, ubw, deadline: float) -> newton.BoxNewtonResult | None:
+        """One state's plan by the compiled SQP (:meth:`~qmpc.compiled.CompiledPlan.solve`, the same
+        iterations as :func:`~qmpc.boxsqp.solve_box_sqp`); where an iteration's QP is not solved,
+        :mod:`qmpc.boxsqp` finishes from its iterate. The solution's value and gradient are checked
+        against the problem's CasADi functions on the first solve and every :data:`CHECK_EVERY`-th
+        after: where they disagree, this solver stops using the compiled plan (with a warning) and
+        returns None (the caller solves again without it)."""
+        o, cp = self.options, self.compiled_plan
+        u, f, g, r, its, qp_failed = cp.solve(
+            x0[0], u0[0], lbw, ubw, tol=o.tol, max_iter=o.max_iter, floor=FLOOR, deadline=deadline
+        )
+        if qp_failed:
+            nr = solve_box_sqp(
+                PlanOracle(self, x0, theta_dm),
+                u[None],
+                lbw,
+                ubw,
+                tol=o.tol,
+                max_iter=max(1, o.max_iter - its),
+                deadline=deadline,
+                hessian_at_solution=False,
+            )
+            u, f, g, r = nr.u[0], float(nr.value[0]), nr.grad[0], float(nr.residual[0])
+        if self._compiled_solves % CHECK_EVERY == 0:
+            try:
+                with np.errstate(all="ignore"):
+                    out = self.problem.plan_first_order(u, x0[0], theta_dm)
+                f_ind, g_ind = (np.asarray(a, np.float64) for a in out)
+            except RuntimeError:  # CasADi could not evaluate it (an overflowing rollout): no check this time
+                f_ind, g_ind = np.array(f), g
+            if not _agree(np.array([f]), g[None], f_ind.reshape(1), g_ind.reshape(1, -1), CHECK_TOL * o.kkt_tol):
+                self.compiled_plan = None
+                warnings.warn(
+                    "the compiled plan's value or gradient disagrees with the problem's CasADi functions; this "
+                    "solver solves plans without it from now on (slower)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return None
+        self._compiled_solves += 1
+        return newton.BoxNewtonResult(
+            u[None], np.array([f]), g[None], np.array([r]), np.array([r <= o.tol]), np.array([its]), None
+        )
 
     def plan_derivatives(self, w: np.ndarray, x0: np.ndarray, theta: ca.DM) -> tuple[np.ndarray, ...]:
         """Single shooting: ``J (B,)``, ``∇J (B, n_w)`` and ``∇²J (B, n_w, n_w)`` in one call."""

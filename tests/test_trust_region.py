@@ -88,13 +88,13 @@ def test_the_greedy_plan_follows_a_change_of_the_network_between_steps():
 def _greedy_calls(plan) -> list[int]:
     """Counts the greedy solves of each step of ``plan`` (:func:`_steps` appends a 0 per step)."""
     calls = []
-    solve = plan._greedy.solve
+    solve = plan._greedy_action  # compiled or CasADi's: one greedy action each
 
     def counted(*a, **k):
         calls[-1] += 1
         return solve(*a, **k)
 
-    plan._greedy.solve = counted
+    plan._greedy_action = counted
     return calls
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qmpc import compiled
 from qmpc.errors import InputError
 from qmpc.networks.base import (
     QNetwork,
@@ -138,6 +139,7 @@ class PICNN(QNetwork):
             q, grad, H = batch(np.asarray(x)[None], np.asarray(u)[None])
             return float(q[0]), grad[0], H[0]
 
+        derivatives.compiled = batch.compiled
         return derivatives
 
     def numpy_batch_derivatives(
@@ -174,6 +176,7 @@ class PICNN(QNetwork):
             _add_second_order_terms(H, layers, path, tape, u, Ju)
             return q, grad, H
 
+        derivatives.compiled = ("picnn", compiled.picnn_layout(T, shift, layers, path, act, m))  # qmpc.compiled
         return derivatives
 
     def action_oracle(self, x: np.ndarray, weights: dict[str, np.ndarray] | None = None) -> PICNNActionOracle:
