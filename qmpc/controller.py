@@ -252,6 +252,7 @@ class Controller:
             self._greedy = Planner(q, MPCSpec(self.low, self.high), opts, bake_weights=True)
         self.trust_region = self._check_trust_region(trust_region, spec)
         self.carry_greedy = bool(carry_greedy)
+        self._warm_up_compiled()
         if self.budget_ms and spec.horizon > 1:
             self._check_budget()
         self.last_result: SolveResult | None = None
@@ -335,6 +336,17 @@ class Controller:
                 f"horizon {P.horizon} ({P.shooting} shooting), where one evaluation of the plan's derivatives "
                 f"takes {ms:.1f} ms here; use a shorter horizon, or no budget (budget_ms=0, qmpc run --budget-ms 0)"
             )
+
+    def _warm_up_compiled(self) -> None:
+        """Compile the compiled plan's and greedy solver's kernels (:mod:`qmpc.compiled`) now, not in
+        the first control step: about a minute the first time on a machine, then loaded from
+        numba's cache in about a second."""
+        P = self.planner.problem
+        if P.compiled_plan is not None:
+            w = np.clip(np.zeros(P.n_w), P.lbw, P.ubw)
+            P.compiled_plan.solve(np.zeros(P.nx), w, P.lbw, P.ubw, tol=0.0, max_iter=1, floor=FLOOR)
+        if self._greedy is not None and self._greedy.compiled_greedy is not None:
+            self._greedy.compiled_greedy.solve(np.zeros(P.nx))
 
     def _greedy_start(self, x: np.ndarray, deadline: float = np.inf, carry: bool = False) -> np.ndarray:
         """``(1, n_w)``: the greedy plan of this step: the greedy action ``argmin_u Q(x_k, u)`` at

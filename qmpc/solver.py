@@ -793,10 +793,10 @@ class BatchedSolver:
         o = self.options
         B = x0.shape[0]
         u0 = self.cold_start(x0, theta_dm, lbw, ubw) if w0 is None else np.clip(w0, lbw, ubw)
-        oracle = PlanOracle(self, x0, theta_dm)
         deadline = self.deadline.at if self.deadline is not None else np.inf
         nr = self._compiled_sqp(x0, theta_dm, u0, lbw, ubw, deadline) if B == 1 and self.compiled_plan else None
-        if nr is None:
+        if nr is None:  # (a compiled plan that disagreed is gone from the oracle too)
+            oracle = PlanOracle(self, x0, theta_dm)
             nr = solve_box_sqp(
                 oracle, u0, lbw, ubw, tol=o.tol, max_iter=o.max_iter, deadline=deadline, hessian_at_solution=False
             )
