@@ -342,9 +342,11 @@ class Controller:
         the first control step: about a minute the first time on a machine, then loaded from
         numba's cache in about a second."""
         P = self.planner.problem
-        if P.compiled_plan is not None:
-            w = np.clip(np.zeros(P.n_w), P.lbw, P.ubw)
-            P.compiled_plan.solve(np.zeros(P.nx), w, P.lbw, P.ubw, tol=0.0, max_iter=1, floor=FLOOR)
+        cp = P.compiled_plan
+        if cp is not None:  # each entry point (a QP the compiled SQP leaves calls them from Python)
+            x, w = np.zeros(P.nx), np.clip(np.zeros(P.n_w), P.lbw, P.ubw)
+            cp.solve(x, w, P.lbw, P.ubw, tol=0.0, max_iter=1, floor=FLOOR)
+            cp.value(w, x), cp.first_order(w, x), cp.derivatives(w, x)
         if self._greedy is not None and self._greedy.compiled_greedy is not None:
             self._greedy.compiled_greedy.solve(np.zeros(P.nx))
 
