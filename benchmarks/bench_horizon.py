@@ -9,7 +9,9 @@ For every checkpoint and horizon, runs ``--episodes`` episodes (seeds ``seed, se
 same for every horizon) and prints one table: mean ± std return (sum of rewards = −total cost),
 mean length, control-step time p50 / p99 and fallback steps. Horizons > 1 plan through the
 checkpoint's learned dynamics model (``model.learn = true``) with the task's stage cost
-(:mod:`qmpc.costs`) and Q as the cost-to-go.
+(:mod:`qmpc.costs`) and Q as the cost-to-go. ``--obs-noise ε`` adds seeded ``N(0, ε²)`` noise to
+every observation the controller sees (not to the simulation): a control for how much a closed
+loop amplifies differences of that size between two runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import gymnasium
 import numpy as np
 
 from qmpc.checkpoint import load_checkpoint
@@ -26,6 +29,17 @@ from qmpc.runner import run_episodes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = [ROOT / "models" / f"{n}.pt" for n in ("inverted_pendulum", "inverted_double_pendulum", "reacher")]
+
+
+class ObservationNoise(gymnasium.ObservationWrapper):
+    """Adds ``N(0, eps²)`` to every observation (seeded), leaving the simulated state alone."""
+
+    def __init__(self, env, eps: float, seed: int = 0):
+        super().__init__(env)
+        self.eps, self.rng = float(eps), np.random.default_rng(seed)
+
+    def observation(self, observation):
+        return observation + self.eps * self.rng.normal(size=np.shape(observation))
 
 
 def main() -> None:
@@ -39,6 +53,7 @@ def main() -> None:
     rho_help = "for H > 1, one row each: the plan's trust region around the greedy plan (qmpc run --trust-region)"
     ap.add_argument("--trust-region", type=float, nargs="+", default=[0.0], help=rho_help)
     ap.add_argument("--termination", default="auto", choices=TERMINATIONS, help="for H > 1 (qmpc run --termination)")
+    ap.add_argument("--obs-noise", type=float, default=0.0, help="std of noise added to each observation (0: none)")
     args = ap.parse_args()
     head = (
         f"{'checkpoint':<22} {'task':<26} {'H':>3} {'shooting':<9} {'trust':>5} {'return (mean ± std)':>22} "
@@ -55,7 +70,9 @@ def main() -> None:
             kw = {"shooting": shooting, "trust_region": rho} if h > 1 else {}
             ctrl = Controller.from_checkpoint(path, horizon=h, model=args.model, termination=args.termination, **kw)
             shooting = ctrl.problem.shooting if h > 1 else "-"
-            eps, _ = run_episodes(ctrl, make_env(env_id), args.episodes, seed=args.seed)
+            env = make_env(env_id)
+            env = ObservationNoise(env, args.obs_noise) if args.obs_noise else env
+            eps, _ = run_episodes(ctrl, env, args.episodes, seed=args.seed)
             rets = np.array([e.ret for e in eps])
             ms = np.concatenate([e.solve_ms for e in eps])
             row = (
@@ -65,8 +82,9 @@ def main() -> None:
             )
             rows.append(row)
             print(row, flush=True)
+    noise = f", observation noise {args.obs_noise:g}" if args.obs_noise else ""
     print(f"\n{args.episodes} episodes per row (seeds {args.seed}…), model for H > 1: {args.model}, "
-          f"termination: {args.termination}")  # fmt: skip
+          f"termination: {args.termination}{noise}")  # fmt: skip
     print(head)
     print("-" * len(head))
     print("\n".join(rows))
