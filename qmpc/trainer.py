@@ -336,7 +336,11 @@ def _train(
     run = _Run(run_dir, *solvers, eval_env, logger, bar, _plan_targets(cfg, st), *_batch_evaluation(cfg, solvers[3]))
     try:
         while st.step < tc.steps:
-            _step(st, run)
+            try:
+                _step(st, run)
+            except Exception:  # a SIGTERM's SystemExit raised inside C code surfaces as another error
+                raise_if_terminated()
+                raise
             raise_if_terminated()
             if stop_at is not None and st.step >= stop_at:
                 break

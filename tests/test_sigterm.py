@@ -62,3 +62,30 @@ def test_a_sigterm_whose_exit_a_library_swallowed_still_ends_the_run(tmp_path, m
     assert e.value.code == signal.SIGTERM
     assert len(calls) == 20, f"the run went on for {len(calls) - 20} more steps after the SIGTERM"
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_sigterm_that_surfaces_as_another_error_still_exits_with_its_status(tmp_path, monkeypatch, ray_like_sigterm):
+    """The handler's ``SystemExit`` raised inside a C call becomes another exception on its way out
+    (CI: ``SystemError: <function DM.__array__ …> returned a result with an exception set`` from
+    CasADi's SWIG layer, and the driver exited 1 instead of 15)."""
+    import qmpc.trainer as trainer
+
+    step, calls = trainer._step, []
+
+    def step_interrupted_in_c(st, run):
+        calls.append(st.step)
+        if len(calls) == 20:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler runs at the next bytecode boundaries
+                    pass
+            except SystemExit as e:
+                raise SystemError("<function DM.__array__> returned a result with an exception set") from e
+        step(st, run)
+
+    monkeypatch.setattr(trainer, "_step", step_interrupted_in_c)
+    with pytest.raises(SystemExit) as e:
+        train(_cfg(tmp_path / "run"), progress=False)
+    assert e.value.code == signal.SIGTERM
+    assert isinstance(e.value.__context__, SystemError)  # what surfaced stays visible in the traceback
+    assert not (tmp_path / "run" / ".lock").exists()
