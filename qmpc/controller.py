@@ -247,6 +247,7 @@ class Controller:
         self.low, self.high = spec.low, spec.high
         self.safe_action = safe_action(self.low, self.high)
         self._greedy: Planner | None = None  # horizon 1: the start of a plan (built here: not in a step)
+        self._greedy_seen = self.planner.version  # the planner's version the greedy planner last synced at
         if spec.horizon > 1 and spec.shooting == "single" and linearization is None:
             opts = dataclasses.replace(self.planner.options, max_wall_ms=0.0, tol=1e-8, qpsol=box_qp)
             self._greedy = Planner(q, MPCSpec(self.low, self.high), opts, bake_weights=True)
@@ -368,8 +369,10 @@ class Controller:
         ``time.perf_counter()``) no solve starts: the remaining actions are the carried ones, else
         the last greedy action."""
         P, theta = self.planner.problem, self.planner.problem_theta()
-        with self._greedy.lock:  # once for the solves of this step
-            self._greedy.sync()
+        if self._greedy_seen != self.planner.version:  # the network changed (act synced the planner first)
+            with self._greedy.lock:  # once for the solves of this step
+                self._greedy.sync()
+            self._greedy_seen = self.planner.version
         prev = self._ref if carry and self._ref is not None and self._ref[0] == self._greedy.version else None
         acts = None
         if prev is not None:
@@ -515,6 +518,8 @@ class Controller:
                 st[:-1] = st[1:].copy()
             w0 = np.clip(w0, P.lbw, P.ubw)[None]
         t0 = time.perf_counter()
+        with self.planner.lock:  # once a step: the greedy planner follows only where this one found a change
+            self.planner.sync()
         bounds = None
         if self.trust_region:  # the greedy plan of this state, and the plan kept near it
             deadline = t0 + 0.5e-3 * self.budget_ms if self.budget_ms else np.inf
@@ -526,7 +531,7 @@ class Controller:
         if self.linearization is not None and P.N:  # linearise along the shifted plan (zeros at first)
             nominal = w0[0, : P.N * P.nu] if w0 is not None else np.tile(self.safe_action, P.N)
             self.planner.model_params = self.linearization.params(x, nominal)
-        res, _ = self.planner.solve(x[None], w0, values_only=True, started=t0, bounds=bounds)  # x checked above
+        res, _ = self.planner.solve(x[None], w0, values_only=True, started=t0, bounds=bounds, sync=False)
         self.last_result, self._last_x = res, x[None]
         solve_ms = (time.perf_counter() - t0) * 1e3
         status = int(res.status[0])
