@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from qmpc.boxsqp import FLOOR, LAZY_RESIDUAL
+
 try:  # an optional accelerator: the package works without it
     from numba import njit
 
@@ -910,7 +912,8 @@ def _sqp_iteration(buf, meta, I, F, x0, u, f, g, H, r, lb, ub, floor, armijo, ma
     """One iteration of :func:`qmpc.boxsqp.solve_box_sqp` for one plan: the convexified Hessian, the
     box QP of the step, Armijo's backtracking on ``J`` and the derivatives at the new iterate
     (the first order alone after a full step from a residual at most ``lazy_residual``, the Hessian
-    then only if the plan is not done). Returns ``(status, u, f, g, H, r, stale)``: status 0 moved,
+    then only if the plan is not done: the Hessian returned is then the previous one). Returns
+    ``(status, u, f, g, H, r)``: status 0 moved,
     1 no descent (the line search failed), 2 the QP was not solved (nothing moved)."""
     n = u.shape[0]
     e = min(1e-3, r)
@@ -918,7 +921,7 @@ def _sqp_iteration(buf, meta, I, F, x0, u, f, g, H, r, lb, ub, floor, armijo, ma
     lo, hi = lb - u, ub - u
     d, done = _box_qp(g, _convexified(H, floor, held), lo, hi, 1e-3 * min(r, 1.0), 4 * n + 10)
     if not (done and np.isfinite(d).all()):
-        return 2, u, f, g, H, r, False
+        return 2, u, f, g, H, r
     slope = _dot(g, d)
     step = 1.0
     trial = u
@@ -941,14 +944,14 @@ def _sqp_iteration(buf, meta, I, F, x0, u, f, g, H, r, lb, ub, floor, armijo, ma
             break
         step *= 0.5
     if not accepted:
-        return 1, u, f, g, H, r, False
+        return 1, u, f, g, H, r
     if step == 1.0 and r <= lazy_residual:
         f2, g2, _ = _plan_derivatives(buf, meta, I, F, x0, trial, False)
         r2 = _residual(trial, f2, g2, H, lb, ub, False)
         if r2 <= tol:
-            return 0, trial, f2, g2, H, r2, True
+            return 0, trial, f2, g2, H, r2
     f2, g2, H2 = _plan_derivatives(buf, meta, I, F, x0, trial, True)
-    return 0, trial, f2, g2, H2, _residual(trial, f2, g2, H2, lb, ub, True), False
+    return 0, trial, f2, g2, H2, _residual(trial, f2, g2, H2, lb, ub, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1057,10 +1060,10 @@ class CompiledPlan:
         *,
         tol: float,
         max_iter: int,
-        floor: float,
+        floor: float = FLOOR,
         armijo: float = 1e-4,
         max_backtracks: int = 20,
-        lazy_residual: float = 1e-3,
+        lazy_residual: float = LAZY_RESIDUAL,
         deadline: float = np.inf,
     ) -> tuple[np.ndarray, float, np.ndarray, float, int, bool]:
         """:func:`qmpc.boxsqp.solve_box_sqp` of this plan from ``x0 (nx,)``, ``u0 (n,)`` within
@@ -1074,7 +1077,7 @@ class CompiledPlan:
         r = _residual(u, f, g, H, lb, ub, True)
         its = 0
         while r > tol and np.isfinite(r) and its < max_iter and time.perf_counter() <= deadline:
-            status, u, f, g, H, r, _ = _sqp_iteration(
+            status, u, f, g, H, r = _sqp_iteration(
                 *args, u, f, g, H, r, lb, ub, floor, armijo, max_backtracks, tol, lazy_residual
             )
             its += 1

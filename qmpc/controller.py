@@ -346,7 +346,7 @@ class Controller:
         cp = P.compiled_plan
         if cp is not None:  # each entry point (a QP the compiled SQP leaves calls them from Python)
             x, w = np.zeros(P.nx), np.clip(np.zeros(P.n_w), P.lbw, P.ubw)
-            cp.solve(x, w, P.lbw, P.ubw, tol=0.0, max_iter=1, floor=FLOOR)
+            cp.solve(x, w, P.lbw, P.ubw, tol=0.0, max_iter=1)
             cp.value(w, x), cp.first_order(w, x), cp.derivatives(w, x)
         if self._greedy is not None and self._greedy.compiled_greedy is not None:
             self._greedy.compiled_greedy.solve(np.zeros(P.nx))

@@ -67,7 +67,7 @@ import casadi as ca
 import numpy as np
 
 from qmpc import kkt, newton
-from qmpc.boxsqp import FLOOR, solve_box_sqp
+from qmpc.boxsqp import solve_box_sqp
 from qmpc.errors import InputError
 from qmpc.kkt import Adjoint
 from qmpc.newton import Oracle
@@ -821,9 +821,7 @@ class BatchedSolver:
         after: where they disagree, this solver stops using the compiled plan (with a warning) and
         returns None (the caller solves again without it)."""
         o, cp = self.options, self.compiled_plan
-        u, f, g, r, its, qp_failed = cp.solve(
-            x0[0], u0[0], lbw, ubw, tol=o.tol, max_iter=o.max_iter, floor=FLOOR, deadline=deadline
-        )
+        u, f, g, r, its, qp_failed = cp.solve(x0[0], u0[0], lbw, ubw, tol=o.tol, max_iter=o.max_iter, deadline=deadline)
         if qp_failed:
             nr = solve_box_sqp(
                 PlanOracle(self, x0, theta_dm),

@@ -40,6 +40,13 @@ def ray_like_sigterm():
     distributed._Sigterm.signum = None
 
 
+def _sigterm_here() -> None:
+    """SIGTERM to this process, and bytecodes for its handler to run at (it raises ``SystemExit``)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(1000):  # the handler runs at the next bytecode boundaries
+        pass
+
+
 def test_a_sigterm_whose_exit_a_library_swallowed_still_ends_the_run(tmp_path, monkeypatch, ray_like_sigterm):
     import qmpc.trainer as trainer
 
@@ -49,9 +56,7 @@ def test_a_sigterm_whose_exit_a_library_swallowed_still_ends_the_run(tmp_path, m
         calls.append(st.step)
         if len(calls) == 20:
             try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(1000):  # the handler runs at the next bytecode boundaries
-                    pass
+                _sigterm_here()
             except SystemExit:
                 pass
         step(st, run)
@@ -76,9 +81,7 @@ def test_a_sigterm_that_surfaces_as_another_error_still_exits_with_its_status(tm
         calls.append(st.step)
         if len(calls) == 20:
             try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(1000):  # the handler runs at the next bytecode boundaries
-                    pass
+                _sigterm_here()
             except SystemExit as e:
                 raise SystemError("<function DM.__array__> returned a result with an exception set") from e
         step(st, run)
