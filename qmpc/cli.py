@@ -17,9 +17,11 @@ returns printed are sums of rewards (``−total cost``), higher is better.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qmpc.controller import MODELS, TERMINATIONS
@@ -158,6 +160,25 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if all(o.ok for o in outcomes) else 1
 
 
+@contextlib.contextmanager
+def _notice_if_slow(message: str, after_s: float = 3.0) -> Iterator[None]:
+    """Print ``message`` to stderr if the block is still running after ``after_s`` seconds (the
+    first controller of a machine compiles its kernels for about a minute and a half)."""
+    timer = threading.Timer(after_s, lambda: print(message, file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+BUILDING = (
+    "building the controller: the first run on a machine compiles the plan's kernels with numba (about 1.5 min "
+    "on a 2-core machine); later runs load them from numba's cache …"
+)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from qmpc.checkpoint import load_checkpoint
     from qmpc.config import check_seed
@@ -208,13 +229,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     budget_ms = (1e3 * float(dt) if dt else 0.0) if args.budget_ms is None else args.budget_ms
     kw = {"horizon": args.horizon, "model": args.model, "stage_cost": args.stage_cost, "budget_ms": budget_ms,
           "max_iter": args.max_iter, "shooting": args.shooting, "termination": args.termination}  # fmt: skip
-    try:
-        ctrl = Controller.from_checkpoint(args.checkpoint, trust_region=args.trust_region, **kw)
-    except InputError as e:  # the checkpoint's trust region, on a plan it does not apply to: none
-        if rho_given or not args.trust_region or "for a trust region" not in str(e):
-            raise
-        args.trust_region = 0.0
-        ctrl = Controller.from_checkpoint(args.checkpoint, **kw)
+    with _notice_if_slow(BUILDING):
+        try:
+            ctrl = Controller.from_checkpoint(args.checkpoint, trust_region=args.trust_region, **kw)
+        except InputError as e:  # the checkpoint's trust region, on a plan it does not apply to: none
+            if rho_given or not args.trust_region or "for a trust region" not in str(e):
+                raise
+            args.trust_region = 0.0
+            ctrl = Controller.from_checkpoint(args.checkpoint, **kw)
     ctrl.check_task(spec.env_id, spec.obs_dim, spec.act_dim)
     budget = f", budget {budget_ms:g} ms per step" if budget_ms else ", no time budget"
     plan = f", trust region {args.trust_region:g}" if args.trust_region else ""

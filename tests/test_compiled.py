@@ -225,3 +225,19 @@ def test_without_numba_the_controller_keeps_its_numpy_and_casadi_paths(monkeypat
     slow = _controller()
     assert slow.planner.problem.compiled_plan is None and slow._greedy.compiled_greedy is None
     np.testing.assert_allclose(_steps(slow), actions, rtol=0, atol=1e-6)
+
+
+def test_cli_says_why_building_the_controller_takes_long(capsys):
+    """``qmpc run`` says, on stderr, that the first run compiles kernels when building the controller
+    takes more than a moment, and says nothing when it is quick."""
+    import time
+
+    from qmpc.cli import BUILDING, _notice_if_slow
+
+    with _notice_if_slow(BUILDING, after_s=0.05):
+        time.sleep(0.3)
+    assert "numba" in capsys.readouterr().err
+    with _notice_if_slow(BUILDING, after_s=0.5):
+        pass
+    time.sleep(0.7)
+    assert capsys.readouterr().err == ""
