@@ -39,7 +39,14 @@ def plan_controller(tc: TrainConfig, policy: dict[str, Any], horizon: int, env: 
     rho = tc.trust_region if horizon > 1 else 0.0
     termination = "auto" if tc.plan_termination else "none"
     return Controller.from_policy(
-        policy, horizon=horizon, env=env, where="the run", trust_region=rho, termination=termination, carry_greedy=False
+        policy,
+        horizon=horizon,
+        env=env,
+        where="the run",
+        trust_region=rho,
+        termination=termination,
+        carry_greedy=False,
+        lazy_plugins=True,  # rebuilt every plan_refresh steps; compiled plans seldom need the plugins
     )
 
 

@@ -145,7 +145,8 @@ class Planner:
         self.problem = ControlProblem.of_network(self.q, self.spec, self.bake_weights, newton)
         # the network's structure for torch.func.functional_call, which swaps a module's tensors
         # while it runs: never the user's module, which another thread may be using meanwhile
-        self.functional_q = copy.deepcopy(self.q).requires_grad_(False)
+        # (the backward's; with baked weights there is none)
+        self.functional_q = None if self.bake_weights else copy.deepcopy(self.q).requires_grad_(False)
         self.compiled_greedy: GreedyNewton | None = None
         """Horizon 1 with baked weights and a network with a compiled form (a PICNN): its argmin for
         one state at a time, compiled (:class:`~qmpc.compiled.GreedyNewton`; the controller's greedy

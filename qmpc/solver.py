@@ -184,6 +184,11 @@ class SolverOptions:
     (:mod:`qmpc.newton`; every solution still
     passes the certificate, and those that do not go to the plugin). Measured on a
     HalfCheetah-sized batch of 256: ~20 ms against ~2.3 s for one plugin call per sample."""
+    lazy_plugins: bool = False
+    """Build the plugin's solver instances at their first use, not with the solver: for a planner
+    rebuilt with every change of its weights whose solves seldom reach the plugin (training's plan
+    actor: its compiled plans and greedy Newton solve; the plugins' four instances cost ~16 ms of a
+    ~70 ms Hopper rebuild). A step that first needs them then pays for them."""
     max_wall_ms: float = 0.0
     """Wall-time limit of one ``solve`` call in milliseconds, retries included (0: none). The
     plugin is stopped between iterations once the time is up (an ``iteration_callback``);
@@ -257,6 +262,18 @@ def _agree(value, grad, v_ind, g_ind, grad_tol: float) -> bool:
 Certificate = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """``u (B, nu) -> (Q (B,), ∂Q/∂u (B, nu))`` at the batch's states: an evaluation of horizon-1
 objectives that the solve does not use (see :meth:`BatchedSolver.solve`)."""
+
+
+class _Plugins(NamedTuple):
+    """A solver's plugin instances (:meth:`BatchedSolver.plugins`)."""
+
+    nlpsol: ca.Function
+    """The first worker's instance."""
+    solve_one: list[ca.Function]
+    """Per worker: one solve and its first-order residual, ``(w0, lam_x0, lam_g0, x0, theta, lbw,
+    ubw) -> (w, f, lam_x, lam_g, grad_L, g)``."""
+    retry: list[ca.Function]
+    """The cold retries' instances."""
 
 
 class PluginOutput(NamedTuple):
@@ -564,7 +581,6 @@ class BatchedSolver:
         if self.options.convexify == "auto":
             reduced = problem.N == 0 or problem.shooting == "single"  # the Hessian is the reduced one
             self.options = dataclasses.replace(self.options, convexify="eigen-clip" if reduced else "none")
-        P = problem
         self.deadline = _Deadline() if self.options.max_wall_ms else None
         self.oracle_agrees = True
         """Whether the batched Newton's closed form has agreed with the network at every check
@@ -577,25 +593,39 @@ class BatchedSolver:
         self._compiled_solves = 0
         if self.deadline is not None:  # threadpoolctl's first use scans every loaded library: not in a step
             single_blas_thread()
-        self.nlpsol = self._nlpsol("qmpc_nlp", self.options, self.deadline)
-        w0 = ca.MX.sym("w0", P.n_w)
-        lx0 = ca.MX.sym("lam_x0", P.n_w)
-        lg0 = ca.MX.sym("lam_g0", P.n_g)
-        x0 = ca.MX.sym("x0", P.nx)
-        th = ca.MX.sym("theta", P.n_theta)
-        lb = ca.MX.sym("lbw", P.n_w)
-        ub = ca.MX.sym("ubw", P.n_w)
-        zg = ca.DM.zeros(P.n_g)
         self.workers = runner.workers if runner else self.options.worker_count
         # one solver instance per worker thread: CasADi releases the GIL while it solves
         threads = 1 if runner else self.workers
-        self._solvers = [self.nlpsol] + [self._nlpsol(f"qmpc_nlp_{i}", self.options) for i in range(1, threads)]
-        self._solve_one = []
-        for solver in self._solvers:
+        self._maps: dict[tuple[str, int, int], ca.Function] = {}
+        self._one_state = threading.local()  # _Buffered by method name, per thread
+        self._plugins_lock = threading.Lock()
+        self._plugins: _Plugins | None = None
+        if not self.options.lazy_plugins:
+            self.plugins()
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        if self._pool is not None:  # its threads end with the solver (a layer rebuilds it often)
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+
+    def plugins(self) -> _Plugins:
+        """The plugin's solver instances (built here once: with the solver, or at their first use
+        with ``options.lazy_plugins``)."""
+        with self._plugins_lock:
+            if self._plugins is None:
+                self._plugins = self._build_plugins(1 if self.runner else self.workers)
+            return self._plugins
+
+    def _build_plugins(self, threads: int) -> _Plugins:
+        P, o = self.problem, self.options
+        nlpsol = self._nlpsol("qmpc_nlp", o, self.deadline)
+        w0, lx0, lg0 = ca.MX.sym("w0", P.n_w), ca.MX.sym("lam_x0", P.n_w), ca.MX.sym("lam_g0", P.n_g)
+        x0, th = ca.MX.sym("x0", P.nx), ca.MX.sym("theta", P.n_theta)
+        lb, ub, zg = ca.MX.sym("lbw", P.n_w), ca.MX.sym("ubw", P.n_w), ca.DM.zeros(P.n_g)
+        solve_one = []
+        for solver in [nlpsol] + [self._nlpsol(f"qmpc_nlp_{i}", o) for i in range(1, threads)]:
             r = solver(x0=w0, lam_x0=lx0, lam_g0=lg0, p=ca.vertcat(x0, th), lbx=lb, ubx=ub, lbg=zg, ubg=zg)
             # the first-order residual of the solution, in the same call (one call per batch)
             grad_L, g = P.first_order(r["x"], x0, th, r["lam_g"])
-            self._solve_one.append(
+            solve_one.append(
                 ca.Function(
                     "solve_one",
                     [w0, lx0, lg0, x0, th, lb, ub],
@@ -604,20 +634,25 @@ class BatchedSolver:
                     ["w", "f", "lam_x", "lam_g", "grad_L", "g"],
                 )
             )
-        self._maps: dict[tuple[str, int, int], ca.Function] = {}
-        self._one_state = threading.local()  # _Buffered by method name, per thread
-        o = self.options
         other = next(p for p in PLUGINS if p != o.plugin)
-        plugins = {"auto": [o.plugin, other], "same": [o.plugin]}.get(o.retry_plugin, [o.retry_plugin])
-        self.retry_solvers = [
-            self.nlpsol
+        names = {"auto": [o.plugin, other], "same": [o.plugin]}.get(o.retry_plugin, [o.retry_plugin])
+        retry = [
+            nlpsol
             if p == o.plugin
             else self._nlpsol("qmpc_nlp_retry", dataclasses.replace(o, plugin=p, plugin_options=None), self.deadline)
-            for p in plugins
+            for p in names
         ]
-        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
-        if self._pool is not None:  # its threads end with the solver (a layer rebuilds it often)
-            weakref.finalize(self, self._pool.shutdown, wait=False)
+        return _Plugins(nlpsol, solve_one, retry)
+
+    @property
+    def nlpsol(self) -> ca.Function:
+        """The plugin's solver instance of the calling thread's first worker."""
+        return self.plugins().nlpsol
+
+    @property
+    def retry_solvers(self) -> list[ca.Function]:
+        """The solver instances of the cold retries (see ``SolverOptions.retry_plugin``)."""
+        return self.plugins().retry
 
     def _nlpsol(self, name: str, options: SolverOptions, callback: ca.Callback | None = None) -> ca.Function:
         opts = _plugin_options(options, callback)
@@ -640,7 +675,7 @@ class BatchedSolver:
         return cache[method]
 
     def _base(self, method: str, worker: int = 0) -> ca.Function:
-        return self._solve_one[worker] if method == "run_plugin" else getattr(self.problem, method)
+        return self.plugins().solve_one[worker] if method == "run_plugin" else getattr(self.problem, method)
 
     def _mapped(self, method: str, B: int, worker: int, shared: tuple[int, ...]) -> ca.Function:
         key = (method, B, worker, shared)

@@ -274,3 +274,19 @@ def test_a_one_state_evaluation_that_reports_failure_by_its_return_code_raises()
         fn(4.0)
     with pytest.raises(RuntimeError, match="evaluation of f failed"):
         one(np.array([4.0]))
+
+
+def test_lazy_plugins_are_built_at_first_use_and_solve_as_eager_ones():
+    """``SolverOptions.lazy_plugins`` (training's plan actor): no plugin instance until a solve
+    reaches the plugin, and then the same solutions as a solver that built them at construction."""
+    q = make_network("PICNN", 4, 2, 0).double()
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    eager = qmpc.ArgminLayer(q, -1, 1, newton=False, workers=1)
+    lazy = qmpc.ArgminLayer(q, -1, 1, newton=False, workers=1, lazy_plugins=True)
+    assert lazy.solver._plugins is None and eager.solver._plugins is not None
+    u_e, v_e = eager(x)
+    u_l, v_l = lazy(x)
+    assert lazy.solver._plugins is not None
+    torch.testing.assert_close(u_l, u_e, rtol=0, atol=0)
+    torch.testing.assert_close(v_l, v_e, rtol=0, atol=0)
+    assert [s.class_name() for s in lazy.solver.retry_solvers] == ["Sqpmethod", "IpoptInterface"]
