@@ -211,3 +211,18 @@ def test_a_model_that_diverges_is_masked_and_never_reaches_q():
 
     batch, mask = model_rolled_batch(buf, Blowup(), np.array([0, 1]), 2)
     assert not mask.any() and torch.isfinite(batch.obs).all()
+
+
+def test_bench_plan_actor_rebuilds_both_ways_and_they_act_the_same():
+    """``benchmarks/bench_plan_actor.py`` (a tiny budget): the plan actor's controller with its
+    plugins built at construction and at first use, side by side, acting the same."""
+    import subprocess
+    import sys
+
+    bench = ROOT / "benchmarks" / "bench_plan_actor.py"
+    out = subprocess.run(
+        [sys.executable, str(bench), "--rebuilds", "1", "--steps", "3"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| at first use (the plan actor's) |" in out.stdout
+    assert "both arms act the same on all 3 steps: True" in out.stdout
