@@ -12,10 +12,11 @@ goes: a controller's plan at H = 3 with 64-wide networks is ~1 MFLOP of arithmet
 spends ~500 Python-level calls (~1 ms a Hessian); compiled, one call does it.
 
 A closed form is *packable* when it carries a ``compiled`` attribute ``(kind, layout)`` (set where
-it is built): ``"picnn"``, ``"mlp"`` (a residual model ``x⁺ = x + MLP(x, u)``), ``"cost_head"``,
-``"termination_head"``. The weights of everything one solve reads travel in one flat buffer with a
-table of offsets and shapes (:class:`_Buffer`): numba unboxes two arrays per call, where a tuple of
-~40 weight arrays cost ~60 µs a call. Without numba (:data:`AVAILABLE` False) nothing here is used
+it is built): ``"picnn"``, ``"mlp"`` (a residual model ``x⁺ = x + MLP(x, u)``), ``"cost_head"`` (an
+MLP, or a quadratic form: :func:`quadratic_layout`), ``"termination_head"``. The weights of
+everything one solve reads travel in one flat buffer with a table of offsets and shapes
+(:class:`_Buffer`): numba unboxes two arrays per call, where a tuple of ~40 weight arrays cost
+~60 µs a call. Without numba (:data:`AVAILABLE` False) nothing here is used
 and the controller keeps its numpy and CasADi paths. Kernels are compiled at their first call and
 cached on disk (``cache=True``: 89 s the first time on the benchmark machine, then 0.5 s to load).
 """
@@ -247,7 +248,12 @@ def _mlp_value(buf, meta, base, nl, code, z):
 @njit(cache=True)
 def _head(buf, meta, base, nl, code, shift, scale, sigmoid, z, DT):
     """A scalar head ``c = shift + scale · y`` (or ``p = sigmoid(y)``) at ``z (n3,)``: the value, its
-    gradient in ``z`` and its Hessian along the directions ``Dᵀ (n, n3)``."""
+    gradient in ``z`` and its Hessian along the directions ``Dᵀ (n, n3)``. ``nl < 0``: a quadratic
+    cost (:func:`quadratic_layout`), never a sigmoid."""
+    if nl < 0:
+        a, q = _v(buf, meta, base), _v(buf, meta, base + 1)
+        y = _dot(a, z) + _dot(q, z * z) + _v(buf, meta, base + 2)[0]
+        return shift + scale * y, scale * (a + 2.0 * q * z), _quad(DT, 2.0 * scale * q)
     Ja, d1s, d2s = [DT], [z], [z]  # typed by their first entries, emptied here
     Ja.pop(), d1s.pop(), d2s.pop()
     h = _mlp_forward(buf, meta, base, nl, code, z, DT, Ja, d1s, d2s)
@@ -263,6 +269,9 @@ def _head(buf, meta, base, nl, code, shift, scale, sigmoid, z, DT):
 
 @njit(cache=True)
 def _head_value(buf, meta, base, nl, code, shift, scale, sigmoid, z):
+    if nl < 0:
+        a, q = _v(buf, meta, base), _v(buf, meta, base + 1)
+        return shift + scale * (_dot(a, z) + _dot(q, z * z) + _v(buf, meta, base + 2)[0])
     y = _mlp_value(buf, meta, base, nl, code, z)[0]
     if sigmoid:
         return _act_value(2, np.array([y]))[0]
@@ -978,6 +987,12 @@ def mlp_layout(Ws: list, bs: list, activation: str, shift: float = 0.0, scale: f
     """An MLP's weights (the normalisation folded in, as its closed form has them): ``W_0 … W_L,
     b_0 … b_L``; ``shift`` and ``scale`` of a cost head's value."""
     return {"arrays": [*Ws, *bs], "ints": [len(Ws) - 1, ACTIVATION_CODES[activation]], "floats": [shift, scale]}
+
+
+def quadratic_layout(a: np.ndarray, q: np.ndarray, b: float, scale: float = 1.0) -> dict:
+    """A cost head ``c = scale · (a·z + Σ_j q_j z_j² + b)`` in ``z = (x, u, x⁺)`` (``a``, ``q``:
+    ``(n3,)``), e.g. :class:`qmpc.costs.QuadraticStageCost`: the kernels read ``nl = −1`` as this form."""
+    return {"arrays": [a, q, np.array([b])], "ints": [-1, 0], "floats": [0.0, float(scale)]}
 
 
 class _Buffer:

@@ -22,7 +22,7 @@ from qmpc.checkpoint import (
     outcome_from_checkpoint,
     spec_arrays,
 )
-from qmpc.costs import STAGE_COSTS, stage_cost
+from qmpc.costs import STAGE_COSTS, stage_cost, stage_cost_derivatives
 from qmpc.env import make_env
 from qmpc.errors import InputError
 from qmpc.linearize import MujocoLinearization
@@ -119,17 +119,25 @@ def model_functions(
     else:
         m = dynamics_from_checkpoint(ckpt)
         out["dynamics"], out["dynamics_derivatives"] = m.casadi_function(), m.stage_derivatives()
-    if source == "symbolic":
-        out.setdefault("stage_cost", stage_cost(env))
+    if source == "symbolic" and "stage_cost" not in out:
+        out["stage_cost"] = stage_cost(env)
+        derivatives = stage_cost_derivatives(env)  # where the task's cost has a closed form
+        if derivatives is not None:
+            out["stage_cost_derivatives"] = derivatives
     return out
 
 
 def _scaled_derivatives(derivatives, scale: float):
-    """Closed-form stage-cost derivatives (:class:`~qmpc.problem.ClosedForms`) multiplied by ``scale``."""
+    """Closed-form stage-cost derivatives (:class:`~qmpc.problem.ClosedForms`) multiplied by
+    ``scale``, with their compiled cost head's layout scaled too (its ``shift`` and ``scale``)."""
 
-    def out(X, U, Xn):
-        return tuple(scale * a for a in derivatives(X, U, Xn))
+    def out(X, U, Xn, *args, **kw):
+        c, g, H = derivatives(X, U, Xn, *args, **kw)
+        return scale * c, scale * g, None if H is None else scale * H
 
+    pack = getattr(derivatives, "compiled", None)
+    if pack is not None and pack[0] == "cost_head":
+        out.compiled = ("cost_head", {**pack[1], "floats": [scale * f for f in pack[1]["floats"]]})
     return out
 
 

@@ -17,15 +17,17 @@ the cost reads ``x⁺``). ``tests/test_models.py`` checks each against the simul
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import casadi as ca
 import gymnasium as gym
 import mujoco
 import numpy as np
 
+from qmpc import compiled
 from qmpc.errors import InputError
 
-__all__ = ["STAGE_COSTS", "stage_cost"]
+__all__ = ["QUADRATIC_STAGE_COSTS", "STAGE_COSTS", "QuadraticStageCost", "stage_cost", "stage_cost_derivatives"]
 
 
 def _syms(nx: int, nu: int):
@@ -71,13 +73,63 @@ def _reacher(env: gym.Env) -> ca.Function:
     return _function("reacher_cost", x, u, xn, c)
 
 
-def _half_cheetah(env: gym.Env) -> ca.Function:
-    x, u, xn = _syms(17, 6)
+@dataclass(frozen=True)
+class QuadraticStageCost:
+    """``c(x, u, x⁺) = a·z + Σ_j q_j z_j² + b`` with ``z = (x, u, x⁺)`` (``a``, ``q``: ``(n3,)``,
+    ``n3 = 2 nx + nu``): one definition for the CasADi function (:meth:`function`) and its closed-form
+    derivatives (:meth:`derivatives`, with a compiled form: :func:`qmpc.compiled.quadratic_layout`)."""
+
+    name: str
+    nx: int
+    nu: int
+    a: np.ndarray
+    q: np.ndarray
+    b: float = 0.0
+
+    def function(self) -> ca.Function:
+        """``Function(x, u, x_next) -> c``."""
+        x, u, xn = _syms(self.nx, self.nu)
+        z = ca.vertcat(x, u, xn)
+        c = ca.dot(ca.DM(self.a), z) + ca.dot(ca.DM(self.q), z**2) + self.b
+        return _function(self.name, x, u, xn, c)
+
+    def derivatives(self, scale: float = 1.0) -> Callable:
+        """``(X, U, Xn) (K, ·) -> (c (K,), ∇c (K, n3), ∇²c (K, n3, n3))`` of ``scale · c`` in closed
+        form (:class:`qmpc.problem.ClosedForms`' ``cost``), carrying its compiled layout."""
+        a, q, b = scale * self.a, scale * self.q, scale * self.b
+
+        def derivatives(X, U, Xn, hessian: bool = True, directions: np.ndarray | None = None):
+            Z = np.concatenate([X, U, Xn], axis=1)
+            c, g = Z @ a + (Z * Z) @ q + b, a + 2.0 * q * Z
+            if not hessian:
+                return c, g, None
+            if directions is None:
+                return c, g, np.broadcast_to(np.diag(2.0 * q), (Z.shape[0], q.size, q.size)).copy()
+            return c, g, np.swapaxes(directions, 1, 2) @ (2.0 * q[None, :, None] * directions)
+
+        derivatives.compiled = ("cost_head", compiled.quadratic_layout(self.a, self.q, self.b, scale))
+        return derivatives
+
+
+def _half_cheetah_quadratic(env: gym.Env) -> QuadraticStageCost:
+    nx, nu = 17, 6
     w_fwd = float(getattr(env.unwrapped, "_forward_reward_weight", 1.0))
     w_ctrl = float(getattr(env.unwrapped, "_ctrl_cost_weight", 0.1))
-    c = -w_fwd * 0.5 * (x[8] + xn[8]) + w_ctrl * ca.sumsqr(u)
-    return _function("half_cheetah_cost", x, u, xn, c)
+    a, q = np.zeros(2 * nx + nu), np.zeros(2 * nx + nu)
+    a[8] = a[nx + nu + 8] = -w_fwd * 0.5  # −(v_x + v_x⁺)/2
+    q[nx : nx + nu] = w_ctrl
+    return QuadraticStageCost("half_cheetah_cost", nx, nu, a, q)
 
+
+def _half_cheetah(env: gym.Env) -> ca.Function:
+    return _half_cheetah_quadratic(env).function()
+
+
+QUADRATIC_STAGE_COSTS: dict[str, Callable[[gym.Env], QuadraticStageCost]] = {
+    "HalfCheetah-v5": _half_cheetah_quadratic,
+}
+"""The tasks whose stage cost is a :class:`QuadraticStageCost` (closed-form derivatives: the plan's
+Hessian without CasADi's, and a compiled plan where the model and Q have compiled forms too)."""
 
 STAGE_COSTS: dict[str, Callable[[gym.Env], ca.Function]] = {
     "InvertedPendulum-v5": _inverted_pendulum,
@@ -106,3 +158,13 @@ def stage_cost(env: gym.Env) -> ca.Function:
             f"default configuration, got ({obs_dim},) and ({act_dim},)"
         )
     return f
+
+
+def stage_cost_derivatives(env: gym.Env, scale: float = 1.0) -> Callable | None:
+    """The closed-form derivatives of ``scale ×`` :func:`stage_cost` of ``env``'s task where it is a
+    :class:`QuadraticStageCost` (:data:`QUADRATIC_STAGE_COSTS`), else None (CasADi differentiates it)."""
+    env_id = env.spec.id if env.spec is not None else ""
+    if hasattr(env.unwrapped, "casadi_model") or env_id not in QUADRATIC_STAGE_COSTS:
+        return None
+    stage_cost(env)  # the same checks of the observation and action sizes
+    return QUADRATIC_STAGE_COSTS[env_id](env).derivatives(scale)

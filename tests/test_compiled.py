@@ -6,6 +6,8 @@ problem's CasADi functions is dropped with a warning, and without numba nothing 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import casadi as ca
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ import torch
 import qmpc
 from qmpc import compiled
 from qmpc.boxsqp import solve_box_sqp
-from qmpc.controller import Controller
+from qmpc.controller import Controller, _scaled_derivatives, scaled
+from qmpc.costs import QuadraticStageCost, stage_cost, stage_cost_derivatives
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import make_env
 from qmpc.networks import PICNN
@@ -131,6 +134,68 @@ def test_compiled_plan_is_casadis_exact_plan(horizon, termination, layer_norm):
             np.testing.assert_allclose(fd_g, Hc[j], rtol=0, atol=1e-6)
 
 
+def _quadratic_cost(seed: int = 3) -> QuadraticStageCost:
+    rng = np.random.default_rng(seed)
+    n3 = 2 * NX + NU
+    return QuadraticStageCost("quad", NX, NU, rng.normal(size=n3), rng.uniform(0.0, 1.0, n3), float(rng.normal()))
+
+
+def test_quadratic_stage_cost_closed_form_is_casadis():
+    """:class:`~qmpc.costs.QuadraticStageCost`'s closed form (scaled as a controller scales it) =
+    CasADi's AD of its function: value, gradient, Hessian, the Hessian along directions; and
+    HalfCheetah-v5's (:func:`~qmpc.costs.stage_cost_derivatives`) = its symbolic stage cost."""
+    cost = _quadratic_cost()
+    f = scaled(cost.function(), 0.1)
+    z = ca.MX.sym("z", 2 * NX + NU)
+    c = f(z[:NX], z[NX : NX + NU], z[NX + NU :])
+    H, g = ca.hessian(c, z)
+    exact = ca.Function("exact", [z], [c, g, H])
+    rng = np.random.default_rng(4)
+    Z = rng.normal(size=(6, 2 * NX + NU))
+    closed = _scaled_derivatives(cost.derivatives(), 0.1)
+    cv, cg, cH = closed(Z[:, :NX], Z[:, NX : NX + NU], Z[:, NX + NU :])
+    D = rng.normal(size=(6, 2 * NX + NU, 3))
+    along = closed(Z[:, :NX], Z[:, NX : NX + NU], Z[:, NX + NU :], directions=D)[2]
+    for k in range(6):
+        v, gk, Hk = (np.asarray(a, np.float64) for a in exact(Z[k]))
+        assert cv[k] == pytest.approx(v.item(), abs=1e-13)
+        np.testing.assert_allclose(cg[k], gk.ravel(), rtol=0, atol=1e-13)
+        np.testing.assert_allclose(cH[k], Hk, rtol=0, atol=1e-13)
+        np.testing.assert_allclose(along[k], D[k].T @ Hk @ D[k], rtol=0, atol=1e-12)
+    env = make_env("HalfCheetah-v5")
+    hc, hc_closed = stage_cost(env), stage_cost_derivatives(env)
+    X, U, Xn = rng.normal(size=(5, 17)), rng.uniform(-1, 1, (5, 6)), rng.normal(size=(5, 17))
+    values = [float(hc(X[k], U[k], Xn[k])) for k in range(5)]
+    np.testing.assert_allclose(hc_closed(X, U, Xn)[0], values, rtol=0, atol=1e-13)
+    assert stage_cost_derivatives(make_env("Reacher-v5")) is None  # not a quadratic form: CasADi's
+
+
+def test_compiled_plan_with_a_quadratic_cost_is_casadis_exact_plan():
+    """A plan whose stage cost is a quadratic form (HalfCheetah's kind), in Q's units (× 0.1, as a
+    controller scales it), with and without the learned termination: compiled = CasADi's AD."""
+    q, model, heads = _networks()
+    cost = _quadratic_cost()
+    for termination in (False, True):
+        parts = _plan_parts(model, heads, termination)
+        parts.update(
+            stage_cost=scaled(cost.function(), 0.1), stage_cost_derivatives=_scaled_derivatives(cost.derivatives(), 0.1)
+        )
+        spec = MPCSpec(LOW, HIGH, 3, discount=0.9, shooting="single", **parts)
+        P = ControlProblem.of_network(q, spec, bake_weights=True)
+        cp = P.compiled_plan
+        assert cp is not None
+        exact = _casadi_exact(P)
+        rng = np.random.default_rng(5)
+        for _ in range(4):
+            x0, w = rng.normal(size=NX), rng.uniform(-1, 1, P.n_w)
+            J, g, H = (np.asarray(a, np.float64) for a in exact(w, x0, []))
+            Jc, gc, Hc = cp.derivatives(w, x0)
+            assert Jc == pytest.approx(J.item(), rel=1e-12, abs=1e-12)
+            assert cp.value(w, x0) == pytest.approx(J.item(), rel=1e-12, abs=1e-12)
+            np.testing.assert_allclose(gc, g.ravel(), rtol=0, atol=1e-11)
+            np.testing.assert_allclose(Hc, H, rtol=0, atol=1e-10 * max(1.0, np.abs(H).max()))
+
+
 def test_no_compiled_plan_where_a_part_has_no_compiled_form():
     q, model, heads = _networks()
     parts = _plan_parts(model, heads)
@@ -225,6 +290,25 @@ def test_without_numba_the_controller_keeps_its_numpy_and_casadi_paths(monkeypat
     slow = _controller()
     assert slow.planner.problem.compiled_plan is None and slow._greedy.compiled_greedy is None
     np.testing.assert_allclose(_steps(slow), actions, rtol=0, atol=1e-6)
+
+
+def test_half_cheetah_plans_compiled_as_on_casadis_cost(monkeypatch):
+    """``models/half_cheetah.pt`` at H = 3 within its trust region: its plan is compiled (the
+    quadratic stage cost has a compiled form), and its actions on its own closed loop equal those of
+    the plan on CasADi's stage cost (no closed form: the code before the quadratic form)."""
+    ckpt = Path(__file__).resolve().parents[1] / "models" / "half_cheetah.pt"
+    fast = Controller.from_checkpoint(ckpt, horizon=3, trust_region=0.1)
+    assert fast.planner.problem.compiled_plan is not None
+    env = make_env("HalfCheetah-v5", seed=0)
+    x, states, actions = env.reset(seed=0)[0], [], []
+    for _ in range(8):
+        u, _ = fast.act(x)
+        states.append(x), actions.append(u)
+        x = env.step(u)[0]
+    monkeypatch.setattr("qmpc.controller.stage_cost_derivatives", lambda env: None)
+    slow = Controller.from_checkpoint(ckpt, horizon=3, trust_region=0.1)
+    assert slow.planner.problem.compiled_plan is None
+    np.testing.assert_allclose([slow.act(s)[0] for s in states], actions, rtol=0, atol=1e-6)
 
 
 def test_cli_says_why_building_the_controller_takes_long(capsys):
