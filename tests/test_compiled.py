@@ -109,12 +109,17 @@ def _casadi_exact(P: ControlProblem) -> ca.Function:
     ("horizon", "termination", "layer_norm"), [(2, True, False), (3, True, True), (3, False, False)]
 )
 def test_compiled_plan_is_casadis_exact_plan(horizon, termination, layer_norm):
-    P = _problem(horizon, termination, layer_norm)
+    _assert_compiled_plan_is_exact(_problem(horizon, termination, layer_norm), seed=2)
+
+
+def _assert_compiled_plan_is_exact(P: ControlProblem, seed: int, states: int = 5) -> None:
+    """The problem's compiled plan = CasADi's AD of its objective (value, gradient, Hessian) at
+    random plans and states, and = central differences of its own value and gradient."""
     cp = P.compiled_plan
     assert cp is not None
     exact = _casadi_exact(P)
-    rng = np.random.default_rng(2)
-    for _ in range(5):
+    rng = np.random.default_rng(seed)
+    for _ in range(states):
         x0, w = rng.normal(size=NX), rng.uniform(-1, 1, P.n_w)
         J, g, H = (np.asarray(a, np.float64) for a in exact(w, x0, []))
         J = J.item()
@@ -181,19 +186,7 @@ def test_compiled_plan_with_a_quadratic_cost_is_casadis_exact_plan():
             stage_cost=scaled(cost.function(), 0.1), stage_cost_derivatives=_scaled_derivatives(cost.derivatives(), 0.1)
         )
         spec = MPCSpec(LOW, HIGH, 3, discount=0.9, shooting="single", **parts)
-        P = ControlProblem.of_network(q, spec, bake_weights=True)
-        cp = P.compiled_plan
-        assert cp is not None
-        exact = _casadi_exact(P)
-        rng = np.random.default_rng(5)
-        for _ in range(4):
-            x0, w = rng.normal(size=NX), rng.uniform(-1, 1, P.n_w)
-            J, g, H = (np.asarray(a, np.float64) for a in exact(w, x0, []))
-            Jc, gc, Hc = cp.derivatives(w, x0)
-            assert Jc == pytest.approx(J.item(), rel=1e-12, abs=1e-12)
-            assert cp.value(w, x0) == pytest.approx(J.item(), rel=1e-12, abs=1e-12)
-            np.testing.assert_allclose(gc, g.ravel(), rtol=0, atol=1e-11)
-            np.testing.assert_allclose(Hc, H, rtol=0, atol=1e-10 * max(1.0, np.abs(H).max()))
+        _assert_compiled_plan_is_exact(ControlProblem.of_network(q, spec, bake_weights=True), seed=5, states=4)
 
 
 def test_no_compiled_plan_where_a_part_has_no_compiled_form():
