@@ -989,10 +989,11 @@ def mlp_layout(Ws: list, bs: list, activation: str, shift: float = 0.0, scale: f
     return {"arrays": [*Ws, *bs], "ints": [len(Ws) - 1, ACTIVATION_CODES[activation]], "floats": [shift, scale]}
 
 
-def quadratic_layout(a: np.ndarray, q: np.ndarray, b: float, scale: float = 1.0) -> dict:
-    """A cost head ``c = scale · (a·z + Σ_j q_j z_j² + b)`` in ``z = (x, u, x⁺)`` (``a``, ``q``:
-    ``(n3,)``), e.g. :class:`qmpc.costs.QuadraticStageCost`: the kernels read ``nl = −1`` as this form."""
-    return {"arrays": [a, q, np.array([b])], "ints": [-1, 0], "floats": [0.0, float(scale)]}
+def quadratic_layout(a: np.ndarray, q: np.ndarray, b: float) -> dict:
+    """A cost head ``c = a·z + Σ_j q_j z_j² + b`` in ``z = (x, u, x⁺)`` (``a``, ``q``: ``(n3,)``), e.g.
+    :class:`qmpc.costs.QuadraticStageCost`, with a head's ``shift`` 0 and ``scale`` 1: the kernels read
+    ``nl = −1`` as this form."""
+    return {"arrays": [a, q, np.array([b])], "ints": [-1, 0], "floats": [0.0, 1.0]}
 
 
 class _Buffer:

@@ -93,10 +93,11 @@ class QuadraticStageCost:
         c = ca.dot(ca.DM(self.a), z) + ca.dot(ca.DM(self.q), z**2) + self.b
         return _function(self.name, x, u, xn, c)
 
-    def derivatives(self, scale: float = 1.0) -> Callable:
-        """``(X, U, Xn) (K, ·) -> (c (K,), ∇c (K, n3), ∇²c (K, n3, n3))`` of ``scale · c`` in closed
-        form (:class:`qmpc.problem.ClosedForms`' ``cost``), carrying its compiled layout."""
-        a, q, b = scale * self.a, scale * self.q, scale * self.b
+    def derivatives(self) -> Callable:
+        """``(X, U, Xn) (K, ·) -> (c (K,), ∇c (K, n3), ∇²c (K, n3, n3))`` in closed form
+        (:class:`qmpc.problem.ClosedForms`' ``cost``), carrying its compiled layout (a controller
+        scales both to Q's units)."""
+        a, q, b = self.a, self.q, self.b
 
         def derivatives(X, U, Xn, hessian: bool = True, directions: np.ndarray | None = None):
             Z = np.concatenate([X, U, Xn], axis=1)
@@ -107,7 +108,7 @@ class QuadraticStageCost:
                 return c, g, np.broadcast_to(np.diag(2.0 * q), (Z.shape[0], q.size, q.size)).copy()
             return c, g, np.swapaxes(directions, 1, 2) @ (2.0 * q[None, :, None] * directions)
 
-        derivatives.compiled = ("cost_head", compiled.quadratic_layout(self.a, self.q, self.b, scale))
+        derivatives.compiled = ("cost_head", compiled.quadratic_layout(a, q, b))
         return derivatives
 
 
@@ -150,21 +151,27 @@ def stage_cost(env: gym.Env) -> ca.Function:
         raise InputError(
             f"expected a task with a symbolic stage cost ({sorted(STAGE_COSTS)} or a qmpc/… task), got {env_id}"
         )
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     f = STAGE_COSTS[env_id](env)
-    if (f.size1_in(0), f.size1_in(1)) != (obs_dim, act_dim):
-        raise InputError(
-            f"expected {env_id} with observations ({f.size1_in(0)},) and actions ({f.size1_in(1)},) as in its "
-            f"default configuration, got ({obs_dim},) and ({act_dim},)"
-        )
+    _check_sizes(env, env_id, f.size1_in(0), f.size1_in(1))
     return f
 
 
-def stage_cost_derivatives(env: gym.Env, scale: float = 1.0) -> Callable | None:
-    """The closed-form derivatives of ``scale ×`` :func:`stage_cost` of ``env``'s task where it is a
+def _check_sizes(env: gym.Env, env_id: str, nx: int, nu: int) -> None:
+    """Raise unless ``env``'s observations and actions have the sizes ``nx`` and ``nu`` its cost reads."""
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if (nx, nu) != (obs_dim, act_dim):
+        raise InputError(
+            f"expected {env_id} with observations ({nx},) and actions ({nu},) as in its "
+            f"default configuration, got ({obs_dim},) and ({act_dim},)"
+        )
+
+
+def stage_cost_derivatives(env: gym.Env) -> Callable | None:
+    """The closed-form derivatives of :func:`stage_cost` of ``env``'s task where it is a
     :class:`QuadraticStageCost` (:data:`QUADRATIC_STAGE_COSTS`), else None (CasADi differentiates it)."""
     env_id = env.spec.id if env.spec is not None else ""
     if hasattr(env.unwrapped, "casadi_model") or env_id not in QUADRATIC_STAGE_COSTS:
         return None
-    stage_cost(env)  # the same checks of the observation and action sizes
-    return QUADRATIC_STAGE_COSTS[env_id](env).derivatives(scale)
+    cost = QUADRATIC_STAGE_COSTS[env_id](env)
+    _check_sizes(env, env_id, cost.nx, cost.nu)
+    return cost.derivatives()

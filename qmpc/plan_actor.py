@@ -30,12 +30,16 @@ def acting_horizon(tc: TrainConfig, step: int) -> int:
     return int(np.clip(1 + np.floor(done * (tc.horizon - 1)), 1, tc.horizon))
 
 
-def plan_controller(tc: TrainConfig, policy: dict[str, Any], horizon: int, env: Any) -> Controller:
+def plan_controller(
+    tc: TrainConfig, policy: dict[str, Any], horizon: int, env: Any, lazy_plugins: bool = True
+) -> Controller:
     """The controller a run plans with at ``horizon``, acting or evaluating: from the run's
     ``policy`` (:meth:`~qmpc.train_state.TrainState.policy`), within ``train.trust_region`` for
     ``horizon > 1``, weighing the learned termination unless ``train.plan_termination`` is false;
     the whole greedy plan every step (``carry_greedy=False``: nothing outside :class:`PlanActor`'s
-    state, so a resumed run acts as the unstopped one)."""
+    state, so a resumed run acts as the unstopped one). ``lazy_plugins``: the NLP plugins built at
+    their first use (it is rebuilt every ``plan_refresh`` steps, and compiled plans seldom need them);
+    False only to measure what that saves (``benchmarks/bench_plan_actor.py``)."""
     rho = tc.trust_region if horizon > 1 else 0.0
     termination = "auto" if tc.plan_termination else "none"
     return Controller.from_policy(
@@ -46,7 +50,7 @@ def plan_controller(tc: TrainConfig, policy: dict[str, Any], horizon: int, env: 
         trust_region=rho,
         termination=termination,
         carry_greedy=False,
-        lazy_plugins=True,  # rebuilt every plan_refresh steps; compiled plans seldom need the plugins
+        lazy_plugins=lazy_plugins,
     )
 
 

@@ -595,7 +595,7 @@ class BatchedSolver:
             single_blas_thread()
         self.workers = runner.workers if runner else self.options.worker_count
         # one solver instance per worker thread: CasADi releases the GIL while it solves
-        threads = 1 if runner else self.workers
+        self._threads = threads = 1 if runner else self.workers
         self._maps: dict[tuple[str, int, int], ca.Function] = {}
         self._one_state = threading.local()  # _Buffered by method name, per thread
         self._plugins_lock = threading.Lock()
@@ -611,7 +611,7 @@ class BatchedSolver:
         with ``options.lazy_plugins``)."""
         with self._plugins_lock:
             if self._plugins is None:
-                self._plugins = self._build_plugins(1 if self.runner else self.workers)
+                self._plugins = self._build_plugins(self._threads)
             return self._plugins
 
     def _build_plugins(self, threads: int) -> _Plugins:
@@ -646,7 +646,7 @@ class BatchedSolver:
 
     @property
     def nlpsol(self) -> ca.Function:
-        """The plugin's solver instance of the calling thread's first worker."""
+        """The plugin's solver instance of the first worker (the one retries share)."""
         return self.plugins().nlpsol
 
     @property
