@@ -63,7 +63,8 @@ def main() -> None:
     for path in args.checkpoints:
         env_id = load_checkpoint(path)["spec"]["env_id"]
         p = Path(path)
-        label = (p.parent.name if p.name == "policy.pt" else p.stem)[:22]  # a run directory's, or the file's
+        in_run_dir = p.name in ("policy.pt", "checkpoint.pt")
+        label = (p.parent.name if in_run_dir else p.stem)[:22]  # a run directory's, or the file's
         rows_of = [(hh, s, t) for hh in args.horizons for s in (args.shooting if hh > 1 else ["-"])
                    for t in (args.trust_region if hh > 1 else [0.0])]  # fmt: skip
         for h, shooting, rho in rows_of:
