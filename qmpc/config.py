@@ -233,6 +233,13 @@ class TrainConfig:
     target. Off-policy, the sum is of the buffer's own actions, not of Q's argmins (no correction):
     a bias that grows with ``n`` and with how far the behaviour was from greedy. ``n > 1`` with
     ``rollout_td`` or ``target_horizon > 1`` is refused."""
+    target_bounds: bool = False
+    """Clamp each TD target's bootstrap value to the discounted range the replay data allows,
+    ``[min(0, c_min) / (1 − γ), max(0, c_max) / (1 − γ)]``, ``c_min, c_max`` the smallest and largest
+    cost the buffer has held (in Q's units): the TD fixed point on this data lies inside, so a value
+    outside is Q's own extrapolation fed back into its targets (how Q diverged on Walker2d-v5 trained
+    at H = 3 with two updates a step). ``train/target_clamped_frac``: the fraction of targets it
+    moved. false: no clamp (every launch file measured before it was added)."""
     behaviour_weight: float = field(default=0.0, metadata={"min": 0.0})
     """Offline: ``β`` of the behaviour-regularised argmin (:mod:`qmpc.networks.behaviour`). The TD
     targets' and the controller's action is ``argmin_u Q(x, u) + ½ β ‖(u − π_β(x)) / s‖²`` (``s``

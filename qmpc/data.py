@@ -167,6 +167,8 @@ class ReplayBuffer:
         """The last TD-target argmin found at each ``next_obs`` (where ``has_argmin``): the target
         network moves slowly, so it is a warm start for the next solve there (:meth:`warm_starts`)."""
         self.has_argmin = np.zeros(capacity, bool)
+        self.cost_min, self.cost_max = np.inf, -np.inf
+        """The smallest and largest cost ever added (evicted ones too): :meth:`value_bounds`."""
         self.size = 0
         self.pos = 0
 
@@ -189,6 +191,7 @@ class ReplayBuffer:
             float(terminated),
         )
         self.has_argmin[i] = False
+        self.cost_min, self.cost_max = min(self.cost_min, float(self.cost[i])), max(self.cost_max, float(self.cost[i]))
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -217,6 +220,10 @@ class ReplayBuffer:
         self.obs[slots], self.act[slots], self.cost[slots] = obs[keep], act[keep], cost[keep]
         self.next_obs[slots], self.terminated[slots] = next_obs[keep], term[keep]
         self.has_argmin[slots] = False
+        if n:
+            stored = cost.astype(np.float32)  # as the buffer holds them
+            self.cost_min = min(self.cost_min, float(stored.min()))
+            self.cost_max = max(self.cost_max, float(stored.max()))
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
@@ -237,6 +244,16 @@ class ReplayBuffer:
             start = e + 1
         g, valid = np.concatenate(g), np.concatenate(valid)
         return float(g[valid].mean() if valid.any() else g.mean())
+
+    def value_bounds(self, gamma: float) -> tuple[float, float]:
+        """``(lo, hi)``: the range of any discounted cost-to-go ``Σ_k γᵏ c_k`` (an episode that may end
+        at any step) whose costs lie in the range the buffer has held, ``[min(0, c_min) / (1 − γ),
+        max(0, c_max) / (1 − γ)]``; ``train.target_bounds`` clamps the TD targets' bootstrap to it."""
+        if self.size == 0:
+            raise InputError("expected a non-empty replay buffer, got 0 transitions")
+        if not 0.0 <= gamma < 1.0:
+            raise InputError(f"expected 0 <= gamma < 1 for a bounded cost-to-go, got {gamma}")
+        return min(0.0, self.cost_min) / (1.0 - gamma), max(0.0, self.cost_max) / (1.0 - gamma)
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
         if self.size == 0:
@@ -310,7 +327,7 @@ class ReplayBuffer:
     def state_dict(self) -> dict:
         """Tensors and ints only (a checkpoint is read with ``torch.load(weights_only=True)``)."""
         out = {k: torch.from_numpy(getattr(self, k)[: self.size].copy()) for k in self._FIELDS}
-        return {**out, "pos": self.pos, "size": self.size}
+        return {**out, "pos": self.pos, "size": self.size, "cost_min": self.cost_min, "cost_max": self.cost_max}
 
     def load_state_dict(self, s: dict) -> None:
         """From :meth:`state_dict` (tensors) or an older checkpoint's numpy arrays."""
@@ -325,6 +342,9 @@ class ReplayBuffer:
             if k in s:  # the argmins: not in checkpoints written before warm starts (none kept)
                 getattr(self, k)[: len(s[k])] = s[k]
         self.size, self.pos = n, int(s["pos"])
+        held = self.cost[:n] if n else np.zeros(0, np.float32)  # older checkpoints: the costs still held
+        self.cost_min = float(s["cost_min"]) if "cost_min" in s else float(held.min(initial=np.inf))
+        self.cost_max = float(s["cost_max"]) if "cost_max" in s else float(held.max(initial=-np.inf))
 
 
 # --------------------------------------------------------------------------------------

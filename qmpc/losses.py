@@ -31,7 +31,7 @@ import torch
 
 from qmpc.bridge import ArgminLayer
 from qmpc.data import Batch, ReplayBuffer
-from qmpc.errors import ConfigError
+from qmpc.errors import ConfigError, InputError
 from qmpc.networks import QNetwork
 from qmpc.solver import Status
 
@@ -69,6 +69,8 @@ class TDResult(NamedTuple):
     """``(B,)`` the targets ``y``: what :func:`critic_losses` fits the other critics to."""
     ok: torch.Tensor | None = None
     """``(B,)`` bool: the samples that count (solved, and in the mask)."""
+    clamped_frac: float = 0.0
+    """Fraction of the samples that count whose bootstrap value ``value_bounds`` moved."""
 
 
 def td_loss(
@@ -84,6 +86,7 @@ def td_loss(
     next_values: Callable | None = None,
     score_argmin: bool = False,
     critic_targets: Sequence[QNetwork] = (),
+    value_bounds: tuple[float, float] | None = None,
 ) -> TDResult:
     """TD loss of a batch. ``online_layer`` minimises ``q``; ``target_layer`` minimises ``q_target``;
     ``w0 (B, act_dim)`` is an optional start of the solves at ``x⁺`` (e.g.
@@ -95,7 +98,9 @@ def td_loss(
     target is ``q_target`` at the target layer's argmin, not the layer's minimum (the layers
     minimise a regularised network, :class:`~qmpc.networks.behaviour.BehaviourRegularizedQ`);
     ``critic_targets``: the other critics' target networks (``train.critics > 1``), the bootstrap
-    the largest of all target values at the argmin (not with ``residual`` nor ``next_values``)."""
+    the largest of all target values at the argmin (not with ``residual`` nor ``next_values``);
+    ``value_bounds (lo, hi)``: the bootstrap value clamped to it, in Q's units
+    (:meth:`~qmpc.data.ReplayBuffer.value_bounds`; its gradient is zero where it binds)."""
     _check_mode(mode, next_values is not None, len(critic_targets))
     dtype = next(q.parameters()).dtype
     x, u, c, xn, term = (t.to(dtype) for t in (batch.obs, batch.act, batch.cost, batch.next_obs, batch.terminated))
@@ -127,9 +132,10 @@ def td_loss(
     ok = solved if mask is None else solved & mask.to(device=x.device, dtype=torch.bool)
     if isinstance(gamma, torch.Tensor):
         gamma = gamma.to(device=x.device, dtype=dtype)
+    n_ok = ok.sum().clamp_min(1)
+    v, clamped = _bounded(v, ok, value_bounds)
     y = c + gamma * (1.0 - term) * v
     qx = q(x, u)
-    n_ok = ok.sum().clamp_min(1)
     err = torch.where(ok, qx - y, torch.zeros_like(qx))
     loss = (err**2).sum() / n_ok
     return TDResult(
@@ -145,7 +151,20 @@ def td_loss(
         res.message,
         y,
         ok,
+        clamped,
     )
+
+
+def _bounded(v: torch.Tensor, ok: torch.Tensor, bounds: tuple[float, float] | None) -> tuple[torch.Tensor, float]:
+    """``v (B,)`` clamped to ``bounds (lo, hi)`` (None: unchanged), and the fraction of the samples
+    that count (``ok (B,)``) it moved."""
+    if bounds is None:
+        return v, 0.0
+    lo, hi = bounds
+    if not lo <= hi:
+        raise InputError(f"expected value_bounds lo <= hi, got {bounds}")
+    moved = ((v < lo) | (v > hi)) & ok
+    return v.clamp(lo, hi), float(moved.sum() / ok.sum().clamp_min(1))
 
 
 def _check_mode(mode: str, planned: bool, critics: int) -> None:

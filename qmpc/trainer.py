@@ -631,9 +631,24 @@ def _learn(st: TrainState, run: _Run) -> TDResult:
         if w0 is not None and next_values is None:  # the argmin layers start from the plan's first action
             w0 = w0[:, : st.spec.act_dim]
         score = st.behaviour is not None  # the regularised argmin, scored by Q_target alone
+        bounds = st.buffer.value_bounds(tc.gamma) if tc.target_bounds else None
         res = td_loss(
-            st.q, st.q_target, online, target, batch, gamma, tc.target, w0, mask, next_values, score, st.critic_targets
+            st.q,
+            st.q_target,
+            online,
+            target,
+            batch,
+            gamma,
+            tc.target,
+            w0,
+            mask,
+            next_values,
+            score,
+            st.critic_targets,
+            bounds,
         )
+        if bounds is not None:
+            acc.setdefault("train/target_clamped_frac", []).append(res.clamped_frac)
         st.buffer.store_argmins(batch.index, res.next_argmin, res.next_ok)
     loss = res.loss + critic_losses(st.critics, batch, res)
     if tc.conservative_weight > 0:

@@ -53,6 +53,14 @@ RTOL = 1e-5
 """Relative tolerance of the pinned numbers (machines differ by ~2e-7, see the module docstring)."""
 
 
+CHAOTIC = "eval_returns"
+"""Compared only on a machine of the pin's kind (its ``machine`` entry): a 300-step Q balances the
+pendulum for a few dozen steps, and there the last-digit differences between two machines decide the
+step it falls. Measured in session 29: on an AMD EPYC (openblas Haswell) the same code reproduced the
+TD losses to 5e-7 and the weight sums to 2e-7 of the pin taken on a SkylakeX, and its first
+evaluation returned 63 for the pin's 78."""
+
+
 def _close(a, b) -> bool:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return a.shape == b.shape and bool(np.all(np.abs(a - b) <= RTOL * np.maximum(np.abs(b), 1e-3)))
@@ -64,7 +72,9 @@ def test_training_matches_the_pinned_fingerprint(tmp_path, name):
     pinned_path = ROOT / "tests" / "data" / f"fingerprint_{name}.json"
     got = _fingerprint_module().fingerprint(str(launch), [f"run_dir={tmp_path / name}", *SHORT])
     pinned = json.loads(pinned_path.read_text())
-    differ = [k for k in ("eval_returns", "td_loss", "weight_sums") if not _close(got[k], pinned[k])]
+    same_machine = got["machine"] == pinned["machine"]
+    compared = [k for k in ("eval_returns", "td_loss", "weight_sums") if same_machine or k != CHAOTIC]
+    differ = [k for k in compared if not _close(got[k], pinned[k])]
     differ += ["eval_steps"] if got["eval_steps"] != pinned["eval_steps"] else []
     sets = " ".join(f"--set {o}" for o in SHORT)
     assert not differ, (
