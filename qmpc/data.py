@@ -325,7 +325,7 @@ class ReplayBuffer:
     _FIELDS = ("obs", "act", "cost", "next_obs", "terminated", "next_argmin", "has_argmin")
 
     def state_dict(self) -> dict:
-        """Tensors and ints only (a checkpoint is read with ``torch.load(weights_only=True)``)."""
+        """Tensors, ints and floats only (a checkpoint is read with ``torch.load(weights_only=True)``)."""
         out = {k: torch.from_numpy(getattr(self, k)[: self.size].copy()) for k in self._FIELDS}
         return {**out, "pos": self.pos, "size": self.size, "cost_min": self.cost_min, "cost_max": self.cost_max}
 

@@ -132,10 +132,10 @@ def td_loss(
     ok = solved if mask is None else solved & mask.to(device=x.device, dtype=torch.bool)
     if isinstance(gamma, torch.Tensor):
         gamma = gamma.to(device=x.device, dtype=dtype)
-    n_ok = ok.sum().clamp_min(1)
     v, clamped = _bounded(v, ok, value_bounds)
     y = c + gamma * (1.0 - term) * v
     qx = q(x, u)
+    n_ok = ok.sum().clamp_min(1)
     err = torch.where(ok, qx - y, torch.zeros_like(qx))
     loss = (err**2).sum() / n_ok
     return TDResult(
