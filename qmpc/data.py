@@ -342,7 +342,7 @@ class ReplayBuffer:
             if k in s:  # the argmins: not in checkpoints written before warm starts (none kept)
                 getattr(self, k)[: len(s[k])] = s[k]
         self.size, self.pos = n, int(s["pos"])
-        held = self.cost[:n] if n else np.zeros(0, np.float32)  # older checkpoints: the costs still held
+        held = self.cost[:n]  # older checkpoints: the costs still held
         self.cost_min = float(s["cost_min"]) if "cost_min" in s else float(held.min(initial=np.inf))
         self.cost_max = float(s["cost_max"]) if "cost_max" in s else float(held.max(initial=-np.inf))
 

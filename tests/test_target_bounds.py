@@ -1,6 +1,7 @@
 """``train.target_bounds`` (issue 21): the TD targets' bootstrap clamped to the discounted cost range
 the replay data allows, the guard against Q feeding its own extrapolation back into its targets
-(Walker2d-v5 at H = 3 with two updates a step: Q to −36 400 where the data allows about −800)."""
+(Walker2d-v5 at H = 3 with two updates a step: Q to −36 400 where the data allows about −60,
+its least cost −0.61 at ``cost_scale = 0.1`` and γ = 0.99)."""
 
 from pathlib import Path
 
