@@ -350,8 +350,8 @@ def _add_datasets(sub) -> None:
         "--train-steps",
         type=int,
         default=None,
-        help="the medium run's budget (default: the launch file's; given, seed 0's medium trains its run too "
-        "instead of rolling out the shipped medium policy)",
+        help="the medium run's budget (default: the launch file's; given, seed 0's medium and medium-replay "
+        "train their run too instead of using the shipped medium policy and replay buffer)",
     )
     m.add_argument("--eval-every", type=int, default=250, help="steps between the medium run's evaluations")
     m.add_argument(

@@ -33,10 +33,12 @@ __all__ = [
     "ensure_output_file",
     "episode_order",
     "input_normalization",
+    "load_episodes",
     "load_minari",
     "minari_root",
     "read_episodes",
     "rollouts",
+    "save_episodes",
     "write_minari",
 ]
 
@@ -604,6 +606,66 @@ def read_episodes(path: str | Path) -> list[Episode]:
         )
         for e in episodes
     ]
+
+
+_EPISODE_ARRAYS = ("observations", "actions", "rewards", "terminations", "truncations", "lengths", "note")
+
+
+def save_episodes(path: str | Path, episodes: list[Episode], note: dict[str, Any]) -> Path:
+    """Write ``episodes`` and a JSON-able ``note`` to one compressed ``.npz`` (atomically): the
+    episodes concatenated, with their lengths ``T`` (:func:`load_episodes` reads it back exactly)."""
+    if not episodes:
+        raise InputError(f"expected at least one episode to write to {path}, got none")
+    path = Path(path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                observations=np.concatenate([e.observations for e in episodes]),
+                actions=np.concatenate([e.actions for e in episodes]),
+                rewards=np.concatenate([e.rewards for e in episodes]),
+                terminations=np.concatenate([e.terminations for e in episodes]),
+                truncations=np.concatenate([e.truncations for e in episodes]),
+                lengths=np.array([len(e.actions) for e in episodes], np.int64),
+                note=np.array(json.dumps(note)),
+            )
+
+    atomic_write(path, write)
+    return path
+
+
+def load_episodes(path: str | Path) -> tuple[list[Episode], dict[str, Any]]:
+    """The episodes and the note of a :func:`save_episodes` file; a missing, truncated or
+    inconsistent file is an :class:`InputError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"expected an episodes file (.npz) at {path}, got none")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            a = {k: z[k] for k in _EPISODE_ARRAYS}
+        note = json.loads(str(a.pop("note")))
+    except Exception as e:  # zipfile.BadZipFile, EOFError, KeyError, ValueError, JSONDecodeError …
+        raise InputError(f"expected a readable episodes file at {path}, got: {type(e).__name__}: {e}") from e
+    lengths = a["lengths"]
+    steps, per_step = int(lengths.sum()), ("actions", "rewards", "terminations", "truncations")
+    got = {k: len(a[k]) for k in per_step} | {"observations": len(a["observations"])}
+    want = {k: steps for k in per_step} | {"observations": steps + len(lengths)}
+    if got != want or (lengths < 1).any() or not all(np.isfinite(a[k]).all() for k in ("observations", "actions")):
+        raise InputError(
+            f"expected {len(lengths)} episodes of {steps} steps with finite states and actions in {path}, got "
+            f"array lengths {got} (want {want}) and lengths down to {lengths.min(initial=0)}"
+        )
+    obs_at = np.concatenate([[0], np.cumsum(lengths + 1)])
+    step_at = np.concatenate([[0], np.cumsum(lengths)])
+    episodes = [
+        Episode(
+            a["observations"][obs_at[i] : obs_at[i + 1]],
+            *(a[k][step_at[i] : step_at[i + 1]] for k in per_step),
+        )
+        for i in range(len(lengths))
+    ]
+    return episodes, note
 
 
 def _copy_namespaces(root: Path, out: Path, ds_id: str) -> None:

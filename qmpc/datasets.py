@@ -11,7 +11,8 @@ Minari's datasets root (``$MINARI_DATASETS_PATH``, else ``~/.minari/datasets``),
   third), acting with the launch file's exploration noise. Seed 0 of a task with a recipe rolls
   out the policy that run chose, shipped in ``models/medium/`` (:attr:`Recipe.medium`: the same
   dataset on every machine, in minutes).
-* ``medium-replay``: the replay buffer of that training run up to the medium policy.
+* ``medium-replay``: the replay buffer of that training run up to the medium policy (seed 0 of a
+  recipe: a run's buffer shipped in ``models/medium/``, :attr:`Recipe.medium_replay`).
 * ``expert``: the task's shipped controller (``models/<task>.pt``) with the same noise.
 * ``medium-expert``: the ``medium`` and ``expert`` episodes together.
 
@@ -41,8 +42,10 @@ from qmpc.data import (
     batch_rollouts,
     dataset_metadata,
     episode_order,
+    load_episodes,
     minari_root,
     rollouts,
+    save_episodes,
     write_minari,
 )
 from qmpc.errors import ConfigError, InputError
@@ -60,6 +63,7 @@ __all__ = [
     "make_dataset",
     "normalized_score",
     "reference_returns",
+    "ship_medium_replay",
 ]
 
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
@@ -105,7 +109,16 @@ class Recipe:
     step-like learning curve made again elsewhere stopped at step 2000 where the first one stopped
     at 3000. It is the policy that this recipe's run chose on the machine the datasets of
     ``docs/benchmarks.md`` were made on. ``medium-replay`` still trains the run (it is the run's
-    replay buffer), as do other seeds, a launch file or a budget of the caller's."""
+    replay buffer; :attr:`medium_replay` ships that), as do other seeds, a launch file or a budget
+    of the caller's."""
+    medium_replay: str | None = None
+    """The ``medium-replay`` dataset of seed 0 shipped with the repository
+    (``models/medium/<task>_replay.npz``, :func:`~qmpc.data.save_episodes`: the replay buffer of a
+    medium run of this recipe and the note of its search), written as it is instead of training the
+    run, so that it is the same on every machine (a run made again elsewhere stops at another step:
+    IDP's at 7 750 transitions where another machine's stopped at 8 250). Its run is not the one
+    that chose :attr:`medium` where the two machines differed: the note says where it stopped.
+    Made by :func:`ship_medium_replay` from a run this recipe trained."""
 
 
 RECIPES = {
@@ -120,6 +133,7 @@ RECIPES = {
             medium_seed=3,  # models/inverted_pendulum.pt is seed 3's run of the launch file
             sets=("network.layer_norm=false",),  # as it was then (the datasets of docs/benchmarks.md)
             medium="models/medium/inverted_pendulum.pt",
+            medium_replay="models/medium/inverted_pendulum_replay.npz",
         ),
         Recipe(
             "InvertedDoublePendulum-v5",
@@ -130,6 +144,7 @@ RECIPES = {
             # models/inverted_double_pendulum.pt is seed 0's run of the launch file before session 13
             sets=("train.critics=1", "model.updates_per_step=4", "model.head_updates_per_step=4"),
             medium="models/medium/inverted_double_pendulum.pt",
+            medium_replay="models/medium/inverted_double_pendulum_replay.npz",
         ),
         Recipe(
             "Hopper-v5",
@@ -139,6 +154,7 @@ RECIPES = {
             1_000_000,
             envs=BATCH_ENVS,
             medium="models/medium/hopper.pt",
+            medium_replay="models/medium/hopper_replay.npz",
         ),
         Recipe(
             "HalfCheetah-v5",
@@ -203,6 +219,8 @@ class _Job:
     """:attr:`Recipe.envs`, or the caller's."""
     medium_policy: Path | None = None
     """:attr:`Recipe.medium` where it applies (seed 0, the recipe's launch file and budget), else None."""
+    medium_replay: Path | None = None
+    """:attr:`Recipe.medium_replay` where it applies (as :attr:`medium_policy`), else None."""
 
     def env(self):
         from qmpc.env import make_env
@@ -270,8 +288,11 @@ def make_dataset(
         pinned,
         int(envs if envs is not None else (recipe.envs if recipe else 1)),
     )
-    if recipe and recipe.medium and seed == 0 and launch is None and train_steps is None:
-        job.medium_policy = _repo_file(recipe.medium, "the shipped medium policy", "--train-steps (to train it)")
+    if recipe and seed == 0 and launch is None and train_steps is None:
+        if recipe.medium:
+            job.medium_policy = _repo_file(recipe.medium, "the shipped medium policy", "--train-steps (to train it)")
+        if recipe.medium_replay:
+            job.medium_replay = _repo_file(recipe.medium_replay, "the shipped medium-replay", "--train-steps")
     if min(job.steps, job.eval_every, job.reference_episodes, train_steps or 1, job.envs) < 1 or not job.noise >= 0:
         raise ConfigError(
             f"expected steps, eval_every, reference_episodes, train_steps and envs >= 1 and noise >= 0, got "
@@ -428,7 +449,7 @@ def _make_medium(job: _Job) -> Path:
         policy, note, source = run / "policy.pt", run / "medium.json", ""
     eps = _controller_rollouts(job, policy, 1, "medium")
     algorithm = f"qmpc controller of a training run{source} + noise {job.noise:g}{_envs_note(job)}"
-    return _write(job, "medium", eps, algorithm, _medium_note(note))
+    return _write(job, "medium", eps, algorithm, _medium_note(json.loads(note.read_text())))
 
 
 def _envs_note(job: _Job) -> str:
@@ -447,14 +468,36 @@ def _controller_rollouts(job: _Job, checkpoint: Path, kind_index: int, desc: str
 
 
 def _make_medium_replay(job: _Job) -> Path:
+    if job.medium_replay is not None:  # the recipe's, shipped: the same on every machine
+        eps, note = load_episodes(job.medium_replay)
+        algorithm = f"the replay buffer of a qmpc training run ({job.medium_replay.name})"
+        return _write(job, "medium-replay", eps, algorithm, _medium_note(note))
+    eps, note = _run_buffer(_medium_run(job))
+    return _write(job, "medium-replay", eps, "the replay buffer of a qmpc training run", _medium_note(note))
+
+
+def _run_buffer(run: Path) -> tuple[list[Episode], dict]:
+    """A medium run's replay buffer as episodes, and its search's note (``medium.json``)."""
     from qmpc.checkpoint import load_checkpoint
 
-    run = _medium_run(job)
     ckpt = load_checkpoint(run / "checkpoint.pt")
     eps = buffer_episodes(ckpt["buffer"], float(ckpt["config"]["train"]["cost_scale"]))
-    return _write(
-        job, "medium-replay", eps, "the replay buffer of a qmpc training run", _medium_note(run / "medium.json")
-    )
+    return eps, json.loads((run / "medium.json").read_text())
+
+
+def ship_medium_replay(env_id: str, root: str | Path | None = None, out: str | Path | None = None) -> Path:
+    """Write :attr:`Recipe.medium_replay` of ``env_id`` (to ``out``, default into the repository)
+    from the medium run of seed 0 that ``qmpc datasets make ENV_ID medium-replay --train-steps N``
+    (``N`` the launch file's ``train.steps``) trained under ``root``; the file it wrote."""
+    recipe = RECIPES.get(env_id)
+    if recipe is None or recipe.medium_replay is None:
+        raise ConfigError(f"expected a task whose recipe ships a medium-replay, got {env_id!r}")
+    root = Path(root) if root is not None else minari_root()
+    run = root / "qmpc" / ".work" / recipe.name / "seed0" / "medium"
+    if not (run / "medium.json").is_file():
+        raise InputError(f"expected the finished medium run of seed 0 at {run}, got none (make it with --train-steps)")
+    eps, note = _run_buffer(run)
+    return save_episodes(out if out is not None else _REPO / recipe.medium_replay, eps, note)
 
 
 def _make_medium_expert(job: _Job) -> Path:
@@ -592,9 +635,8 @@ def _copy_run(run_dir: Path, to: Path, note: dict | None) -> None:
     tmp.rename(to)
 
 
-def _medium_note(path: Path) -> str:
+def _medium_note(m: dict) -> str:
     """The description's sentence on the medium policy, from its search's result (``medium.json``)."""
-    m = json.loads(path.read_text())
     band = "" if m["in_band"] else f" (no evaluation fell within {MEDIUM_BAND} of expert; the closest to a third)"
     return (
         f" The medium policy: the training run at step {m['step']}, evaluation return {m['eval_return']:.1f}, "

@@ -268,3 +268,88 @@ def test_seed_0s_medium_rolls_out_the_shipped_medium_policy_without_training(tmp
     assert "(inverted_pendulum.pt)" in meta["algorithm_name"] and "step 2000" in meta["description"]
     with pytest.raises(AssertionError, match="medium run was trained"):  # another seed trains its own
         make_dataset(TASK, "medium", root=tmp_path / "s1", seed=1, **SMALL)
+
+
+def _episodes(rng: np.random.Generator, lengths: list[int]) -> list:
+    from qmpc.data import Episode
+
+    out = []
+    for t in lengths:
+        term = np.zeros(t, bool)
+        term[-1] = t % 2 == 0
+        act = rng.normal(size=(t, 2)).astype(np.float32)
+        out.append(Episode(rng.normal(size=(t + 1, 3)), act, rng.normal(size=t), term, ~term))
+    return out
+
+
+def test_an_episodes_file_reads_back_exactly_and_a_bad_one_is_a_clear_error(tmp_path):
+    from qmpc.data import load_episodes, save_episodes
+
+    eps = _episodes(np.random.default_rng(0), [3, 1, 4])
+    path = save_episodes(tmp_path / "eps.npz", eps, {"step": 7750, "in_band": True})
+    back, note = load_episodes(path)
+    assert note == {"step": 7750, "in_band": True} and len(back) == 3
+    for a, b in zip(eps, back, strict=True):
+        for x, y in zip(a[:5], b[:5], strict=True):
+            np.testing.assert_array_equal(x, y)
+            assert x.dtype == y.dtype
+    with pytest.raises(InputError, match=r"expected an episodes file \(.npz\) at .*none.npz, got none"):
+        load_episodes(tmp_path / "none.npz")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:200])  # a truncated copy
+    with pytest.raises(InputError, match=r"expected a readable episodes file at .*cut.npz, got: BadZipFile"):
+        load_episodes(tmp_path / "cut.npz")
+    with np.load(path) as z:
+        arrays = dict(z)
+    np.savez(tmp_path / "short.npz", **(arrays | {"lengths": np.array([3, 1, 5])}))  # lengths that do not add up
+    with pytest.raises(InputError, match=r"expected 3 episodes of 9 steps .* got array lengths"):
+        load_episodes(tmp_path / "short.npz")
+    obs = arrays["observations"].copy()
+    obs[2, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", **(arrays | {"observations": obs}))
+    with pytest.raises(InputError, match="with finite states and actions"):
+        load_episodes(tmp_path / "nan.npz")
+    with pytest.raises(InputError, match="expected at least one episode"):
+        save_episodes(tmp_path / "empty.npz", [], {})
+
+
+def test_seed_0s_medium_replay_is_the_shipped_buffer_without_training(tmp_path, monkeypatch):
+    """A recipe's ``medium-replay`` of seed 0 is the shipped replay buffer, written as it is (the same
+    on every machine): no run is trained, and the dataset's episodes are the file's."""
+    from qmpc import datasets
+    from qmpc.data import load_episodes
+
+    def no_run(job):
+        raise AssertionError("the medium run was trained")
+
+    monkeypatch.setattr(datasets, "_medium_run", no_run)
+    task = "InvertedDoublePendulum-v5"
+    out = make_dataset(task, "medium-replay", root=tmp_path, reference_episodes=2, progress=False)
+    shipped, note = load_episodes(ROOT / datasets.RECIPES[task].medium_replay)
+    made = read_episodes(out)
+    assert len(made) == len(shipped) and sum(len(e.actions) for e in made) == 7750
+    for a, b in zip(shipped, made, strict=True):
+        for x, y in zip(a[:5], b[:5], strict=True):
+            np.testing.assert_array_equal(x, y)
+    meta = json.loads((out / "data" / "metadata.json").read_text())
+    assert "(inverted_double_pendulum_replay.npz)" in meta["algorithm_name"]
+    assert f"step {note['step']}" in meta["description"]
+    with pytest.raises(AssertionError, match="medium run was trained"):  # a budget of the caller's trains it
+        make_dataset(task, "medium-replay", root=tmp_path / "b", train_steps=40, reference_episodes=2, progress=False)
+
+
+def test_ship_medium_replay_writes_the_runs_buffer(root, tmp_path):
+    from qmpc.data import load_episodes
+    from qmpc.datasets import ship_medium_replay
+
+    out = ship_medium_replay(TASK, root=root, out=tmp_path / "x.npz")  # the fixture's tiny medium run
+    shipped, note = load_episodes(out)
+    made = read_episodes(root / dataset_id(TASK, "medium-replay"))
+    run = root / "qmpc" / ".work" / "invertedpendulum" / "seed0" / "medium"
+    assert len(shipped) == len(made) and note == json.loads((run / "medium.json").read_text())
+    for a, b in zip(shipped, made, strict=True):
+        for x, y in zip(a[:5], b[:5], strict=True):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ConfigError, match="expected a task whose recipe ships a medium-replay, got 'Reacher-v5'"):
+        ship_medium_replay("Reacher-v5", root=root)
+    with pytest.raises(InputError, match=r"expected the finished medium run of seed 0 at .*empty"):
+        ship_medium_replay(TASK, root=tmp_path / "empty")
