@@ -165,6 +165,7 @@ RECIPES = {
             sets=("model.updates_per_step=4",),  # models/half_cheetah.pt: seed 0 before the model's schedule
             envs=BATCH_ENVS,
             medium="models/medium/half_cheetah.pt",
+            medium_replay="models/medium/half_cheetah_replay.npz",
         ),
     )
 }
