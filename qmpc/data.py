@@ -651,10 +651,13 @@ def load_episodes(path: str | Path) -> tuple[list[Episode], dict[str, Any]]:
     steps, per_step = int(lengths.sum()), ("actions", "rewards", "terminations", "truncations")
     got = {k: len(a[k]) for k in per_step} | {"observations": len(a["observations"])}
     want = {k: steps for k in per_step} | {"observations": steps + len(lengths)}
-    if got != want or (lengths < 1).any() or not all(np.isfinite(a[k]).all() for k in ("observations", "actions")):
+    finite = all(np.isfinite(a[k]).all() for k in ("observations", "actions"))
+    if got != want or not len(lengths) or (lengths < 1).any() or not finite:
+        shortest = int(lengths.min()) if len(lengths) else None
         raise InputError(
-            f"expected {len(lengths)} episodes of {steps} steps with finite states and actions in {path}, got "
-            f"array lengths {got} (want {want}) and lengths down to {lengths.min(initial=0)}"
+            f"expected {len(lengths)} episodes of {steps} steps (at least one, none empty) with finite states and "
+            f"actions in {path}, got array lengths {got} (want {want}), the shortest episode {shortest}, "
+            f"finite: {finite}"
         )
     obs_at = np.concatenate([[0], np.cumsum(lengths + 1)])
     step_at = np.concatenate([[0], np.cumsum(lengths)])

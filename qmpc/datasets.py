@@ -275,7 +275,7 @@ def make_dataset(
     job = _Job(
         env_id,
         root,
-        root / "qmpc" / ".work" / dataset_id(env_id, kind).split("/")[1] / f"seed{seed}",
+        _work_dir(root, env_id, seed),
         seed,
         int(steps if steps is not None else (recipe.steps if recipe else 100_000)),
         launch_path,
@@ -302,6 +302,11 @@ def make_dataset(
     if job.out(kind).exists():
         raise InputError(f"expected no dataset {dataset_id(env_id, kind)} yet, got one at {job.out(kind)}")
     return _MAKERS[kind](job)
+
+
+def _work_dir(root: Path, env_id: str, seed: int) -> Path:
+    """Where ``seed``'s medium run of ``env_id`` is kept (its parent: the task's references)."""
+    return root / "qmpc" / ".work" / dataset_id(env_id, "random").split("/")[1] / f"seed{seed}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -494,7 +499,7 @@ def ship_medium_replay(env_id: str, root: str | Path | None = None, out: str | P
     if recipe is None or recipe.medium_replay is None:
         raise ConfigError(f"expected a task whose recipe ships a medium-replay, got {env_id!r}")
     root = Path(root) if root is not None else minari_root()
-    run = root / "qmpc" / ".work" / recipe.name / "seed0" / "medium"
+    run = _work_dir(root, env_id, 0) / "medium"
     if not (run / "medium.json").is_file():
         raise InputError(f"expected the finished medium run of seed 0 at {run}, got none (make it with --train-steps)")
     eps, note = _run_buffer(run)

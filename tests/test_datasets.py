@@ -270,6 +270,15 @@ def test_seed_0s_medium_rolls_out_the_shipped_medium_policy_without_training(tmp
         make_dataset(TASK, "medium", root=tmp_path / "s1", seed=1, **SMALL)
 
 
+def _assert_same_episodes(xs: list, ys: list, dtypes: bool = False) -> None:
+    """The same episodes to the bit: states, actions, rewards, terminations, truncations."""
+    assert len(xs) == len(ys)
+    for a, b in zip(xs, ys, strict=True):
+        for x, y in zip(a[:5], b[:5], strict=True):
+            np.testing.assert_array_equal(x, y)
+            assert not dtypes or x.dtype == y.dtype
+
+
 def _episodes(rng: np.random.Generator, lengths: list[int]) -> list:
     from qmpc.data import Episode
 
@@ -289,10 +298,7 @@ def test_an_episodes_file_reads_back_exactly_and_a_bad_one_is_a_clear_error(tmp_
     path = save_episodes(tmp_path / "eps.npz", eps, {"step": 7750, "in_band": True})
     back, note = load_episodes(path)
     assert note == {"step": 7750, "in_band": True} and len(back) == 3
-    for a, b in zip(eps, back, strict=True):
-        for x, y in zip(a[:5], b[:5], strict=True):
-            np.testing.assert_array_equal(x, y)
-            assert x.dtype == y.dtype
+    _assert_same_episodes(eps, back, dtypes=True)
     with pytest.raises(InputError, match=r"expected an episodes file \(.npz\) at .*none.npz, got none"):
         load_episodes(tmp_path / "none.npz")
     (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:200])  # a truncated copy
@@ -327,9 +333,7 @@ def test_seed_0s_medium_replay_is_the_shipped_buffer_without_training(tmp_path, 
     shipped, note = load_episodes(ROOT / datasets.RECIPES[task].medium_replay)
     made = read_episodes(out)
     assert len(made) == len(shipped) and sum(len(e.actions) for e in made) == 7750
-    for a, b in zip(shipped, made, strict=True):
-        for x, y in zip(a[:5], b[:5], strict=True):
-            np.testing.assert_array_equal(x, y)
+    _assert_same_episodes(shipped, made)
     meta = json.loads((out / "data" / "metadata.json").read_text())
     assert "(inverted_double_pendulum_replay.npz)" in meta["algorithm_name"]
     assert f"step {note['step']}" in meta["description"]
@@ -344,11 +348,9 @@ def test_ship_medium_replay_writes_the_runs_buffer(root, tmp_path):
     out = ship_medium_replay(TASK, root=root, out=tmp_path / "x.npz")  # the fixture's tiny medium run
     shipped, note = load_episodes(out)
     made = read_episodes(root / dataset_id(TASK, "medium-replay"))
-    run = root / "qmpc" / ".work" / "invertedpendulum" / "seed0" / "medium"
-    assert len(shipped) == len(made) and note == json.loads((run / "medium.json").read_text())
-    for a, b in zip(shipped, made, strict=True):
-        for x, y in zip(a[:5], b[:5], strict=True):
-            np.testing.assert_array_equal(x, y)
+    (medium_json,) = root.glob("qmpc/.work/*/seed0/medium/medium.json")
+    assert len(shipped) == len(made) and note == json.loads(medium_json.read_text())
+    _assert_same_episodes(shipped, made)
     with pytest.raises(ConfigError, match="expected a task whose recipe ships a medium-replay, got 'Reacher-v5'"):
         ship_medium_replay("Reacher-v5", root=root)
     with pytest.raises(InputError, match=r"expected the finished medium run of seed 0 at .*empty"):
