@@ -6,7 +6,7 @@ minimises it. Shapes are batch first: ``x: (B, obs_dim)``, ``u: (B, act_dim)``.
 
 from qmpc.bridge import ArgminLayer, LayerResult
 from qmpc.controller import Controller
-from qmpc.errors import ConfigError, InputError, QmpcError, SolverError, UnsupportedLayerError
+from qmpc.errors import ConfigError, InputError, MujocoWarning, QmpcError, SolverError, UnsupportedLayerError
 from qmpc.networks import MLPQ, PICNN, QNetwork, QuadraticQ
 from qmpc.planner import Planner
 from qmpc.problem import ControlProblem, MPCSpec
@@ -25,6 +25,7 @@ __all__ = [
     "InputError",
     "LayerResult",
     "MPCSpec",
+    "MujocoWarning",
     "Planner",
     "QNetwork",
     "QmpcError",

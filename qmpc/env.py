@@ -9,13 +9,15 @@ import contextlib
 import ctypes.util
 import functools
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
 
-from qmpc.errors import ConfigError, InputError
+from qmpc.errors import ConfigError, InputError, MujocoWarning
 
 __all__ = ["QMPC_TASKS", "EnvSpec", "env_spec", "make_env", "offscreen_gl"]
 
@@ -36,7 +38,12 @@ class EnvSpec(NamedTuple):
 
 
 def make_env(env_id: str, seed: int | None = None, render_mode: str | None = None) -> gym.Env:
-    """``gymnasium.make(env_id)`` with a clear error for unknown ids and non-Box action spaces."""
+    """``gymnasium.make(env_id)`` with a clear error for unknown ids and non-Box action spaces.
+
+    MuJoCo's own warnings (printed at every model compile otherwise) become :class:`~qmpc.errors.MujocoWarning`
+    warnings, each message shown once, unless a handler of MuJoCo's warnings was installed before.
+    """
+    _route_mujoco_warnings()
     try:
         env = gym.make(env_id, render_mode=render_mode)
     except gym.error.Error as e:
@@ -58,6 +65,22 @@ def make_env(env_id: str, seed: int | None = None, render_mode: str | None = Non
         env.reset(seed=seed)
         env.action_space.seed(seed)
     return env
+
+
+def _route_mujoco_warnings() -> None:
+    import mujoco
+
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(_mujoco_warning)
+
+
+def _mujoco_warning(message: str) -> None:
+    """MuJoCo calls this from C, where an exception aborts the process: a warnings filter set to "error"
+    gets MuJoCo's own line on stderr instead."""
+    try:
+        warnings.warn(f"MuJoCo: {message}", MujocoWarning, stacklevel=1)
+    except Exception:
+        sys.stderr.write(f"WARNING: {message}\n")
 
 
 def env_spec(env: gym.Env) -> EnvSpec:

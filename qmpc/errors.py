@@ -25,3 +25,12 @@ class ConfigError(QmpcError, ValueError):
 
 class OutputError(QmpcError, OSError):
     """An output path (run directory, dataset, plot or video) is in the way, read-only, or locked."""
+
+
+class MujocoWarning(UserWarning):
+    """A warning of MuJoCo's (a deprecated model attribute, an unstable simulation), shown once per message.
+
+    qmpc routes MuJoCo's warnings here when it makes an environment and no other handler is installed, so
+    that ``warnings.filterwarnings("ignore", category=MujocoWarning)`` silences them and a run that makes
+    many environments prints each message once instead of at every ``gymnasium.make``.
+    """
