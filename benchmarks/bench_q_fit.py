@@ -32,14 +32,20 @@ def frozen_targets(ckpt: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     n = int(b["size"])
     x, u, c, xn, term, un = (b[k][:n].double() for k in ("obs", "act", "cost", "next_obs", "terminated", "next_argmin"))
     keep = b["has_argmin"][:n].bool()
-    targets = [{**ckpt, "q": ckpt["q_target"]}]
+    targets = [ckpt["q_target"]]
     critics = ckpt.get("critic_targets") or {}
     for i in sorted({int(k.split(".")[0]) for k in critics}):
-        targets.append({**ckpt, "q": {k.split(".", 1)[1]: v for k, v in critics.items() if k.startswith(f"{i}.")}})
+        targets.append({k.split(".", 1)[1]: v for k, v in critics.items() if k.startswith(f"{i}.")})
     with torch.no_grad():
-        v = torch.stack([network_from_checkpoint(t)(xn, un) for t in targets]).max(0).values
+        v = torch.stack([network(ckpt, t)(xn, un) for t in targets]).max(0).values
         y = c + float(ckpt["gamma"]) * (1.0 - term) * v
     return x[keep].float(), u[keep].float(), y[keep].float()
+
+
+def network(ckpt: dict, state: dict, dtype: torch.dtype = torch.float64):
+    """The checkpoint's Q architecture with the weights ``state``, without an offline run's behaviour
+    penalty: the run's TD targets score the argmin on Q itself."""
+    return network_from_checkpoint({**{k: v for k, v in ckpt.items() if k != "behaviour"}, "q": state}, dtype)
 
 
 def fit(q, x, u, y, train, test, steps: int, lr: float) -> list[tuple[int, float, float, float]]:
@@ -75,7 +81,7 @@ def main() -> None:
     x, u, y = frozen_targets(ckpt)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     test, train = perm[: len(y) // 10], perm[len(y) // 10 :]
-    own = network_from_checkpoint(ckpt, torch.float32)
+    own = network(ckpt, ckpt.get("q_train", ckpt["q"]), torch.float32)  # "q" is the average with train.policy_average
     print(f"{args.checkpoint}: {len(y)} targets, mean {y.mean():.3f}, std {y.std():.3f} (Q's units)")
     print(
         f"the run's Q ({ckpt['network']['arch']} {ckpt['network']['hidden']}): "

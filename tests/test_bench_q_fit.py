@@ -21,6 +21,8 @@ def test_frozen_targets_bootstrap_from_the_largest_target_critic_at_the_cached_a
     train(cfg, progress=False)
     ck = load_checkpoint(tmp_path / "checkpoint.pt")
     x, _, y = bench_q_fit.frozen_targets(ck)
+    # an offline run's behaviour penalty is not part of its targets (this one is not even loadable)
+    torch.testing.assert_close(bench_q_fit.frozen_targets({**ck, "behaviour": {"weight": 1.0}})[2], y, rtol=0, atol=0)
     b = ck["buffer"]
     keep = b["has_argmin"][: b["size"]].bool()
     assert 0 < len(y) == int(keep.sum()) and torch.isfinite(y).all()
