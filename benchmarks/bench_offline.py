@@ -21,7 +21,8 @@ evaluation environment; the d3rlpy worker is given the same seeds).
 
 ``--parts`` picks what runs (``d3rlpy``, ``qmpc``, ``report``): the two trainings can run side by
 side in two invocations on a 2-core machine, and ``report`` alone prints the table from what is
-there. The report: per dataset and method, the normalised score
+there and writes it to ``--out/table_<task>.md`` (beside ``curves_<task>.csv`` and the plot).
+The report: per dataset and method, the normalised score
 ``100 · (R − R_random) / (R_expert − R_random)`` of the last evaluation and of the best, mean ±
 std over the seeds that finished, and a plot of the curves.
 """
@@ -302,7 +303,11 @@ def main() -> None:
     if "qmpc" in args.parts:
         run_qmpc(args)
     if "report" in args.parts:
-        print(report(args))
+        text = report(args)
+        print(text)
+        table = args.out / f"table_{args.task}.md"
+        table.write_text(text + "\n")
+        print(f"wrote {table}")
 
 
 if __name__ == "__main__":

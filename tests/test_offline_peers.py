@@ -161,3 +161,28 @@ def test_bench_runs_peers_side_by_side_and_reports_every_failure(
     with pytest.raises(SystemExit, match="2 of 2 d3rlpy runs failed"):  # only the failed ones again
         bench.run_d3rlpy(args)
     assert sorted(calls) == [("bc", 1, "cuda"), ("iql", 1, "cuda")]
+
+
+def test_report_writes_the_table_it_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``bench_offline.py --parts report``: the table it prints is also ``--out/table_<task>.md``,
+    with the scores of the runs that reached ``--steps`` (a shorter run is left out)."""
+    bench = _module("bench_offline")
+    monkeypatch.setattr(bench, "_references", lambda ds_id: (0.0, 200.0))
+    for seed, last in ((0, 100.0), (1, 60.0)):
+        run = tmp_path / "d3rlpy" / "medium" / "bc" / f"seed{seed}.json"
+        run.parent.mkdir(parents=True, exist_ok=True)
+        run.write_text(f'{{"seed": {seed}, "steps": [5, 10], "returns": [20.0, {last}]}}')
+    sweep = tmp_path / "qmpc" / "medium" / "plain"
+    for seed, rows in ((0, "5,eval/return,50.0\n10,eval/return,180.0\n"), (1, "5,eval/return,90.0\n")):
+        (sweep / f"seed{seed}").mkdir(parents=True)
+        (sweep / f"seed{seed}" / "metrics.csv").write_text("step,tag,value\n" + rows)
+    argv = ["bench_offline.py", "--task", "Hopper-v5", "--kinds", "medium", "--algos", "bc", "--steps", "10"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--eval-every", "5", "--parts", "report", "--out", str(tmp_path)])
+    bench.main()
+    printed = capsys.readouterr().out
+    table = (tmp_path / "table_Hopper-v5.md").read_text()
+    assert table.rstrip("\n") in printed
+    assert "| medium | bc | 2 | 40.0 ± 10.0 |" in table  # 100 and 60 of 200
+    assert "| medium | plain | 90.0 | bc 40.0 | +50.0 | 40.0 | +50.0 |" in table  # seed 1 stopped at 5: left out
