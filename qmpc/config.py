@@ -167,6 +167,11 @@ class TrainConfig:
     """Online: gradient steps per environment step."""
     exploration_noise: float = field(default=0.1, metadata={"min": 0.0})
     """Online: std of the Gaussian added to the controller's action, as a fraction of the action range."""
+    exploration_color: float = field(default=0.0, metadata={"min": 0.0, "max": 2.0})
+    """Online: the exploration noise's colour, the exponent β of its power spectrum ``1/f^β``
+    along an episode (:mod:`qmpc.exploration`): 0 white (independent draws each step), 1 pink,
+    2 red (Brownian). A coloured sequence is drawn at each episode's start, as long as the
+    environment's time limit (1000 steps without one); every sample has the same std whatever β."""
     buffer_size: int = field(default=200000, metadata={"min": 1})
     """Replay buffer capacity (transitions)."""
     grad_clip: float = field(default=10.0, metadata={"min_exclusive": 0.0})

@@ -28,6 +28,7 @@ from qmpc.data import ReplayBuffer, as_numpy
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec
 from qmpc.errors import ConfigError
+from qmpc.exploration import ColoredNoise
 from qmpc.networks import QNetwork
 from qmpc.networks.behaviour import BehaviourPolicy, BehaviourRegularizedQ
 from qmpc.plan_actor import PlanActor
@@ -150,6 +151,10 @@ class TrainState:
     :meth:`update_average`), saved as the checkpoint's ``q`` (and :attr:`q` as ``q_train``); else None."""
     averaged: int = 0
     """Updates folded into :attr:`q_average` so far."""
+
+    noise: ColoredNoise | None = None
+    """The exploration noise (``train.exploration_color``): a coloured sequence and the position
+    in it are saved, so that a run resumed within an episode adds the same noise. None: white."""
 
     plan_actor: PlanActor | None = None
     """The H-step MPC that acts (``train.horizon > 1``): the policy of its last rebuild and its
@@ -279,6 +284,7 @@ class TrainState:
                 "acc": {k: list(v) for k, v in self.acc.items()},
                 "wall_s": self.wall_s(),
                 "solve_window": self.solve_window.state_dict(),
+                "noise": _noise_tensors(self.noise),
             },
             "warm_starts": {name: _warm_tensors(layer.warm_start_state()) for name, layer in self.layers.items()},
         }
@@ -320,6 +326,8 @@ class TrainState:
         self.acc = {k: list(v) for k, v in s.get("acc", {}).items()}  # older checkpoints: window lost
         self.solve_window.load_state_dict(s.get("solve_window", {}))  # older checkpoints: an empty one
         self.averaged = s.get("averaged", 0)
+        if self.noise is not None and s.get("noise") is not None:  # older checkpoints: drawn anew
+            self.noise.load_state_dict({k: as_numpy(v) if torch.is_tensor(v) else v for k, v in s["noise"].items()})
         warm = ckpt.get("warm_starts", {})  # older checkpoints: none, the next solves start cold
         for name, layer in self.layers.items():
             w = warm.get(name)
@@ -382,6 +390,16 @@ def network_kwargs(cfg: Config) -> dict:
         "state_dependent_curvature": n.state_dependent_curvature,
         "layer_norm": n.layer_norm,
     }
+
+
+def _noise_tensors(noise: ColoredNoise | None) -> dict[str, Any] | None:
+    """A coloured noise's state with its sequence as a tensor (None: white noise)."""
+    if noise is None:
+        return None
+    state = noise.state_dict()
+    if state["sequence"] is not None:
+        state["sequence"] = torch.from_numpy(state["sequence"])
+    return state
 
 
 def env_state(env) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from qmpc.distributed import raise_if_terminated
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError, OutputError, SolverError
+from qmpc.exploration import ColoredNoise
 from qmpc.losses import TDResult, conservative_gap, critic_losses, model_rolled_batch, td_loss
 from qmpc.metrics import MetricsLogger, plot_learning_curve, read_metrics
 from qmpc.networks import QNetwork, build_network
@@ -406,6 +407,8 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
         with torch.random.fork_rng(devices=[]):
             st.behaviour = BehaviourPolicy(spec.obs_dim, spec.act_dim, tc.behaviour_hidden, "silu", spec.low, spec.high)
     st.plan_actor = PlanActor(tc, eval_env) if tc.horizon > 1 else None  # reads eval_env's model, never steps it
+    if tc.exploration_color > 0:
+        st.noise = ColoredNoise(tc.exploration_color, spec.act_dim, env.spec.max_episode_steps or 1000)
     return st, eval_env
 
 
@@ -566,7 +569,7 @@ def _fix_normalization(st: TrainState) -> None:
 def _act(st: TrainState, actor: ArgminLayer) -> np.ndarray:
     """The action at ``st.obs``: uniform before ``learning_starts``, then the controller's (Q's
     argmin, or the plan of :func:`~qmpc.plan_actor.acting_horizon` steps once the model is fitted)
-    plus Gaussian noise."""
+    plus Gaussian noise (white, or coloured along the episode: :mod:`qmpc.exploration`)."""
     tc, spec = st.cfg.train, st.spec
     if st.step < tc.learning_starts:
         return st.rng.uniform(spec.low, spec.high)
@@ -576,7 +579,8 @@ def _act(st: TrainState, actor: ArgminLayer) -> np.ndarray:
             st.acc.setdefault("act/fallback", []).append(float(info["fallback"]))
         else:
             u = actor(torch.as_tensor(st.obs, dtype=torch.float64)[None])[0][0].numpy()
-    a = u + tc.exploration_noise * (spec.high - spec.low) * st.rng.normal(size=spec.act_dim)
+    noise = st.rng.normal(size=spec.act_dim) if st.noise is None else st.noise(st.rng, st.ep_len == 0)
+    a = u + tc.exploration_noise * (spec.high - spec.low) * noise
     return np.clip(a, spec.low, spec.high)
 
 
