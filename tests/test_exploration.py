@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_resume_exact import TINY, assert_same_run
+from test_n_step import _ip
+from test_resume_exact import assert_same_run
 
 from qmpc.checkpoint import load_checkpoint
 from qmpc.config import load_config
@@ -98,10 +99,6 @@ def test_bad_colours_are_refused():
     for bad in ("-0.5", "2.5", "nan"):
         with pytest.raises(ConfigError, match=r"train\.exploration_color"):
             load_config(ROOT / "launch" / "inverted_pendulum.toml", [f"train.exploration_color={bad}"])
-
-
-def _ip(run_dir, *sets):
-    return load_config(ROOT / "launch" / "inverted_pendulum.toml", [f"run_dir={run_dir}", *TINY, *sets])
 
 
 def test_a_run_with_pink_noise_trains_and_resumes_within_an_episode_bit_identical(tmp_path):
