@@ -154,7 +154,8 @@ class TrainState:
 
     noise: ColoredNoise | None = None
     """The exploration noise (``train.exploration_color``): a coloured sequence and the position
-    in it are saved, so that a run resumed within an episode adds the same noise. None: white."""
+    in it are saved, so that a run resumed within an episode adds the same noise. Colour 0 (white)
+    keeps no sequence. None only while the trainer builds the state."""
 
     plan_actor: PlanActor | None = None
     """The H-step MPC that acts (``train.horizon > 1``): the policy of its last rebuild and its

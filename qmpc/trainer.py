@@ -407,8 +407,7 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
         with torch.random.fork_rng(devices=[]):
             st.behaviour = BehaviourPolicy(spec.obs_dim, spec.act_dim, tc.behaviour_hidden, "silu", spec.low, spec.high)
     st.plan_actor = PlanActor(tc, eval_env) if tc.horizon > 1 else None  # reads eval_env's model, never steps it
-    if tc.exploration_color > 0:
-        st.noise = ColoredNoise(tc.exploration_color, spec.act_dim, env.spec.max_episode_steps or 1000)
+    st.noise = ColoredNoise(tc.exploration_color, spec.act_dim, env.spec.max_episode_steps or 1000)
     return st, eval_env
 
 
@@ -579,7 +578,7 @@ def _act(st: TrainState, actor: ArgminLayer) -> np.ndarray:
             st.acc.setdefault("act/fallback", []).append(float(info["fallback"]))
         else:
             u = actor(torch.as_tensor(st.obs, dtype=torch.float64)[None])[0][0].numpy()
-    noise = st.rng.normal(size=spec.act_dim) if st.noise is None else st.noise(st.rng, st.ep_len == 0)
+    noise = st.noise(st.rng, st.ep_len == 0)  # colour 0: st.rng.normal(size=act_dim), white
     a = u + tc.exploration_noise * (spec.high - spec.low) * noise
     return np.clip(a, spec.low, spec.high)
 
