@@ -327,7 +327,7 @@ class TrainState:
         self.acc = {k: list(v) for k, v in s.get("acc", {}).items()}  # older checkpoints: window lost
         self.solve_window.load_state_dict(s.get("solve_window", {}))  # older checkpoints: an empty one
         self.averaged = s.get("averaged", 0)
-        if self.noise is not None and s.get("noise") is not None:  # older checkpoints: drawn anew
+        if s.get("noise") is not None:  # older checkpoints saved None: drawn anew
             self.noise.load_state_dict({k: as_numpy(v) if torch.is_tensor(v) else v for k, v in s["noise"].items()})
         warm = ckpt.get("warm_starts", {})  # older checkpoints: none, the next solves start cold
         for name, layer in self.layers.items():
@@ -393,10 +393,8 @@ def network_kwargs(cfg: Config) -> dict:
     }
 
 
-def _noise_tensors(noise: ColoredNoise | None) -> dict[str, Any] | None:
-    """A coloured noise's state with its sequence as a tensor (None: white noise)."""
-    if noise is None:
-        return None
+def _noise_tensors(noise: ColoredNoise) -> dict[str, Any]:
+    """A coloured noise's state with its sequence as a tensor (colour 0 keeps no sequence)."""
     state = noise.state_dict()
     if state["sequence"] is not None:
         state["sequence"] = torch.from_numpy(state["sequence"])
