@@ -75,8 +75,8 @@ def main() -> None:
     args = ap.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
     units = trained_units(ckpt)
-    controller = Controller.from_checkpoint(args.checkpoint)
     env = make_env(ckpt["spec"]["env_id"])
+    controller = Controller.from_policy(ckpt, env=env, where=args.checkpoint)
     done, _ = run_episodes(controller, env, args.episodes, seed=args.seed)
     print(f"{args.checkpoint}: {len(done)} episodes from reset seed {args.seed}")
     for e in done:
