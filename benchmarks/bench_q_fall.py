@@ -18,36 +18,25 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 from qmpc.checkpoint import load_checkpoint
 from qmpc.controller import Controller, trained_units
-from qmpc.data import discounted_costs
 from qmpc.env import make_env
 from qmpc.runner import run_episodes
+from qmpc.trainer import q_gaps
 
-BINS = ((0, 5), (5, 15), (15, 40), (40, 100), (100, 300), (300, 1001))
-"""Steps before the termination, ``[lo, hi)``."""
+BINS = ((0, 5), (5, 15), (15, 40), (40, 100), (100, 300), (300, None))
+"""Steps before the termination, ``[lo, hi)``; the last bin is open-ended."""
 
 
-def q_errors(controller: Controller, episodes, discount: float, cost_scale: float):
-    """Per episode: ``(Q − G (T,), G (T,), valid (T,), terminated)`` in Q's units."""
-    p = next(controller.q.parameters())
-    out = []
-    for e in episodes:
-        g, valid = discounted_costs(cost_scale * np.asarray(e.costs), discount, e.terminated)
-        with torch.no_grad():
-            x = torch.as_tensor(np.asarray(e.observations)[:-1], dtype=p.dtype)
-            u = torch.as_tensor(np.asarray(e.actions), dtype=p.dtype)
-            q = controller.q(x, u).double().numpy().reshape(-1)
-        out.append((q - g, g, valid, e.terminated))
-    return out
+def _label(lo: int, hi: int | None) -> str:
+    return f"{lo}+ steps before a fall" if hi is None else f"{lo}–{hi - 1} steps before a fall"
 
 
 def table(errors) -> list[tuple[str, int, float, float, float]]:
     """Rows ``(label, steps, mean Q − G, its std, mean G)``: the falls' steps by distance to the fall,
     then the steps of the episodes that did not fall."""
-    groups: dict[str, list[tuple[float, float]]] = {f"{lo}–{hi - 1} steps before a fall": [] for lo, hi in BINS}
+    groups: dict[str, list[tuple[float, float]]] = {_label(*b): [] for b in BINS}
     groups["episodes that did not fall"] = []
     for err, g, valid, terminated in errors:
         before = len(err) - np.arange(len(err))
@@ -56,8 +45,7 @@ def table(errors) -> list[tuple[str, int, float, float, float]]:
                 continue
             label = "episodes that did not fall"
             if terminated:
-                lo, hi = next(b for b in BINS if b[0] <= k < b[1])
-                label = f"{lo}–{hi - 1} steps before a fall"
+                label = _label(*next(b for b in BINS if b[0] <= k and (b[1] is None or k < b[1])))
             groups[label].append((e, gk))
     rows = []
     for label, v in groups.items():
@@ -82,7 +70,9 @@ def main() -> None:
     for e in done:
         print(f"  return {e.ret:8.1f}  length {len(e.costs):4d}  {'fell' if e.terminated else 'did not fall'}")
     print(f"\n{'steps':<32} {'n':>6} {'Q − G mean':>11} {'std':>6} {'G mean':>8}")
-    for label, n, mean, std, g in table(q_errors(controller, done, units["discount"], units["cost_scale"])):
+    gaps = q_gaps(controller.q, done, units["discount"], units["cost_scale"])
+    errors = [(gap.error, gap.cost_to_go, gap.valid, e.terminated) for gap, e in zip(gaps, done, strict=True)]
+    for label, n, mean, std, g in table(errors):
         print(f"{label:<32} {n:>6} {mean:>11.2f} {std:>6.2f} {g:>8.2f}")
 
 

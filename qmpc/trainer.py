@@ -61,9 +61,11 @@ from qmpc.train_state import TrainState
 __all__ = [
     "Evaluation",
     "MetricsLogger",
+    "QGap",
     "RunSummary",
     "evaluate",
     "plot_learning_curve",
+    "q_gaps",
     "read_metrics",
     "train",
 ]
@@ -138,16 +140,7 @@ def evaluate(
         done, _ = run_episodes(controller, env, episodes, seed=seed)
         runs = [_Evaluated(e.ret, e.costs, e.observations, e.actions, e.terminated) for e in done]
         fallbacks = sum(e.fallback for e in done)
-    gaps = []
-    q = controller.q
-    p = next(q.parameters())
-    for run in runs:
-        g, valid = discounted_costs(cost_scale * run.costs, gamma, run.terminated)
-        if valid.any():
-            with torch.no_grad():
-                x = torch.as_tensor(run.observations[:-1][valid], dtype=p.dtype, device=p.device)
-                u = torch.as_tensor(run.actions[valid], dtype=p.dtype, device=p.device)
-                gaps.append(q(x, u).double().cpu().numpy().reshape(-1) - g[valid])
+    gaps = [err[valid] for err, _, valid in q_gaps(controller.q, runs, gamma, cost_scale) if valid.any()]
     lengths = [len(run.costs) for run in runs]
     return Evaluation(
         float(np.mean([run.ret for run in runs])),
@@ -155,6 +148,38 @@ def evaluate(
         fallbacks / max(1, sum(lengths)),
         float(np.mean(np.concatenate(gaps))) if gaps else float("nan"),
     )
+
+
+def q_gaps(q: torch.nn.Module, episodes: Sequence, gamma: float, cost_scale: float) -> list[QGap]:
+    """Per episode: Q's value of each action taken against the discounted cost-to-go then paid.
+
+    ``episodes`` hold ``costs (T,)`` (−rewards), ``observations (T + 1, obs_dim)``, ``actions
+    (T, act_dim)`` and ``terminated``. ``G_t = Σ_k γ^k cost_scale · c_{t+k}`` in Q's units, nothing
+    after a termination; steps whose discounted tail a truncation cuts short are not ``valid``, and
+    Q is evaluated only on the valid steps (the others' errors are NaN)."""
+    p = next(q.parameters())
+    out = []
+    for e in episodes:
+        g, valid = discounted_costs(cost_scale * np.asarray(e.costs), gamma, e.terminated)
+        err = np.full(len(g), np.nan)
+        if valid.any():
+            with torch.no_grad():
+                x = torch.as_tensor(np.asarray(e.observations)[:-1][valid], dtype=p.dtype, device=p.device)
+                u = torch.as_tensor(np.asarray(e.actions)[valid], dtype=p.dtype, device=p.device)
+                err[valid] = q(x, u).double().cpu().numpy().reshape(-1) - g[valid]
+        out.append(QGap(err, g, valid))
+    return out
+
+
+class QGap(NamedTuple):
+    """One episode's Q − G (:func:`q_gaps`)."""
+
+    error: np.ndarray
+    """``(T,)`` Q(x_t, u_t) − G_t in Q's units; NaN where ``valid`` is False."""
+    cost_to_go: np.ndarray
+    """``(T,)`` G_t, the discounted scaled cost-to-go paid from step t."""
+    valid: np.ndarray
+    """``(T,)`` bool: G_t is known (its tail is not cut short by a truncation)."""
 
 
 class _Evaluated(NamedTuple):

@@ -289,6 +289,34 @@ def test_discounted_costs_closed_form():
     assert valid.sum() == T - k + 1 and valid[: T - k + 1].all()
 
 
+def test_q_gaps_are_q_minus_the_discounted_scaled_costs_and_nothing_after_a_fall():
+    """:func:`qmpc.trainer.q_gaps` (``eval/q_bias``'s per-step errors) against a closed form."""
+    from types import SimpleNamespace
+
+    from qmpc.trainer import q_gaps
+
+    class ConstantQ(torch.nn.Module):  # Q(x, u) = 1
+        def __init__(self):
+            super().__init__()
+            self.value = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+        def forward(self, x, u):
+            return self.value.expand(x.shape[0])
+
+    def episode(costs, terminated):
+        t = len(costs)
+        return SimpleNamespace(costs=np.asarray(costs), observations=np.zeros((t + 1, 2)), actions=np.zeros((t, 1)),
+                               terminated=terminated)  # fmt: skip
+
+    fell, cut = q_gaps(ConstantQ(), [episode([1.0, 1.0, 1.0], True), episode([1.0] * 3, False)], 0.5, 2.0)
+    # G_t = 2 (1 + 0.5 + 0.25), 2 (1 + 0.5), 2: the costs scaled, discounted, nothing after the termination
+    np.testing.assert_allclose(fell.cost_to_go, [3.5, 3.0, 2.0])
+    np.testing.assert_allclose(fell.error, 1.0 - fell.cost_to_go)
+    assert fell.valid.all()
+    # after a truncation the tail is unknown: γ^{T−t} > 1 % on every step of a 3-step episode at γ = 0.5
+    assert not cut.valid.any() and np.isnan(cut.error).all()
+
+
 def test_evaluation_logs_the_bias_of_q_against_monte_carlo(tmp_path):
     """``eval/q_bias`` = mean Q(x, u) − G over the evaluation's steps, in the trained units."""
     from qmpc.controller import Controller
