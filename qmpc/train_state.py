@@ -152,10 +152,10 @@ class TrainState:
     averaged: int = 0
     """Updates folded into :attr:`q_average` so far."""
 
-    noise: ColoredNoise | None = None
-    """The exploration noise (``train.exploration_color``): a coloured sequence and the position
-    in it are saved, so that a run resumed within an episode adds the same noise. Colour 0 (white)
-    keeps no sequence. None only while the trainer builds the state."""
+    noise: ColoredNoise = field(init=False)
+    """The exploration noise (``train.exploration_color``, one sequence as long as an episode of
+    :attr:`env`): a coloured sequence and the position in it are saved, so that a run resumed
+    within an episode adds the same noise. Colour 0 (white) keeps no sequence."""
 
     plan_actor: PlanActor | None = None
     """The H-step MPC that acts (``train.horizon > 1``): the policy of its last rebuild and its
@@ -164,6 +164,8 @@ class TrainState:
     def __post_init__(self) -> None:
         if self.solve_window is None:
             self.solve_window = SolveWindow(self.cfg.solver.fail_window)
+        length = self.env.spec.max_episode_steps or 1000
+        self.noise = ColoredNoise(self.cfg.train.exploration_color, self.spec.act_dim, length)  # draws nothing here
 
     @property
     def policy_q(self) -> QNetwork:

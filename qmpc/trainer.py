@@ -47,7 +47,6 @@ from qmpc.distributed import raise_if_terminated
 from qmpc.dynamics import DynamicsModel, OutcomeModel
 from qmpc.env import EnvSpec, env_spec, make_env
 from qmpc.errors import ConfigError, OutputError, SolverError
-from qmpc.exploration import ColoredNoise
 from qmpc.losses import TDResult, conservative_gap, critic_losses, model_rolled_batch, td_loss
 from qmpc.metrics import MetricsLogger, plot_learning_curve, read_metrics
 from qmpc.networks import QNetwork, build_network
@@ -432,7 +431,6 @@ def _new_state(cfg: Config, started: float) -> tuple[TrainState, Any]:
         with torch.random.fork_rng(devices=[]):
             st.behaviour = BehaviourPolicy(spec.obs_dim, spec.act_dim, tc.behaviour_hidden, "silu", spec.low, spec.high)
     st.plan_actor = PlanActor(tc, eval_env) if tc.horizon > 1 else None  # reads eval_env's model, never steps it
-    st.noise = ColoredNoise(tc.exploration_color, spec.act_dim, env.spec.max_episode_steps or 1000)
     return st, eval_env
 
 
